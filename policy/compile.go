@@ -1,0 +1,802 @@
+package policy
+
+import (
+	"fmt"
+	"io/fs"
+	"net"
+	"net/url"
+	"path"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/mcpgate/mcpgate/extauthz/bearer"
+)
+
+// errf reports a problem at a path of a document; the message starts with the path so
+// that the user sees which field is wrong even without opening the file.
+func (l *loader) errf(d *document, p, format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	if p != "" {
+		msg = p + ": " + msg
+	}
+	l.probs.add(d.file, d.at(p), "%s", msg)
+}
+
+// compile validates every document and builds the snapshot. It collects every problem
+// instead of stopping at the first, so one `mcpgate validate` run shows them all.
+func (l *loader) compile() *Snapshot {
+	s := &Snapshot{
+		Apps:      map[string]*App{},
+		Endpoints: map[string]*HTTPEndpoint{},
+		Gateways:  map[string]*Gateway{},
+	}
+	byKind := map[string][]*document{}
+	seen := map[string]*document{}
+	// Apps and HTTPEndpoints share one name space: both are targets of service
+	// invocation (/v1.0/invoke/<name>/... and dapr-app-id: <name>).
+	invocable := map[string]*document{}
+	for _, d := range l.docs {
+		if d.meta.Namespace == "" {
+			d.meta.Namespace = DefaultNamespace
+		}
+		l.checkMetadata(d)
+		key := d.kind + "/" + d.meta.Namespace + "/" + d.meta.Name
+		if first := seen[key]; first != nil {
+			l.errf(d, "metadata.name", "duplicate %s %q in namespace %q (first at %s:%d)", d.kind, d.meta.Name, d.meta.Namespace, first.file, first.line)
+			continue
+		}
+		seen[key] = d
+		if d.kind == KindApp || d.kind == KindHTTPEndpoint {
+			// App IDs are unique across namespaces: the route a caller names carries no
+			// namespace, and the SPIFFE ID ties each App ID to exactly one namespace.
+			if first := invocable[d.meta.Name]; first != nil {
+				l.errf(d, "metadata.name", "name %q is already used by %s at %s:%d (App and HTTPEndpoint names are unique across namespaces)", d.meta.Name, first.kind, first.file, first.line)
+				continue
+			}
+			invocable[d.meta.Name] = d
+		}
+		byKind[d.kind] = append(byKind[d.kind], d)
+	}
+
+	switch meshes := byKind[KindMesh]; len(meshes) {
+	case 0:
+		if len(l.docs) > 0 || len(l.probs.list) == 0 {
+			l.probs.add(displayDir(l.prefix), 0, "no Mesh document: exactly one is required")
+		}
+	case 1:
+		s.Mesh = l.compileMesh(meshes[0])
+	default:
+		for _, d := range meshes[1:] {
+			l.errf(d, "kind", "a second Mesh document (first at %s:%d): exactly one is required", meshes[0].file, meshes[0].line)
+		}
+		s.Mesh = l.compileMesh(meshes[0])
+	}
+	if s.Mesh == nil {
+		s.Mesh = &Mesh{Issuers: map[string]*bearer.Issuer{}}
+	}
+	for _, d := range byKind[KindApp] {
+		if app := l.compileApp(d, s.Mesh); app != nil {
+			s.Apps[app.ID] = app
+		}
+	}
+	for _, d := range byKind[KindHTTPEndpoint] {
+		if ep := l.compileEndpoint(d); ep != nil {
+			s.Endpoints[ep.Name] = ep
+		}
+	}
+	for _, d := range byKind[KindGateway] {
+		if gw := l.compileGateway(d, s); gw != nil {
+			s.Gateways[gw.Name] = gw
+		}
+	}
+	return s
+}
+
+var dnsLabelRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
+
+func isDNSLabel(s string) bool { return dnsLabelRE.MatchString(s) }
+
+func (l *loader) checkMetadata(d *document) {
+	switch {
+	case d.meta.Name == "":
+		l.errf(d, "metadata.name", "is required")
+	case !isDNSLabel(d.meta.Name):
+		l.errf(d, "metadata.name", "%q is not a DNS label (lowercase letters, digits and '-', at most 63)", d.meta.Name)
+	}
+	if !isDNSLabel(d.meta.Namespace) {
+		l.errf(d, "metadata.namespace", "%q is not a DNS label", d.meta.Namespace)
+	}
+}
+
+func (l *loader) compileMesh(d *document) *Mesh {
+	spec := d.spec.(*MeshSpec)
+	m := &Mesh{
+		Name:         d.meta.Name,
+		TrustDomain:  spec.TrustDomain,
+		MTLS:         spec.MTLS,
+		AuthzAddress: spec.Authz.Address,
+		SDS:          spec.SDS,
+		Issuers:      map[string]*bearer.Issuer{},
+	}
+	if spec.TrustDomain == "" {
+		l.errf(d, "spec.trustDomain", "is required")
+	} else if _, err := spiffeid.TrustDomainFromString(spec.TrustDomain); err != nil || strings.Contains(spec.TrustDomain, "://") {
+		l.errf(d, "spec.trustDomain", "%q is not a SPIFFE trust domain name (lowercase letters, digits, '.', '-', '_')", spec.TrustDomain)
+	}
+	switch m.MTLS {
+	case "":
+		m.MTLS = MTLSStrict
+	case MTLSStrict, MTLSPermissive, MTLSDisabled:
+	default:
+		l.errf(d, "spec.mtls", "must be strict, permissive or disabled, got %q", spec.MTLS)
+	}
+	if spec.Authz.Address == "" {
+		l.errf(d, "spec.authz.address", "is required (host:port where Envoy reaches mcpgate)")
+	} else if err := checkHostPort(spec.Authz.Address); err != nil {
+		l.errf(d, "spec.authz.address", "%v", err)
+	}
+	switch {
+	case spec.SDS.SpireAgentSocket != "" && spec.SDS.CertDir != "":
+		l.errf(d, "spec.sds", "set spireAgentSocket or certDir, not both")
+	case spec.SDS.SpireAgentSocket == "" && spec.SDS.CertDir == "" && m.MTLS != MTLSDisabled:
+		l.errf(d, "spec.sds", "spireAgentSocket or certDir is required unless mtls is disabled")
+	case spec.SDS.SpireAgentSocket != "" && !strings.HasPrefix(spec.SDS.SpireAgentSocket, "/"):
+		l.errf(d, "spec.sds.spireAgentSocket", "must be an absolute path, got %q", spec.SDS.SpireAgentSocket)
+	}
+	for i, is := range spec.Issuers {
+		p := fmt.Sprintf("spec.issuers[%d]", i)
+		iss := &bearer.Issuer{
+			Name:       is.Name,
+			Issuer:     is.Issuer,
+			JWKSURI:    is.JWKSURI,
+			Audiences:  is.Audiences,
+			AppIDClaim: is.AppIDClaim,
+			Leeway:     DefaultLeeway,
+		}
+		switch {
+		case is.Name == "":
+			l.errf(d, p+".name", "is required")
+		case !isDNSLabel(is.Name):
+			l.errf(d, p+".name", "%q is not a DNS label", is.Name)
+		case m.Issuers[is.Name] != nil:
+			l.errf(d, p+".name", "duplicate issuer %q", is.Name)
+		}
+		if is.Issuer == "" {
+			l.errf(d, p+".issuer", "is required (the exact iss of its tokens)")
+		} else if err := checkSecureURL(is.Issuer); err != nil {
+			l.errf(d, p+".issuer", "%v", err)
+		}
+		if is.JWKSURI != "" {
+			if err := checkSecureURL(is.JWKSURI); err != nil {
+				l.errf(d, p+".jwksUri", "%v", err)
+			}
+		}
+		if len(is.Audiences) == 0 {
+			l.errf(d, p+".audiences", "at least one audience is required: tokens minted for other services must not be accepted")
+		}
+		for j, a := range is.Audiences {
+			if strings.TrimSpace(a) == "" {
+				l.errf(d, fmt.Sprintf("%s.audiences[%d]", p, j), "is empty")
+			}
+		}
+		if is.AppIDClaim != "" && strings.ContainsAny(is.AppIDClaim, " \t\r\n") {
+			l.errf(d, p+".appIdClaim", "%q is not a claim name", is.AppIDClaim)
+		}
+		if is.Leeway != "" {
+			lw, err := time.ParseDuration(string(is.Leeway))
+			switch {
+			case err != nil:
+				l.errf(d, p+".leeway", "%q is not a duration (e.g. 30s)", is.Leeway)
+			case lw < 0 || lw > MaxLeeway:
+				l.errf(d, p+".leeway", "must be between 0s and %s", MaxLeeway)
+			default:
+				iss.Leeway = lw
+			}
+		}
+		if is.Name != "" && m.Issuers[is.Name] == nil {
+			m.Issuers[is.Name] = iss
+		}
+	}
+	return m
+}
+
+func (l *loader) compileApp(d *document, mesh *Mesh) *App {
+	spec := d.spec.(*AppSpec)
+	app := &App{
+		ID:        d.meta.Name,
+		Namespace: d.meta.Namespace,
+		SpiffeID:  "spiffe://" + mesh.TrustDomain + "/ns/" + d.meta.Namespace + "/" + d.meta.Name,
+		Address:   spec.Address,
+		Sidecar:   spec.Sidecar,
+		Source:    fmt.Sprintf("%s:%d", d.file, d.line),
+	}
+	if spec.Address != "" {
+		if err := checkHostPort(spec.Address); err != nil {
+			l.errf(d, "spec.address", "%v", err)
+		}
+	} else if spec.MCP != nil {
+		l.errf(d, "spec.address", "is required for an app that serves MCP (host:port of the app process)")
+	}
+	if sc := spec.Sidecar; sc != nil {
+		if sc.Address == "" {
+			l.errf(d, "spec.sidecar.address", "is required")
+		} else if err := checkHost(sc.Address); err != nil {
+			l.errf(d, "spec.sidecar.address", "%v", err)
+		}
+		for _, f := range []struct {
+			path string
+			port int
+		}{{"spec.sidecar.inboundPort", sc.InboundPort}, {"spec.sidecar.outboundPort", sc.OutboundPort}} {
+			if f.port < 1 || f.port > 65535 {
+				l.errf(d, f.path, "must be a port between 1 and 65535, got %d", f.port)
+			}
+		}
+		if sc.InboundPort == sc.OutboundPort && sc.InboundPort != 0 {
+			l.errf(d, "spec.sidecar.outboundPort", "must differ from inboundPort")
+		}
+	} else if spec.MCP != nil {
+		l.errf(d, "spec.sidecar", "is required for an app that serves MCP (its Envoy sidecar)")
+	}
+	if spec.MCP != nil {
+		app.MCP = l.compileMCP(d, spec.MCP, mesh)
+	}
+	return app
+}
+
+func (l *loader) compileMCP(d *document, spec *MCPSpec, mesh *Mesh) *MCP {
+	m := &MCP{Path: spec.Path, Resource: spec.Resource}
+	const p = "spec.mcp"
+	if m.Path == "" {
+		m.Path = "/mcp"
+	} else if !strings.HasPrefix(m.Path, "/") || strings.ContainsAny(m.Path, "?# \t") {
+		l.errf(d, p+".path", "must be a path starting with \"/\" without query or fragment, got %q", m.Path)
+	}
+
+	// Authentication.
+	auth := spec.Authentication
+	m.Authentication.Required = auth.Required
+	for i, name := range auth.Issuers {
+		iss := mesh.Issuers[name]
+		if iss == nil {
+			l.errf(d, fmt.Sprintf("%s.authentication.issuers[%d]", p, i), "issuer %q is not defined in the Mesh", name)
+			continue
+		}
+		m.Authentication.Issuers = append(m.Authentication.Issuers, iss)
+	}
+	if auth.Required && len(auth.Issuers) == 0 {
+		l.errf(d, p+".authentication.issuers", "at least one issuer is required when authentication is required")
+	}
+	if len(auth.Scopes) > 0 && len(auth.Issuers) == 0 {
+		l.errf(d, p+".authentication.scopes", "scopes need an issuer to come from")
+	}
+	for i, sc := range auth.Scopes {
+		if !isScopeToken(sc) {
+			l.errf(d, fmt.Sprintf("%s.authentication.scopes[%d]", p, i), "%q is not an OAuth scope (RFC 6749 §3.3: no spaces, quotes or backslashes)", sc)
+		}
+	}
+	m.Authentication.Scopes = auth.Scopes
+
+	// The resource id and the RFC 9728 metadata URL derived from it.
+	if m.Resource == "" {
+		if len(auth.Issuers) > 0 {
+			l.errf(d, p+".resource", "is required when authentication has issuers: clients find the authorization server through it (RFC 9728)")
+		}
+	} else if u, err := parseSecureURL(m.Resource); err != nil {
+		l.errf(d, p+".resource", "%v", err)
+	} else if u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
+		l.errf(d, p+".resource", "must not have a query or fragment (RFC 9728 §1.2)")
+	} else {
+		m.MetadataURL = MetadataURL(u)
+	}
+
+	m.AccessControl = l.compileAccess(d, spec.AccessControl, mesh)
+	m.Tools = l.compileTools(d, spec.Tools)
+	m.Responses = l.compileResponses(d, spec.Responses)
+	m.Limits = l.compileLimits(d, spec.Limits)
+	m.Resiliency = l.compileResiliency(d, spec.Resiliency)
+	return m
+}
+
+// MetadataURL derives the RFC 9728 §3.1 protected resource metadata URL: the well-known
+// suffix goes between the host and the resource's path.
+func MetadataURL(resource *url.URL) string {
+	p := strings.TrimSuffix(resource.EscapedPath(), "/")
+	return resource.Scheme + "://" + resource.Host + "/.well-known/oauth-protected-resource" + p
+}
+
+func checkAction(a Action, def Action) (Action, bool) {
+	switch a {
+	case "":
+		return def, true
+	case Allow, Deny:
+		return a, true
+	default:
+		return a, false
+	}
+}
+
+var httpVerbs = map[string]bool{
+	"GET": true, "HEAD": true, "POST": true, "PUT": true, "DELETE": true,
+	"PATCH": true, "OPTIONS": true, "CONNECT": true, "TRACE": true,
+}
+
+func (l *loader) compileAccess(d *document, spec AccessControlSpec, mesh *Mesh) AccessControl {
+	const p = "spec.mcp.accessControl"
+	ac := AccessControl{TrustDomain: spec.TrustDomain, policies: map[string]*accessPolicy{}}
+	var ok bool
+	if ac.DefaultAction, ok = checkAction(spec.DefaultAction, Deny); !ok {
+		l.errf(d, p+".defaultAction", "must be allow or deny, got %q", spec.DefaultAction)
+	}
+	if ac.TrustDomain == "" {
+		ac.TrustDomain = mesh.TrustDomain
+	}
+	for i, ps := range spec.Policies {
+		pp := fmt.Sprintf("%s.policies[%d]", p, i)
+		if !isDNSLabel(ps.AppID) {
+			l.errf(d, pp+".appId", "%q is not an App ID (a DNS label)", ps.AppID)
+		}
+		ns := ps.Namespace
+		if ns == "" {
+			ns = DefaultNamespace
+		} else if !isDNSLabel(ns) {
+			l.errf(d, pp+".namespace", "%q is not a DNS label", ns)
+		}
+		td := ps.TrustDomain
+		if td == "" {
+			td = ac.TrustDomain
+		}
+		pol := &accessPolicy{appID: ps.AppID}
+		switch ps.DefaultAction {
+		case Allow, Deny:
+			pol.defaultAction = ps.DefaultAction
+		case "":
+			// No silent default: an omitted action in an allow list is too easy to misread.
+			l.errf(d, pp+".defaultAction", "is required (allow or deny)")
+		default:
+			l.errf(d, pp+".defaultAction", "must be allow or deny, got %q", ps.DefaultAction)
+		}
+		for j, os := range ps.Operations {
+			op := fmt.Sprintf("%s.operations[%d]", pp, j)
+			o, err := compileOperation(os.Name)
+			if err != nil {
+				l.errf(d, op+".name", "%q: %v", os.Name, err)
+			}
+			if len(os.HTTPVerb) == 0 {
+				l.errf(d, op+".httpVerb", "list the HTTP verbs (or \"*\")")
+			}
+			for k, v := range os.HTTPVerb {
+				switch {
+				case v == "*":
+					o.verbs = nil
+				case httpVerbs[strings.ToUpper(v)]:
+					if o.verbs == nil && !containsString(os.HTTPVerb[:k], "*") {
+						o.verbs = map[string]bool{}
+					}
+					if o.verbs != nil {
+						o.verbs[strings.ToUpper(v)] = true
+					}
+				default:
+					l.errf(d, fmt.Sprintf("%s.httpVerb[%d]", op, k), "%q is not an HTTP verb", v)
+				}
+			}
+			if containsString(os.HTTPVerb, "*") {
+				o.verbs = nil
+			}
+			if o.action, ok = checkAction(os.Action, ""); !ok || o.action == "" {
+				l.errf(d, op+".action", "must be allow or deny, got %q", os.Action)
+			}
+			pol.ops = append(pol.ops, o)
+		}
+		key := policyKey(td, ns, ps.AppID)
+		if ac.policies[key] != nil {
+			l.errf(d, pp+".appId", "a second policy for %q in namespace %q", ps.AppID, ns)
+			continue
+		}
+		ac.policies[key] = pol
+	}
+	return ac
+}
+
+func containsString(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// reservedJSONRPCCodes are the codes JSON-RPC 2.0 §5.1 gives a fixed meaning; a policy
+// denial must not masquerade as one of them.
+var reservedJSONRPCCodes = map[int]bool{-32700: true, -32600: true, -32601: true, -32602: true, -32603: true}
+
+func (l *loader) compileTools(d *document, spec ToolsSpec) Tools {
+	const p = "spec.mcp.tools"
+	t := Tools{ErrorCode: spec.ErrorCode}
+	var ok bool
+	if t.DefaultAction, ok = checkAction(spec.DefaultAction, Deny); !ok {
+		l.errf(d, p+".defaultAction", "must be allow or deny, got %q", spec.DefaultAction)
+	}
+	switch {
+	case t.ErrorCode == 0:
+		t.ErrorCode = DefaultDenyErrorCode
+	case reservedJSONRPCCodes[t.ErrorCode]:
+		l.errf(d, p+".errorCode", "%d is reserved by JSON-RPC 2.0", t.ErrorCode)
+	}
+	names := map[string]bool{}
+	for i, rs := range spec.Rules {
+		rp := fmt.Sprintf("%s.rules[%d]", p, i)
+		r := &Rule{Name: rs.Name, Scopes: rs.Scopes}
+		if r.Name == "" {
+			r.Name = fmt.Sprintf("rules[%d]", i)
+		} else if names[r.Name] {
+			l.errf(d, rp+".name", "duplicate rule name %q", r.Name)
+		}
+		names[r.Name] = true
+		for j, c := range rs.Callers {
+			switch {
+			case c == "*":
+				r.AnyCaller = true
+			case isDNSLabel(c):
+				r.Callers = append(r.Callers, c)
+			default:
+				l.errf(d, fmt.Sprintf("%s.callers[%d]", rp, j), "%q is not an App ID or \"*\"", c)
+			}
+		}
+		if len(rs.Callers) == 0 {
+			r.AnyCaller = true
+		}
+		for j, sc := range rs.Scopes {
+			if !isScopeToken(sc) {
+				l.errf(d, fmt.Sprintf("%s.scopes[%d]", rp, j), "%q is not an OAuth scope", sc)
+			}
+		}
+		r.Subjects = l.globs(d, rp+".subjects", rs.Subjects)
+		r.Methods = l.globs(d, rp+".methods", rs.Methods)
+		r.Tools = l.globs(d, rp+".tools", rs.Tools)
+		r.Prompts = l.globs(d, rp+".prompts", rs.Prompts)
+		r.Resources = l.globs(d, rp+".resources", rs.Resources)
+		if r.Action, ok = checkAction(rs.Action, ""); !ok || r.Action == "" {
+			l.errf(d, rp+".action", "must be allow or deny, got %q", rs.Action)
+		}
+		t.Rules = append(t.Rules, r)
+	}
+	if spec.Rego != "" {
+		t.Rego = l.compileRego(d, p+".rego", spec.Rego)
+	}
+	return t
+}
+
+func (l *loader) globs(d *document, p string, patterns []string) []Glob {
+	out := make([]Glob, 0, len(patterns))
+	for i, s := range patterns {
+		g, err := CompileGlob(s)
+		if err != nil {
+			l.errf(d, fmt.Sprintf("%s[%d]", p, i), "%v", err)
+			continue
+		}
+		out = append(out, g)
+	}
+	return out
+}
+
+func (l *loader) compileResponses(d *document, spec ResponsesSpec) Responses {
+	r := Responses{FilterToolsList: spec.FilterToolsList}
+	for i, rs := range spec.Redact {
+		rp := fmt.Sprintf("spec.mcp.responses.redact[%d]", i)
+		red := Redaction{Tools: l.globs(d, rp+".tools", rs.Tools)}
+		if len(rs.Tools) == 0 {
+			l.errf(d, rp+".tools", "name the tools whose results are redacted")
+		}
+		if len(rs.Pointers) == 0 {
+			l.errf(d, rp+".pointers", "name the JSON pointers to remove")
+		}
+		for j, ptr := range rs.Pointers {
+			pt, err := ParsePointer(ptr)
+			if err != nil {
+				l.errf(d, fmt.Sprintf("%s.pointers[%d]", rp, j), "%v", err)
+				continue
+			}
+			red.Pointers = append(red.Pointers, pt)
+		}
+		r.Redact = append(r.Redact, red)
+	}
+	return r
+}
+
+// ParsePointer parses an RFC 6901 JSON pointer. The empty pointer (the whole document) is
+// refused: redacting a whole result is a deny, and should be written as one.
+func ParsePointer(s string) (Pointer, error) {
+	if !strings.HasPrefix(s, "/") {
+		return Pointer{}, fmt.Errorf("%q is not a JSON pointer (RFC 6901: starts with \"/\")", s)
+	}
+	parts := strings.Split(s[1:], "/")
+	for i, tok := range parts {
+		for j := 0; j < len(tok); j++ {
+			if tok[j] == '~' && (j+1 >= len(tok) || (tok[j+1] != '0' && tok[j+1] != '1')) {
+				return Pointer{}, fmt.Errorf("%q is not a JSON pointer: \"~\" must be followed by 0 or 1", s)
+			}
+		}
+		parts[i] = strings.ReplaceAll(strings.ReplaceAll(tok, "~1", "/"), "~0", "~")
+	}
+	return Pointer{Raw: s, Tokens: parts}, nil
+}
+
+func (l *loader) compileLimits(d *document, spec LimitsSpec) Limits {
+	const p = "spec.mcp.limits"
+	lim := Limits{MaxRequestBytes: spec.MaxRequestBytes}
+	switch {
+	case lim.MaxRequestBytes == 0:
+		lim.MaxRequestBytes = DefaultMaxRequestBytes
+	case lim.MaxRequestBytes < 0 || lim.MaxRequestBytes > MaxMaxRequestBytes:
+		l.errf(d, p+".maxRequestBytes", "must be between 1 and %d", MaxMaxRequestBytes)
+	}
+	if spec.PerCaller != "" {
+		r, err := ParseRate(string(spec.PerCaller))
+		if err != nil {
+			l.errf(d, p+".perCaller", "%v", err)
+		} else {
+			lim.PerCaller = &r
+		}
+	}
+	for tool, rate := range spec.PerTool {
+		tp := p + ".perTool." + tool
+		g, err := CompileGlob(tool)
+		if err != nil {
+			l.errf(d, tp, "%v", err)
+			continue
+		}
+		r, err := ParseRate(string(rate))
+		if err != nil {
+			l.errf(d, tp, "%v", err)
+			continue
+		}
+		lim.PerTool = append(lim.PerTool, ToolRate{Tool: g, Rate: r})
+	}
+	// Map order is random; a stable order keeps snapshots and their renderings stable.
+	sortToolRates(lim.PerTool)
+	return lim
+}
+
+func sortToolRates(rs []ToolRate) {
+	for i := 1; i < len(rs); i++ {
+		for j := i; j > 0 && rs[j].Tool.pattern < rs[j-1].Tool.pattern; j-- {
+			rs[j], rs[j-1] = rs[j-1], rs[j]
+		}
+	}
+}
+
+// ParseRate parses "N/s", "N/m" or "N/h".
+func ParseRate(s string) (RateLimit, error) {
+	n, unit, ok := strings.Cut(s, "/")
+	count, err := strconv.Atoi(n)
+	if !ok || err != nil || count <= 0 {
+		return RateLimit{}, fmt.Errorf("%q is not a rate (N/s, N/m or N/h with N > 0)", s)
+	}
+	per := map[string]time.Duration{"s": time.Second, "m": time.Minute, "h": time.Hour}[unit]
+	if per == 0 {
+		return RateLimit{}, fmt.Errorf("%q is not a rate (N/s, N/m or N/h with N > 0)", s)
+	}
+	return RateLimit{N: count, Per: per}, nil
+}
+
+func (l *loader) compileResiliency(d *document, spec ResiliencySpec) Resiliency {
+	const p = "spec.mcp.resiliency"
+	r := Resiliency{Retries: spec.Retries, MaxRequests: spec.CircuitBreaker.MaxRequests}
+	if spec.Timeout != "" {
+		t, err := time.ParseDuration(string(spec.Timeout))
+		if err != nil || t <= 0 {
+			l.errf(d, p+".timeout", "%q is not a positive duration (e.g. 30s)", spec.Timeout)
+		}
+		r.Timeout = t
+	}
+	if r.Retries < 0 || r.Retries > 10 {
+		l.errf(d, p+".retries", "must be between 0 and 10")
+	}
+	if r.MaxRequests < 0 {
+		l.errf(d, p+".circuitBreaker.maxRequests", "must not be negative")
+	}
+	return r
+}
+
+func (l *loader) compileEndpoint(d *document) *HTTPEndpoint {
+	spec := d.spec.(*HTTPEndpointSpec)
+	ep := &HTTPEndpoint{
+		Name:      d.meta.Name,
+		Namespace: d.meta.Namespace,
+		Headers:   spec.Headers,
+		Auth:      spec.Auth,
+		Source:    fmt.Sprintf("%s:%d", d.file, d.line),
+	}
+	if spec.BaseURL == "" {
+		l.errf(d, "spec.baseUrl", "is required")
+	} else if u, err := parseSecureURL(spec.BaseURL); err != nil {
+		l.errf(d, "spec.baseUrl", "%v", err)
+	} else {
+		ep.BaseURL = u
+	}
+	for name, value := range spec.Headers {
+		if !isToken(name) {
+			l.errf(d, "spec.headers."+name, "%q is not an HTTP header name", name)
+		}
+		if strings.ContainsAny(value, "\r\n\x00") {
+			l.errf(d, "spec.headers."+name, "header values must not contain CR, LF or NUL")
+		}
+	}
+	if spec.Auth != nil {
+		cc := spec.Auth.ClientCredentials
+		const p = "spec.auth.clientCredentials"
+		if cc == nil {
+			l.errf(d, "spec.auth", "clientCredentials is required")
+			return ep
+		}
+		if cc.TokenURL == "" {
+			l.errf(d, p+".tokenUrl", "is required")
+		} else if err := checkSecureURL(cc.TokenURL); err != nil {
+			l.errf(d, p+".tokenUrl", "%v", err)
+		}
+		if cc.ClientID == "" {
+			l.errf(d, p+".clientId", "is required")
+		}
+		if cc.ClientSecretFile == "" {
+			l.errf(d, p+".clientSecretFile", "is required (the secret is read from a file, never written in the policy)")
+		}
+		for i, sc := range cc.Scopes {
+			if !isScopeToken(sc) {
+				l.errf(d, fmt.Sprintf("%s.scopes[%d]", p, i), "%q is not an OAuth scope", sc)
+			}
+		}
+	}
+	return ep
+}
+
+func (l *loader) compileGateway(d *document, s *Snapshot) *Gateway {
+	spec := d.spec.(*GatewaySpec)
+	gw := &Gateway{Name: d.meta.Name, Port: spec.Listener.Port, TLS: spec.Listener.TLS, Source: fmt.Sprintf("%s:%d", d.file, d.line)}
+	if gw.Port < 1 || gw.Port > 65535 {
+		l.errf(d, "spec.listener.port", "must be a port between 1 and 65535, got %d", gw.Port)
+	}
+	if t := spec.Listener.TLS; t != nil && (t.CertFile == "" || t.KeyFile == "") {
+		l.errf(d, "spec.listener.tls", "certFile and keyFile are both required")
+	}
+	if len(spec.Routes) == 0 {
+		l.errf(d, "spec.routes", "at least one route is required")
+	}
+	for i, rs := range spec.Routes {
+		rp := fmt.Sprintf("spec.routes[%d]", i)
+		r := GatewayRoute{Host: rs.Host, Path: rs.Path}
+		if r.Path == "" {
+			r.Path = "/"
+		} else if !strings.HasPrefix(r.Path, "/") || strings.ContainsAny(r.Path, "?# \t") {
+			l.errf(d, rp+".path", "must be a path starting with \"/\", got %q", r.Path)
+		}
+		if r.Host != "" {
+			if err := checkHost(strings.TrimPrefix(r.Host, "*.")); err != nil {
+				l.errf(d, rp+".host", "%v", err)
+			}
+		}
+		switch {
+		case (rs.App == "") == (rs.Endpoint == ""):
+			l.errf(d, rp, "set exactly one of app or endpoint")
+		case rs.App != "":
+			r.App = s.Apps[rs.App]
+			switch {
+			case r.App == nil:
+				l.errf(d, rp+".app", "no App %q", rs.App)
+			case r.App.MCP == nil:
+				l.errf(d, rp+".app", "App %q does not serve MCP (it has no mcp block)", rs.App)
+			}
+		default:
+			r.Endpoint = s.Endpoints[rs.Endpoint]
+			if r.Endpoint == nil {
+				l.errf(d, rp+".endpoint", "no HTTPEndpoint %q", rs.Endpoint)
+			}
+		}
+		gw.Routes = append(gw.Routes, r)
+	}
+	return gw
+}
+
+// compileRegoPath resolves a Rego path relative to the policy file that names it. It must
+// stay inside the policy directory: a policy must not read arbitrary files.
+func regoPath(policyFile, rel string) (string, bool) {
+	if strings.HasPrefix(rel, "/") {
+		return "", false
+	}
+	p := path.Join(path.Dir(policyFile), rel)
+	return p, fs.ValidPath(p) && !strings.HasPrefix(p, "..")
+}
+
+// Helpers for field formats.
+
+func checkHostPort(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port", s)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("%q: port must be between 1 and 65535", s)
+	}
+	return checkHost(host)
+}
+
+var hostnameRE = regexp.MustCompile(`^([a-zA-Z0-9]([-a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([-a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?)*\.?$`)
+
+func checkHost(h string) error {
+	if net.ParseIP(h) != nil {
+		return nil
+	}
+	if len(h) == 0 || len(h) > 253 || !hostnameRE.MatchString(h) {
+		return fmt.Errorf("%q is not a host name or IP address", h)
+	}
+	return nil
+}
+
+// parseSecureURL accepts absolute https URLs, and http ones only for loopback hosts (local
+// development and tests): keys and tokens fetched over plain HTTP could be forged.
+func parseSecureURL(s string) (*url.URL, error) {
+	u, err := url.Parse(s)
+	if err != nil || !u.IsAbs() || u.Host == "" {
+		return nil, fmt.Errorf("%q is not an absolute URL", s)
+	}
+	if u.User != nil {
+		return nil, fmt.Errorf("%q: credentials in URLs are not allowed", s)
+	}
+	switch u.Scheme {
+	case "https":
+	case "http":
+		if !isLoopback(u.Hostname()) {
+			return nil, fmt.Errorf("%q: https is required (http only for loopback hosts)", s)
+		}
+	default:
+		return nil, fmt.Errorf("%q: scheme must be https", s)
+	}
+	return u, nil
+}
+
+func checkSecureURL(s string) error {
+	_, err := parseSecureURL(s)
+	return err
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// isScopeToken checks RFC 6749 §3.3 scope-token syntax. Scopes end up inside quoted
+// WWW-Authenticate parameters, so this is also what keeps them from breaking the header.
+func isScopeToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c < 0x21 || c == '"' || c == '\\' || c > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// isToken checks RFC 9110 token syntax (header names).
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0 {
+			continue
+		}
+		return false
+	}
+	return true
+}

@@ -1,0 +1,374 @@
+package policy
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+const meshYAML = `apiVersion: mcpgate.dev/v1alpha1
+kind: Mesh
+metadata:
+  name: default
+spec:
+  trustDomain: example.org
+  mtls: strict
+  authz:
+    address: mcpgate:9001
+  sds:
+    certDir: /certs
+  issuers:
+    - name: corp
+      issuer: https://login.example.com/
+      audiences: [api://mcp]
+`
+
+const appYAML = `apiVersion: mcpgate.dev/v1alpha1
+kind: App
+metadata:
+  name: inventory
+spec:
+  address: inventory:8000
+  sidecar: {address: inventory-envoy, inboundPort: 15006, outboundPort: 3500}
+  mcp:
+    resource: https://inventory.example.com/mcp
+    authentication:
+      required: true
+      issuers: [corp]
+      scopes: [mcp:tools]
+    accessControl:
+      defaultAction: deny
+      policies:
+        - {appId: my-agent, defaultAction: allow}
+    tools:
+      rules:
+        - name: readers
+          callers: [my-agent]
+          tools: [get_inventory, "list_*"]
+          action: allow
+`
+
+// writePolicy writes files into a temporary policy directory.
+func writePolicy(t testing.TB, files map[string]string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for name, content := range files {
+		p := filepath.Join(dir, filepath.FromSlash(name))
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+func requireLoad(t *testing.T, files map[string]string) *Snapshot {
+	t.Helper()
+	snap, err := LoadDir(context.Background(), writePolicy(t, files))
+	if err != nil {
+		t.Fatalf("load: %v", err)
+	}
+	return snap
+}
+
+func TestLoadDemo(t *testing.T) {
+	snap, err := LoadDir(context.Background(), "../testdata/demo")
+	if err != nil {
+		t.Fatalf("demo policy must load: %v", err)
+	}
+	inv := snap.App("inventory")
+	if inv == nil || inv.MCP == nil {
+		t.Fatalf("inventory app with mcp missing: %+v", snap.Apps)
+	}
+	if got, want := inv.SpiffeID, "spiffe://example.org/ns/default/inventory"; got != want {
+		t.Errorf("SpiffeID = %q, want %q", got, want)
+	}
+	if got, want := inv.MCP.MetadataURL, "https://inventory.example.com/.well-known/oauth-protected-resource/mcp"; got != want {
+		t.Errorf("MetadataURL = %q, want %q", got, want)
+	}
+	if inv.MCP.Tools.Rego == nil {
+		t.Error("demo rego not compiled")
+	}
+	if got := inv.MCP.Limits.PerCaller; got == nil || got.N != 100 || got.Per != time.Minute {
+		t.Errorf("perCaller = %+v", got)
+	}
+	if got := inv.MCP.Resiliency.Timeout; got != 30*time.Second {
+		t.Errorf("timeout = %v", got)
+	}
+	if len(inv.MCP.Authentication.Issuers) != 1 || inv.MCP.Authentication.Issuers[0].Issuer != "https://login.example.com/" {
+		t.Errorf("issuers = %+v", inv.MCP.Authentication.Issuers)
+	}
+	if snap.Endpoints["github-mcp"] == nil {
+		t.Error("github-mcp HTTPEndpoint missing")
+	}
+	if len(snap.Version) != 16 {
+		t.Errorf("version %q", snap.Version)
+	}
+}
+
+func TestLoadVersionIsContentHash(t *testing.T) {
+	files := map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML}
+	a, b := requireLoad(t, files), requireLoad(t, files)
+	if a.Version != b.Version {
+		t.Fatalf("same content, different versions %s %s", a.Version, b.Version)
+	}
+	files["app.yaml"] = strings.Replace(appYAML, "get_inventory", "get_stock", 1)
+	if c := requireLoad(t, files); c.Version == a.Version {
+		t.Fatal("changed content, same version")
+	}
+}
+
+// TestLoadProblems pins that every kind of mistake is reported at its file and line.
+func TestLoadProblems(t *testing.T) {
+	tests := []struct {
+		name  string
+		files map[string]string
+		want  []string // each must appear among the problems, as "file:line: ..." substrings
+	}{
+		{
+			name:  "unknown field in spec",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "  address: inventory:8000\n", "  address: inventory:8000\n  adress: x\n", 1)},
+			want:  []string{`app.yaml:7: spec: unknown field "adress"`},
+		},
+		{
+			name:  "unknown field with a case hint",
+			files: map[string]string{"mesh.yaml": strings.Replace(meshYAML, "audiences:", "Audiences:", 1)},
+			want:  []string{`mesh.yaml:15: spec.issuers[0]: unknown field "Audiences" (did you mean "audiences"?)`},
+		},
+		{
+			name:  "unknown top-level field",
+			files: map[string]string{"mesh.yaml": meshYAML + "status: {}\n"},
+			want:  []string{`mesh.yaml:16: document: unknown field "status"`},
+		},
+		{
+			name:  "duplicate key",
+			files: map[string]string{"mesh.yaml": strings.Replace(meshYAML, "  mtls: strict\n", "  mtls: strict\n  mtls: disabled\n", 1)},
+			want:  []string{`mesh.yaml:8: spec: duplicate field "mtls" (first at line 7)`},
+		},
+		{
+			name:  "wrong type",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "inboundPort: 15006", "inboundPort: high", 1)},
+			want:  []string{`app.yaml:7: spec.sidecar.inboundPort: expected an integer, got "high"`},
+		},
+		{
+			name:  "list where a mapping belongs",
+			files: map[string]string{"mesh.yaml": strings.Replace(meshYAML, "  authz:\n    address: mcpgate:9001\n", "  authz: [mcpgate:9001]\n", 1)},
+			want:  []string{`mesh.yaml:8: spec.authz: expected a mapping, got a list`},
+		},
+		{
+			name:  "duplicate app",
+			files: map[string]string{"mesh.yaml": meshYAML, "a.yaml": appYAML, "b.yaml": appYAML},
+			want:  []string{`b.yaml:4: metadata.name: duplicate App "inventory" in namespace "default"`},
+		},
+		{
+			name:  "app id not a DNS label",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "name: inventory", "name: Inventory_1", 1)},
+			want:  []string{`app.yaml:4: metadata.name: "Inventory_1" is not a DNS label`},
+		},
+		{
+			name:  "no mesh",
+			files: map[string]string{"app.yaml": strings.Replace(appYAML, "issuers: [corp]", "issuers: []", 1)},
+			want:  []string{`no Mesh document`},
+		},
+		{
+			name:  "two meshes",
+			files: map[string]string{"mesh.yaml": meshYAML, "mesh2.yaml": strings.Replace(meshYAML, "name: default", "name: other", 1)},
+			want:  []string{`mesh2.yaml:2: kind: a second Mesh document`},
+		},
+		{
+			name:  "undefined issuer",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "issuers: [corp]", "issuers: [corp, partner]", 1)},
+			want:  []string{`app.yaml:12: spec.mcp.authentication.issuers[1]: issuer "partner" is not defined in the Mesh`},
+		},
+		{
+			name:  "bad glob",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, `"list_*"`, `"list items"`, 1)},
+			want:  []string{`app.yaml:22: spec.mcp.tools.rules[0].tools[1]: "list items" contains whitespace`},
+		},
+		{
+			name: "bad rate and duration",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    limits: {perCaller: 100/day, perTool: {get_inventory: ten/s}}
+    resiliency: {timeout: soon}
+`},
+			want: []string{`app.yaml:24: spec.mcp.limits.perCaller: "100/day" is not a rate`, `spec.mcp.limits.perTool.get_inventory: "ten/s" is not a rate`, `app.yaml:25: spec.mcp.resiliency.timeout: "soon" is not a positive duration`},
+		},
+		{
+			name:  "http issuer off loopback",
+			files: map[string]string{"mesh.yaml": strings.Replace(meshYAML, "https://login.example.com/", "http://login.example.com/", 1)},
+			want:  []string{`mesh.yaml:14: spec.issuers[0].issuer: "http://login.example.com/": https is required`},
+		},
+		{
+			name:  "bad trust domain and mtls",
+			files: map[string]string{"mesh.yaml": strings.NewReplacer("example.org", "Example Org", "mtls: strict", "mtls: maybe").Replace(meshYAML)},
+			want:  []string{`mesh.yaml:6: spec.trustDomain: "Example Org" is not a SPIFFE trust domain`, `mesh.yaml:7: spec.mtls: must be strict, permissive or disabled`},
+		},
+		{
+			name:  "access policy without action",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "{appId: my-agent, defaultAction: allow}", "{appId: my-agent}", 1)},
+			want:  []string{`app.yaml:17: spec.mcp.accessControl.policies[0].defaultAction: is required (allow or deny)`},
+		},
+		{
+			name:  "rule without action",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "          action: allow\n", "", 1)},
+			want:  []string{`spec.mcp.tools.rules[0].action: must be allow or deny, got ""`},
+		},
+		{
+			name:  "scope that would break WWW-Authenticate",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "scopes: [mcp:tools]", `scopes: ['mcp" error="x']`, 1)},
+			want:  []string{`spec.mcp.authentication.scopes[0]: "mcp\" error=\"x" is not an OAuth scope`},
+		},
+		{
+			name:  "yaml syntax error",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: x\n"},
+			want:  []string{`app.yaml:`, `invalid YAML`},
+		},
+		{
+			name:  "aliases refused",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "callers: [my-agent]", "callers: &c [my-agent]", 1)},
+			want:  []string{`spec.mcp.tools.rules[0].callers: YAML anchors and aliases are not allowed`},
+		},
+		{
+			name:  "wrong apiVersion and unknown kind",
+			files: map[string]string{"mesh.yaml": meshYAML, "x.yaml": "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"},
+			want:  []string{`x.yaml:2: kind: unknown kind "ConfigMap"`, `x.yaml:1: apiVersion: must be "mcpgate.dev/v1alpha1", got "v1"`},
+		},
+		{
+			name:  "rego syntax error at its own line",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "      rego: rego/p.rego\n", "rego/p.rego": "package mcpgate\n\ndecision := {\"allow\": true} if {\n  input.x ==\n}\n"},
+			want:  []string{`rego/p.rego:5: rego:`},
+		},
+		{
+			name:  "rego wrong package",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "      rego: p.rego\n", "p.rego": "package other\n\ndecision := {\"allow\": true}\n"},
+			want:  []string{`p.rego:1: package must be mcpgate`},
+		},
+		{
+			name:  "rego network built-in refused",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "      rego: p.rego\n", "p.rego": "package mcpgate\n\ndecision := http.send({\"method\": \"get\", \"url\": \"http://x\"}).body\n"},
+			want:  []string{`p.rego:3: rego:`, `http.send`},
+		},
+		{
+			name:  "rego outside the policy directory",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "      rego: ../p.rego\n"},
+			want:  []string{`app.yaml:24: spec.mcp.tools.rego: "../p.rego" must be a relative path inside the policy directory`},
+		},
+		{
+			name: "gateway route to a missing app",
+			files: map[string]string{"mesh.yaml": meshYAML, "gw.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  listener: {port: 8443}
+  routes:
+    - {path: /mcp, app: nope}
+    - {path: /x, app: a, endpoint: b}
+`},
+			want: []string{`gw.yaml:7: spec.routes[0].app: no App "nope"`, `gw.yaml:8: spec.routes[1]: set exactly one of app or endpoint`},
+		},
+		{
+			name: "endpoint name clashes with an app",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML, "ep.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: inventory}
+spec: {baseUrl: "https://x.example.com/mcp"}
+`},
+			want: []string{`name "inventory" is already used by App`},
+		},
+		{
+			name:  "bad redaction pointer",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "    responses: {redact: [{tools: [get_customer], pointers: [ssn, /a~2]}]}\n"},
+			want:  []string{`spec.mcp.responses.redact[0].pointers[0]: "ssn" is not a JSON pointer`, `pointers[1]: "/a~2" is not a JSON pointer`},
+		},
+		{
+			name:  "operation wildcard misuse",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "{appId: my-agent, defaultAction: allow}", "{appId: my-agent, defaultAction: allow, operations: [{name: /a/**/b, httpVerb: [POST], action: deny}, {name: /c, httpVerb: [FETCH], action: allow}]}", 1)},
+			want:  []string{`operations[0].name: "/a/**/b": "**" may only be the last segment`, `operations[1].httpVerb[0]: "FETCH" is not an HTTP verb`},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := writePolicy(t, tt.files)
+			_, err := LoadDir(context.Background(), dir)
+			if err == nil {
+				t.Fatal("load succeeded, want problems")
+			}
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("error does not wrap ErrInvalid: %v", err)
+			}
+			got := strings.ReplaceAll(err.Error(), dir+string(filepath.Separator), "")
+			for _, w := range tt.want {
+				if !strings.Contains(got, w) {
+					t.Errorf("problems do not contain %q; got:\n%s", w, got)
+				}
+			}
+		})
+	}
+}
+
+func TestLoadCollectsAllProblems(t *testing.T) {
+	app := strings.NewReplacer("inboundPort: 15006", "inboundPort: 0", `"list_*"`, `""`, "defaultAction: deny", "defaultAction: maybe").Replace(appYAML)
+	_, err := LoadDir(context.Background(), writePolicy(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": app}))
+	var le *LoadError
+	if !errors.As(err, &le) {
+		t.Fatalf("want LoadError, got %v", err)
+	}
+	if len(le.Problems) < 3 {
+		t.Fatalf("want at least 3 problems reported together, got %d:\n%v", len(le.Problems), err)
+	}
+	for i := 1; i < len(le.Problems); i++ {
+		if le.Problems[i].Line < le.Problems[i-1].Line {
+			t.Errorf("problems not sorted by line: %v", err)
+		}
+	}
+}
+
+func TestLoadSkipsConfigMapInternals(t *testing.T) {
+	// ConfigMap volumes hold "..data" and "..<timestamp>" entries beside the files.
+	snap := requireLoad(t, map[string]string{
+		"mesh.yaml":           meshYAML,
+		"..2026_11_23/x.yaml": "not: [valid",
+		".hidden.yaml":        "not: [valid",
+		"README.md":           "# notes",
+	})
+	if len(snap.Files) != 1 || snap.Files[0] != "mesh.yaml" {
+		t.Fatalf("files = %v", snap.Files)
+	}
+}
+
+func TestLoadEmptyDirectory(t *testing.T) {
+	_, err := LoadDir(context.Background(), t.TempDir())
+	if err == nil || !strings.Contains(err.Error(), "no policy files") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestLoadFileTooLarge(t *testing.T) {
+	big := meshYAML + "# " + strings.Repeat("x", MaxFileBytes) + "\n"
+	_, err := LoadDir(context.Background(), writePolicy(t, map[string]string{"mesh.yaml": big}))
+	if err == nil || !strings.Contains(err.Error(), "larger than") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestLoadDefaults(t *testing.T) {
+	snap := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML})
+	m := snap.App("inventory").MCP
+	switch {
+	case m.Path != "/mcp":
+		t.Errorf("path default = %q", m.Path)
+	case m.Tools.DefaultAction != Deny || m.AccessControl.DefaultAction != Deny:
+		t.Errorf("defaults must deny: tools %q access %q", m.Tools.DefaultAction, m.AccessControl.DefaultAction)
+	case m.Tools.ErrorCode != -32001:
+		t.Errorf("error code default = %d", m.Tools.ErrorCode)
+	case m.Limits.MaxRequestBytes != 1<<20:
+		t.Errorf("maxRequestBytes default = %d", m.Limits.MaxRequestBytes)
+	case snap.Mesh.Issuers["corp"].Leeway != 30*time.Second:
+		t.Errorf("leeway default = %v", snap.Mesh.Issuers["corp"].Leeway)
+	}
+}

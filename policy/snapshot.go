@@ -1,0 +1,189 @@
+package policy
+
+import (
+	"net/url"
+	"time"
+
+	"github.com/open-policy-agent/opa/v1/rego"
+
+	"github.com/mcpgate/mcpgate/extauthz/bearer"
+)
+
+// Snapshot is one compiled, validated policy. It is immutable once built: readers share it
+// without locks and a reload publishes a new one.
+type Snapshot struct {
+	// Version is a content hash of every file that went into the snapshot, so an edit
+	// that changes nothing yields the same version.
+	Version string
+	// Files are the policy files read, relative to the policy directory.
+	Files     []string
+	Mesh      *Mesh
+	Apps      map[string]*App
+	Endpoints map[string]*HTTPEndpoint
+	Gateways  map[string]*Gateway
+}
+
+// App returns the app with the given App ID, or nil.
+func (s *Snapshot) App(id string) *App {
+	if s == nil {
+		return nil
+	}
+	return s.Apps[id]
+}
+
+// Mesh is the compiled Mesh document.
+type Mesh struct {
+	Name         string
+	TrustDomain  string
+	MTLS         MTLSMode
+	AuthzAddress string
+	SDS          SDSSpec
+	// Issuers by name, ready for the token verifier.
+	Issuers map[string]*bearer.Issuer
+}
+
+// App is one App ID.
+type App struct {
+	ID        string
+	Namespace string
+	// SpiffeID is the identity its sidecar presents: spiffe://<td>/ns/<ns>/<app-id>.
+	SpiffeID string
+	Address  string
+	Sidecar  *SidecarSpec
+	// MCP is nil when the app does not serve MCP.
+	MCP *MCP
+	// Source is file:line of the document, for messages.
+	Source string
+}
+
+// MCP is the compiled MCP policy of an app.
+type MCP struct {
+	Path     string
+	Resource string
+	// MetadataURL is the RFC 9728 protected resource metadata URL derived from Resource.
+	MetadataURL    string
+	Authentication Authentication
+	AccessControl  AccessControl
+	Tools          Tools
+	Responses      Responses
+	Limits         Limits
+	Resiliency     Resiliency
+}
+
+// Authentication is the compiled authentication block.
+type Authentication struct {
+	Required bool
+	Issuers  []*bearer.Issuer
+	Scopes   []string
+}
+
+// Tools holds the per-request rules of an app.
+type Tools struct {
+	DefaultAction Action
+	Rules         []*Rule
+	Rego          *Rego
+	ErrorCode     int
+}
+
+// Rule is a compiled tool rule.
+type Rule struct {
+	Name      string
+	AnyCaller bool
+	Callers   []string
+	Subjects  []Glob
+	Scopes    []string
+	Methods   []Glob
+	Tools     []Glob
+	Prompts   []Glob
+	Resources []Glob
+	Action    Action
+}
+
+// Rego is a prepared Rego decision query (data.mcpgate.decision), prepared once per
+// snapshot so that evaluation does no compilation.
+type Rego struct {
+	File  string
+	Query rego.PreparedEvalQuery
+}
+
+// Responses says how responses are filtered and redacted.
+type Responses struct {
+	FilterToolsList bool
+	Redact          []Redaction
+}
+
+// Redaction removes JSON pointers from the results of matching tools.
+type Redaction struct {
+	Tools []Glob
+	// Pointers are RFC 6901 JSON pointers, already split into unescaped reference tokens.
+	Pointers []Pointer
+}
+
+// Pointer is a parsed RFC 6901 JSON pointer.
+type Pointer struct {
+	Raw    string
+	Tokens []string
+}
+
+// Limits bounds requests to the app.
+type Limits struct {
+	MaxRequestBytes int64
+	PerCaller       *RateLimit
+	PerTool         []ToolRate
+}
+
+// ToolRate is a rate limit for tools matching a glob.
+type ToolRate struct {
+	Tool Glob
+	Rate RateLimit
+}
+
+// RateLimit is N requests per Per.
+type RateLimit struct {
+	N   int
+	Per time.Duration
+}
+
+// Resiliency is applied by Envoy to the app's route and cluster.
+type Resiliency struct {
+	Timeout     time.Duration
+	Retries     int
+	MaxRequests int
+}
+
+// HTTPEndpoint is a remote MCP server reached by name.
+type HTTPEndpoint struct {
+	Name      string
+	Namespace string
+	BaseURL   *url.URL
+	Headers   map[string]string
+	Auth      *HTTPEndpointAuthSpec
+	Source    string
+}
+
+// Gateway is an edge listener for callers outside the mesh.
+type Gateway struct {
+	Name   string
+	Port   int
+	TLS    *TLSFilesSpec
+	Routes []GatewayRoute
+	Source string
+}
+
+// GatewayRoute routes to exactly one of App or Endpoint.
+type GatewayRoute struct {
+	Host     string
+	Path     string
+	App      *App
+	Endpoint *HTTPEndpoint
+}
+
+// Defaults applied when a field is absent.
+const (
+	DefaultMaxRequestBytes = 1 << 20
+	MaxMaxRequestBytes     = 64 << 20
+	DefaultDenyErrorCode   = -32001
+	DefaultLeeway          = 30 * time.Second
+	MaxLeeway              = 5 * time.Minute
+	DefaultNamespace       = "default"
+)

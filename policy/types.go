@@ -1,0 +1,242 @@
+// Package policy loads mcpgate's App-ID policy files, validates them and compiles them into
+// an immutable Snapshot that ext_authz, ext_proc and xDS read.
+//
+// The YAML field names are the user-facing contract described in DESIGN.md: add fields
+// where a capability needs them, never rename or drop one.
+package policy
+
+// APIVersion is the only apiVersion mcpgate accepts.
+const APIVersion = "mcpgate.dev/v1alpha1"
+
+// Kinds of policy documents.
+const (
+	KindMesh         = "Mesh"
+	KindApp          = "App"
+	KindHTTPEndpoint = "HTTPEndpoint"
+	KindGateway      = "Gateway"
+)
+
+// Metadata names a document. For an App the name is its App ID.
+type Metadata struct {
+	Name        string            `yaml:"name"`
+	Namespace   string            `yaml:"namespace"`
+	Labels      map[string]string `yaml:"labels"`
+	Annotations map[string]string `yaml:"annotations"`
+}
+
+// MTLSMode says how sidecars authenticate each other.
+type MTLSMode string
+
+// mTLS modes. Strict is the default: a caller without a SPIFFE identity is refused.
+const (
+	MTLSStrict     MTLSMode = "strict"
+	MTLSPermissive MTLSMode = "permissive"
+	MTLSDisabled   MTLSMode = "disabled"
+)
+
+// Action is allow or deny.
+type Action string
+
+// Actions.
+const (
+	Allow Action = "allow"
+	Deny  Action = "deny"
+)
+
+// MeshSpec is the spec of the one Mesh document: trust domain, mTLS mode, where Envoy
+// reaches mcpgate, where Envoy gets certificates, and the trusted token issuers.
+type MeshSpec struct {
+	TrustDomain string       `yaml:"trustDomain"`
+	MTLS        MTLSMode     `yaml:"mtls"`
+	Authz       AuthzSpec    `yaml:"authz"`
+	SDS         SDSSpec      `yaml:"sds"`
+	Issuers     []IssuerSpec `yaml:"issuers"`
+}
+
+// AuthzSpec says where Envoy reaches mcpgate's ext_authz and ext_proc gRPC server.
+type AuthzSpec struct {
+	Address string `yaml:"address"`
+}
+
+// SDSSpec says where Envoy gets its certificates: the SPIRE agent's SDS socket or files.
+type SDSSpec struct {
+	SpireAgentSocket string `yaml:"spireAgentSocket"`
+	CertDir          string `yaml:"certDir"`
+}
+
+// IssuerSpec is a trusted JWT issuer.
+type IssuerSpec struct {
+	Name       string   `yaml:"name"`
+	Issuer     string   `yaml:"issuer"`
+	JWKSURI    string   `yaml:"jwksUri"`
+	Audiences  []string `yaml:"audiences"`
+	AppIDClaim string   `yaml:"appIdClaim"`
+	// Leeway is the clock skew allowed on exp, nbf and iat (default 30s, at most 5m).
+	Leeway Duration `yaml:"leeway"`
+}
+
+// AppSpec is the spec of an App document: one per App ID.
+type AppSpec struct {
+	Address string       `yaml:"address"`
+	Sidecar *SidecarSpec `yaml:"sidecar"`
+	MCP     *MCPSpec     `yaml:"mcp"`
+}
+
+// SidecarSpec says where the app's Envoy sidecar listens.
+type SidecarSpec struct {
+	Address      string `yaml:"address"`
+	InboundPort  int    `yaml:"inboundPort"`
+	OutboundPort int    `yaml:"outboundPort"`
+}
+
+// MCPSpec is present when the app serves MCP; it holds every MCP policy of the app.
+type MCPSpec struct {
+	Path           string             `yaml:"path"`
+	Resource       string             `yaml:"resource"`
+	Authentication AuthenticationSpec `yaml:"authentication"`
+	AccessControl  AccessControlSpec  `yaml:"accessControl"`
+	Tools          ToolsSpec          `yaml:"tools"`
+	Responses      ResponsesSpec      `yaml:"responses"`
+	Limits         LimitsSpec         `yaml:"limits"`
+	Resiliency     ResiliencySpec     `yaml:"resiliency"`
+}
+
+// AuthenticationSpec says which bearer tokens the app accepts.
+type AuthenticationSpec struct {
+	Required bool     `yaml:"required"`
+	Issuers  []string `yaml:"issuers"`
+	Scopes   []string `yaml:"scopes"`
+}
+
+// AccessControlSpec has the shape and semantics of Dapr's Configuration accessControl:
+// the caller's policy applies if there is one, the top-level defaultAction otherwise.
+type AccessControlSpec struct {
+	DefaultAction Action             `yaml:"defaultAction"`
+	TrustDomain   string             `yaml:"trustDomain"`
+	Policies      []AccessPolicySpec `yaml:"policies"`
+}
+
+// AccessPolicySpec is the access policy for one calling App ID.
+type AccessPolicySpec struct {
+	AppID         string          `yaml:"appId"`
+	Namespace     string          `yaml:"namespace"`
+	TrustDomain   string          `yaml:"trustDomain"`
+	DefaultAction Action          `yaml:"defaultAction"`
+	Operations    []OperationSpec `yaml:"operations"`
+}
+
+// OperationSpec allows or denies a path (prefix or wildcard) for some HTTP verbs.
+type OperationSpec struct {
+	Name     string   `yaml:"name"`
+	HTTPVerb []string `yaml:"httpVerb"`
+	Action   Action   `yaml:"action"`
+}
+
+// ToolsSpec decides per MCP request: rules in order, first match wins, then Rego.
+type ToolsSpec struct {
+	DefaultAction Action     `yaml:"defaultAction"`
+	Rules         []RuleSpec `yaml:"rules"`
+	// Rego is a Rego file, relative to the policy file, defining data.mcpgate.decision.
+	Rego string `yaml:"rego"`
+	// ErrorCode is the JSON-RPC error code of a denial (default -32001).
+	ErrorCode int `yaml:"errorCode"`
+}
+
+// RuleSpec matches MCP requests. Every matcher that is set must match; a rule with no
+// matchers matches every request of its callers.
+type RuleSpec struct {
+	Name      string   `yaml:"name"`
+	Callers   []string `yaml:"callers"`
+	Subjects  []string `yaml:"subjects"`
+	Scopes    []string `yaml:"scopes"`
+	Methods   []string `yaml:"methods"`
+	Tools     []string `yaml:"tools"`
+	Prompts   []string `yaml:"prompts"`
+	Resources []string `yaml:"resources"`
+	Action    Action   `yaml:"action"`
+}
+
+// ResponsesSpec says how responses are filtered and redacted.
+type ResponsesSpec struct {
+	FilterToolsList bool         `yaml:"filterToolsList"`
+	Redact          []RedactSpec `yaml:"redact"`
+}
+
+// RedactSpec removes JSON pointers from the results of the named tools.
+type RedactSpec struct {
+	Tools    []string `yaml:"tools"`
+	Pointers []string `yaml:"pointers"`
+}
+
+// LimitsSpec bounds requests.
+type LimitsSpec struct {
+	MaxRequestBytes int64           `yaml:"maxRequestBytes"`
+	PerCaller       Rate            `yaml:"perCaller"`
+	PerTool         map[string]Rate `yaml:"perTool"`
+}
+
+// ResiliencySpec is applied by Envoy on the route and cluster of the app.
+type ResiliencySpec struct {
+	Timeout        Duration           `yaml:"timeout"`
+	Retries        int                `yaml:"retries"`
+	CircuitBreaker CircuitBreakerSpec `yaml:"circuitBreaker"`
+}
+
+// CircuitBreakerSpec bounds concurrent requests to the app.
+type CircuitBreakerSpec struct {
+	MaxRequests int `yaml:"maxRequests"`
+}
+
+// HTTPEndpointSpec is a remote MCP server reached by name, like Dapr's HTTPEndpoint.
+type HTTPEndpointSpec struct {
+	BaseURL string                `yaml:"baseUrl"`
+	Headers map[string]string     `yaml:"headers"`
+	Auth    *HTTPEndpointAuthSpec `yaml:"auth"`
+}
+
+// HTTPEndpointAuthSpec says how mcpgate authenticates to a remote endpoint.
+type HTTPEndpointAuthSpec struct {
+	ClientCredentials *ClientCredentialsSpec `yaml:"clientCredentials"`
+}
+
+// ClientCredentialsSpec is an OAuth 2.0 client credentials grant. The secret is read from
+// a file so that it never sits in the policy.
+type ClientCredentialsSpec struct {
+	TokenURL         string   `yaml:"tokenUrl"`
+	ClientID         string   `yaml:"clientId"`
+	ClientSecretFile string   `yaml:"clientSecretFile"`
+	Scopes           []string `yaml:"scopes"`
+}
+
+// GatewaySpec is an edge Envoy for callers outside the mesh (JWT only).
+type GatewaySpec struct {
+	Listener GatewayListenerSpec `yaml:"listener"`
+	Routes   []GatewayRouteSpec  `yaml:"routes"`
+}
+
+// GatewayListenerSpec is the gateway's listening port and TLS certificate.
+type GatewayListenerSpec struct {
+	Port int           `yaml:"port"`
+	TLS  *TLSFilesSpec `yaml:"tls"`
+}
+
+// TLSFilesSpec names a certificate and key on the Envoy's file system.
+type TLSFilesSpec struct {
+	CertFile string `yaml:"certFile"`
+	KeyFile  string `yaml:"keyFile"`
+}
+
+// GatewayRouteSpec routes host and path to an App or an HTTPEndpoint.
+type GatewayRouteSpec struct {
+	Host     string `yaml:"host"`
+	Path     string `yaml:"path"`
+	App      string `yaml:"app"`
+	Endpoint string `yaml:"endpoint"`
+}
+
+// Duration is a Go duration string such as "30s", parsed during validation so that a bad
+// value is reported with its file and line.
+type Duration string
+
+// Rate is "N/s", "N/m" or "N/h", parsed during validation.
+type Rate string
