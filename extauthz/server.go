@@ -1,0 +1,287 @@
+package extauthz
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"math/rand/v2"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
+	"go.uber.org/zap"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/mcpgate/mcpgate/extauthz/bearer"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// Headers mcpgate sets on allowed requests, after removing any the caller sent.
+const (
+	HeaderCallerAppID     = "x-mcpgate-caller-app-id"
+	HeaderDaprCallerAppID = "dapr-caller-app-id"
+	HeaderSubject         = "x-mcpgate-subject"
+	HeaderDecisionID      = "x-mcpgate-decision-id"
+)
+
+// MetadataNamespace is where Envoy stores ext_authz dynamic metadata; ext_proc receives
+// it through metadata_options.forwarding_namespaces.
+const MetadataNamespace = "envoy.filters.http.ext_authz"
+
+// Dynamic metadata keys: the contract between ext_authz and ext_proc.
+const (
+	MetaDecisionID      = "decision_id"
+	MetaTarget          = "target_app_id"
+	MetaCallerAppID     = "caller_app_id"
+	MetaCallerNamespace = "caller_namespace"
+	MetaSpiffeID        = "spiffe_id"
+	MetaSubject         = "subject"
+	MetaIssuer          = "issuer"
+	MetaScopes          = "scopes"
+	MetaTokenExpiry     = "token_exp"
+	MetaClaims          = "claims"
+	MetaMCPPath         = "mcp_path"
+	MetaGateway         = "gateway"
+)
+
+// Options configure a Server.
+type Options struct {
+	Store    *policy.Store
+	Verifier *bearer.Verifier
+	// DecisionLog receives one line per decision; default: none.
+	DecisionLog *zap.Logger
+	// Meter records decision counts and latency; default: no-op.
+	Meter metric.Meter
+}
+
+// Server implements envoy.service.auth.v3.Authorization.
+type Server struct {
+	authv3.UnimplementedAuthorizationServer
+
+	store    *policy.Store
+	verifier *bearer.Verifier
+	log      *zap.Logger
+	count    metric.Int64Counter
+	latency  metric.Float64Histogram
+}
+
+// NewServer returns a Server reading policy from opts.Store.
+func NewServer(opts Options) (*Server, error) {
+	s := &Server{store: opts.Store, verifier: opts.Verifier, log: opts.DecisionLog}
+	if s.log == nil {
+		s.log = zap.NewNop()
+	}
+	if s.verifier == nil {
+		s.verifier = bearer.NewVerifier(bearer.Options{})
+	}
+	meter := opts.Meter
+	if meter == nil {
+		meter = noop.NewMeterProvider().Meter("")
+	}
+	var err error
+	if s.count, err = meter.Int64Counter("mcpgate.authz.decisions",
+		metric.WithDescription("ext_authz decisions by target, caller, decision and reason")); err != nil {
+		return nil, err
+	}
+	if s.latency, err = meter.Float64Histogram("mcpgate.authz.duration", metric.WithUnit("s"),
+		metric.WithDescription("time to decide one ext_authz Check"),
+		metric.WithExplicitBucketBoundaries(.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .05, .25, 1)); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Check decides one request. Every outcome, malformed input included, is an answer to
+// Envoy; a gRPC error would make Envoy apply failure_mode_allow/status_on_error instead of
+// our reasoned denial.
+func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	start := time.Now()
+	d := s.decide(ctx, s.store.Current(), req)
+	resp := d.Response()
+	elapsed := time.Since(start)
+	s.record(ctx, d, elapsed)
+	return resp, nil
+}
+
+func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration) {
+	decision := "deny"
+	if d.Allowed {
+		decision = "allow"
+	}
+	target, caller := d.Target, d.Caller.AppID
+	if target == "" {
+		target = "unknown"
+	}
+	if caller == "" {
+		caller = "unknown"
+	}
+	attrs := metric.WithAttributes(
+		attribute.String("target", target),
+		attribute.String("caller", caller),
+		attribute.String("decision", decision),
+		attribute.String("reason", d.Reason),
+	)
+	s.count.Add(ctx, 1, attrs)
+	s.latency.Record(ctx, elapsed.Seconds(), attrs)
+
+	if ce := s.log.Check(zap.InfoLevel, "authz decision"); ce != nil {
+		fields := []zap.Field{
+			zap.String("decision_id", d.ID),
+			zap.String("decision", decision),
+			zap.Int("status", d.Status),
+			zap.String("reason", d.Reason),
+			zap.String("detail", d.Detail),
+			zap.String("target", d.Target),
+			zap.String("caller", d.Caller.AppID),
+			zap.String("caller_namespace", d.Caller.Namespace),
+			zap.String("spiffe_id", d.SpiffeID),
+			zap.String("method", d.Method),
+			zap.String("path", d.Path),
+			zap.String("request_id", d.RequestID),
+			zap.Float64("latency_ms", float64(elapsed.Microseconds())/1000),
+		}
+		if d.Gateway != "" {
+			fields = append(fields, zap.String("gateway", d.Gateway))
+		}
+		if p := d.Principal; p != nil {
+			fields = append(fields, zap.String("subject", p.Subject), zap.String("issuer", p.Issuer.Name), zap.Strings("scopes", p.Scopes))
+		}
+		ce.Write(fields...)
+	}
+}
+
+// Response renders the decision as Envoy expects it.
+func (d *Decision) Response() *authv3.CheckResponse {
+	if d.Allowed {
+		return d.okResponse()
+	}
+	return d.deniedResponse()
+}
+
+func header(key, value string) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{
+		Header:       &corev3.HeaderValue{Key: key, Value: value},
+		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
+	}
+}
+
+func (d *Decision) okResponse() *authv3.CheckResponse {
+	ok := &authv3.OkHttpResponse{}
+	set := map[string]bool{}
+	add := func(k, v string) {
+		ok.Headers = append(ok.Headers, header(k, v))
+		set[k] = true
+	}
+	add(HeaderDecisionID, d.ID)
+	if d.Caller.AppID != "" {
+		add(HeaderCallerAppID, d.Caller.AppID)
+		add(HeaderDaprCallerAppID, d.Caller.AppID)
+	}
+	if p := d.Principal; p != nil && isHeaderSafe(p.Subject) {
+		add(HeaderSubject, p.Subject)
+	}
+	// Spoofed identity headers are removed. The ones set above are left out of the
+	// removal list: they are overwritten anyway, and Envoy's order of set and remove
+	// must not decide whether our own header survives.
+	for _, h := range d.Strip {
+		if !set[h] {
+			ok.HeadersToRemove = append(ok.HeadersToRemove, h)
+		}
+	}
+	return &authv3.CheckResponse{
+		Status:          &status.Status{Code: int32(codes.OK)},
+		HttpResponse:    &authv3.CheckResponse_OkResponse{OkResponse: ok},
+		DynamicMetadata: d.metadata(),
+	}
+}
+
+// metadata is everything ext_proc needs to decide per tool without re-verifying anything.
+func (d *Decision) metadata() *structpb.Struct {
+	f := map[string]*structpb.Value{
+		MetaDecisionID:      structpb.NewStringValue(d.ID),
+		MetaTarget:          structpb.NewStringValue(d.Target),
+		MetaCallerAppID:     structpb.NewStringValue(d.Caller.AppID),
+		MetaCallerNamespace: structpb.NewStringValue(d.Caller.Namespace),
+		MetaSpiffeID:        structpb.NewStringValue(d.SpiffeID),
+		MetaMCPPath:         structpb.NewStringValue(d.MCPPath),
+	}
+	if d.Gateway != "" {
+		f[MetaGateway] = structpb.NewStringValue(d.Gateway)
+	}
+	if p := d.Principal; p != nil {
+		f[MetaSubject] = structpb.NewStringValue(p.Subject)
+		f[MetaIssuer] = structpb.NewStringValue(p.Issuer.Name)
+		scopes := make([]*structpb.Value, len(p.Scopes))
+		for i, sc := range p.Scopes {
+			scopes[i] = structpb.NewStringValue(sc)
+		}
+		f[MetaScopes] = structpb.NewListValue(&structpb.ListValue{Values: scopes})
+		f[MetaTokenExpiry] = structpb.NewNumberValue(float64(p.ExpiresAt.Unix()))
+		if claims, err := structpb.NewStruct(p.Claims); err == nil {
+			f[MetaClaims] = structpb.NewStructValue(claims)
+		}
+	}
+	return &structpb.Struct{Fields: f}
+}
+
+type denialBody struct {
+	Error      string `json:"error"`
+	Reason     string `json:"reason"`
+	DecisionID string `json:"decision_id"`
+}
+
+func (d *Decision) deniedResponse() *authv3.CheckResponse {
+	body, _ := json.Marshal(denialBody{Error: d.Error, Reason: d.Detail, DecisionID: d.ID})
+	headers := []*corev3.HeaderValueOption{
+		header("content-type", "application/json"),
+		header(HeaderDecisionID, d.ID),
+	}
+	if d.WWWAuthenticate != "" {
+		headers = append(headers, header("www-authenticate", d.WWWAuthenticate))
+	}
+	code := codes.PermissionDenied
+	if d.Status == 401 {
+		code = codes.Unauthenticated
+	}
+	return &authv3.CheckResponse{
+		Status: &status.Status{Code: int32(code), Message: d.Reason},
+		HttpResponse: &authv3.CheckResponse_DeniedResponse{DeniedResponse: &authv3.DeniedHttpResponse{
+			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(d.Status)},
+			Headers: headers,
+			Body:    string(body),
+		}},
+	}
+}
+
+// isHeaderSafe keeps values Envoy would reject (or that could split headers) out of
+// request headers; such a subject still reaches ext_proc through metadata.
+func isHeaderSafe(s string) bool {
+	if s == "" || len(s) > 256 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c == 0x7f || c >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+// newDecisionID returns a 128-bit random id. math/rand/v2's generator is ChaCha8-based:
+// unpredictable enough for correlation ids and far cheaper than crypto/rand per request.
+func newDecisionID() string {
+	var b [16]byte
+	for i := 0; i < 16; i += 8 {
+		v := rand.Uint64()
+		for j := range 8 {
+			b[i+j] = byte(v >> (8 * j))
+		}
+	}
+	return hex.EncodeToString(b[:])
+}
