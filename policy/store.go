@@ -9,6 +9,8 @@ import (
 // Store publishes the current Snapshot to readers on the request path. Readers call
 // Current (one atomic load, no lock); a reload calls Set with a new snapshot or SetError
 // with the reason it was refused, which keeps the last good snapshot serving.
+//
+// There is one writer (the watcher, or serve's first load); readers may be many.
 type Store struct {
 	cur atomic.Pointer[Snapshot]
 
@@ -33,10 +35,13 @@ func (s *Store) Current() *Snapshot { return s.cur.Load() }
 
 // Set publishes snap and clears the last error: the files on disk are good again.
 func (s *Store) Set(snap *Snapshot) {
-	s.cur.Store(snap)
+	if snap == nil {
+		return // readers rely on a published snapshot never going away
+	}
 	s.mu.Lock()
+	s.cur.Store(snap)
 	s.loadedAt = time.Now()
-	s.lastErr = nil
+	s.lastErr, s.lastErrAt = nil, time.Time{}
 	subs := s.subs
 	s.mu.Unlock()
 	for _, c := range subs {
@@ -47,11 +52,14 @@ func (s *Store) Set(snap *Snapshot) {
 	}
 }
 
-// SetError records why the files on disk were refused. The snapshot in force stays.
+// SetError records why the files on disk were refused; the snapshot in force stays.
+// SetError(nil) clears it (the files were put back as they were).
 func (s *Store) SetError(err error) {
 	s.mu.Lock()
-	s.lastErr = err
-	s.lastErrAt = time.Now()
+	s.lastErr, s.lastErrAt = err, time.Now()
+	if err == nil {
+		s.lastErrAt = time.Time{}
+	}
 	s.mu.Unlock()
 }
 
@@ -73,8 +81,7 @@ type Status struct {
 	LastErrorAt time.Time `json:"last_error_at,omitzero"`
 }
 
-// Status reports the version in force and the last refused reload, if it is newer than
-// the last good one.
+// Status reports the version in force and the last refused reload since it.
 func (s *Store) Status() Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
