@@ -73,6 +73,8 @@ type Decision struct {
 	Path      string
 	RequestID string
 	MCPPath   string
+	// wantClaims: the target has a Rego policy, which may read the token's claims.
+	wantClaims bool
 }
 
 // request is what decide reads from a CheckRequest, normalized.
@@ -167,9 +169,14 @@ func bearerToken(values []string) (token string, present, ok bool) {
 	}
 	scheme, tok, found := strings.Cut(strings.TrimSpace(values[0]), " ")
 	tok = strings.TrimSpace(tok)
-	// A JWT never contains "," or spaces; either means joined duplicate headers.
-	if !found || !strings.EqualFold(scheme, "Bearer") || tok == "" || strings.ContainsAny(tok, ", \t") {
+	if !found || !strings.EqualFold(scheme, "Bearer") || tok == "" {
 		return "", true, false
+	}
+	// A JWT never contains "," or white space; either means joined duplicate headers.
+	for i := 0; i < len(tok); i++ {
+		if c := tok[i]; c == ',' || c == ' ' || c == '\t' {
+			return "", true, false
+		}
 	}
 	return tok, true, true
 }
@@ -202,6 +209,7 @@ func (s *Server) decide(ctx context.Context, snap *policy.Snapshot, req *authv3.
 	}
 	m := app.MCP
 	d.MCPPath = m.Path
+	d.wantClaims = m.Tools.Rego != nil
 
 	if tokenInQuery(r.query) {
 		return d.challenge(m, "invalid_request", ReasonTokenInQuery, "access tokens in the query string are not accepted; send Authorization: Bearer")

@@ -62,6 +62,7 @@ spec:
     resource: https://open.example.com/mcp
     authentication: {issuers: [corp]}
     accessControl: {defaultAction: allow}
+    tools: {rego: open.rego}
 ---
 apiVersion: mcpgate.dev/v1alpha1
 kind: App
@@ -86,6 +87,7 @@ func newFixture(t testing.TB) *fixture {
 		mesh := strings.NewReplacer("MTLS_MODE", string(mode), "ISSUER_URL", f.iss.URL()).Replace(testMesh)
 		requireWrite(t, filepath.Join(dir, "mesh.yaml"), mesh)
 		requireWrite(t, filepath.Join(dir, "apps.yaml"), testApps)
+		requireWrite(t, filepath.Join(dir, "open.rego"), "package mcpgate\n\ndecision := {\"allow\": true}\n")
 		snap, err := policy.LoadDir(context.Background(), dir)
 		if err != nil {
 			t.Fatalf("load %s policy: %v", mode, err)
@@ -428,8 +430,18 @@ func TestCheckAllowedResponse(t *testing.T) {
 	if exp, _ := md[MetaTokenExpiry].(float64); exp < float64(time.Now().Unix()) {
 		t.Errorf("metadata token_exp = %v", md[MetaTokenExpiry])
 	}
-	if claims, _ := md[MetaClaims].(map[string]any); claims["azp"] != "my-agent" {
-		t.Errorf("metadata claims = %v", md[MetaClaims])
+	if _, ok := md[MetaClaimsJSON]; ok {
+		t.Errorf("claims sent to an app without Rego: %v", md[MetaClaimsJSON])
+	}
+	// An app with a Rego policy gets the verified claims, as signed.
+	resp, err = f.server.Check(context.Background(), req{target: "open", principal: agentID, headers: bearerHeader(tok)}.build())
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := resp.GetDynamicMetadata().AsMap()[MetaClaimsJSON].(string)
+	var claims map[string]any
+	if err := json.Unmarshal([]byte(raw), &claims); err != nil || claims["azp"] != "my-agent" || claims["sub"] != "alice@example.com" {
+		t.Errorf("metadata claims_json = %q (%v)", raw, err)
 	}
 	if md[MetaDecisionID] != set[HeaderDecisionID] {
 		t.Errorf("decision id differs between header and metadata")

@@ -25,6 +25,8 @@ type accessPolicy struct {
 	appID         string
 	defaultAction Action
 	ops           []operation
+	// defaultReason is formatted once at load time: Decide runs on every request.
+	defaultReason string
 }
 
 type operation struct {
@@ -32,7 +34,8 @@ type operation struct {
 	segs     []string
 	verbs    map[string]bool // nil: every verb ("*")
 	action   Action
-	literals int // how specific the operation is; the most specific match wins
+	literals int    // how specific the operation is; the most specific match wins
+	reason   string // formatted at load time
 }
 
 func policyKey(td, ns, appID string) string { return td + "/" + ns + "/" + appID }
@@ -48,7 +51,7 @@ func (a *AccessControl) Decide(c Caller, verb, path string) (Action, string) {
 		return a.DefaultAction, fmt.Sprintf("no access policy for caller %q: accessControl defaultAction %s", c.AppID, a.DefaultAction)
 	}
 	if len(p.ops) == 0 {
-		return p.defaultAction, fmt.Sprintf("access policy for %q: defaultAction %s", c.AppID, p.defaultAction)
+		return p.defaultAction, p.defaultReason
 	}
 	segs, ok := pathSegments(path)
 	if !ok {
@@ -69,7 +72,7 @@ func (a *AccessControl) Decide(c Caller, verb, path string) (Action, string) {
 	if best.verbs != nil && !best.verbs[strings.ToUpper(verb)] {
 		return p.defaultAction, fmt.Sprintf("access policy for %q: operation %s does not list %s, defaultAction %s", c.AppID, best.name, verb, p.defaultAction)
 	}
-	return best.action, fmt.Sprintf("access policy for %q: operation %s %s", c.AppID, best.name, best.action)
+	return best.action, best.reason
 }
 
 // pathSegments splits a request path (query removed) into segments, merging slashes.

@@ -391,6 +391,11 @@ func (l *loader) compileAccess(d *document, spec AccessControlSpec, mesh *Mesh) 
 			}
 			pol.ops = append(pol.ops, o)
 		}
+		pol.defaultReason = fmt.Sprintf("access policy for %q: defaultAction %s", ps.AppID, pol.defaultAction)
+		for k := range pol.ops {
+			o := &pol.ops[k]
+			o.reason = fmt.Sprintf("access policy for %q: operation %s %s", ps.AppID, o.name, o.action)
+		}
 		key := policyKey(td, ns, ps.AppID)
 		if ac.policies[key] != nil {
 			l.errf(d, pp+".appId", "a second policy for %q in namespace %q", ps.AppID, ns)

@@ -151,6 +151,10 @@ type Principal struct {
 	// Claims holds all payload claims as decoded by encoding/json (numbers are float64),
 	// for policy input.
 	Claims map[string]any
+	// RawClaims is the verified payload JSON exactly as the issuer signed it. ext_authz
+	// forwards it to ext_proc as one string: far cheaper to marshal than a nested
+	// protobuf Struct on every request, and decoded only when a Rego policy needs it.
+	RawClaims []byte
 }
 
 // Options configure a Verifier. The zero value gives production defaults.

@@ -55,9 +55,10 @@ func parseHeader(b []byte) (header, error) {
 
 // parsedToken is a compact JWS split and decoded, not yet verified.
 type parsedToken struct {
-	raw    string
-	header header
-	claims map[string]any
+	raw     string
+	header  header
+	claims  map[string]any
+	payload []byte // the decoded payload JSON, kept for Principal.RawClaims
 }
 
 func malformed(format string, args ...any) error {
@@ -119,6 +120,7 @@ func parseToken(token string) (*parsedToken, error) {
 	if err := json.Unmarshal(pb, &t.claims); err != nil || t.claims == nil {
 		return nil, malformed("payload is not a JSON object")
 	}
+	t.payload = pb
 	return t, nil
 }
 
@@ -201,7 +203,11 @@ func (v *Verifier) verifyWith(ctx context.Context, t *parsedToken, is *Issuer, n
 	if _, err := jws.VerifyCompactFast(key.pub, []byte(t.raw), key.algs[t.header.Alg]); err != nil {
 		return nil, time.Time{}, fmt.Errorf("%w: issuer %q, kid %q, alg %s", ErrSignature, is.Name, clip(key.kid), t.header.Alg)
 	}
-	return checkClaims(t.claims, is, now)
+	p, validUntil, err := checkClaims(t.claims, is, now)
+	if p != nil {
+		p.RawClaims = t.payload
+	}
+	return p, validUntil, err
 }
 
 // checkClaims validates the registered claims of a token whose signature verified and
