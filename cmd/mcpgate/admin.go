@@ -1,0 +1,136 @@
+package main
+
+import (
+	"encoding/json"
+	"net/http"
+	"sort"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	"go.opentelemetry.io/otel/metric"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// telemetry owns the OpenTelemetry meter and the Prometheus registry it exports into.
+// A private registry (not the global one) keeps tests and multiple servers independent.
+type telemetry struct {
+	registry *prometheus.Registry
+	meter    metric.Meter
+}
+
+func newTelemetry() (*telemetry, error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	exp, err := otelprom.New(otelprom.WithRegisterer(reg), otelprom.WithoutScopeInfo())
+	if err != nil {
+		return nil, err
+	}
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exp))
+	return &telemetry{registry: reg, meter: mp.Meter("github.com/mcpgate/mcpgate")}, nil
+}
+
+func adminHandler(store *policy.Store, tel *telemetry) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		// Ready once a snapshot is loaded. A rejected later edit does not make mcpgate
+		// unready (the last good policy serves), but it is shown so operators see it.
+		st := store.Status()
+		code := http.StatusOK
+		if store.Current() == nil {
+			code = http.StatusServiceUnavailable
+		}
+		writeJSON(w, code, struct {
+			Ready bool `json:"ready"`
+			policy.Status
+		}{Ready: code == http.StatusOK, Status: st})
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(tel.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /debug/snapshot", func(w http.ResponseWriter, _ *http.Request) {
+		snap := store.Current()
+		if snap == nil {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "no policy loaded"})
+			return
+		}
+		writeJSON(w, http.StatusOK, describeSnapshot(snap, store.Status()))
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+type appView struct {
+	ID        string   `json:"id"`
+	Namespace string   `json:"namespace"`
+	SpiffeID  string   `json:"spiffe_id"`
+	Source    string   `json:"source"`
+	MCPPath   string   `json:"mcp_path,omitempty"`
+	Metadata  string   `json:"resource_metadata,omitempty"`
+	Issuers   []string `json:"issuers,omitempty"`
+	Scopes    []string `json:"scopes,omitempty"`
+	Rules     []string `json:"rules,omitempty"`
+	Rego      string   `json:"rego,omitempty"`
+}
+
+// describeSnapshot is a summary for humans: names, sources and rule names, nothing secret.
+func describeSnapshot(s *policy.Snapshot, st policy.Status) any {
+	apps := make([]appView, 0, len(s.Apps))
+	for _, a := range s.Apps {
+		v := appView{ID: a.ID, Namespace: a.Namespace, SpiffeID: a.SpiffeID, Source: a.Source}
+		if m := a.MCP; m != nil {
+			v.MCPPath, v.Metadata, v.Scopes = m.Path, m.MetadataURL, m.Authentication.Scopes
+			for _, is := range m.Authentication.Issuers {
+				v.Issuers = append(v.Issuers, is.Name)
+			}
+			for _, r := range m.Tools.Rules {
+				v.Rules = append(v.Rules, r.Name+": "+string(r.Action))
+			}
+			if m.Tools.Rego != nil {
+				v.Rego = m.Tools.Rego.File
+			}
+		}
+		apps = append(apps, v)
+	}
+	sort.Slice(apps, func(i, j int) bool { return apps[i].ID < apps[j].ID })
+	names := func(n int, each func(func(string))) []string {
+		out := make([]string, 0, n)
+		each(func(s string) { out = append(out, s) })
+		sort.Strings(out)
+		return out
+	}
+	return map[string]any{
+		"status":       st,
+		"files":        s.Files,
+		"trust_domain": s.Mesh.TrustDomain,
+		"mtls":         s.Mesh.MTLS,
+		"apps":         apps,
+		"issuers": names(len(s.Mesh.Issuers), func(add func(string)) {
+			for n := range s.Mesh.Issuers {
+				add(n)
+			}
+		}),
+		"http_endpoints": names(len(s.Endpoints), func(add func(string)) {
+			for n := range s.Endpoints {
+				add(n)
+			}
+		}),
+		"gateways": names(len(s.Gateways), func(add func(string)) {
+			for n := range s.Gateways {
+				add(n)
+			}
+		}),
+	}
+}

@@ -1,0 +1,221 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/spf13/cobra"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+
+	"github.com/mcpgate/mcpgate"
+	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/extauthz/bearer"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+type serveFlags struct {
+	config       string
+	grpcAddr     string
+	adminAddr    string
+	logLevel     string
+	debounce     time.Duration
+	poll         time.Duration
+	shutdownWait time.Duration
+}
+
+func newServeCmd() *cobra.Command {
+	f := &serveFlags{}
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the ext_authz gRPC server and the admin server, hot-reloading the policy",
+		Long: `Run mcpgate. Each server can be disabled with an empty address (--admin-addr=).
+Without --config the embedded demo policy (testdata/demo) is served.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return serve(ctx, f)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.config, "config", "", "policy directory (default: the embedded demo policy)")
+	fl.StringVar(&f.grpcAddr, "grpc-addr", "127.0.0.1:9001", "ext_authz gRPC listen address (empty: disabled)")
+	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9902", "admin HTTP listen address: /healthz /readyz /metrics /debug/snapshot (empty: disabled)")
+	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fl.DurationVar(&f.debounce, "reload-debounce", 100*time.Millisecond, "wait this long after a policy file event before reloading")
+	fl.DurationVar(&f.poll, "reload-poll", 0, "also re-read the policy on this interval, for file systems without inotify (0: off)")
+	fl.DurationVar(&f.shutdownWait, "shutdown-timeout", 10*time.Second, "how long SIGTERM waits for in-flight requests")
+	return cmd
+}
+
+func newLogger(level string) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	cfg := zap.NewProductionConfig()
+	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	cfg.EncoderConfig.TimeKey = "ts"
+	cfg.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
+	cfg.Sampling = nil // decision logs are an audit trail: never sampled
+	return cfg.Build()
+}
+
+func serve(ctx context.Context, f *serveFlags) error {
+	log, err := newLogger(f.logLevel)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = log.Sync() }()
+
+	tel, err := newTelemetry()
+	if err != nil {
+		return err
+	}
+	reloads, err := tel.meter.Int64Counter("mcpgate.policy.reloads",
+		metric.WithDescription("policy reload attempts by result (applied, unchanged, rejected)"))
+	if err != nil {
+		return err
+	}
+
+	// The first load must succeed: with no good policy there is nothing to serve. Later
+	// bad edits only log and keep the last good snapshot.
+	store := policy.NewStore(nil)
+	var snap *policy.Snapshot
+	if f.config == "" {
+		snap, err = policy.Load(ctx, mcpgate.DemoPolicy(), "demo")
+	} else {
+		snap, err = policy.LoadDir(ctx, f.config)
+	}
+	if err != nil {
+		var le *policy.LoadError
+		if errors.As(err, &le) {
+			log.Error("policy rejected", zap.Strings("problems", problemStrings(le)))
+		}
+		return fmt.Errorf("initial policy load: %w", err)
+	}
+	store.Set(snap)
+	reloads.Add(ctx, 1, metric.WithAttributes(attribute.String("result", "applied")))
+	log.Info("policy loaded", zap.String("version", snap.Version), zap.String("summary", summary(snap)))
+
+	g, ctx := errgroup.WithContext(ctx)
+	if f.config != "" {
+		opts := policy.WatchOptions{
+			Dir:          f.config,
+			Debounce:     f.debounce,
+			PollInterval: f.poll,
+			Logger:       log.Named("policy"),
+			OnReload: func(result string, _ *policy.Snapshot, _ error) {
+				reloads.Add(context.Background(), 1, metric.WithAttributes(attribute.String("result", result)))
+			},
+		}
+		g.Go(func() error { return policy.Watch(ctx, store, opts) })
+	} else {
+		log.Info("serving the embedded demo policy; pass --config DIR to serve and watch your own")
+	}
+
+	if f.grpcAddr != "" {
+		authz, err := extauthz.NewServer(extauthz.Options{
+			Store:       store,
+			Verifier:    bearer.NewVerifier(bearer.Options{}),
+			DecisionLog: log.Named("decision"),
+			Meter:       tel.meter,
+		})
+		if err != nil {
+			return err
+		}
+		lis, err := net.Listen("tcp", f.grpcAddr)
+		if err != nil {
+			return fmt.Errorf("--grpc-addr: %w", err)
+		}
+		srv := newGRPCServer(authz)
+		log.Info("grpc listening", zap.String("addr", lis.Addr().String()), zap.Strings("services", []string{"envoy.service.auth.v3.Authorization", "grpc.health.v1.Health"}))
+		g.Go(func() error { return srv.Serve(lis) })
+		g.Go(func() error {
+			<-ctx.Done()
+			gracefulStop(srv, f.shutdownWait)
+			authz.Close() // every decision made is logged before exit
+			return nil
+		})
+	}
+
+	if f.adminAddr != "" {
+		lis, err := net.Listen("tcp", f.adminAddr)
+		if err != nil {
+			return fmt.Errorf("--admin-addr: %w", err)
+		}
+		hs := &http.Server{Handler: adminHandler(store, tel), ReadHeaderTimeout: 5 * time.Second}
+		log.Info("admin listening", zap.String("addr", lis.Addr().String()))
+		g.Go(func() error {
+			if err := hs.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-ctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), f.shutdownWait)
+			defer cancel()
+			return hs.Shutdown(sctx)
+		})
+	}
+
+	err = g.Wait()
+	log.Info("stopped")
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// newGRPCServer builds the gRPC server Envoy talks to; the health service lets Envoy
+// health check the mcpgate cluster.
+func newGRPCServer(authz authv3.AuthorizationServer) *grpc.Server {
+	srv := grpc.NewServer(extauthz.ServerOptions()...)
+	authv3.RegisterAuthorizationServer(srv, authz)
+	hs := health.NewServer()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus("envoy.service.auth.v3.Authorization", healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(srv, hs)
+	reflection.Register(srv)
+	return srv
+}
+
+// gracefulStop lets in-flight Checks finish, but not forever: Envoy retries elsewhere or
+// fails closed, so a hung stream must not block shutdown.
+func gracefulStop(srv *grpc.Server, wait time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		srv.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(wait):
+		srv.Stop()
+	}
+}
+
+func problemStrings(le *policy.LoadError) []string {
+	out := make([]string, len(le.Problems))
+	for i, p := range le.Problems {
+		out[i] = p.Error()
+	}
+	return out
+}
