@@ -12,6 +12,7 @@ import (
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/spf13/cobra"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
@@ -26,6 +27,7 @@ import (
 	"github.com/mcpgate/mcpgate"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
+	"github.com/mcpgate/mcpgate/extproc"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -43,7 +45,7 @@ func newServeCmd() *cobra.Command {
 	f := &serveFlags{}
 	cmd := &cobra.Command{
 		Use:   "serve",
-		Short: "Run the ext_authz gRPC server and the admin server, hot-reloading the policy",
+		Short: "Run the ext_authz and ext_proc gRPC server and the admin server, hot-reloading the policy",
 		Long: `Run mcpgate. Each server can be disabled with an empty address (--admin-addr=).
 Without --config the embedded demo policy (testdata/demo) is served.`,
 		Args: cobra.NoArgs,
@@ -55,7 +57,7 @@ Without --config the embedded demo policy (testdata/demo) is served.`,
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&f.config, "config", "", "policy directory (default: the embedded demo policy)")
-	fl.StringVar(&f.grpcAddr, "grpc-addr", "127.0.0.1:9001", "ext_authz gRPC listen address (empty: disabled)")
+	fl.StringVar(&f.grpcAddr, "grpc-addr", "127.0.0.1:9001", "ext_authz and ext_proc gRPC listen address (empty: disabled)")
 	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9902", "admin HTTP listen address: /healthz /readyz /metrics /debug/snapshot (empty: disabled)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.DurationVar(&f.debounce, "reload-debounce", 100*time.Millisecond, "wait this long after a policy file event before reloading")
@@ -140,12 +142,17 @@ func serve(ctx context.Context, f *serveFlags) error {
 		if err != nil {
 			return err
 		}
+		proc, err := extproc.NewServer(extproc.Options{Store: store, DecisionLog: log.Named("decision"), Meter: tel.meter})
+		if err != nil {
+			return err
+		}
 		lis, err := net.Listen("tcp", f.grpcAddr)
 		if err != nil {
 			return fmt.Errorf("--grpc-addr: %w", err)
 		}
-		srv := newGRPCServer(authz)
-		log.Info("grpc listening", zap.String("addr", lis.Addr().String()), zap.Strings("services", []string{"envoy.service.auth.v3.Authorization", "grpc.health.v1.Health"}))
+		srv := newGRPCServer(authz, proc)
+		log.Info("grpc listening", zap.String("addr", lis.Addr().String()), zap.Strings("services", []string{
+			"envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor", "grpc.health.v1.Health"}))
 		g.Go(func() error { return srv.Serve(lis) })
 		g.Go(func() error {
 			<-ctx.Done()
@@ -186,12 +193,14 @@ func serve(ctx context.Context, f *serveFlags) error {
 
 // newGRPCServer builds the gRPC server Envoy talks to; the health service lets Envoy
 // health check the mcpgate cluster.
-func newGRPCServer(authz authv3.AuthorizationServer) *grpc.Server {
+func newGRPCServer(authz authv3.AuthorizationServer, proc extprocv3.ExternalProcessorServer) *grpc.Server {
 	srv := grpc.NewServer(extauthz.ServerOptions()...)
 	authv3.RegisterAuthorizationServer(srv, authz)
+	extprocv3.RegisterExternalProcessorServer(srv, proc)
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus("envoy.service.auth.v3.Authorization", healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus("envoy.service.ext_proc.v3.ExternalProcessor", healthpb.HealthCheckResponse_SERVING)
 	healthpb.RegisterHealthServer(srv, hs)
 	reflection.Register(srv)
 	return srv

@@ -1,0 +1,206 @@
+package extproc
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// passThrough answers every message with an empty reply: the floor of an ext_proc
+// exchange (gRPC stream, loopback, protobuf).
+type passThrough struct {
+	extprocv3.UnimplementedExternalProcessorServer
+}
+
+func (passThrough) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
+	for {
+		req, err := srv.Recv()
+		if err != nil {
+			return nil
+		}
+		var resp *extprocv3.ProcessingResponse
+		switch req.GetRequest().(type) {
+		case *extprocv3.ProcessingRequest_RequestHeaders:
+			resp = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{RequestHeaders: &extprocv3.HeadersResponse{}}}
+		case *extprocv3.ProcessingRequest_RequestBody:
+			resp = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{RequestBody: &extprocv3.BodyResponse{}}}
+		default:
+			resp = &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: &extprocv3.HeadersResponse{}}}
+		}
+		if err := srv.Send(resp); err != nil {
+			return err
+		}
+	}
+}
+
+func startProcessor(tb testing.TB, srv extprocv3.ExternalProcessorServer) extprocv3.ExternalProcessorClient {
+	tb.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	gs := grpc.NewServer(extauthz.ServerOptions()...)
+	extprocv3.RegisterExternalProcessorServer(gs, srv)
+	go func() { _ = gs.Serve(lis) }()
+	tb.Cleanup(gs.Stop)
+	conn, err := grpc.NewClient("passthrough:///"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { conn.Close() })
+	return extprocv3.NewExternalProcessorClient(conn)
+}
+
+// exchangeOnce runs one tools/call through a processor as Envoy does: request headers,
+// request body (buffered), response headers; one stream per request.
+func exchangeOnce(b *testing.B, c extprocv3.ExternalProcessorClient, msgs []*extprocv3.ProcessingRequest) {
+	stream, err := c.Process(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, m := range msgs {
+		if err := stream.Send(m); err != nil {
+			b.Fatal(err)
+		}
+		resp, err := stream.Recv()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if resp.GetImmediateResponse() != nil {
+			b.Fatalf("denied: %s", resp.GetImmediateResponse().GetBody())
+		}
+	}
+	if err := stream.CloseSend(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkExchange is one full MCP tools/call exchange over loopback gRPC with the demo
+// policy (rules, Rego with argument conditions), beside a pass-through processor in the
+// same run; calls alternate so both see the same machine noise.
+func BenchmarkExchange(b *testing.B) {
+	gate, floor := startProcessor(b, newDemoServer(b)), startProcessor(b, passThrough{})
+	body := call(1, "get_inventory", `{"product_id":"SKU-42"}`)
+	msgs := []*extprocv3.ProcessingRequest{
+		{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+			Headers: headerMap(":method", "POST", ":path", "/mcp", "content-type", "application/json", "content-length", fmt.Sprint(len(body)),
+				"mcp-protocol-version", "2025-06-18", "mcp-session-id", "s1", "accept", "application/json, text/event-stream")}}},
+		{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: []byte(body), EndOfStream: true}}},
+		{Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
+			Headers: headerMap(":status", "200", "content-type", "application/json")}}},
+	}
+	timed := func(c extprocv3.ExternalProcessorClient) time.Duration {
+		t0 := time.Now()
+		exchangeOnce(b, c, msgs)
+		return time.Since(t0)
+	}
+	timed(gate)
+	timed(floor)
+	var lg, lf []time.Duration
+	for b.Loop() {
+		lg, lf = append(lg, timed(gate)), append(lf, timed(floor))
+	}
+	g50, g99 := pct(lg)
+	f50, f99 := pct(lf)
+	b.ReportMetric(float64(g50.Microseconds()), "mcpgate-p50-µs")
+	b.ReportMetric(float64(g99.Microseconds()), "mcpgate-p99-µs")
+	b.ReportMetric(float64(f50.Microseconds()), "passthrough-p50-µs")
+	b.ReportMetric(float64(f99.Microseconds()), "passthrough-p99-µs")
+	b.ReportMetric(float64(g50)/float64(f50), "p50-ratio")
+}
+
+func pct(d []time.Duration) (p50, p99 time.Duration) {
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	return d[len(d)/2], d[len(d)*99/100]
+}
+
+// BenchmarkRegoDecision is layers 4 and 5 alone for an allowed get_inventory call.
+func BenchmarkRegoDecision(b *testing.B) {
+	s := newDemoServer(b)
+	m := s.store.Current().App("inventory").MCP
+	r := &Request{
+		Caller: policy.Caller{AppID: "my-agent", Namespace: "default"}, Subject: "alice", Scopes: []string{"mcp:tools", "inventory:read"},
+		ClaimsJSON: `{"sub":"alice","tier":"gold"}`, Target: "inventory", Method: "tools/call", Tool: "get_inventory",
+		Arguments: map[string]any{"product_id": "SKU-42"}, HTTPMethod: "POST", Path: "/mcp",
+	}
+	r.base = newRegoBase(r) // as the stream does once per request
+	ctx := context.Background()
+	lat := make([]time.Duration, 0, 1<<16)
+	b.ReportAllocs()
+	for b.Loop() {
+		t0 := time.Now()
+		if d := Decide(ctx, m, r); !d.Allow {
+			b.Fatal(d.Reason)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	p50, p99 := pct(lat)
+	b.ReportMetric(float64(p50.Nanoseconds())/1e3, "p50-µs")
+	b.ReportMetric(float64(p99.Nanoseconds())/1e3, "p99-µs")
+}
+
+// toolsListResponse is a tools/list result of n tools with realistic input schemas.
+func toolsListResponse(n int) string {
+	var sb strings.Builder
+	sb.WriteString(`{"jsonrpc":"2.0","id":2,"result":{"tools":[`)
+	for i := range n {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		name := []string{"get_inventory", "list_items", "delete_product", "get_customer", "admin_tool"}[i%5]
+		fmt.Fprintf(&sb, `{"name":"%s_%d","description":"Tool number %d does something useful with the inventory.","inputSchema":{"type":"object","properties":{"product_id":{"type":"string","description":"SKU"},"limit":{"type":"integer","minimum":1,"maximum":1000}},"required":["product_id"]}}`, name, i, i)
+	}
+	sb.WriteString(`],"nextCursor":"abc"}}`)
+	return sb.String()
+}
+
+// BenchmarkFilterToolsList500 filters a 500-tool tools/list response with the demo policy:
+// every tool decided by rules and Rego as if called.
+func BenchmarkFilterToolsList500(b *testing.B) {
+	s := newDemoServer(b)
+	resp := []byte(toolsListResponse(500))
+	st := &stream{s: s, snap: s.store.Current()}
+	st.app = st.snap.App("inventory")
+	st.ident = identity{target: "inventory", caller: policy.Caller{AppID: "my-agent", Namespace: "default"}, scopes: []string{"mcp:tools", "inventory:read"}}
+	st.req = Request{Caller: st.ident.caller, Scopes: st.ident.scopes, Target: "inventory", Method: "tools/list"}
+	st.req.base = newRegoBase(&st.req)
+	body, err := mcpParse([]byte(`{"jsonrpc":"2.0","id":2,"method":"tools/list"}`), 1<<20, false)
+	if err != nil {
+		b.Fatal(err)
+	}
+	st.planResponse(body, []requestDecision{{0, Decision{Allow: true}}})
+	// cold: every entry decided (first tools/list of a caller after a policy change);
+	// warm: the same caller lists again (list-time decisions cached).
+	for _, warm := range []bool{false, true} {
+		name := map[bool]string{false: "cold", true: "warm"}[warm]
+		b.Run(name, func(b *testing.B) {
+			b.SetBytes(int64(len(resp)))
+			lat := make([]time.Duration, 0, 1024)
+			for b.Loop() {
+				if !warm {
+					s.listCache.m = nil
+				}
+				t0 := time.Now()
+				out, err := st.rewriteJSON(resp)
+				if err != nil || len(out) >= len(resp) {
+					b.Fatalf("not filtered: %v", err)
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			p50, p99 := pct(lat)
+			b.ReportMetric(float64(p50.Microseconds())/1e3, "p50-ms")
+			b.ReportMetric(float64(p99.Microseconds())/1e3, "p99-ms")
+		})
+	}
+}

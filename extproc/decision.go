@@ -1,0 +1,405 @@
+// Package extproc is mcpgate's Envoy ext_proc server: it reads the JSON-RPC body of MCP
+// requests and decides per tool, prompt and resource (DESIGN.md decision layers 4 and 5),
+// and filters and redacts responses.
+package extproc
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+
+	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/rego"
+
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// Request is everything a per-request decision reads: the caller as ext_authz established
+// it (from dynamic metadata), the MCP message, and HTTP facts.
+type Request struct {
+	Caller   policy.Caller
+	SpiffeID string
+	Subject  string
+	Scopes   []string
+	// ClaimsJSON is the verified token payload; decoded only when Rego runs.
+	ClaimsJSON string
+	Target     string
+
+	Method    string
+	Tool      string         // tools/call
+	Prompt    string         // prompts/get
+	URI       string         // resources/read, subscribe, unsubscribe
+	Arguments map[string]any // tools/call arguments (numbers as json.Number)
+	ID        any
+	// Listing is true when the call is hypothetical: deciding which entries of a
+	// tools/list (prompts/list, resources/list) result the caller may see.
+	Listing bool
+	// ProtocolVersion and SessionID come from the MCP-Protocol-Version and Mcp-Session-Id
+	// headers.
+	ProtocolVersion string
+	SessionID       string
+
+	HTTPMethod string
+	Path       string
+	// Headers are the request headers Rego may read; credentials are never included.
+	Headers map[string]string
+
+	// base caches the parts of the Rego input that are the same for every message of a
+	// stream (and every entry of a filtered list): built once, not per evaluation.
+	base *regoBase
+}
+
+// regoBase is the stream-constant part of the Rego input, as OPA values.
+type regoBase struct {
+	caller, subject, target, http *ast.Term
+}
+
+func newRegoBase(r *Request) *regoBase {
+	claims := map[string]any{}
+	if r.ClaimsJSON != "" {
+		// Verified by ext_authz; a decoding failure leaves claims empty rather than
+		// failing open: policies that need a claim then see it missing.
+		_ = json.Unmarshal([]byte(r.ClaimsJSON), &claims)
+	}
+	claimsVal, err := ast.InterfaceToValue(claims)
+	if err != nil {
+		claimsVal = ast.NewObject()
+	}
+	scopes := make([]*ast.Term, len(r.Scopes))
+	for i, sc := range r.Scopes {
+		scopes[i] = ast.StringTerm(sc)
+	}
+	headers := ast.NewObject()
+	for k, v := range r.Headers {
+		headers.Insert(ast.StringTerm(k), ast.StringTerm(v))
+	}
+	return &regoBase{
+		caller: ast.ObjectTerm(
+			ast.Item(ast.StringTerm("app_id"), ast.StringTerm(r.Caller.AppID)),
+			ast.Item(ast.StringTerm("namespace"), ast.StringTerm(r.Caller.Namespace)),
+			ast.Item(ast.StringTerm("spiffe_id"), ast.StringTerm(r.SpiffeID)),
+		),
+		subject: ast.ObjectTerm(
+			ast.Item(ast.StringTerm("sub"), ast.StringTerm(r.Subject)),
+			ast.Item(ast.StringTerm("scopes"), ast.ArrayTerm(scopes...)),
+			ast.Item(ast.StringTerm("claims"), ast.NewTerm(claimsVal)),
+		),
+		target: ast.ObjectTerm(ast.Item(ast.StringTerm("app_id"), ast.StringTerm(r.Target))),
+		http: ast.ObjectTerm(
+			ast.Item(ast.StringTerm("method"), ast.StringTerm(r.HTTPMethod)),
+			ast.Item(ast.StringTerm("path"), ast.StringTerm(r.Path)),
+			ast.Item(ast.StringTerm("headers"), ast.NewTerm(headers)),
+		),
+	}
+}
+
+// regoInputValue is RegoInput as an OPA value, built without the generic conversion of a
+// Go map on every evaluation.
+func regoInputValue(r *Request) (ast.Value, error) {
+	base := r.base
+	if base == nil {
+		base = newRegoBase(r)
+	}
+	args := ast.NewObject()
+	if len(r.Arguments) > 0 {
+		v, err := ast.InterfaceToValue(r.Arguments)
+		if err != nil {
+			return nil, err
+		}
+		args = v.(ast.Object)
+	}
+	id := ast.NullTerm()
+	switch v := r.ID.(type) {
+	case string:
+		id = ast.StringTerm(v)
+	case json.Number:
+		id = ast.NumberTerm(v)
+	}
+	mcp := ast.NewObject(
+		ast.Item(ast.StringTerm("method"), ast.StringTerm(r.Method)),
+		ast.Item(ast.StringTerm("tool"), ast.StringTerm(r.Tool)),
+		ast.Item(ast.StringTerm("arguments"), ast.NewTerm(args)),
+		ast.Item(ast.StringTerm("id"), id),
+		ast.Item(ast.StringTerm("protocol_version"), ast.StringTerm(r.ProtocolVersion)),
+		ast.Item(ast.StringTerm("session_id"), ast.StringTerm(r.SessionID)),
+	)
+	if r.Prompt != "" {
+		mcp.Insert(ast.StringTerm("prompt"), ast.StringTerm(r.Prompt))
+	}
+	if r.URI != "" {
+		mcp.Insert(ast.StringTerm("uri"), ast.StringTerm(r.URI))
+	}
+	if r.Listing {
+		mcp.Insert(ast.StringTerm("listing"), ast.BooleanTerm(true))
+	}
+	return ast.NewObject(
+		ast.Item(ast.StringTerm("caller"), base.caller),
+		ast.Item(ast.StringTerm("subject"), base.subject),
+		ast.Item(ast.StringTerm("target"), base.target),
+		ast.Item(ast.StringTerm("mcp"), ast.NewTerm(mcp)),
+		ast.Item(ast.StringTerm("http"), base.http),
+	), nil
+}
+
+// PatchOp is one RFC 6902 operation a Rego policy asks for on the call's arguments.
+type PatchOp struct {
+	Op    string `json:"op"`
+	Path  string `json:"path"`
+	Value any    `json:"value,omitempty"`
+}
+
+// Decision is the outcome of layers 4 and 5 for one MCP message.
+type Decision struct {
+	Allow bool
+	// Rule names what decided: a rule name, "defaultAction", "protocol" or "rego".
+	Rule   string
+	Reason string
+	// Patch and Redact come from Rego: argument rewrites and result redactions.
+	Patch  []PatchOp
+	Redact []policy.Pointer
+}
+
+// protocolMethods keep an MCP session working whatever the tool rules say: without them
+// a deny-by-default app could not even be initialized. Lists are allowed because their
+// results are filtered to what the caller may use. A rule that names one of these methods
+// still decides it.
+var protocolMethods = map[string]bool{
+	"initialize":               true,
+	"ping":                     true,
+	"tools/list":               true,
+	"prompts/list":             true,
+	"resources/list":           true,
+	"resources/templates/list": true,
+	"logging/setLevel":         true,
+}
+
+// IsProtocolMethod reports whether method is allowed when no rule names it.
+func IsProtocolMethod(method string) bool {
+	return protocolMethods[method] || strings.HasPrefix(method, "notifications/")
+}
+
+// Decide runs the tool rules (first match wins, then the protocol allowance, then
+// defaultAction) and, if they allow, the app's Rego policy. Every layer must allow.
+func Decide(ctx context.Context, m *policy.MCP, r *Request) Decision {
+	d := decideRules(m, r)
+	if !d.Allow || m.Tools.Rego == nil {
+		return d
+	}
+	return evalRego(ctx, m.Tools.Rego, r, d)
+}
+
+func decideRules(m *policy.MCP, r *Request) Decision {
+	for _, rule := range m.Tools.Rules {
+		if matchRule(rule, r) {
+			d := Decision{Allow: rule.Action == policy.Allow, Rule: rule.Name}
+			if !d.Allow {
+				d.Reason = fmt.Sprintf("denied by rule %q", rule.Name)
+			}
+			return d
+		}
+	}
+	if IsProtocolMethod(r.Method) {
+		return Decision{Allow: true, Rule: "protocol"}
+	}
+	if m.Tools.DefaultAction == policy.Allow {
+		return Decision{Allow: true, Rule: "defaultAction"}
+	}
+	return Decision{Rule: "defaultAction", Reason: "no rule allows " + describe(r)}
+}
+
+// describe names what a request asks for, for denial messages.
+func describe(r *Request) string {
+	switch {
+	case r.Tool != "":
+		return fmt.Sprintf("tool %q", r.Tool)
+	case r.Prompt != "":
+		return fmt.Sprintf("prompt %q", r.Prompt)
+	case r.URI != "":
+		return fmt.Sprintf("resource %q", r.URI)
+	default:
+		return fmt.Sprintf("method %q", r.Method)
+	}
+}
+
+// matchRule: callers, subjects, scopes and methods must each match if set. Tools,
+// prompts and resources name what the request targets: if any is set, the request must
+// be a call of a kind the rule lists, with a matching name.
+func matchRule(rule *policy.Rule, r *Request) bool {
+	if !rule.AnyCaller && !contains(rule.Callers, r.Caller.AppID) {
+		return false
+	}
+	if len(rule.Subjects) > 0 && !policy.MatchAny(rule.Subjects, r.Subject) {
+		return false
+	}
+	for _, need := range rule.Scopes {
+		if !contains(r.Scopes, need) {
+			return false
+		}
+	}
+	if len(rule.Methods) > 0 && !policy.MatchAny(rule.Methods, r.Method) {
+		return false
+	}
+	if len(rule.Tools)+len(rule.Prompts)+len(rule.Resources) == 0 {
+		return true
+	}
+	switch r.Method {
+	case "tools/call":
+		return policy.MatchAny(rule.Tools, r.Tool)
+	case "prompts/get":
+		return policy.MatchAny(rule.Prompts, r.Prompt)
+	case "resources/read", "resources/subscribe", "resources/unsubscribe":
+		return policy.MatchAny(rule.Resources, r.URI)
+	}
+	return false
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// RegoInput builds the documented input document (DESIGN.md, README "Rego input").
+func RegoInput(r *Request) map[string]any {
+	claims := map[string]any{}
+	if r.ClaimsJSON != "" {
+		// Verified by ext_authz; a decoding failure leaves claims empty rather than
+		// failing open: policies that need a claim then see it missing.
+		_ = json.Unmarshal([]byte(r.ClaimsJSON), &claims)
+	}
+	scopes := make([]any, len(r.Scopes))
+	for i, s := range r.Scopes {
+		scopes[i] = s
+	}
+	args := map[string]any{}
+	for k, v := range r.Arguments {
+		args[k] = v
+	}
+	mcp := map[string]any{
+		"method":           r.Method,
+		"tool":             r.Tool,
+		"arguments":        args,
+		"id":               r.ID,
+		"protocol_version": r.ProtocolVersion,
+		"session_id":       r.SessionID,
+	}
+	if r.Prompt != "" {
+		mcp["prompt"] = r.Prompt
+	}
+	if r.URI != "" {
+		mcp["uri"] = r.URI
+	}
+	if r.Listing {
+		mcp["listing"] = true
+	}
+	headers := make(map[string]any, len(r.Headers))
+	for k, v := range r.Headers {
+		headers[k] = v
+	}
+	return map[string]any{
+		"caller":  map[string]any{"app_id": r.Caller.AppID, "namespace": r.Caller.Namespace, "spiffe_id": r.SpiffeID},
+		"subject": map[string]any{"sub": r.Subject, "scopes": scopes, "claims": claims},
+		"target":  map[string]any{"app_id": r.Target},
+		"mcp":     mcp,
+		"http":    map[string]any{"method": r.HTTPMethod, "path": r.Path, "headers": headers},
+	}
+}
+
+// evalRego evaluates data.mcpgate.decision. Anything but an object with allow: true is a
+// denial: an undefined decision, an evaluation error (a built-in given bad input), or a
+// malformed result. Fail closed.
+func evalRego(ctx context.Context, rg *policy.Rego, r *Request, rules Decision) Decision {
+	deny := func(reason string) Decision { return Decision{Rule: "rego", Reason: reason} }
+	input, err := regoInputValue(r)
+	if err != nil {
+		return deny("rego input: " + err.Error())
+	}
+	rs, err := rg.Query.Eval(ctx, rego.EvalParsedInput(input))
+	if err != nil {
+		return deny("rego evaluation failed: " + firstLine(err.Error()))
+	}
+	if len(rs) == 0 || len(rs[0].Expressions) == 0 {
+		return deny("rego: data.mcpgate.decision is undefined")
+	}
+	obj, ok := rs[0].Expressions[0].Value.(map[string]any)
+	if !ok {
+		return deny("rego: data.mcpgate.decision is not an object")
+	}
+	reason, _ := obj["reason"].(string)
+	if allow, _ := obj["allow"].(bool); !allow {
+		if reason == "" {
+			reason = "denied by rego"
+		}
+		return deny(reason)
+	}
+	d := Decision{Allow: true, Rule: rules.Rule, Reason: reason}
+	if p, ok := obj["patch"]; ok {
+		ops, err := parsePatch(p)
+		if err != nil {
+			return deny("rego: bad patch: " + err.Error())
+		}
+		d.Patch = ops
+	}
+	if red, ok := obj["redact"]; ok {
+		ptrs, err := parseRedact(red)
+		if err != nil {
+			return deny("rego: bad redact: " + err.Error())
+		}
+		d.Redact = ptrs
+	}
+	return d
+}
+
+func parsePatch(v any) ([]PatchOp, error) {
+	list, ok := v.([]any)
+	if !ok {
+		return nil, fmt.Errorf("patch must be a list of operations")
+	}
+	ops := make([]PatchOp, 0, len(list))
+	for _, item := range list {
+		m, ok := item.(map[string]any)
+		if !ok {
+			return nil, fmt.Errorf("patch operations must be objects")
+		}
+		op, _ := m["op"].(string)
+		path, _ := m["path"].(string)
+		switch op {
+		case "add", "replace", "remove", "test":
+		default:
+			return nil, fmt.Errorf("unsupported op %q (add, replace, remove, test)", op)
+		}
+		if _, err := policy.ParsePointer(path); err != nil {
+			return nil, err
+		}
+		ops = append(ops, PatchOp{Op: op, Path: path, Value: m["value"]})
+	}
+	return ops, nil
+}
+
+func parseRedact(v any) ([]policy.Pointer, error) {
+	list, ok := v.([]any)
+	if !ok {
+		return nil, fmt.Errorf("redact must be a list of JSON pointers")
+	}
+	out := make([]policy.Pointer, 0, len(list))
+	for _, item := range list {
+		s, _ := item.(string)
+		p, err := policy.ParsePointer(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}

@@ -1,0 +1,230 @@
+package extproc
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/mcpgate/mcpgate/extproc/mcp"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// Adapters over the parser, so the state machine reads as the protocol does.
+type (
+	parsedBody   = mcp.Body
+	jsonrpcError = mcp.Error
+)
+
+const (
+	kindRequest      = mcp.KindRequest
+	kindNotification = mcp.KindNotification
+	kindResponse     = mcp.KindResponse
+)
+
+var errTooLarge = mcp.ErrTooLarge
+
+func mcpParse(body []byte, maxBytes int, allowBatch bool) (*mcp.Body, error) {
+	return mcp.ParseBody(body, mcp.Limits{MaxBytes: maxBytes, AllowBatch: allowBatch})
+}
+
+func errorResponse(id []byte, code int, msg string) []byte {
+	return mcp.ErrorResponse(id, code, msg)
+}
+
+func patchArguments(b *mcp.Body, raw []byte, i int, ops []PatchOp) ([]byte, error) {
+	mops := make([]mcp.PatchOp, len(ops))
+	for j, op := range ops {
+		mops[j] = mcp.PatchOp{Op: op.Op, Path: op.Path, Value: op.Value}
+	}
+	return mcp.PatchArguments(b, raw, i, mops)
+}
+
+// rawID decodes a raw JSON-RPC id for the Rego input (a string or a json.Number).
+func rawID(id json.RawMessage) any {
+	if len(id) == 0 {
+		return nil
+	}
+	if id[0] == '"' {
+		var s string
+		if json.Unmarshal(id, &s) == nil {
+			return s
+		}
+		return nil
+	}
+	return json.Number(id)
+}
+
+// responseStep is what must happen to the response to one request of the body.
+type responseStep struct {
+	id     json.RawMessage
+	listOf string            // "tools", "prompts", "resources", "resourceTemplates": filter the list
+	keep   func(string) bool // for listOf
+	redact [][]string        // JSON pointer tokens to remove from a tool result
+}
+
+// listResults maps list methods to the result member FilterList rewrites.
+var listResults = map[string]string{
+	"tools/list":               "tools",
+	"prompts/list":             "prompts",
+	"resources/list":           "resources",
+	"resources/templates/list": "resourceTemplates",
+}
+
+// planResponse decides, once the request is allowed, whether its response needs work.
+// Most calls need none: the response body mode then stays NONE and costs nothing.
+func (st *stream) planResponse(b *mcp.Body, ds []requestDecision) {
+	m := st.app.MCP
+	for _, rd := range ds {
+		msg := b.Messages[rd.msgIndex]
+		if msg.Kind != kindRequest {
+			continue
+		}
+		step := responseStep{id: msg.ID}
+		if key, ok := listResults[msg.Method]; ok && m.Responses.FilterToolsList {
+			step.listOf = key
+			step.keep = st.listFilter(msg.Method)
+		}
+		if msg.Method == "tools/call" {
+			for _, red := range m.Responses.Redact {
+				if policy.MatchAny(red.Tools, msg.Tool) {
+					for _, p := range red.Pointers {
+						step.redact = append(step.redact, p.Tokens)
+					}
+				}
+			}
+			for _, p := range rd.d.Redact {
+				step.redact = append(step.redact, p.Tokens)
+			}
+		}
+		if step.keep != nil || len(step.redact) > 0 {
+			st.plan = append(st.plan, step)
+		}
+	}
+}
+
+// listFilter is the list-time decision: an entry is kept if the caller could use it,
+// deciding rules and Rego as if it were called with no arguments.
+func (st *stream) listFilter(listMethod string) func(string) bool {
+	base := st.req
+	base.Arguments, base.ID, base.Listing = nil, nil, true
+	var callMethod string
+	switch listMethod {
+	case "tools/list":
+		callMethod = "tools/call"
+	case "prompts/list":
+		callMethod = "prompts/get"
+	default:
+		callMethod = "resources/read"
+	}
+	ctx := context.Background()
+	prefix := listKeyPrefix(st.snap.Version, &base, callMethod)
+	return func(name string) bool {
+		key := prefix + name
+		if allow, ok := st.s.listCache.get(key); ok {
+			return allow
+		}
+		r := base
+		r.Method, r.Tool, r.Prompt, r.URI = callMethod, "", "", ""
+		setTarget(&r, callMethod, name)
+		allow := Decide(ctx, st.app.MCP, &r).Allow
+		st.s.listCache.put(key, allow)
+		return allow
+	}
+}
+
+// listKeyPrefix identifies everything a list-time decision depends on besides the name:
+// the policy version, the app, and the caller's whole identity (App ID, namespace,
+// subject, scopes, claims). Fields are length-prefixed so no two identities collide.
+func listKeyPrefix(version string, r *Request, method string) string {
+	var b strings.Builder
+	for _, f := range []string{version, r.Target, method, r.Caller.AppID, r.Caller.Namespace, r.SpiffeID, r.Subject, strings.Join(r.Scopes, " "), r.ClaimsJSON} {
+		b.WriteString(strconv.Itoa(len(f)))
+		b.WriteByte(':')
+		b.WriteString(f)
+	}
+	return b.String()
+}
+
+// decisionCache remembers list-time decisions: agents list tools at every session start,
+// and each entry costs a Rego evaluation. Keys carry the policy version, so a reload
+// never serves an old answer; the cache is bounded and simply cleared when full.
+type decisionCache struct {
+	mu  sync.RWMutex
+	m   map[string]bool
+	max int
+}
+
+const listCacheSize = 50000
+
+func (c *decisionCache) get(k string) (allow, ok bool) {
+	if c.max <= 0 {
+		return false, false
+	}
+	c.mu.RLock()
+	allow, ok = c.m[k]
+	c.mu.RUnlock()
+	return allow, ok
+}
+
+func (c *decisionCache) put(k string, allow bool) {
+	if c.max <= 0 {
+		return
+	}
+	c.mu.Lock()
+	if c.m == nil || len(c.m) >= c.max {
+		c.m = make(map[string]bool, 1024)
+	}
+	c.m[k] = allow
+	c.mu.Unlock()
+}
+
+// apply rewrites one JSON-RPC response object as the step says.
+func (s responseStep) apply(resp []byte) ([]byte, error) {
+	out := resp
+	var err error
+	if s.keep != nil {
+		if out, _, err = mcp.FilterList(out, s.listOf, s.keep); err != nil {
+			return nil, fmt.Errorf("filter %s: %w", s.listOf, err)
+		}
+	}
+	if len(s.redact) > 0 {
+		if out, _, err = mcp.Redact(out, s.redact); err != nil {
+			return nil, fmt.Errorf("redact: %w", err)
+		}
+	}
+	return out, nil
+}
+
+func (st *stream) limits() mcp.Limits {
+	return mcp.Limits{MaxBytes: int(policy.MaxMaxRequestBytes)}
+}
+
+// rewriteJSON applies every step to a buffered application/json response body.
+func (st *stream) rewriteJSON(body []byte) ([]byte, error) {
+	out := body
+	for _, step := range st.plan {
+		var err error
+		if out, _, err = mcp.RewriteResponse(out, step.id, st.limits(), step.apply); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// rewriter is one streaming transform of an event stream.
+type rewriter interface {
+	Feed(chunk []byte, endOfStream bool) ([]byte, error)
+}
+
+// newRewriters chains one SSE rewriter per step: each passes every event through as soon
+// as it is complete and rewrites only the response to its request.
+func (st *stream) newRewriters() []rewriter {
+	out := make([]rewriter, 0, len(st.plan))
+	for _, step := range st.plan {
+		out = append(out, mcp.NewRewriter(step.id, st.limits(), step.apply))
+	}
+	return out
+}

@@ -1,0 +1,155 @@
+package extproc
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+
+	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/tester"
+
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// TestDemoRegoPolicy runs the demo policy's own Rego tests (test_* rules), as `opa test`
+// does, so they run in CI without the opa binary.
+func TestDemoRegoPolicy(t *testing.T) {
+	files, err := filepath.Glob("../testdata/demo/rego/*.rego")
+	if err != nil || len(files) < 2 {
+		t.Fatalf("rego files: %v %v", files, err)
+	}
+	modules := map[string]*ast.Module{}
+	for _, f := range files {
+		src, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := ast.ParseModuleWithOpts(f, string(src), ast.ParserOptions{RegoVersion: ast.RegoV1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		modules[f] = m
+	}
+	ch, err := tester.NewRunner().SetModules(modules).RunTests(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for r := range ch {
+		n++
+		if r.Fail || r.Error != nil {
+			t.Errorf("%s: failed (%v)", r.Name, r.Error)
+		}
+	}
+	if n < 8 {
+		t.Fatalf("ran %d Rego tests, want the 8+ in inventory_test.rego", n)
+	}
+}
+
+// TestRegoInputShape pins the input document: it is a contract with users' policies.
+func TestRegoInputShape(t *testing.T) {
+	r := &Request{
+		Caller:          policy.Caller{AppID: "my-agent", Namespace: "default", TrustDomain: "example.org"},
+		SpiffeID:        "spiffe://example.org/ns/default/my-agent",
+		Subject:         "alice",
+		Scopes:          []string{"mcp:tools"},
+		ClaimsJSON:      `{"sub":"alice","tier":"gold","n":1}`,
+		Target:          "inventory",
+		Method:          "tools/call",
+		Tool:            "get_inventory",
+		Arguments:       map[string]any{"product_id": "SKU-1", "qty": json.Number("2")},
+		ID:              json.Number("7"),
+		ProtocolVersion: "2025-06-18",
+		SessionID:       "sess-1",
+		HTTPMethod:      "POST",
+		Path:            "/mcp",
+		Headers:         map[string]string{"content-type": "application/json"},
+	}
+	got, err := json.Marshal(RegoInput(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{
+	  "caller": {"app_id": "my-agent", "namespace": "default", "spiffe_id": "spiffe://example.org/ns/default/my-agent"},
+	  "subject": {"sub": "alice", "scopes": ["mcp:tools"], "claims": {"sub": "alice", "tier": "gold", "n": 1}},
+	  "target": {"app_id": "inventory"},
+	  "mcp": {"method": "tools/call", "tool": "get_inventory", "arguments": {"product_id": "SKU-1", "qty": 2}, "id": 7,
+	          "protocol_version": "2025-06-18", "session_id": "sess-1"},
+	  "http": {"method": "POST", "path": "/mcp", "headers": {"content-type": "application/json"}}
+	}`
+	var g, w any
+	if err := json.Unmarshal(got, &g); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal([]byte(want), &w); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(g, w) {
+		t.Fatalf("input document:\n%s\nwant:\n%s", got, want)
+	}
+}
+
+// TestRegoFailsClosed: an undefined decision, a non-object, an evaluation error and a
+// malformed patch each deny.
+func TestRegoFailsClosed(t *testing.T) {
+	for name, src := range map[string]string{
+		"undefined":      "package mcpgate\n\ndecision := {\"allow\": true} if input.nope == 1\n",
+		"not an object":  "package mcpgate\n\ndecision := true\n",
+		"allow not true": "package mcpgate\n\ndecision := {\"allow\": \"yes\"}\n",
+		"eval error":     "package mcpgate\n\ndecision := {\"allow\": to_number(\"x\") > 0}\n",
+		"bad patch":      "package mcpgate\n\ndecision := {\"allow\": true, \"patch\": [{\"op\": \"move\", \"path\": \"/a\"}]}\n",
+		"bad redact":     "package mcpgate\n\ndecision := {\"allow\": true, \"redact\": [\"ssn\"]}\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			m := loadWithRego(t, src)
+			d := Decide(context.Background(), m, &Request{Caller: policy.Caller{AppID: "a"}, Method: "tools/call", Tool: "t"})
+			if d.Allow || d.Rule != "rego" || d.Reason == "" {
+				t.Fatalf("decision = %+v, want a rego denial with a reason", d)
+			}
+		})
+	}
+}
+
+func loadWithRego(t testing.TB, src string) *policy.MCP {
+	t.Helper()
+	dir := t.TempDir()
+	files := map[string]string{
+		"mesh.yaml": "apiVersion: mcpgate.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: example.org, mtls: disabled, authz: {address: \"a:1\"}}\n",
+		"app.yaml":  "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: app}\nspec:\n  address: app:1\n  sidecar: {address: s, inboundPort: 1, outboundPort: 2}\n  mcp: {tools: {defaultAction: allow, rego: p.rego}}\n",
+		"p.rego":    src,
+	}
+	for n, c := range files {
+		if err := os.WriteFile(filepath.Join(dir, n), []byte(c), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	snap, err := policy.LoadDir(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return snap.App("app").MCP
+}
+
+// TestRegoInputValueMatchesDocument: the fast OPA-value input is the documented one.
+func TestRegoInputValueMatchesDocument(t *testing.T) {
+	r := &Request{
+		Caller: policy.Caller{AppID: "my-agent", Namespace: "default"}, SpiffeID: "spiffe://example.org/ns/default/my-agent",
+		Subject: "alice", Scopes: []string{"a", "b"}, ClaimsJSON: `{"tier":"gold","n":1.5}`, Target: "inventory",
+		Method: "prompts/get", Prompt: "p", Arguments: map[string]any{"x": json.Number("12345678901234567890")},
+		ID: "abc", Listing: true, HTTPMethod: "POST", Path: "/mcp", Headers: map[string]string{"accept": "x"},
+	}
+	fast, err := regoInputValue(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slow, err := ast.InterfaceToValue(RegoInput(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fast.Compare(slow) != 0 {
+		t.Fatalf("fast input %v\nslow input %v", fast, slow)
+	}
+}

@@ -1,0 +1,679 @@
+package extproc
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"mime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// Headers mcpgate reads and sets.
+const (
+	HeaderDecisionID      = "x-mcpgate-decision-id"
+	headerProtocolVersion = "mcp-protocol-version"
+	headerSessionID       = "mcp-session-id"
+	// MCP 2026-07-28 lets clients name the method and target in headers so that proxies
+	// can decide before reading the body; mcpgate decides early and checks the body agrees.
+	headerMCPMethod = "mcp-method"
+	headerMCPName   = "mcp-name"
+)
+
+// CodeHeaderMismatch is the JSON-RPC error for Mcp-Method/Mcp-Name headers that disagree
+// with the body (MCP 2026-07-28).
+const CodeHeaderMismatch = -32020
+
+// Options configure a Server.
+type Options struct {
+	Store       *policy.Store
+	DecisionLog *zap.Logger
+	Meter       metric.Meter
+}
+
+// Server implements envoy.service.ext_proc.v3.ExternalProcessor.
+type Server struct {
+	extprocv3.UnimplementedExternalProcessorServer
+
+	store   *policy.Store
+	log     *zap.Logger
+	count   metric.Int64Counter
+	latency metric.Float64Histogram
+	labels  toolLabels
+	// listCache holds list-time decisions (see listFilter).
+	listCache decisionCache
+}
+
+// NewServer returns a Server reading policy from opts.Store.
+func NewServer(opts Options) (*Server, error) {
+	s := &Server{store: opts.Store, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize}}
+	if s.log == nil {
+		s.log = zap.NewNop()
+	}
+	meter := opts.Meter
+	if meter == nil {
+		meter = noop.NewMeterProvider().Meter("")
+	}
+	var err error
+	if s.count, err = meter.Int64Counter("mcpgate.mcp.decisions",
+		metric.WithDescription("per-message MCP decisions by target, caller, method, tool, decision and rule")); err != nil {
+		return nil, err
+	}
+	if s.latency, err = meter.Float64Histogram("mcpgate.mcp.decision.duration", metric.WithUnit("s"),
+		metric.WithDescription("time to decide one MCP request body (parse, rules, Rego)"),
+		metric.WithExplicitBucketBoundaries(.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .05, .25, 1)); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Process handles one HTTP request's stream: Envoy opens one per request and sends its
+// phases in order (ext_proc.cc, processor_state.cc). End of stream and cancellation are
+// normal endings: Envoy closes the stream once it expects no more replies, and cancels it
+// when the downstream client goes away.
+func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
+	st := &stream{s: s}
+	ctx := srv.Context()
+	for {
+		req, err := srv.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) || status.Code(err) == codes.Canceled || ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		resp, err := st.handle(ctx, req)
+		if err != nil {
+			return err
+		}
+		if err := srv.Send(resp); err != nil {
+			return err
+		}
+	}
+}
+
+type phase uint8
+
+const (
+	expectRequestHeaders phase = iota
+	expectRequestBody
+	expectResponseHeaders
+	expectResponseBody
+	answered // an immediate response was sent; Envoy sends nothing more
+)
+
+// stream is the state of one HTTP request.
+type stream struct {
+	s     *Server
+	phase phase
+
+	ident  identity
+	snap   *policy.Snapshot
+	app    *policy.App
+	req    Request
+	maxLen int64
+
+	mcpMethodHeader, mcpNameHeader string
+	decisionID                     string
+	plan                           []responseStep
+	rewriters                      []rewriter
+}
+
+// errProtocol ends a stream whose messages do not follow Envoy's order: Envoy then fails
+// the request closed (failure_mode_allow: false). Nothing out of order is ever processed.
+func errProtocol(format string, args ...any) error {
+	return status.Errorf(codes.FailedPrecondition, "ext_proc protocol: "+format, args...)
+}
+
+func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
+	if st.phase == answered {
+		return nil, errProtocol("message after an immediate response")
+	}
+	switch r := req.GetRequest().(type) {
+	case *extprocv3.ProcessingRequest_RequestHeaders:
+		if st.phase != expectRequestHeaders {
+			return nil, errProtocol("request headers twice")
+		}
+		return st.requestHeaders(ctx, req, r.RequestHeaders), nil
+	case *extprocv3.ProcessingRequest_RequestBody:
+		if st.phase != expectRequestBody {
+			return nil, errProtocol("request body not expected here")
+		}
+		return st.requestBody(ctx, r.RequestBody), nil
+	case *extprocv3.ProcessingRequest_RequestTrailers:
+		// Trailers are not part of an MCP decision; they pass unchanged.
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{RequestTrailers: &extprocv3.TrailersResponse{}}}, nil
+	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		if st.phase != expectResponseHeaders {
+			return nil, errProtocol("response headers before the request was decided")
+		}
+		return st.responseHeaders(r.ResponseHeaders), nil
+	case *extprocv3.ProcessingRequest_ResponseBody:
+		if st.phase != expectResponseBody {
+			return nil, errProtocol("response body not requested")
+		}
+		return st.responseBody(r.ResponseBody), nil
+	case *extprocv3.ProcessingRequest_ResponseTrailers:
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{ResponseTrailers: &extprocv3.TrailersResponse{}}}, nil
+	default:
+		return nil, errProtocol("unknown message %T", r)
+	}
+}
+
+// headerValue reads a header as Envoy sends it: raw_value (bytes) since Envoy 1.29, value
+// before.
+func headerValue(h *corev3.HeaderValue) string {
+	if rv := h.GetRawValue(); len(rv) > 0 {
+		return string(rv)
+	}
+	return h.GetValue()
+}
+
+// regoHeaders are the request headers Rego sees. Credentials (authorization, cookies) are
+// never among them.
+var regoHeaders = map[string]bool{
+	"content-type": true, "accept": true, "user-agent": true, "x-request-id": true,
+	headerProtocolVersion: true, headerSessionID: true, headerMCPMethod: true, headerMCPName: true,
+}
+
+func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingRequest, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+	st.decisionID = newDecisionID()
+	ident, err := identityFrom(req.GetMetadataContext())
+	if err != nil {
+		// Without ext_authz's verdict there is no caller to decide for: fail closed.
+		return st.httpError(403, "access_denied", err.Error())
+	}
+	st.ident = ident
+	st.snap = st.s.store.Current()
+	if st.snap == nil {
+		return st.httpError(503, "unavailable", "mcpgate has no policy loaded yet")
+	}
+	st.app = st.snap.App(ident.target)
+	if st.app == nil || st.app.MCP == nil {
+		return st.httpError(403, "access_denied", "target app "+strconvQuote(ident.target)+" has no mcp policy")
+	}
+	st.maxLen = st.app.MCP.Limits.MaxRequestBytes
+
+	st.req = Request{
+		Caller: ident.caller, SpiffeID: ident.spiffeID, Subject: ident.subject, Scopes: ident.scopes,
+		ClaimsJSON: ident.claimsJSON, Target: ident.target, Headers: map[string]string{},
+	}
+	var contentType, contentLength string
+	for _, hv := range h.GetHeaders().GetHeaders() {
+		k, v := strings.ToLower(hv.GetKey()), headerValue(hv)
+		switch k {
+		case ":method":
+			st.req.HTTPMethod = v
+		case ":path":
+			st.req.Path, _, _ = strings.Cut(v, "?")
+		case "content-type":
+			contentType = v
+		case "content-length":
+			contentLength = v
+		case headerProtocolVersion:
+			st.req.ProtocolVersion = v
+		case headerSessionID:
+			st.req.SessionID = v
+		case headerMCPMethod:
+			st.mcpMethodHeader = v
+		case headerMCPName:
+			st.mcpNameHeader = v
+		}
+		if regoHeaders[k] {
+			st.req.Headers[k] = v
+		}
+	}
+
+	if st.app.MCP.Tools.Rego != nil {
+		st.req.base = newRegoBase(&st.req)
+	}
+	switch st.req.HTTPMethod {
+	case "POST":
+	case "GET", "DELETE":
+		// GET opens the server's event stream and DELETE ends a session: neither carries a
+		// client message to decide on, and ext_authz already admitted the caller.
+		st.req.Method = st.req.HTTPMethod + " " + st.req.Path
+		st.logDecision(Decision{Allow: true, Rule: "protocol"}, nil, 0)
+		st.phase = expectResponseHeaders
+		return st.continueHeaders(nil)
+	default:
+		return st.httpError(405, "method_not_allowed", "MCP Streamable HTTP uses POST, GET and DELETE")
+	}
+
+	if mt, _, err := mime.ParseMediaType(contentType); err != nil || mt != "application/json" {
+		return st.jsonrpcHTTPError(415, nil, -32600, "Content-Type must be application/json")
+	}
+	if n, err := strconv.ParseInt(contentLength, 10, 64); err == nil && n > st.maxLen {
+		return st.jsonrpcHTTPError(413, nil, -32600, "request body larger than "+strconv.FormatInt(st.maxLen, 10)+" bytes")
+	}
+	if h.GetEndOfStream() {
+		return st.jsonrpcHTTPError(400, nil, -32700, "empty request body")
+	}
+	// Decide early on the MCP 2026-07-28 headers: a denied call need not be buffered.
+	if st.mcpMethodHeader != "" {
+		early := st.req
+		early.Method = st.mcpMethodHeader
+		setTarget(&early, st.mcpMethodHeader, st.mcpNameHeader)
+		if d := decideRules(st.app.MCP, &early); !d.Allow {
+			st.req = early
+			st.logDecision(d, nil, 0)
+			return st.deny(d, nil, true)
+		}
+	}
+	st.phase = expectRequestBody
+	return st.continueHeaders(nil)
+}
+
+// setTarget fills the name a method targets, from an Mcp-Name header.
+func setTarget(r *Request, method, name string) {
+	switch method {
+	case "tools/call":
+		r.Tool = name
+	case "prompts/get":
+		r.Prompt = name
+	case "resources/read", "resources/subscribe", "resources/unsubscribe":
+		r.URI = name
+	}
+}
+
+func (st *stream) continueHeaders(mut *extprocv3.HeaderMutation) *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestHeaders{
+		RequestHeaders: &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: mut}},
+	}}
+}
+
+func strconvQuote(s string) string { return strconv.Quote(s) }
+
+// rawHeader is a header mutation entry; values go in raw_value as Envoy expects.
+func rawHeader(k, v string) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{
+		Header:       &corev3.HeaderValue{Key: k, RawValue: []byte(v)},
+		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
+	}
+}
+
+// immediate answers the request without forwarding it.
+func (st *stream) immediate(code int, contentType string, body []byte) *extprocv3.ProcessingResponse {
+	st.phase = answered
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
+		ImmediateResponse: &extprocv3.ImmediateResponse{
+			Status: &typev3.HttpStatus{Code: typev3.StatusCode(code)},
+			Headers: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
+				rawHeader("content-type", contentType),
+				rawHeader(HeaderDecisionID, st.decisionID),
+			}},
+			Body:    body,
+			Details: "mcpgate",
+		},
+	}}
+}
+
+// httpError answers with a small JSON body, like ext_authz denials.
+func (st *stream) httpError(code int, errName, reason string) *extprocv3.ProcessingResponse {
+	body := `{"error":` + strconv.Quote(errName) + `,"reason":` + strconv.Quote(reason) + `,"decision_id":"` + st.decisionID + `"}`
+	st.s.log.Info("mcp decision", zap.String("decision_id", st.decisionID), zap.String("decision", "deny"),
+		zap.Int("status", code), zap.String("reason", reason), zap.String("target", st.ident.target))
+	return st.immediate(code, "application/json", []byte(body))
+}
+
+type requestDecision struct {
+	msgIndex int
+	d        Decision
+}
+
+func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
+	start := time.Now()
+	body := b.GetBody()
+	if !b.GetEndOfStream() {
+		// The filter must buffer the whole body (processing mode BUFFERED): deciding on a
+		// prefix of it would be deciding on something else.
+		return st.jsonrpcHTTPError(500, nil, -32603, "mcpgate needs the whole request body (ext_proc request_body_mode BUFFERED)")
+	}
+	if int64(len(body)) > st.maxLen {
+		return st.jsonrpcHTTPError(413, nil, -32600, "request body larger than "+strconv.FormatInt(st.maxLen, 10)+" bytes")
+	}
+	v := st.req.ProtocolVersion
+	parsed, err := mcpParse(body, int(st.maxLen), v == "" || v == "2025-03-26")
+	if err != nil {
+		return st.parseError(err)
+	}
+	if resp := st.checkHeaders(parsed); resp != nil {
+		return resp
+	}
+
+	decisions := make([]requestDecision, 0, len(parsed.Messages))
+	denied := -1
+	for i, m := range parsed.Messages {
+		if m.Kind == kindResponse {
+			continue // the client answering a server request (sampling, elicitation)
+		}
+		r := st.req
+		r.Method, r.Tool, r.Prompt, r.URI, r.Arguments = m.Method, m.Tool, m.Prompt, m.URI, m.Arguments
+		r.ID = rawID(m.ID)
+		d := Decide(ctx, st.app.MCP, &r)
+		st.req = r // the last message is what the response phase logs about
+		decisions = append(decisions, requestDecision{i, d})
+		st.logDecision(d, m.ID, time.Since(start))
+		if !d.Allow && denied < 0 {
+			denied = len(decisions) - 1
+		}
+	}
+	if denied >= 0 {
+		return st.denyBody(parsed, decisions, denied)
+	}
+
+	// Apply Rego's argument patches; each patch re-parses its input, so offsets from the
+	// original parse are never reused on changed bytes.
+	out := body
+	for _, rd := range decisions {
+		if len(rd.d.Patch) == 0 {
+			continue
+		}
+		p, err := mcpParse(out, MaxPatchedBytes, true)
+		if err != nil {
+			return st.jsonrpcHTTPError(500, nil, -32603, "cannot re-parse the patched body")
+		}
+		if out, err = patchArguments(p, out, rd.msgIndex, rd.d.Patch); err != nil {
+			return st.deny(Decision{Rule: "rego", Reason: "rego patch failed: " + err.Error()}, parsed.Messages[rd.msgIndex].ID, false)
+		}
+	}
+	st.planResponse(parsed, decisions)
+	st.phase = expectResponseHeaders
+	st.s.latency.Record(ctx, time.Since(start).Seconds())
+
+	common := &extprocv3.CommonResponse{}
+	if len(out) != len(body) || string(out) != string(body) {
+		// BUFFERED body with SEND headers: content-length is ours to keep right, or Envoy
+		// rejects the mutation (ProcessingMode.BodySendMode docs).
+		common.BodyMutation = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}}
+		common.HeaderMutation = &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
+			rawHeader("content-length", strconv.Itoa(len(out))),
+		}}
+	}
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
+		RequestBody: &extprocv3.BodyResponse{Response: common},
+	}}
+}
+
+// MaxPatchedBytes bounds a body after Rego patches.
+const MaxPatchedBytes = policy.MaxMaxRequestBytes
+
+// checkHeaders enforces that Mcp-Method and Mcp-Name, when sent, say what the body says
+// (MCP 2026-07-28): a proxy deciding on headers and a server acting on the body must
+// never disagree.
+func (st *stream) checkHeaders(b *parsedBody) *extprocv3.ProcessingResponse {
+	if st.mcpMethodHeader == "" && st.mcpNameHeader == "" {
+		return nil
+	}
+	if b.Batch || len(b.Messages) != 1 {
+		return st.jsonrpcHTTPError(400, nil, CodeHeaderMismatch, "Mcp-Method/Mcp-Name headers cannot describe a batch")
+	}
+	m := b.Messages[0]
+	name := m.Tool + m.Prompt + m.URI
+	if st.mcpMethodHeader != m.Method || st.mcpNameHeader != name {
+		return st.jsonrpcHTTPError(400, m.ID, CodeHeaderMismatch, "Mcp-Method/Mcp-Name headers do not match the body")
+	}
+	return nil
+}
+
+func (st *stream) parseError(err error) *extprocv3.ProcessingResponse {
+	if errors.Is(err, errTooLarge) {
+		return st.jsonrpcHTTPError(413, nil, -32600, "request body larger than "+strconv.FormatInt(st.maxLen, 10)+" bytes")
+	}
+	var je *jsonrpcError
+	if errors.As(err, &je) {
+		st.logDecision(Decision{Rule: "parse", Reason: je.Message}, je.ID, 0)
+		return st.jsonrpcHTTPError(400, je.ID, je.Code, je.Message)
+	}
+	return st.jsonrpcHTTPError(400, nil, -32700, "unreadable request body")
+}
+
+// jsonrpcHTTPError answers a request that could not be decided with a JSON-RPC error.
+func (st *stream) jsonrpcHTTPError(httpCode int, id []byte, code int, msg string) *extprocv3.ProcessingResponse {
+	return st.immediate(httpCode, "application/json", errorResponse(id, code, msg+" (decision "+st.decisionID+")"))
+}
+
+// deny answers one denied message. A request gets HTTP 200 with a JSON-RPC error for its
+// id (the MCP client reports it to the model as a failed call). Without an id to answer
+// (a notification, or a decision made on the Mcp-Method header before the body was read)
+// the answer is HTTP 403 with a JSON-RPC error whose id is null.
+func (st *stream) deny(d Decision, id []byte, noID bool) *extprocv3.ProcessingResponse {
+	msg := "denied by mcpgate: " + d.Reason + " (decision " + st.decisionID + ")"
+	code := st.app.MCP.Tools.ErrorCode
+	if noID || len(id) == 0 {
+		return st.immediate(403, "application/json", errorResponse(nil, code, msg))
+	}
+	return st.immediate(200, "application/json", errorResponse(id, code, msg))
+}
+
+// denyBody answers a body with a denied message. Any denial denies a whole batch: each
+// request in it gets an error, the denied one its reason.
+func (st *stream) denyBody(b *parsedBody, ds []requestDecision, denied int) *extprocv3.ProcessingResponse {
+	d := ds[denied]
+	m := b.Messages[d.msgIndex]
+	if !b.Batch {
+		return st.deny(d.d, m.ID, m.Kind == kindNotification)
+	}
+	code := st.app.MCP.Tools.ErrorCode
+	var out []byte
+	for _, rd := range ds {
+		msg := b.Messages[rd.msgIndex]
+		if msg.Kind != kindRequest {
+			continue
+		}
+		reason := "not processed: another message of the batch was denied"
+		if !rd.d.Allow {
+			reason = "denied by mcpgate: " + rd.d.Reason
+		}
+		if out == nil {
+			out = []byte{'['}
+		} else {
+			out = append(out, ',')
+		}
+		out = append(out, errorResponse(msg.ID, code, reason+" (decision "+st.decisionID+")")...)
+	}
+	if out == nil {
+		return st.immediate(403, "application/json", errorResponse(nil, code, "denied by mcpgate: "+d.d.Reason+" (decision "+st.decisionID+")"))
+	}
+	return st.immediate(200, "application/json", append(out, ']'))
+}
+
+func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+	mut := &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader(HeaderDecisionID, st.decisionID)}}
+	resp := &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: mut}}
+	out := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: resp}}
+	if len(st.plan) == 0 || h.GetEndOfStream() {
+		return out // nothing to rewrite: the body mode stays NONE and costs nothing
+	}
+	var code, contentType string
+	for _, hv := range h.GetHeaders().GetHeaders() {
+		switch strings.ToLower(hv.GetKey()) {
+		case ":status":
+			code = headerValue(hv)
+		case "content-type":
+			contentType = headerValue(hv)
+		}
+	}
+	if code != "200" {
+		return out
+	}
+	mt, _, _ := mime.ParseMediaType(contentType)
+	switch mt {
+	case "application/json":
+		out.ModeOverride = &extprocfilterv3.ProcessingMode{ResponseBodyMode: extprocfilterv3.ProcessingMode_BUFFERED}
+	case "text/event-stream":
+		// Streamed chunk by chunk: progress notifications and server requests must reach
+		// the client as they happen, never held until the result.
+		out.ModeOverride = &extprocfilterv3.ProcessingMode{ResponseBodyMode: extprocfilterv3.ProcessingMode_STREAMED}
+		st.rewriters = st.newRewriters()
+	default:
+		return out
+	}
+	st.phase = expectResponseBody
+	return out
+}
+
+func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
+	wrap := func(c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{ResponseBody: &extprocv3.BodyResponse{Response: c}}}
+	}
+	chunk := b.GetBody()
+	if st.rewriters == nil { // BUFFERED JSON
+		out, err := st.rewriteJSON(chunk)
+		if err != nil {
+			// A response we cannot read cannot be filtered: it must not reach the client.
+			return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate could not filter the server's response: "+err.Error())
+		}
+		if string(out) == string(chunk) {
+			return wrap(&extprocv3.CommonResponse{})
+		}
+		return wrap(&extprocv3.CommonResponse{
+			BodyMutation:   &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}},
+			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader("content-length", strconv.Itoa(len(out)))}},
+		})
+	}
+	out := chunk
+	for _, rw := range st.rewriters {
+		var err error
+		if out, err = rw.Feed(out, b.GetEndOfStream()); err != nil {
+			// Headers are gone; an immediate response makes Envoy reset the stream, which
+			// is the only fail-closed move left mid-stream.
+			return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate could not filter the server's event stream: "+err.Error())
+		}
+	}
+	if string(out) == string(chunk) {
+		return wrap(&extprocv3.CommonResponse{})
+	}
+	if len(out) == 0 {
+		return wrap(&extprocv3.CommonResponse{BodyMutation: &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_ClearBody{ClearBody: true}}})
+	}
+	return wrap(&extprocv3.CommonResponse{BodyMutation: &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}}})
+}
+
+func (st *stream) logDecision(d Decision, id []byte, elapsed time.Duration) {
+	decision := "deny"
+	if d.Allow {
+		decision = "allow"
+	}
+	caller := st.ident.caller.AppID
+	if caller == "" {
+		caller = "unknown"
+	}
+	st.s.count.Add(context.Background(), 1, metric.WithAttributes(
+		attribute.String("target", st.ident.target),
+		attribute.String("caller", caller),
+		attribute.String("method", methodLabel(st.req.Method)),
+		attribute.String("tool", st.s.labels.get(st.ident.target, st.req.Tool)),
+		attribute.String("decision", decision),
+		attribute.String("rule", d.Rule),
+	))
+	if ce := st.s.log.Check(zap.InfoLevel, "mcp decision"); ce != nil {
+		fields := []zap.Field{
+			zap.String("decision_id", st.decisionID),
+			zap.String("authz_decision_id", st.ident.authzDecisionID),
+			zap.String("decision", decision),
+			zap.String("rule", d.Rule),
+			zap.String("reason", d.Reason),
+			zap.String("target", st.ident.target),
+			zap.String("caller", st.ident.caller.AppID),
+			zap.String("subject", st.ident.subject),
+			zap.String("method", st.req.Method),
+			zap.Float64("latency_ms", float64(elapsed.Microseconds())/1000),
+		}
+		if len(id) > 0 {
+			fields = append(fields, zap.ByteString("id", id))
+		}
+		if name := st.req.Tool + st.req.Prompt + st.req.URI; name != "" {
+			fields = append(fields, zap.String("name", name))
+		}
+		if len(d.Patch) > 0 {
+			fields = append(fields, zap.Int("patches", len(d.Patch)))
+		}
+		ce.Write(fields...)
+	}
+}
+
+// knownMethods are MCP methods used as metric labels; anything else is "other", so a
+// caller cannot mint label values.
+var knownMethods = map[string]bool{
+	"initialize": true, "ping": true, "tools/list": true, "tools/call": true, "prompts/list": true,
+	"prompts/get": true, "resources/list": true, "resources/templates/list": true, "resources/read": true,
+	"resources/subscribe": true, "resources/unsubscribe": true, "completion/complete": true,
+	"logging/setLevel": true, "GET /mcp": true, "DELETE /mcp": true,
+}
+
+func methodLabel(m string) string {
+	if knownMethods[m] || strings.HasPrefix(m, "notifications/") && len(m) < 64 {
+		return m
+	}
+	if strings.HasPrefix(m, "GET ") {
+		return "GET"
+	}
+	if strings.HasPrefix(m, "DELETE ") {
+		return "DELETE"
+	}
+	return "other"
+}
+
+// toolLabels bounds the tool label: tool names come from callers, so only the first
+// maxToolLabels names per app become labels; the rest are "other".
+type toolLabels struct {
+	mu   sync.Mutex
+	seen map[string]map[string]bool
+}
+
+const maxToolLabels = 200
+
+func (t *toolLabels) get(app, tool string) string {
+	if tool == "" {
+		return ""
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.seen == nil {
+		t.seen = map[string]map[string]bool{}
+	}
+	m := t.seen[app]
+	if m == nil {
+		m = map[string]bool{}
+		t.seen[app] = m
+	}
+	if m[tool] {
+		return tool
+	}
+	if len(m) >= maxToolLabels || len(tool) > 128 {
+		return "other"
+	}
+	m[tool] = true
+	return tool
+}
+
+var idCounter atomic.Uint64
+
+// newDecisionID returns a 128-bit random id (math/rand/v2 is ChaCha8-based).
+func newDecisionID() string {
+	var b [16]byte
+	v1, v2 := rand.Uint64(), rand.Uint64()^idCounter.Add(1)
+	for j := range 8 {
+		b[j], b[8+j] = byte(v1>>(8*j)), byte(v2>>(8*j))
+	}
+	return hex.EncodeToString(b[:])
+}
