@@ -17,7 +17,7 @@ OPA         := $(BIN)/opa-$(OPA_VERSION)
 FUZZTIME ?= 15s
 BENCHTIME ?= 2s
 
-.PHONY: help build test test-integration lint fmt bench fuzz demo testdata tools clean
+.PHONY: help build test test-integration lint fmt bench fuzz opa-test demo testdata tools clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,12 +42,17 @@ lint: $(STATICCHECK) ## gofmt, go vet, staticcheck
 fmt: ## Format the code
 	gofmt -w $$(git ls-files '*.go')
 
-bench: ## Benchmarks: Check over loopback vs a no-op server, token verification, policy load
-	go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./extauthz/... ./policy/...
+bench: ## Benchmarks: Check and ext_proc exchanges beside no-op servers, Rego, list filtering, parsing
+	go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./extauthz/... ./extproc/... ./policy/...
 
 fuzz: ## Run each fuzz target briefly (FUZZTIME=15s); seeds live in testdata/fuzz
 	go test -run '^$$' -fuzz '^FuzzLoad$$' -fuzztime $(FUZZTIME) ./policy
 	go test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZTIME) ./extauthz
+	go test -run '^$$' -fuzz '^FuzzParseBody$$' -fuzztime $(FUZZTIME) ./extproc/mcp
+	go test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./extproc/mcp
+
+opa-test: $(OPA) ## The demo Rego policy's tests with the opa CLI
+	$(OPA) test -v testdata/demo/rego
 
 demo: build ## Run the demo: mcpgate with the demo policy, a scripted session, a transcript
 	@out=$$(mktemp); \

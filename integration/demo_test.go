@@ -120,7 +120,7 @@ func TestDemo(t *testing.T) {
 		if o.status != 200 {
 			verdict = "DENY "
 		}
-		fmt.Fprintf(&out, "%2d. %-58s %s %d  %-22s decision %s\n", step, what, verdict, o.status, o.reason, o.decisionID[:12])
+		fmt.Fprintf(&out, "%2d. %-58s %s %d  %-22s decision %s\n", step, what, verdict, o.status, o.reason, shortID(o.decisionID))
 		if o.detail != "" {
 			fmt.Fprintf(&out, "      why: %s\n", o.detail)
 		}
@@ -148,6 +148,55 @@ func TestDemo(t *testing.T) {
 	run("stranger (not in accessControl), valid token", envoyCheck(stranger, "POST", "/mcp", map[string]string{"authorization": tok(nil)}), 403, "access_denied")
 	run("my-agent from another trust domain", envoyCheck(foreign, "POST", "/mcp", map[string]string{"authorization": tok(nil)}), 403, "foreign_trust_domain")
 	run("no client certificate (mtls: strict)", envoyCheck("", "POST", "/mcp", map[string]string{"authorization": tok(nil)}), 403, "no_identity")
+
+	// Per-tool decisions: ext_authz admits the caller, ext_proc decides on the body.
+	fmt.Fprintf(&out, "\n-- MCP calls from my-agent: ext_authz admits the caller, then ext_proc decides on the JSON-RPC body\n")
+	mcpStep := func(what, body, serverResponse string, want func(o mcpOutcome) string) mcpOutcome {
+		t.Helper()
+		step++
+		o := g.mcpPost(t, agent, tok(nil), body, serverResponse)
+		verdict := "FORWARDED"
+		if o.forwarded == "" {
+			verdict = "ANSWERED "
+		}
+		fmt.Fprintf(&out, "%2d. %-58s %s HTTP %d  decision %s\n", step, what, verdict, o.status, shortID(o.decisionID))
+		fmt.Fprintf(&out, "      client gets: %s\n", clip(o.body, 150))
+		if o.forwarded != "" && o.forwarded != body {
+			fmt.Fprintf(&out, "      server got (rewritten): %s\n", clip(o.forwarded, 150))
+		}
+		if problem := want(o); problem != "" {
+			t.Errorf("step %d (%s): %s; outcome %+v", step, what, problem, o)
+		}
+		return o
+	}
+	result := `{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"42 in stock"}]}}`
+	mcpStep("tools/call get_inventory {product_id: SKU-42}", toolCall(1, "get_inventory", `{"product_id":"SKU-42"}`), result,
+		func(o mcpOutcome) string {
+			return expect(o.forwarded != "" && o.body == result, "want it forwarded and answered by the server")
+		})
+	mcpStep("tools/call get_inventory {product_id: \"42; drop\"} (Rego)", toolCall(2, "get_inventory", `{"product_id":"42; drop"}`), "",
+		func(o mcpOutcome) string {
+			return expect(o.forwarded == "" && strings.Contains(o.body, "product_id must look like SKU-<digits>") && strings.Contains(o.body, `"id":2`), "want a JSON-RPC error with Rego's reason")
+		})
+	mcpStep("tools/call delete_product (rule no-deletes)", toolCall(3, "delete_product", `{"product_id":"SKU-1"}`), "",
+		func(o mcpOutcome) string {
+			return expect(o.forwarded == "" && strings.Contains(o.body, `denied by rule \"no-deletes\"`) && strings.Contains(o.body, "-32001"), "want denial by rule")
+		})
+	mcpStep("tools/call list_items {limit: 500} (Rego patch)", toolCall(4, "list_items", `{"limit":500}`), `{"jsonrpc":"2.0","id":4,"result":{"content":[]}}`,
+		func(o mcpOutcome) string {
+			return expect(strings.Contains(o.forwarded, `"limit":100`), "want limit rewritten to 100")
+		})
+	listResp := `{"jsonrpc":"2.0","id":5,"result":{"tools":[{"name":"get_inventory","inputSchema":{"type":"object"}},{"name":"delete_product","inputSchema":{"type":"object"}},{"name":"list_items","inputSchema":{"type":"object"}},{"name":"get_customer","inputSchema":{"type":"object"}},{"name":"admin_reset","inputSchema":{"type":"object"}}]}}`
+	mcpStep("tools/list (server offers 5 tools)", `{"jsonrpc":"2.0","id":5,"method":"tools/list"}`, listResp,
+		func(o mcpOutcome) string {
+			return expect(strings.Contains(o.body, "get_inventory") && strings.Contains(o.body, "list_items") && strings.Contains(o.body, "get_customer") &&
+				!strings.Contains(o.body, "delete_product") && !strings.Contains(o.body, "admin_reset"), "want only the 3 callable tools")
+		})
+	custResp := `{"jsonrpc":"2.0","id":6,"result":{"structuredContent":{"name":"Ann","ssn":"123-45-6789"},"content":[{"type":"text","text":"{\"name\":\"Ann\",\"ssn\":\"123-45-6789\"}"}]}}`
+	mcpStep("tools/call get_customer (ssn redacted)", toolCall(6, "get_customer", `{"id":"c1"}`), custResp,
+		func(o mcpOutcome) string {
+			return expect(!strings.Contains(o.body, "123-45-6789") && strings.Contains(o.body, "Ann"), "want ssn removed, name kept")
+		})
 
 	// A live edit: allow stranger. The watcher applies it without a restart.
 	policyFile := filepath.Join(dir, "inventory.yaml")
@@ -192,4 +241,25 @@ func TestDemo(t *testing.T) {
 		strings.Count(metrics, "\nmcpgate_authz_decisions_total{"), g.logs.count(func(m map[string]any) bool { return m["logger"] == "decision" }))
 	g.stop(t)
 	fmt.Printf("=== TRANSCRIPT\n%s=== END\n", out.String())
+}
+
+func expect(ok bool, problem string) string {
+	if ok {
+		return ""
+	}
+	return problem
+}
+
+func shortID(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+func clip(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
 }

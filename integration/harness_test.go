@@ -22,6 +22,7 @@ import (
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
@@ -111,6 +112,7 @@ type gate struct {
 	grpcAddr  string
 	adminAddr string
 	authz     authv3.AuthorizationClient
+	proc      extprocv3.ExternalProcessorClient
 	done      chan error
 }
 
@@ -162,6 +164,7 @@ func startGate(t *testing.T, configDir string, args ...string) *gate {
 	}
 	t.Cleanup(func() { conn.Close() })
 	g.authz = authv3.NewAuthorizationClient(conn)
+	g.proc = extprocv3.NewExternalProcessorClient(conn)
 	return g
 }
 
