@@ -194,7 +194,6 @@ func TestParseToolsCall(t *testing.T) {
 	if string(m.ProgressToken) != `"tok-1"` {
 		t.Fatalf("ProgressToken = %s", m.ProgressToken)
 	}
-	want := map[string]any{}
 	dec := json.NewDecoder(strings.NewReader(string(m.Params)))
 	dec.UseNumber()
 	var params struct {
@@ -203,7 +202,7 @@ func TestParseToolsCall(t *testing.T) {
 	if err := dec.Decode(&params); err != nil {
 		t.Fatal(err)
 	}
-	want = params.Arguments
+	want := params.Arguments
 	if !reflect.DeepEqual(m.Arguments, want) {
 		t.Fatalf("Arguments = %#v\nwant %#v", m.Arguments, want)
 	}

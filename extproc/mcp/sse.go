@@ -153,8 +153,7 @@ func (f *Framer) feed(chunk []byte, eos bool, emit func(buf []byte, start, end i
 		}
 		eol := min(nextLF, nextCR)
 		if eol == len(buf) {
-			pos = len(buf)
-			break
+			break // no line end in sight: the rest is an incomplete line, kept below
 		}
 		next := eol + 1
 		if buf[eol] == '\r' {
