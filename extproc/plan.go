@@ -63,7 +63,18 @@ type responseStep struct {
 	listOf string            // "tools", "prompts", "resources", "resourceTemplates": filter the list
 	keep   func(string) bool // for listOf
 	redact [][]string        // JSON pointer tokens to remove from a tool result
+	// noResponses: a GET event stream of an app that filters responses; any JSON-RPC
+	// response on it is an error (see Process on GET).
+	noResponses bool
 }
+
+// filtersResponses reports whether an app's responses may need filtering or redaction.
+func filtersResponses(m *policy.MCP) bool {
+	return m.Responses.FilterToolsList || len(m.Responses.Redact) > 0 || m.Tools.Rego != nil
+}
+
+// errResponseOnGET ends a GET stream that carries a JSON-RPC response.
+var errResponseOnGET = fmt.Errorf("a JSON-RPC response on a GET event stream cannot be filtered")
 
 // listResults maps list methods to the result member FilterList rewrites.
 var listResults = map[string]string{
@@ -206,6 +217,12 @@ func (st *stream) limits() mcp.Limits {
 func (st *stream) rewriteJSON(body []byte) ([]byte, error) {
 	out := body
 	for _, step := range st.plan {
+		if step.noResponses {
+			if isResponse(out) {
+				return nil, errResponseOnGET
+			}
+			continue
+		}
 		var err error
 		if out, _, err = mcp.RewriteResponse(out, step.id, st.limits(), step.apply); err != nil {
 			return nil, err
@@ -224,7 +241,59 @@ type rewriter interface {
 func (st *stream) newRewriters() []rewriter {
 	out := make([]rewriter, 0, len(st.plan))
 	for _, step := range st.plan {
+		if step.noResponses {
+			out = append(out, &responseGuard{f: mcp.Framer{MaxEventBytes: st.limits().MaxBytes}})
+			continue
+		}
 		out = append(out, mcp.NewRewriter(step.id, st.limits(), step.apply))
 	}
 	return out
+}
+
+// responseGuard passes an event stream through unchanged but fails on any event whose
+// data is a JSON-RPC response (an object with an id and a result or error).
+type responseGuard struct {
+	f mcp.Framer
+}
+
+func (g *responseGuard) Feed(chunk []byte, endOfStream bool) ([]byte, error) {
+	events, err := g.f.Feed(chunk, endOfStream)
+	if err != nil {
+		return nil, err
+	}
+	for _, ev := range events {
+		if isResponse(ev.Data) {
+			return nil, errResponseOnGET
+		}
+	}
+	return chunk, nil
+}
+
+// isResponse reports whether data looks like a JSON-RPC response or a batch holding one.
+// It errs on the side of "yes": anything with both an "id" and a "result" or "error"
+// member.
+func isResponse(data []byte) bool {
+	var probe any
+	if json.Unmarshal(data, &probe) != nil {
+		return false
+	}
+	check := func(v any) bool {
+		m, ok := v.(map[string]any)
+		if !ok {
+			return false
+		}
+		_, id := m["id"]
+		_, res := m["result"]
+		_, er := m["error"]
+		return id && (res || er)
+	}
+	if list, ok := probe.([]any); ok {
+		for _, v := range list {
+			if check(v) {
+				return true
+			}
+		}
+		return false
+	}
+	return check(probe)
 }

@@ -216,7 +216,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		Caller: ident.caller, SpiffeID: ident.spiffeID, Subject: ident.subject, Scopes: ident.scopes,
 		ClaimsJSON: ident.claimsJSON, Target: ident.target, Headers: map[string]string{},
 	}
-	var contentType, contentLength string
+	var contentType, contentLength, lastEventID string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		k, v := strings.ToLower(hv.GetKey()), headerValue(hv)
 		switch k {
@@ -236,6 +236,8 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			st.mcpMethodHeader = v
 		case headerMCPName:
 			st.mcpNameHeader = v
+		case "last-event-id":
+			lastEventID = v
 		}
 		if regoHeaders[k] {
 			st.req.Headers[k] = v
@@ -251,8 +253,21 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		// GET opens the server's event stream and DELETE ends a session: neither carries a
 		// client message to decide on, and ext_authz already admitted the caller.
 		st.req.Method = st.req.HTTPMethod + " " + st.req.Path
+		if st.req.HTTPMethod == "GET" && lastEventID != "" && filtersResponses(st.app.MCP) {
+			// Resuming replays responses to earlier POSTs on this GET stream, where they
+			// could no longer be matched to their request: a caller could cut a call short
+			// and resume to read its unredacted result. Refuse rather than leak.
+			d := Decision{Rule: "protocol", Reason: "stream resumption (Last-Event-ID) is not available for apps whose responses are filtered or redacted"}
+			st.logDecision(d, nil, 0)
+			return st.httpError(403, "access_denied", d.Reason)
+		}
 		st.logDecision(Decision{Allow: true, Rule: "protocol"}, nil, 0)
 		st.phase = expectResponseHeaders
+		if st.req.HTTPMethod == "GET" && filtersResponses(st.app.MCP) {
+			// A GET stream must carry no responses (MCP Streamable HTTP: only a resumed
+			// stream may); for such apps any response on it ends the stream.
+			st.plan = []responseStep{{noResponses: true}}
+		}
 		return st.continueHeaders(nil)
 	default:
 		return st.httpError(405, "method_not_allowed", "MCP Streamable HTTP uses POST, GET and DELETE")

@@ -330,9 +330,21 @@ func TestMissingMetadataFailsClosed(t *testing.T) {
 
 func TestHeaderOnlyGET(t *testing.T) {
 	s := newDemoServer(t)
-	res := runEnvoy(t, s, envoyRequest{md: agentMD, method: "GET"}, envoyUpstream{contentType: "text/event-stream", chunks: []string{"data: {}\n\n"}})
-	if res.immediate != nil || res.responseMode != extprocfilterv3.ProcessingMode_NONE || res.clientBody != "data: {}\n\n" {
+	notification := "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n"
+	res := runEnvoy(t, s, envoyRequest{md: agentMD, method: "GET"}, envoyUpstream{contentType: "text/event-stream", chunks: []string{notification[:10], notification[10:]}})
+	if res.immediate != nil || res.clientBody != notification {
 		t.Fatalf("GET stream: %+v", res)
+	}
+	// The demo app filters responses: a response on its GET stream ends the stream, and
+	// resumption, which would replay responses to earlier calls unfiltered, is refused.
+	res = runEnvoy(t, s, envoyRequest{md: agentMD, method: "GET"}, envoyUpstream{contentType: "text/event-stream",
+		chunks: []string{notification, `data: {"jsonrpc":"2.0","id":4,"result":{"structuredContent":{"ssn":"123-45-6789"}}}` + "\n\n"}})
+	if res.immediate == nil || res.immediate.GetStatus().GetCode() != 502 || strings.Contains(res.clientBody, "123-45-6789") {
+		t.Fatalf("response on a GET stream: %+v", res)
+	}
+	res = runEnvoy(t, s, envoyRequest{md: agentMD, method: "GET", headers: []string{"last-event-id", "41"}}, envoyUpstream{})
+	if res.immediate.GetStatus().GetCode() != 403 || !strings.Contains(string(res.immediate.GetBody()), "resumption") {
+		t.Fatalf("resumption: %v", res.immediate)
 	}
 	res = runEnvoy(t, s, envoyRequest{md: agentMD, method: "PUT"}, envoyUpstream{})
 	if res.immediate.GetStatus().GetCode() != 405 {
