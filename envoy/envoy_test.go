@@ -1,0 +1,74 @@
+package envoy
+
+import (
+	"strings"
+	"testing"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"google.golang.org/protobuf/proto"
+)
+
+func requireValid(t *testing.T, m proto.Message) {
+	t.Helper()
+	if err := Validate(m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestFilterOrder(t *testing.T) {
+	fs, err := HTTPFilters("mcpgate")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, f := range fs {
+		requireValid(t, f)
+		names = append(names, f.Name)
+	}
+	if got := strings.Join(names, ","); got != FilterExtAuthz+","+FilterExtProc+","+FilterRouter {
+		t.Fatalf("filter order %s", got)
+	}
+}
+
+func TestFailClosed(t *testing.T) {
+	if ExtAuthz("c").FailureModeAllow || ExtProc("c").FailureModeAllow {
+		t.Fatal("ext_authz and ext_proc must fail closed")
+	}
+	requireValid(t, ExtAuthz("c"))
+	requireValid(t, ExtProc("c"))
+}
+
+func TestAnyRejectsInvalid(t *testing.T) {
+	// An empty cluster name is invalid (min_len 1): Any must refuse to pack it.
+	if _, err := ExtAuthzFilter(""); err == nil {
+		t.Fatal("want a validation error for an empty cluster name")
+	}
+}
+
+func TestBootstrap(t *testing.T) {
+	b, err := Bootstrap(BootstrapOptions{NodeCluster: "inventory", XDSAddress: "127.0.0.1:18000", SpireAgentSocket: "/run/spire/agent.sock"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Node.Id != "inventory" || b.Node.Cluster != "inventory" {
+		t.Errorf("node %v", b.Node)
+	}
+	if a := b.Admin.Address.GetSocketAddress(); a.Address != "127.0.0.1" {
+		t.Errorf("admin must listen on loopback, got %v", a)
+	}
+	cs := b.StaticResources.Clusters
+	if len(cs) != 2 || cs[0].Name != XDSCluster || cs[1].Name != SpireAgentCluster {
+		t.Fatalf("clusters %v", cs)
+	}
+	if p := cs[1].LoadAssignment.Endpoints[0].LbEndpoints[0].GetEndpoint().Address.GetPipe().GetPath(); p != "/run/spire/agent.sock" {
+		t.Errorf("spire socket %q", p)
+	}
+	if b.DynamicResources.AdsConfig.ApiType != corev3.ApiConfigSource_GRPC {
+		t.Errorf("ads config %v", b.DynamicResources.AdsConfig)
+	}
+	for _, bad := range []BootstrapOptions{{NodeCluster: "x", XDSAddress: "nope"}, {XDSAddress: "a:1"}, {NodeCluster: "x", XDSAddress: "a:0"}} {
+		if _, err := Bootstrap(bad); err == nil {
+			t.Errorf("want an error for %+v", bad)
+		}
+	}
+}

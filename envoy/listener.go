@@ -1,0 +1,155 @@
+package envoy
+
+import (
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+// StreamIdleTimeout is how long a request stream may be silent. An MCP server may keep a
+// Streamable HTTP SSE stream quiet for minutes; Envoy's 5 minute default would cut it.
+const StreamIdleTimeout = time.Hour
+
+// ConnectionIdleTimeout closes downstream connections with no active stream.
+const ConnectionIdleTimeout = time.Hour
+
+// ListenerOptions describe one listener.
+type ListenerOptions struct {
+	Name      string
+	Address   string
+	Port      uint32
+	Direction corev3.TrafficDirection
+	Chains    []*listenerv3.FilterChain
+	// BufferLimit is per_connection_buffer_limit_bytes (0: Envoy's 1 MiB default).
+	BufferLimit uint32
+}
+
+// Listener builds a TCP listener.
+func Listener(o ListenerOptions) *listenerv3.Listener {
+	l := &listenerv3.Listener{
+		Name:             o.Name,
+		Address:          SocketAddress(o.Address, o.Port),
+		TrafficDirection: o.Direction,
+		FilterChains:     o.Chains,
+	}
+	if o.BufferLimit > 0 {
+		l.PerConnectionBufferLimitBytes = wrapperspb.UInt32(o.BufferLimit)
+	}
+	return l
+}
+
+// SocketAddress is a TCP address.
+func SocketAddress(host string, port uint32) *corev3.Address {
+	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+		Address:       host,
+		PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+// HTTPFilters is the HTTP filter chain of every listener that enforces policy. The order
+// is the contract with mcpgate and is defined here only:
+//  1. ext_authz: who is calling (mTLS identity, App-ID access control, bearer token). It
+//     needs no body, so a refused caller costs no buffering, and it writes the dynamic
+//     metadata (envoy.filters.http.ext_authz) that ext_proc reads: Envoy only forwards
+//     metadata written by filters that ran before.
+//  2. ext_proc: what the caller is doing, decided on the buffered JSON-RPC body with the
+//     identity ext_authz established; it fails closed when that metadata is missing.
+//  3. router: Envoy requires the terminal filter last.
+func HTTPFilters(authzCluster string) ([]*hcmv3.HttpFilter, error) {
+	authz, err := ExtAuthzFilter(authzCluster)
+	if err != nil {
+		return nil, err
+	}
+	proc, err := ExtProcFilter(authzCluster)
+	if err != nil {
+		return nil, err
+	}
+	router, err := RouterFilter()
+	if err != nil {
+		return nil, err
+	}
+	return []*hcmv3.HttpFilter{authz, proc, router}, nil
+}
+
+// RouterFilter is the terminal router filter.
+func RouterFilter() (*hcmv3.HttpFilter, error) {
+	return httpFilter(FilterRouter, &routerv3.Router{})
+}
+
+func httpFilter(name string, cfg proto.Message) (*hcmv3.HttpFilter, error) {
+	a, err := Any(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &hcmv3.HttpFilter{Name: name, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: a}}, nil
+}
+
+// HCMOptions describe an HTTP connection manager.
+type HCMOptions struct {
+	StatPrefix string
+	// RouteConfig is the name of the RouteConfiguration, fetched over ADS (RDS), so a
+	// route change does not drain the listener.
+	RouteConfig string
+	Filters     []*hcmv3.HttpFilter
+	// Edge marks a listener facing callers outside the mesh: Envoy trusts no
+	// x-forwarded-for from them and uses the peer address.
+	Edge bool
+}
+
+// HTTPConnectionManager builds an HCM that takes its routes from ADS.
+func HTTPConnectionManager(o HCMOptions) *hcmv3.HttpConnectionManager {
+	h := &hcmv3.HttpConnectionManager{
+		CodecType:  hcmv3.HttpConnectionManager_AUTO,
+		StatPrefix: o.StatPrefix,
+		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{
+			ConfigSource:    ADSConfigSource(),
+			RouteConfigName: o.RouteConfig,
+		}},
+		HttpFilters:       o.Filters,
+		StreamIdleTimeout: duration(StreamIdleTimeout),
+		CommonHttpProtocolOptions: &corev3.HttpProtocolOptions{
+			IdleTimeout: duration(ConnectionIdleTimeout),
+		},
+		// Routes match exact paths and carry the target App ID for ext_authz: normalize
+		// "/a/../mcp" and "//mcp" first so that no spelling of a path escapes its route.
+		NormalizePath:            wrapperspb.Bool(true),
+		MergeSlashes:             true,
+		UseRemoteAddress:         wrapperspb.Bool(o.Edge),
+		ForwardClientCertDetails: hcmv3.HttpConnectionManager_SANITIZE,
+	}
+	if o.Edge {
+		// Virtual hosts match host names; "host:8443" from a browser must match too.
+		h.StripPortMode = &hcmv3.HttpConnectionManager_StripAnyHostPort{StripAnyHostPort: true}
+	}
+	return h
+}
+
+// HTTPFilterChain wraps an HCM in a filter chain, with a transport socket (TLS) or none
+// (plaintext).
+func HTTPFilterChain(name string, hcm *hcmv3.HttpConnectionManager, ts *corev3.TransportSocket) (*listenerv3.FilterChain, error) {
+	a, err := Any(hcm)
+	if err != nil {
+		return nil, err
+	}
+	return &listenerv3.FilterChain{
+		Name: name,
+		Filters: []*listenerv3.Filter{{
+			Name:       FilterHCM,
+			ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: a},
+		}},
+		TransportSocket: ts,
+	}, nil
+}
+
+// ADSConfigSource says "over the ADS stream this Envoy already has".
+func ADSConfigSource() *corev3.ConfigSource {
+	return &corev3.ConfigSource{
+		ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
+		ResourceApiVersion:    corev3.ApiVersion_V3,
+	}
+}
