@@ -1,0 +1,362 @@
+package xds
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/log"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/metric/noop"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// NodeHash keys snapshots by node.cluster (the App ID or gateway name), so that every
+// replica of an app shares one snapshot; node.id is free per replica.
+type NodeHash struct{}
+
+// ID implements cachev3.NodeHash.
+func (NodeHash) ID(node *corev3.Node) string { return node.GetCluster() }
+
+// Options configure a Server.
+type Options struct {
+	// Store publishes the policy; the server re-translates on every new snapshot.
+	Store  *policy.Store
+	Logger *zap.Logger
+	// Meter counts snapshots, translation errors and NACKs; default: no-op.
+	Meter metric.Meter
+}
+
+// Stats are the server's counters, for tests and /debug.
+type Stats struct {
+	Snapshots         int64 // snapshots set
+	TranslationErrors int64 // translations refused (last good kept)
+	NACKs             int64 // responses Envoy rejected
+}
+
+// Server is the ADS server: go-control-plane's snapshot cache and xDS server, fed by
+// translating the policy for every node group (node.cluster) with an open stream.
+type Server struct {
+	store *policy.Store
+	log   *zap.Logger
+	cache cachev3.SnapshotCache
+	xds   serverv3.Server
+	sub   <-chan struct{}
+
+	snapshots, translationErrors, nacks metric.Int64Counter
+	stats                               struct{ snapshots, translationErrors, nacks atomic.Int64 }
+
+	// update serializes translation and SetSnapshot so that an older policy never
+	// overwrites a newer one.
+	update sync.Mutex
+
+	mu      sync.Mutex
+	groups  map[string]int             // node.cluster → open streams
+	streams map[streamKey]*streamState // per stream: its node group, what was sent
+}
+
+type streamKey struct {
+	delta bool // SotW and delta streams are numbered independently
+	id    int64
+}
+
+type streamState struct {
+	group string
+	sent  map[string]sentResponse // by type URL: the last response
+}
+
+type sentResponse struct{ nonce, version string }
+
+// NewServer builds the server; call Register to serve it and Run to follow the policy.
+func NewServer(ctx context.Context, o Options) (*Server, error) {
+	if o.Store == nil {
+		return nil, errors.New("xds: a policy store is required")
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	if o.Meter == nil {
+		o.Meter = noop.NewMeterProvider().Meter("")
+	}
+	s := &Server{
+		store:   o.Store,
+		log:     o.Logger,
+		groups:  map[string]int{},
+		streams: map[streamKey]*streamState{},
+		// Subscribe now, not in Run: an edit between NewServer and Run is not missed.
+		sub: o.Store.Subscribe(),
+	}
+	var err error
+	if s.snapshots, err = o.Meter.Int64Counter("mcpgate.xds.snapshots", metric.WithDescription("xDS snapshots set, per node group")); err != nil {
+		return nil, err
+	}
+	if s.translationErrors, err = o.Meter.Int64Counter("mcpgate.xds.translation_errors", metric.WithDescription("policy translations refused; the last good snapshot keeps serving")); err != nil {
+		return nil, err
+	}
+	if s.nacks, err = o.Meter.Int64Counter("mcpgate.xds.nacks", metric.WithDescription("xDS responses rejected by Envoy, by type")); err != nil {
+		return nil, err
+	}
+	s.cache = cachev3.NewSnapshotCache(true, NodeHash{}, cacheLogger(o.Logger.Named("cache")))
+	s.xds = serverv3.NewServer(ctx, s.cache, s)
+	return s, nil
+}
+
+// Register adds the Aggregated Discovery Service (state of the world and delta) to g.
+func (s *Server) Register(g *grpc.Server) {
+	discoveryv3.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
+}
+
+// ServerOptions are the gRPC options of a server dedicated to xDS: Envoy keeps one ADS
+// stream open forever and pings it (the bootstrap sets HTTP/2 keepalives), so pings
+// must be allowed and dead peers detected.
+func ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+	}
+}
+
+// Cache is the snapshot cache (for tests and debugging).
+func (s *Server) Cache() cachev3.SnapshotCache { return s.cache }
+
+// Stats returns the counters.
+func (s *Server) Stats() Stats {
+	return Stats{
+		Snapshots:         s.stats.snapshots.Load(),
+		TranslationErrors: s.stats.translationErrors.Load(),
+		NACKs:             s.stats.nacks.Load(),
+	}
+}
+
+// Run re-translates every connected node group whenever the store publishes a new policy,
+// until ctx ends.
+func (s *Server) Run(ctx context.Context) error {
+	s.updateAll(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.sub:
+			s.updateAll(ctx)
+		}
+	}
+}
+
+func (s *Server) updateAll(ctx context.Context) {
+	s.update.Lock()
+	defer s.update.Unlock()
+	snap := s.store.Current()
+	if snap == nil {
+		return
+	}
+	s.mu.Lock()
+	groups := make([]string, 0, len(s.groups))
+	for g := range s.groups {
+		groups = append(groups, g)
+	}
+	s.mu.Unlock()
+	for _, g := range groups {
+		s.updateGroup(ctx, snap, g)
+	}
+}
+
+// updateGroup translates the policy for one node group and sets its snapshot, unless the
+// content is unchanged. A translation error keeps the last good snapshot.
+func (s *Server) updateGroup(ctx context.Context, snap *policy.Snapshot, group string) {
+	res, err := Translate(snap, group)
+	switch {
+	case errors.Is(err, ErrUnknownNode):
+		// An empty snapshot, not none: Envoy gets an answer (and drops what it had, if
+		// its app was removed from the policy) instead of waiting forever.
+		s.log.Warn("xds node group names no App with a sidecar or Gateway; serving it nothing",
+			zap.String("node_cluster", group), zap.String("policy_version", snap.Version))
+		res = Resources{}
+	case err != nil:
+		s.stats.translationErrors.Add(1)
+		s.translationErrors.Add(ctx, 1)
+		s.log.Error("xds translation failed; the last good snapshot keeps serving",
+			zap.String("node_cluster", group), zap.String("policy_version", snap.Version), zap.Error(err))
+		return
+	}
+	version := res.Hash()
+	if old, err := s.cache.GetSnapshot(group); err == nil && old.GetVersion(resource.ListenerType) == version {
+		return
+	}
+	cs, err := cachev3.NewSnapshot(version, res.ByType())
+	if err == nil {
+		err = cs.Consistent()
+	}
+	if err == nil {
+		err = s.cache.SetSnapshot(ctx, group, cs)
+	}
+	if err != nil {
+		s.stats.translationErrors.Add(1)
+		s.translationErrors.Add(ctx, 1)
+		s.log.Error("xds snapshot refused; the last good snapshot keeps serving",
+			zap.String("node_cluster", group), zap.String("version", version), zap.Error(err))
+		return
+	}
+	s.stats.snapshots.Add(1)
+	s.snapshots.Add(ctx, 1)
+	s.log.Info("xds snapshot set", zap.String("node_cluster", group), zap.String("version", version),
+		zap.String("policy_version", snap.Version), zap.Int("listeners", len(res.Listeners)),
+		zap.Int("clusters", len(res.Clusters)), zap.Int("routes", len(res.Routes)))
+}
+
+// join registers a stream's node group on its first request and, for a group not seen
+// before, sets its snapshot before go-control-plane opens the watch, so the first
+// response needs no wait.
+func (s *Server) join(key streamKey, node *corev3.Node) {
+	s.mu.Lock()
+	if st := s.streams[key]; st != nil || node == nil {
+		s.mu.Unlock()
+		return
+	}
+	group := node.GetCluster()
+	s.streams[key] = &streamState{group: group, sent: map[string]sentResponse{}}
+	s.groups[group]++
+	first := s.groups[group] == 1
+	s.mu.Unlock()
+	s.log.Info("xds stream opened", zap.String("node_cluster", group), zap.String("node_id", node.GetId()), zap.Bool("delta", key.delta))
+	if first {
+		s.update.Lock()
+		if snap := s.store.Current(); snap != nil {
+			s.updateGroup(context.Background(), snap, group)
+		}
+		s.update.Unlock()
+	}
+}
+
+func (s *Server) leave(key streamKey) {
+	s.mu.Lock()
+	st := s.streams[key]
+	delete(s.streams, key)
+	if st == nil {
+		s.mu.Unlock()
+		return
+	}
+	s.groups[st.group]--
+	last := s.groups[st.group] == 0
+	if last {
+		delete(s.groups, st.group)
+	}
+	s.mu.Unlock()
+	if last {
+		// Forget the group: an unbounded set of node.cluster names must not pin memory.
+		// The next stream of the group translates afresh.
+		s.update.Lock()
+		s.mu.Lock()
+		if s.groups[st.group] == 0 {
+			s.cache.ClearSnapshot(st.group)
+		}
+		s.mu.Unlock()
+		s.update.Unlock()
+	}
+}
+
+func (s *Server) nack(ctx context.Context, key streamKey, typeURL, version, msg string) {
+	s.stats.nacks.Add(1)
+	s.nacks.Add(ctx, 1, metric.WithAttributes(attribute.String("type_url", typeURL)))
+	s.mu.Lock()
+	group := ""
+	if st := s.streams[key]; st != nil {
+		group = st.group
+	}
+	s.mu.Unlock()
+	s.log.Error("envoy rejected xds resources (NACK)", zap.String("node_cluster", group),
+		zap.String("type_url", typeURL), zap.String("version", version), zap.String("error_detail", msg))
+}
+
+// OnStreamOpen implements serverv3.Callbacks.
+func (s *Server) OnStreamOpen(context.Context, int64, string) error { return nil }
+
+// OnStreamClosed implements serverv3.Callbacks.
+func (s *Server) OnStreamClosed(id int64, _ *corev3.Node) { s.leave(streamKey{id: id}) }
+
+// OnStreamRequest implements serverv3.Callbacks. A NACK is logged and counted, and the
+// request is marked as being at the rejected version: go-control-plane answers every
+// request whose version differs from the snapshot's at once, so without this Envoy and
+// the server would exchange the same rejected resources in a tight loop. The next
+// snapshot (a fixed policy) has a new version and is sent as usual.
+func (s *Server) OnStreamRequest(id int64, req *discoveryv3.DiscoveryRequest) error {
+	key := streamKey{id: id}
+	s.join(key, req.GetNode())
+	if req.GetErrorDetail() == nil {
+		return nil
+	}
+	s.mu.Lock()
+	var rejected string
+	if st := s.streams[key]; st != nil {
+		if sent, ok := st.sent[req.GetTypeUrl()]; ok && sent.nonce == req.GetResponseNonce() {
+			rejected = sent.version
+		}
+	}
+	s.mu.Unlock()
+	s.nack(context.Background(), key, req.GetTypeUrl(), rejected, req.GetErrorDetail().GetMessage())
+	if rejected != "" {
+		req.VersionInfo = rejected
+	}
+	return nil
+}
+
+// OnStreamResponse implements serverv3.Callbacks: it remembers what was sent, by nonce,
+// so that a NACK can be matched to the version it rejects.
+func (s *Server) OnStreamResponse(_ context.Context, id int64, _ *discoveryv3.DiscoveryRequest, resp *discoveryv3.DiscoveryResponse) {
+	s.mu.Lock()
+	if st := s.streams[streamKey{id: id}]; st != nil {
+		st.sent[resp.GetTypeUrl()] = sentResponse{nonce: resp.GetNonce(), version: resp.GetVersionInfo()}
+	}
+	s.mu.Unlock()
+}
+
+// OnDeltaStreamOpen implements serverv3.Callbacks.
+func (s *Server) OnDeltaStreamOpen(context.Context, int64, string) error { return nil }
+
+// OnDeltaStreamClosed implements serverv3.Callbacks.
+func (s *Server) OnDeltaStreamClosed(id int64, _ *corev3.Node) {
+	s.leave(streamKey{delta: true, id: id})
+}
+
+// OnStreamDeltaRequest implements serverv3.Callbacks. Delta NACKs are logged and counted;
+// go-control-plane does not re-send them (it tracks what it sent, not what was ACKed).
+func (s *Server) OnStreamDeltaRequest(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
+	key := streamKey{delta: true, id: id}
+	s.join(key, req.GetNode())
+	if req.GetErrorDetail() != nil {
+		s.nack(context.Background(), key, req.GetTypeUrl(), "nonce "+req.GetResponseNonce(), req.GetErrorDetail().GetMessage())
+	}
+	return nil
+}
+
+// OnStreamDeltaResponse implements serverv3.Callbacks.
+func (s *Server) OnStreamDeltaResponse(int64, *discoveryv3.DeltaDiscoveryRequest, *discoveryv3.DeltaDiscoveryResponse) {
+}
+
+// OnFetchRequest implements serverv3.Callbacks (REST fetches are not served).
+func (s *Server) OnFetchRequest(context.Context, *discoveryv3.DiscoveryRequest) error { return nil }
+
+// OnFetchResponse implements serverv3.Callbacks.
+func (s *Server) OnFetchResponse(*discoveryv3.DiscoveryRequest, *discoveryv3.DiscoveryResponse) {}
+
+// cacheLogger adapts zap to go-control-plane's logger; its info chatter goes to debug.
+func cacheLogger(l *zap.Logger) log.Logger {
+	sl := l.Sugar()
+	return log.LoggerFuncs{
+		DebugFunc: sl.Debugf,
+		InfoFunc:  sl.Debugf,
+		WarnFunc:  sl.Warnf,
+		ErrorFunc: sl.Errorf,
+	}
+}

@@ -1,0 +1,563 @@
+// Package xds is mcpgate's xDS control plane: it translates the policy snapshot into the
+// Envoy resources of each node (Translate, a pure function), keeps them in
+// go-control-plane's snapshot cache keyed by node.cluster (the App ID or gateway name),
+// and serves them over ADS, re-translating on every policy change.
+package xds
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"sort"
+	"strconv"
+	"strings"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/mcpgate/mcpgate/envoy"
+	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// ErrUnknownNode is returned by Translate for a node.cluster that names no App (with a
+// sidecar) and no Gateway.
+var ErrUnknownNode = errors.New("node cluster names no App with a sidecar and no Gateway")
+
+// Resource names. Listener and route configuration names are per node; cluster names are
+// prefixed by what they reach.
+const (
+	ListenerInbound  = "inbound"
+	ListenerOutbound = "outbound"
+	RouteInbound     = "inbound"
+	RouteOutbound    = "outbound"
+	// ClusterAuthz reaches mcpgate's ext_authz and ext_proc gRPC server (mesh.authz.address).
+	ClusterAuthz = "mcpgate"
+)
+
+// ClusterApp is the cluster of an app's own process (app.address): the upstream of its
+// sidecar's inbound listener and of gateway routes.
+func ClusterApp(id string) string { return "app|" + id }
+
+// ClusterSidecar is the cluster of another app's sidecar inbound listener (mTLS).
+func ClusterSidecar(id string) string { return "sidecar|" + id }
+
+// ClusterEndpoint is the cluster of an HTTPEndpoint.
+func ClusterEndpoint(name string) string { return "endpoint|" + name }
+
+// ListenerGateway names a gateway's listener and route configuration.
+func ListenerGateway(name string) string { return "gateway|" + name }
+
+// authzMaxRequests is the circuit breaker of the mcpgate cluster. Every in-flight request
+// holds an ext_proc stream to mcpgate, so Envoy's default of 1024 would turn load into
+// 503s (the filters fail closed) long before mcpgate is busy.
+const authzMaxRequests = 1 << 16
+
+// Resources are the Envoy resources of one node.
+type Resources struct {
+	Listeners []*listenerv3.Listener
+	Routes    []*routev3.RouteConfiguration
+	Clusters  []*clusterv3.Cluster
+	Endpoints []*endpointv3.ClusterLoadAssignment
+	Secrets   []*tlsv3.Secret
+}
+
+// Translate maps the policy snapshot to the resources of the node whose node.cluster is
+// node: an App ID (its sidecar) or a Gateway name. It does no I/O, reports every problem
+// it finds (errors.Join), and validates every resource (ValidateAll) before returning.
+func Translate(snap *policy.Snapshot, node string) (Resources, error) {
+	if snap == nil || snap.Mesh == nil {
+		return Resources{}, errors.New("no policy snapshot")
+	}
+	t := &translator{snap: snap, clusters: map[string]*clusterv3.Cluster{}}
+	if app := snap.Apps[node]; app != nil && app.Sidecar != nil {
+		t.sidecar(app)
+	} else if gw := snap.Gateways[node]; gw != nil {
+		t.gateway(gw)
+	} else {
+		return Resources{}, fmt.Errorf("%w: %q", ErrUnknownNode, node)
+	}
+	r := t.resources()
+	t.errs = append(t.errs, r.Validate())
+	if err := errors.Join(t.errs...); err != nil {
+		return Resources{}, fmt.Errorf("translate %q: %w", node, err)
+	}
+	return r, nil
+}
+
+// Validate runs ValidateAll on every resource.
+func (r Resources) Validate() error {
+	var errs []error
+	for _, m := range r.all() {
+		errs = append(errs, envoy.Validate(m))
+	}
+	return errors.Join(errs...)
+}
+
+type translator struct {
+	snap      *policy.Snapshot
+	errs      []error
+	listeners []*listenerv3.Listener
+	routes    []*routev3.RouteConfiguration
+	clusters  map[string]*clusterv3.Cluster
+	endpoints []*endpointv3.ClusterLoadAssignment
+	secrets   []*tlsv3.Secret
+}
+
+func (t *translator) errf(format string, args ...any) {
+	t.errs = append(t.errs, fmt.Errorf(format, args...))
+}
+
+func (t *translator) resources() Resources {
+	r := Resources{Listeners: t.listeners, Routes: t.routes, Endpoints: t.endpoints, Secrets: t.secrets}
+	for _, c := range t.clusters {
+		r.Clusters = append(r.Clusters, c)
+	}
+	sort.Slice(r.Clusters, func(i, j int) bool { return r.Clusters[i].Name < r.Clusters[j].Name })
+	sort.Slice(r.Endpoints, func(i, j int) bool { return r.Endpoints[i].ClusterName < r.Endpoints[j].ClusterName })
+	return r
+}
+
+// addCluster adds a cluster (once) and its EDS assignment, if any.
+func (t *translator) addCluster(o envoy.ClusterOptions) {
+	if _, ok := t.clusters[o.Name]; ok {
+		return
+	}
+	c, cla, err := envoy.Cluster(o)
+	if err != nil {
+		t.errf("cluster %s: %w", o.Name, err)
+		return
+	}
+	t.clusters[o.Name] = c
+	if cla != nil {
+		t.endpoints = append(t.endpoints, cla)
+	}
+}
+
+func (t *translator) authzCluster() {
+	host, port, err := splitHostPort(t.snap.Mesh.AuthzAddress, 0)
+	if err != nil {
+		t.errf("mesh authz.address: %w", err)
+		return
+	}
+	t.addCluster(envoy.ClusterOptions{Name: ClusterAuthz, Host: host, Port: port, Protocol: envoy.HTTP2, MaxRequests: authzMaxRequests})
+}
+
+func (t *translator) appCluster(app *policy.App) {
+	host, port, err := splitHostPort(app.Address, 0)
+	if err != nil {
+		t.errf("app %s address: %w", app.ID, err)
+		return
+	}
+	o := envoy.ClusterOptions{Name: ClusterApp(app.ID), Host: host, Port: port, Protocol: envoy.HTTP1}
+	if app.MCP != nil {
+		o.MaxRequests = app.MCP.Resiliency.MaxRequests
+	}
+	t.addCluster(o)
+}
+
+// meshTLS returns the secrets of app's identity, or ok=false when mTLS is disabled. With
+// certDir the secrets are served over ADS as file references; with SPIRE they come from
+// the agent, named as SPIRE names them.
+func (t *translator) meshTLS(app *policy.App) (envoy.MeshTLS, bool) {
+	mesh := t.snap.Mesh
+	if mesh.MTLS == policy.MTLSDisabled {
+		return envoy.MeshTLS{}, false
+	}
+	bundle := "spiffe://" + mesh.TrustDomain
+	src := envoy.SpireSDS()
+	if mesh.SDS.SpireAgentSocket == "" {
+		src = envoy.ADSConfigSource()
+		if len(t.secrets) == 0 {
+			t.secrets = append(t.secrets,
+				envoy.FileCertSecret(app.SpiffeID, mesh.SDS.CertDir),
+				envoy.FileBundleSecret(bundle, mesh.SDS.CertDir))
+		}
+	}
+	return envoy.MeshTLS{Cert: envoy.SecretRef(app.SpiffeID, src), Bundle: envoy.SecretRef(bundle, src)}, true
+}
+
+// sidecar builds the resources of an app's sidecar: the inbound listener when it serves
+// MCP, and the outbound listener (Dapr-style service invocation) for every app.
+func (t *translator) sidecar(app *policy.App) {
+	if app.MCP != nil {
+		t.inbound(app)
+	}
+	t.outbound(app)
+}
+
+func (t *translator) inbound(app *policy.App) {
+	t.authzCluster()
+	t.appCluster(app)
+	ext := map[string]string{extauthz.ContextAppID: app.ID}
+	routes := append(t.prmRoutes(app), t.mcpRoutes(app, app.MCP.Path, ext)...)
+	routes = append(routes, t.notFound())
+	t.routes = append(t.routes, envoy.RouteConfiguration(RouteInbound,
+		envoy.VirtualHost(RouteInbound, []string{"*"}, routes)))
+
+	var ts *corev3.TransportSocket
+	if m, ok := t.meshTLS(app); ok {
+		var err error
+		strict := t.snap.Mesh.MTLS == policy.MTLSStrict
+		if ts, err = envoy.DownstreamMTLS(m, t.snap.Mesh.TrustDomain, strict); err != nil {
+			t.errf("inbound tls: %w", err)
+		}
+	}
+	t.httpListener(envoy.ListenerOptions{
+		Name: ListenerInbound, Address: "0.0.0.0", Port: uint32(app.Sidecar.InboundPort),
+		Direction: corev3.TrafficDirection_INBOUND,
+	}, envoy.HCMOptions{StatPrefix: ListenerInbound, RouteConfig: RouteInbound}, true, ts)
+}
+
+// httpListener adds a listener with one HTTP filter chain; enforce selects the policy
+// filter chain (ext_authz, ext_proc, router) over the router alone.
+func (t *translator) httpListener(lo envoy.ListenerOptions, ho envoy.HCMOptions, enforce bool, ts *corev3.TransportSocket) {
+	var err error
+	if enforce {
+		ho.Filters, err = envoy.HTTPFilters(ClusterAuthz)
+	} else {
+		var router *hcmv3.HttpFilter
+		router, err = envoy.RouterFilter()
+		ho.Filters = []*hcmv3.HttpFilter{router}
+	}
+	if err != nil {
+		t.errf("listener %s: %w", lo.Name, err)
+		return
+	}
+	fc, err := envoy.HTTPFilterChain(lo.Name, envoy.HTTPConnectionManager(ho), ts)
+	if err != nil {
+		t.errf("listener %s: %w", lo.Name, err)
+		return
+	}
+	lo.Chains = []*listenerv3.FilterChain{fc}
+	t.listeners = append(t.listeners, envoy.Listener(lo))
+}
+
+// mcpRoutes are the routes of an app's MCP endpoint at path (rewritten to the app's
+// mcp.path when they differ): the GET event stream and everything else (POST, DELETE).
+func (t *translator) mcpRoutes(app *policy.App, path string, ext map[string]string) []*routev3.Route {
+	m := app.MCP
+	var routes []*routev3.Route
+	authz, err := envoy.ExtAuthzContext(ext)
+	if err != nil {
+		t.errf("app %s: %w", app.ID, err)
+		return nil
+	}
+	per := map[string]*anypb.Any{envoy.FilterExtAuthz: authz}
+	rewrite := ""
+	if path != m.Path {
+		rewrite = m.Path
+	}
+	res := m.Resiliency
+	// GET opens the server's event stream, which lives as long as the session: no
+	// response timeout (the idle timeout still applies). GET is idempotent, so retries
+	// may cover resets too.
+	routes = append(routes, envoy.Forward(app.ID+"/mcp-stream", envoy.WithHeader(envoy.ExactPath(path), ":method", "GET"), envoy.ForwardOptions{
+		Cluster: ClusterApp(app.ID), Timeout: 0, PrefixRewrite: rewrite,
+		Retries: res.Retries, RetryOn: envoy.RetryOnIdempotent, PerFilter: per,
+	}))
+	// POST carries JSON-RPC messages; a tools/call must not run twice, so retries are
+	// only for requests that never reached the app. resiliency.timeout bounds the whole
+	// response (an SSE response included); unset, it is disabled rather than Envoy's 15s.
+	routes = append(routes, envoy.Forward(app.ID+"/mcp", envoy.ExactPath(path), envoy.ForwardOptions{
+		Cluster: ClusterApp(app.ID), Timeout: res.Timeout, PrefixRewrite: rewrite,
+		Retries: res.Retries, RetryOn: envoy.RetryOnUnsent, PerFilter: per,
+		BodyLimit: uint64(maxBody(m)),
+	}))
+	return routes
+}
+
+func maxBody(m *policy.MCP) int64 {
+	if m.Limits.MaxRequestBytes > 0 {
+		return m.Limits.MaxRequestBytes
+	}
+	return policy.DefaultMaxRequestBytes
+}
+
+// prmDocument is the RFC 9728 §2 protected resource metadata.
+type prmDocument struct {
+	Resource               string   `json:"resource"`
+	AuthorizationServers   []string `json:"authorization_servers,omitempty"`
+	ScopesSupported        []string `json:"scopes_supported,omitempty"`
+	BearerMethodsSupported []string `json:"bearer_methods_supported"`
+}
+
+// prmRoutes answer the RFC 9728 metadata document from Envoy itself, at the path derived
+// from mcp.resource (§3.1) and at the root well-known path that older MCP clients ask
+// for. It is public, so ext_authz and ext_proc are off on these routes.
+func (t *translator) prmRoutes(app *policy.App) []*routev3.Route {
+	m := app.MCP
+	if m.MetadataURL == "" {
+		return nil
+	}
+	u, err := url.Parse(m.MetadataURL)
+	if err != nil {
+		t.errf("app %s: metadata URL %q: %w", app.ID, m.MetadataURL, err)
+		return nil
+	}
+	doc := prmDocument{Resource: m.Resource, ScopesSupported: m.Authentication.Scopes, BearerMethodsSupported: []string{"header"}}
+	for _, is := range m.Authentication.Issuers {
+		doc.AuthorizationServers = append(doc.AuthorizationServers, is.Issuer)
+	}
+	body, err := json.Marshal(doc)
+	if err != nil {
+		t.errf("app %s: %w", app.ID, err)
+		return nil
+	}
+	per := t.publicRoute()
+	const root = "/.well-known/oauth-protected-resource"
+	paths := []string{u.EscapedPath()}
+	if paths[0] != root {
+		paths = append(paths, root)
+	}
+	var routes []*routev3.Route
+	for i, p := range paths {
+		name := app.ID + "/prm"
+		if i > 0 {
+			name += "-root"
+		}
+		routes = append(routes, envoy.DirectResponse(name, envoy.ExactPath(p), 200, "application/json", string(body), per))
+	}
+	return routes
+}
+
+// publicRoute turns ext_authz and ext_proc off: for routes Envoy answers itself with
+// public content.
+func (t *translator) publicRoute() map[string]*anypb.Any {
+	a, err := envoy.ExtAuthzDisabled()
+	if err != nil {
+		t.errf("%w", err)
+	}
+	p, err := envoy.ExtProcDisabled()
+	if err != nil {
+		t.errf("%w", err)
+	}
+	return map[string]*anypb.Any{envoy.FilterExtAuthz: a, envoy.FilterExtProc: p}
+}
+
+// notFound answers every path no other route claims: nothing unlisted reaches the app.
+func (t *translator) notFound() *routev3.Route {
+	return envoy.DirectResponse("not-found", envoy.Prefix("/"), 404, "", "", t.publicRoute())
+}
+
+// outbound is Dapr's service invocation on 127.0.0.1:outboundPort: the app calls
+// /v1.0/invoke/<app-id>/method/<rest>, or any path with dapr-app-id: <app-id>, and its
+// sidecar forwards to the target's sidecar over mTLS (or to an HTTPEndpoint). Policy is
+// enforced by the target's sidecar, so this listener runs the router only.
+func (t *translator) outbound(app *policy.App) {
+	if app.Sidecar.OutboundPort == 0 {
+		return
+	}
+	own, mtls := t.meshTLS(app)
+	var invoke, byHeader []*routev3.Route
+	targets := map[string]bool{}
+	for _, id := range sortedKeys(t.snap.Apps) {
+		target := t.snap.Apps[id]
+		if target.MCP == nil || target.Sidecar == nil {
+			continue // only MCP apps have an inbound listener to reach
+		}
+		targets[id] = true
+		o := envoy.ClusterOptions{
+			Name: ClusterSidecar(id), Protocol: envoy.HTTP1,
+			MaxRequests: target.MCP.Resiliency.MaxRequests, OutlierDetection: true,
+		}
+		o.Host, o.Port = target.Sidecar.Address, uint32(target.Sidecar.InboundPort)
+		if mtls {
+			ts, err := envoy.UpstreamMTLS(own, target.SpiffeID)
+			if err != nil {
+				t.errf("cluster %s: %w", o.Name, err)
+				continue
+			}
+			o.TransportSocket, o.Protocol = ts, envoy.HTTPAuto
+		}
+		t.addCluster(o)
+		fo := envoy.ForwardOptions{
+			Cluster: o.Name, Timeout: 0, // the target's sidecar enforces the app's timeout
+			Retries: target.MCP.Resiliency.Retries, RetryOn: envoy.RetryOnUnsent,
+		}
+		invoke = append(invoke, t.invokeRoute(id, "/", fo))
+		byHeader = append(byHeader, t.headerRoute(id, "", fo))
+	}
+	for _, name := range sortedKeys(t.snap.Endpoints) {
+		if targets[name] {
+			continue // an App of the same name wins, as its routes come first
+		}
+		ep := t.snap.Endpoints[name]
+		fo, ok := t.endpointCluster(ep)
+		if !ok {
+			continue
+		}
+		base := basePath(ep.BaseURL)
+		invoke = append(invoke, t.invokeRoute(name, base, fo))
+		byHeader = append(byHeader, t.headerRoute(name, base, fo))
+	}
+	routes := append(invoke, byHeader...)
+	routes = append(routes, envoy.DirectResponse("not-found", envoy.Prefix("/"), 404, "", "", nil))
+	t.routes = append(t.routes, envoy.RouteConfiguration(RouteOutbound,
+		envoy.VirtualHost(RouteOutbound, []string{"*"}, routes)))
+	t.httpListener(envoy.ListenerOptions{
+		// Loopback only: the outbound listener forwards with this app's identity.
+		Name: ListenerOutbound, Address: "127.0.0.1", Port: uint32(app.Sidecar.OutboundPort),
+		Direction: corev3.TrafficDirection_OUTBOUND,
+	}, envoy.HCMOptions{StatPrefix: ListenerOutbound, RouteConfig: RouteOutbound}, false, nil)
+}
+
+// invokeRoute is /v1.0/invoke/<id>/method/<rest> → <rewrite><rest>.
+func (t *translator) invokeRoute(id, rewrite string, fo envoy.ForwardOptions) *routev3.Route {
+	fo.PrefixRewrite = rewrite
+	return envoy.Forward("invoke/"+id, envoy.Prefix("/v1.0/invoke/"+id+"/method/"), fo)
+}
+
+// headerRoute is any path with dapr-app-id: <id>.
+func (t *translator) headerRoute(id, rewrite string, fo envoy.ForwardOptions) *routev3.Route {
+	if rewrite != "/" {
+		fo.PrefixRewrite = rewrite
+	}
+	return envoy.Forward("header/"+id, envoy.WithHeader(envoy.Prefix("/"), "dapr-app-id", id), fo)
+}
+
+// endpointCluster adds the cluster of an HTTPEndpoint and returns the route options
+// reaching it (host rewritten to the endpoint's, its headers added).
+func (t *translator) endpointCluster(ep *policy.HTTPEndpoint) (envoy.ForwardOptions, bool) {
+	if ep.BaseURL == nil {
+		t.errf("endpoint %s: no baseUrl", ep.Name)
+		return envoy.ForwardOptions{}, false
+	}
+	def := uint32(443)
+	if ep.BaseURL.Scheme == "http" {
+		def = 80
+	}
+	host, port, err := splitHostPort(ep.BaseURL.Host, def)
+	if err != nil {
+		t.errf("endpoint %s: %w", ep.Name, err)
+		return envoy.ForwardOptions{}, false
+	}
+	o := envoy.ClusterOptions{Name: ClusterEndpoint(ep.Name), Host: host, Port: port, Internet: true, Protocol: envoy.HTTP1, OutlierDetection: true}
+	if ep.BaseURL.Scheme == "https" {
+		if o.TransportSocket, err = envoy.UpstreamPublicTLS(host); err != nil {
+			t.errf("endpoint %s: %w", ep.Name, err)
+			return envoy.ForwardOptions{}, false
+		}
+	}
+	t.addCluster(o)
+	return envoy.ForwardOptions{Cluster: o.Name, Timeout: 0, HostRewrite: ep.BaseURL.Host, HeadersToAdd: ep.Headers}, true
+}
+
+// gateway builds an edge listener for callers outside the mesh. Routes go to the app's
+// process (app.address), not through its sidecar: the gateway runs the same ext_authz and
+// ext_proc chain with the app's policy (context_extensions app_id and gateway), and a
+// second enforcement at the sidecar would see the gateway's identity as the caller.
+func (t *translator) gateway(gw *policy.Gateway) {
+	t.authzCluster()
+	name := ListenerGateway(gw.Name)
+	type vhost struct {
+		routes []*routev3.Route
+		prm    map[string]bool
+	}
+	var hosts []string
+	vhosts := map[string]*vhost{}
+	for i, r := range gw.Routes {
+		host := r.Host
+		if host == "" {
+			host = "*"
+		}
+		vh := vhosts[host]
+		if vh == nil {
+			vh = &vhost{prm: map[string]bool{}}
+			vhosts[host] = vh
+			hosts = append(hosts, host)
+		}
+		ext := map[string]string{extauthz.ContextGateway: gw.Name}
+		switch {
+		case r.App != nil && r.App.MCP != nil:
+			ext[extauthz.ContextAppID] = r.App.ID
+			t.appCluster(r.App)
+			if !vh.prm[r.App.ID] { // once per host, however many paths reach the app
+				vh.prm[r.App.ID] = true
+				vh.routes = append(vh.routes, t.prmRoutes(r.App)...)
+			}
+			vh.routes = append(vh.routes, t.mcpRoutes(r.App, r.Path, ext)...)
+		case r.Endpoint != nil:
+			// ext_authz decides on app_id; an HTTPEndpoint has no MCP policy of its own
+			// yet, so mcpgate refuses these requests (fail closed) until it has one.
+			ext[extauthz.ContextAppID] = r.Endpoint.Name
+			fo, ok := t.endpointCluster(r.Endpoint)
+			if !ok {
+				continue
+			}
+			authz, err := envoy.ExtAuthzContext(ext)
+			if err != nil {
+				t.errf("gateway %s route %d: %w", gw.Name, i, err)
+				continue
+			}
+			fo.PerFilter = map[string]*anypb.Any{envoy.FilterExtAuthz: authz}
+			fo.PrefixRewrite = basePath(r.Endpoint.BaseURL)
+			m := envoy.Prefix("/")
+			if r.Path != "/" {
+				m = envoy.PathSeparatedPrefix(strings.TrimSuffix(r.Path, "/"))
+				fo.PrefixRewrite = strings.TrimSuffix(fo.PrefixRewrite, "/")
+			}
+			vh.routes = append(vh.routes, envoy.Forward(fmt.Sprintf("endpoint/%s/%d", r.Endpoint.Name, i), m, fo))
+		default:
+			t.errf("gateway %s route %d: neither an MCP app nor an endpoint", gw.Name, i)
+		}
+	}
+	var vhs []*routev3.VirtualHost
+	for _, h := range hosts {
+		vhs = append(vhs, envoy.VirtualHost(h, []string{h}, append(vhosts[h].routes, t.notFound())))
+	}
+	t.routes = append(t.routes, envoy.RouteConfiguration(name, vhs...))
+
+	var ts *corev3.TransportSocket
+	if gw.TLS != nil {
+		var err error
+		if ts, err = envoy.DownstreamFileTLS(gw.TLS.CertFile, gw.TLS.KeyFile); err != nil {
+			t.errf("gateway %s tls: %w", gw.Name, err)
+		}
+	}
+	t.httpListener(envoy.ListenerOptions{
+		Name: name, Address: "0.0.0.0", Port: uint32(gw.Port), Direction: corev3.TrafficDirection_INBOUND,
+	}, envoy.HCMOptions{StatPrefix: "gateway_" + gw.Name, RouteConfig: name, Edge: true}, true, ts)
+}
+
+// basePath is the path of a base URL with a trailing slash, the prefix its callers'
+// paths are appended to.
+func basePath(u *url.URL) string {
+	p := u.EscapedPath()
+	if !strings.HasSuffix(p, "/") {
+		p += "/"
+	}
+	return p
+}
+
+func splitHostPort(hp string, defPort uint32) (string, uint32, error) {
+	host, ps, err := net.SplitHostPort(hp)
+	if err != nil {
+		if defPort == 0 {
+			return "", 0, fmt.Errorf("%q is not host:port", hp)
+		}
+		return strings.Trim(hp, "[]"), defPort, nil
+	}
+	port, err := strconv.ParseUint(ps, 10, 16)
+	if err != nil || port == 0 {
+		return "", 0, fmt.Errorf("%q: bad port", hp)
+	}
+	return host, uint32(port), nil
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}

@@ -1,0 +1,332 @@
+package xds
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	"github.com/google/go-cmp/cmp"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/testing/protocmp"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/mcpgate/mcpgate/envoy"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files under testdata/xds/golden")
+
+const goldenRoot = "../testdata/xds/golden"
+
+// goldenCases maps a case name to its policy directory. Each case's golden directory
+// holds one file per node (every App with a sidecar and every Gateway), except where
+// goldenNodes names a few.
+var goldenCases = map[string]string{
+	"demo":           "../testdata/demo",
+	"strict-certdir": "../testdata/xds/strict-certdir",
+	"permissive":     "../testdata/xds/permissive",
+	"disabled":       "../testdata/xds/disabled",
+	"endpoint":       "../testdata/xds/endpoint",
+	"gateway":        "../testdata/xds/gateway",
+	"resiliency":     "../testdata/xds/resiliency",
+	"many-apps":      "../testdata/xds/many-apps",
+}
+
+// goldenNodes limits the nodes pinned for large cases (every node is still translated
+// and validated).
+var goldenNodes = map[string][]string{"many-apps": {"app01", "app20"}}
+
+func TestTranslateGolden(t *testing.T) {
+	for name, dir := range goldenCases {
+		t.Run(name, func(t *testing.T) {
+			snap := requireLoad(t, dir)
+			gdir := filepath.Join(goldenRoot, name)
+			written := map[string]bool{}
+			for _, node := range nodesOf(snap) {
+				got, err := Translate(snap, node)
+				if err != nil {
+					t.Fatalf("Translate(%s): %v", node, err)
+				}
+				requireDeepValid(t, got)
+				if only := goldenNodes[name]; only != nil && !slices.Contains(only, node) {
+					continue
+				}
+				file := filepath.Join(gdir, node+".yaml")
+				written[node+".yaml"] = true
+				if *update {
+					y, err := got.YAML()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if err := os.MkdirAll(gdir, 0o755); err != nil {
+						t.Fatal(err)
+					}
+					if err := os.WriteFile(file, y, 0o644); err != nil {
+						t.Fatal(err)
+					}
+					continue
+				}
+				b, err := os.ReadFile(file)
+				if err != nil {
+					t.Fatalf("%v (run go test ./xds -update)", err)
+				}
+				want, err := ParseYAML(b)
+				if err != nil {
+					t.Fatalf("%s: %v", file, err)
+				}
+				if diff := cmp.Diff(want, got, protocmp.Transform()); diff != "" {
+					t.Errorf("%s: resources differ from the golden file (-want +got; go test ./xds -update rewrites):\n%s", file, diff)
+				}
+			}
+			entries, _ := os.ReadDir(gdir)
+			for _, e := range entries {
+				if written[e.Name()] {
+					continue
+				}
+				if *update {
+					_ = os.Remove(filepath.Join(gdir, e.Name()))
+				} else {
+					t.Errorf("stale golden file %s (go test ./xds -update removes it)", filepath.Join(gdir, e.Name()))
+				}
+			}
+		})
+	}
+	entries, _ := os.ReadDir(goldenRoot)
+	for _, e := range entries {
+		if _, ok := goldenCases[e.Name()]; ok {
+			continue
+		}
+		if *update {
+			_ = os.RemoveAll(filepath.Join(goldenRoot, e.Name()))
+		} else {
+			t.Errorf("stale golden directory %s", e.Name())
+		}
+	}
+}
+
+// TestYAMLRoundTrip checks that the rendering parses back to the same resources, which
+// the golden comparison relies on.
+func TestYAMLRoundTrip(t *testing.T) {
+	snap := requireLoad(t, "../testdata/xds/strict-certdir")
+	got, err := Translate(snap, "server")
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, err := got.YAML()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := ParseYAML(y)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(got, back, protocmp.Transform()); diff != "" {
+		t.Fatal(diff)
+	}
+}
+
+func TestTranslateUnknownNode(t *testing.T) {
+	snap := requireLoad(t, "../testdata/demo")
+	if _, err := Translate(snap, "nobody"); !errors.Is(err, ErrUnknownNode) {
+		t.Fatalf("want ErrUnknownNode, got %v", err)
+	}
+	if _, err := Translate(nil, "inventory"); err == nil {
+		t.Fatal("want an error for a nil snapshot")
+	}
+}
+
+// TestInboundContract pins the Envoy side of the ext_authz and ext_proc contracts on the
+// demo's MCP server, independently of the golden files.
+func TestInboundContract(t *testing.T) {
+	snap := requireLoad(t, "../testdata/demo")
+	res, err := Translate(snap, "inventory")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hcm hcmv3.HttpConnectionManager
+	requireUnpack(t, res.Listeners[0].FilterChains[0].Filters[0].GetTypedConfig(), &hcm)
+	var names []string
+	for _, f := range hcm.HttpFilters {
+		names = append(names, f.Name)
+	}
+	if want := []string{envoy.FilterExtAuthz, envoy.FilterExtProc, envoy.FilterRouter}; !cmp.Equal(names, want) {
+		t.Fatalf("filter order %v, want %v", names, want)
+	}
+	var authz extauthzv3.ExtAuthz
+	requireUnpack(t, hcm.HttpFilters[0].GetTypedConfig(), &authz)
+	if authz.FailureModeAllow || authz.GetGrpcService().GetEnvoyGrpc().GetClusterName() != ClusterAuthz {
+		t.Errorf("ext_authz must fail closed and call %s: %v", ClusterAuthz, &authz)
+	}
+	var proc extprocv3.ExternalProcessor
+	requireUnpack(t, hcm.HttpFilters[1].GetTypedConfig(), &proc)
+	pm := proc.GetProcessingMode()
+	if proc.FailureModeAllow || !proc.AllowModeOverride || pm.GetRequestBodyMode() != extprocv3.ProcessingMode_BUFFERED ||
+		pm.GetResponseBodyMode() != extprocv3.ProcessingMode_NONE || proc.GetMessageTimeout().AsDuration() < envoy.ExtProcMessageTimeout ||
+		!cmp.Equal(proc.GetMetadataOptions().GetForwardingNamespaces().GetUntyped(), []string{"envoy.filters.http.ext_authz"}) {
+		t.Errorf("ext_proc config does not match the contract: %v", &proc)
+	}
+	app := snap.Apps["inventory"]
+	var mcpRoutes int
+	for _, r := range res.Routes[0].VirtualHosts[0].Routes {
+		if r.GetMatch().GetPath() != app.MCP.Path {
+			continue
+		}
+		mcpRoutes++
+		var per extauthzv3.ExtAuthzPerRoute
+		requireUnpack(t, r.TypedPerFilterConfig[envoy.FilterExtAuthz], &per)
+		if got := per.GetCheckSettings().GetContextExtensions()["app_id"]; got != "inventory" {
+			t.Errorf("route %s: context_extensions app_id %q", r.Name, got)
+		}
+		if r.GetRoute().GetCluster() != ClusterApp("inventory") {
+			t.Errorf("route %s goes to %s", r.Name, r.GetRoute().GetCluster())
+		}
+		if len(r.GetMatch().GetHeaders()) == 0 { // the POST route
+			if r.GetRequestBodyBufferLimit().GetValue() != uint64(app.MCP.Limits.MaxRequestBytes) {
+				t.Errorf("body limit %v", r.GetRequestBodyBufferLimit())
+			}
+			if r.GetRoute().GetRetryPolicy().GetRetryOn() != envoy.RetryOnUnsent {
+				t.Errorf("POST retries on %q", r.GetRoute().GetRetryPolicy().GetRetryOn())
+			}
+		} else if r.GetRoute().GetTimeout().AsDuration() != 0 {
+			t.Errorf("the GET event stream must have no response timeout")
+		}
+	}
+	if mcpRoutes != 2 {
+		t.Fatalf("want 2 routes for %s, got %d", app.MCP.Path, mcpRoutes)
+	}
+	last := res.Routes[0].VirtualHosts[0].Routes[len(res.Routes[0].VirtualHosts[0].Routes)-1]
+	if last.GetDirectResponse().GetStatus() != 404 {
+		t.Errorf("the last route must answer 404, got %v", last)
+	}
+}
+
+func TestOutboundDaprRouting(t *testing.T) {
+	snap := requireLoad(t, "../testdata/demo")
+	res, err := Translate(snap, "my-agent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Listeners) != 1 || res.Listeners[0].Name != ListenerOutbound {
+		t.Fatalf("an agent has only the outbound listener, got %d", len(res.Listeners))
+	}
+	if a := res.Listeners[0].Address.GetSocketAddress(); a.Address != "127.0.0.1" || a.GetPortValue() != 3500 {
+		t.Fatalf("outbound listener on %v", a)
+	}
+	byName := map[string]*routev3.Route{}
+	for _, r := range res.Routes[0].VirtualHosts[0].Routes {
+		byName[r.Name] = r
+	}
+	inv := byName["invoke/inventory"]
+	if inv.GetMatch().GetPrefix() != "/v1.0/invoke/inventory/method/" || inv.GetRoute().GetPrefixRewrite() != "/" || inv.GetRoute().GetCluster() != ClusterSidecar("inventory") {
+		t.Errorf("invoke route: %v", inv)
+	}
+	hdr := byName["header/inventory"]
+	if h := hdr.GetMatch().GetHeaders(); len(h) != 1 || h[0].Name != "dapr-app-id" || h[0].GetStringMatch().GetExact() != "inventory" {
+		t.Errorf("header route: %v", hdr)
+	}
+	for _, c := range res.Clusters {
+		if c.Name != ClusterSidecar("inventory") {
+			continue
+		}
+		requireDeepValid(t, c)
+		if !strings.Contains(c.TransportSocket.String(), "spiffe://example.org/ns/default/inventory") {
+			t.Errorf("the cluster to inventory must verify its SPIFFE ID: %v", c.TransportSocket)
+		}
+	}
+}
+
+func requireLoad(t testing.TB, dir string) *policy.Snapshot {
+	t.Helper()
+	snap, err := policy.LoadDir(context.Background(), dir)
+	if err != nil {
+		t.Fatalf("load %s: %v", dir, err)
+	}
+	return snap
+}
+
+// nodesOf lists every node a snapshot programs: apps with a sidecar and gateways.
+func nodesOf(snap *policy.Snapshot) []string {
+	var nodes []string
+	for id, a := range snap.Apps {
+		if a.Sidecar != nil {
+			nodes = append(nodes, id)
+		}
+	}
+	for name := range snap.Gateways {
+		nodes = append(nodes, name)
+	}
+	sort.Strings(nodes)
+	return nodes
+}
+
+func requireUnpack(t testing.TB, a *anypb.Any, m proto.Message) {
+	t.Helper()
+	if a == nil {
+		t.Fatalf("no typed config for %T", m)
+	}
+	if err := a.UnmarshalTo(m); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// requireDeepValid runs ValidateAll on every resource and, recursively, on every message
+// packed in an Any inside it (typed_config of filters, transport sockets, protocol
+// options, per-route configs), which protoc-gen-validate does not look into.
+func requireDeepValid(t testing.TB, v any) {
+	t.Helper()
+	var msgs []proto.Message
+	switch x := v.(type) {
+	case Resources:
+		msgs = x.all()
+	case proto.Message:
+		msgs = []proto.Message{x}
+	}
+	for _, m := range msgs {
+		if err := deepValidate(m.ProtoReflect()); err != nil {
+			t.Errorf("%s: %v", m.ProtoReflect().Descriptor().FullName(), err)
+		}
+	}
+}
+
+func deepValidate(m protoreflect.Message) error {
+	if a, ok := m.Interface().(*anypb.Any); ok {
+		inner, err := a.UnmarshalNew()
+		if err != nil {
+			return err
+		}
+		if err := envoy.Validate(inner); err != nil {
+			return err
+		}
+		return deepValidate(inner.ProtoReflect())
+	}
+	var err error
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		switch {
+		case fd.IsList() && fd.Message() != nil:
+			l := v.List()
+			for i := 0; i < l.Len() && err == nil; i++ {
+				err = deepValidate(l.Get(i).Message())
+			}
+		case fd.IsMap() && fd.MapValue().Message() != nil:
+			v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool {
+				err = deepValidate(mv.Message())
+				return err == nil
+			})
+		case fd.Message() != nil && !fd.IsList() && !fd.IsMap():
+			err = deepValidate(v.Message())
+		}
+		return err == nil
+	})
+	return err
+}
