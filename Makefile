@@ -43,7 +43,7 @@ fmt: ## Format the code
 	gofmt -w $$(git ls-files '*.go')
 
 bench: ## Benchmarks: Check and ext_proc exchanges beside no-op servers, Rego, list filtering, parsing
-	go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./extauthz/... ./extproc/... ./policy/...
+	go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./extauthz/... ./extproc/... ./policy/... ./xds/...
 
 fuzz: ## Run each fuzz target briefly (FUZZTIME=15s); seeds live in testdata/fuzz
 	go test -run '^$$' -fuzz '^FuzzLoad$$' -fuzztime $(FUZZTIME) ./policy

@@ -120,7 +120,7 @@ type gate struct {
 // answers 200.
 func startGate(t *testing.T, configDir string, args ...string) *gate {
 	t.Helper()
-	argv := append([]string{"serve", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"}, args...)
+	argv := append([]string{"serve", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0"}, args...)
 	if configDir != "" {
 		argv = append(argv, "--config", configDir)
 	}

@@ -75,3 +75,34 @@ func TestVersion(t *testing.T) {
 		t.Fatalf("code %d, out %q", code, out)
 	}
 }
+
+func TestRenderDemo(t *testing.T) {
+	out, errOut, code := run(t, "render", "--app", "inventory", "--config", "../../testdata/demo")
+	if code != 0 {
+		t.Fatalf("code %d, stderr %q", code, errOut)
+	}
+	for _, want := range []string{"listeners:", "envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc", "app_id: inventory", "clusters:", "/.well-known/oauth-protected-resource/mcp"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("render output lacks %q", want)
+		}
+	}
+	_, errOut, code = run(t, "render", "--app", "nope", "--config", "../../testdata/demo")
+	if code == 0 || !strings.Contains(errOut, "nope") {
+		t.Fatalf("unknown app: code %d, stderr %q", code, errOut)
+	}
+}
+
+func TestBootstrap(t *testing.T) {
+	out, errOut, code := run(t, "bootstrap", "--app", "my-agent", "--xds-address", "mcpgate:18000")
+	if code != 0 {
+		t.Fatalf("code %d, stderr %q", code, errOut)
+	}
+	for _, want := range []string{"cluster: my-agent", "ads_config:", "port_value: 18000", "admin:"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("bootstrap lacks %q:\n%s", want, out)
+		}
+	}
+	if _, _, code := run(t, "bootstrap", "--app", "my-agent", "--xds-address", "no-port"); code == 0 {
+		t.Fatal("a bad --xds-address was accepted")
+	}
+}

@@ -34,6 +34,7 @@ import (
 type serveFlags struct {
 	config       string
 	grpcAddr     string
+	xdsAddr      string
 	adminAddr    string
 	logLevel     string
 	debounce     time.Duration
@@ -58,6 +59,7 @@ Without --config the embedded demo policy (testdata/demo) is served.`,
 	fl := cmd.Flags()
 	fl.StringVar(&f.config, "config", "", "policy directory (default: the embedded demo policy)")
 	fl.StringVar(&f.grpcAddr, "grpc-addr", "127.0.0.1:9001", "ext_authz and ext_proc gRPC listen address (empty: disabled)")
+	fl.StringVar(&f.xdsAddr, "xds-addr", "127.0.0.1:18000", "xDS ADS listen address for Envoy (empty: disabled)")
 	fl.StringVar(&f.adminAddr, "admin-addr", "127.0.0.1:9902", "admin HTTP listen address: /healthz /readyz /metrics /debug/snapshot (empty: disabled)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.DurationVar(&f.debounce, "reload-debounce", 100*time.Millisecond, "wait this long after a policy file event before reloading")
@@ -160,6 +162,12 @@ func serve(ctx context.Context, f *serveFlags) error {
 			authz.Close() // every decision made is logged before exit
 			return nil
 		})
+	}
+
+	if f.xdsAddr != "" {
+		if err := startXDS(ctx, g, f.xdsAddr, store, log, tel); err != nil {
+			return err
+		}
 	}
 
 	if f.adminAddr != "" {
