@@ -75,6 +75,8 @@ type Decision struct {
 	MCPPath   string
 	// wantClaims: the target has a Rego policy, which may read the token's claims.
 	wantClaims bool
+	// pv holds the response values of Principal, from the server's cache.
+	pv *principalValues
 }
 
 // request is what decide reads from a CheckRequest, normalized.
@@ -247,6 +249,7 @@ func (s *Server) decide(ctx context.Context, snap *policy.Snapshot, req *authv3.
 			return d.challenge(m, "invalid_token", "token_"+bearer.Reason(err), "invalid bearer token: "+err.Error())
 		}
 		d.Principal = p
+		d.pv = s.principals.get(p)
 	}
 	if d.Principal == nil && m.Authentication.Required {
 		return d.challenge(m, "", ReasonTokenMissing, "a bearer token is required")

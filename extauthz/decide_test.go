@@ -417,7 +417,7 @@ func TestCheckAllowedResponse(t *testing.T) {
 	md := resp.GetDynamicMetadata().AsMap()
 	want := map[string]any{
 		MetaTarget: "inventory", MetaCallerAppID: "my-agent", MetaCallerNamespace: "default",
-		MetaSpiffeID: agentID, MetaSubject: "alice@example.com", MetaIssuer: "corp", MetaMCPPath: "/mcp",
+		MetaSpiffeID: agentID, MetaSubject: "alice@example.com", MetaIssuer: "corp",
 	}
 	for k, v := range want {
 		if md[k] != v {

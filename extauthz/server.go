@@ -48,7 +48,6 @@ const (
 	MetaScopes          = "scopes"
 	MetaTokenExpiry     = "token_exp"
 	MetaClaimsJSON      = "claims_json"
-	MetaMCPPath         = "mcp_path"
 	MetaGateway         = "gateway"
 )
 
@@ -72,6 +71,8 @@ type Server struct {
 	count    metric.Int64Counter
 	latency  metric.Float64Histogram
 	attrs    attrCache
+	// principals caches what each verified token contributes to a response.
+	principals principalCache
 
 	// Decisions are logged and counted by one background goroutine, off the request
 	// path: encoding a JSON log line and updating histograms cost more than deciding.
@@ -257,8 +258,15 @@ func (d *Decision) okResponse() *authv3.CheckResponse {
 		add(HeaderCallerAppID, d.Caller.AppID)
 		add(HeaderDaprCallerAppID, d.Caller.AppID)
 	}
-	if p := d.Principal; p != nil && isHeaderSafe(p.Subject) {
-		add(HeaderSubject, p.Subject)
+	if p := d.Principal; p != nil {
+		pv := d.pv
+		if pv == nil {
+			pv = newPrincipalValues(p)
+		}
+		if pv.subjectHeader != nil {
+			ok.Headers = append(ok.Headers, pv.subjectHeader)
+			set[HeaderSubject] = true
+		}
 	}
 	// Spoofed identity headers are removed. The ones set above are left out of the
 	// removal list: they are overwritten anyway, and Envoy's order of set and remove
@@ -283,23 +291,19 @@ func (d *Decision) metadata() *structpb.Struct {
 		MetaCallerAppID:     structpb.NewStringValue(d.Caller.AppID),
 		MetaCallerNamespace: structpb.NewStringValue(d.Caller.Namespace),
 		MetaSpiffeID:        structpb.NewStringValue(d.SpiffeID),
-		MetaMCPPath:         structpb.NewStringValue(d.MCPPath),
 	}
 	if d.Gateway != "" {
 		f[MetaGateway] = structpb.NewStringValue(d.Gateway)
 	}
 	if p := d.Principal; p != nil {
-		f[MetaSubject] = structpb.NewStringValue(p.Subject)
-		f[MetaIssuer] = structpb.NewStringValue(p.Issuer.Name)
-		scopes := make([]*structpb.Value, len(p.Scopes))
-		for i, sc := range p.Scopes {
-			scopes[i] = structpb.NewStringValue(sc)
+		pv := d.pv
+		if pv == nil {
+			pv = newPrincipalValues(p)
 		}
-		f[MetaScopes] = structpb.NewListValue(&structpb.ListValue{Values: scopes})
-		f[MetaTokenExpiry] = structpb.NewNumberValue(float64(p.ExpiresAt.Unix()))
+		f[MetaSubject], f[MetaIssuer], f[MetaScopes], f[MetaTokenExpiry] = pv.subject, pv.issuer, pv.scopes, pv.exp
 		// Only Rego reads claims; other apps are spared the bytes on every request.
-		if d.wantClaims && len(p.RawClaims) > 0 {
-			f[MetaClaimsJSON] = structpb.NewStringValue(string(p.RawClaims))
+		if d.wantClaims && pv.claims != nil {
+			f[MetaClaimsJSON] = pv.claims
 		}
 	}
 	return &structpb.Struct{Fields: f}
@@ -359,4 +363,60 @@ func newDecisionID() string {
 		}
 	}
 	return hex.EncodeToString(b[:])
+}
+
+// principalValues are the metadata values and header derived from one verified token.
+// The verifier returns the same *Principal for every use of a cached token, so they are
+// built once per token instead of per request. Sharing them between responses is safe:
+// gRPC only reads a message while marshalling it, and protobuf-go allows concurrent
+// marshalling of an unmodified message.
+type principalValues struct {
+	subject, issuer, scopes, exp, claims *structpb.Value
+	subjectHeader                        *corev3.HeaderValueOption // nil if not header-safe
+}
+
+func newPrincipalValues(p *bearer.Principal) *principalValues {
+	scopes := make([]*structpb.Value, len(p.Scopes))
+	for i, sc := range p.Scopes {
+		scopes[i] = structpb.NewStringValue(sc)
+	}
+	pv := &principalValues{
+		subject: structpb.NewStringValue(p.Subject),
+		issuer:  structpb.NewStringValue(p.Issuer.Name),
+		scopes:  structpb.NewListValue(&structpb.ListValue{Values: scopes}),
+		exp:     structpb.NewNumberValue(float64(p.ExpiresAt.Unix())),
+	}
+	if len(p.RawClaims) > 0 {
+		pv.claims = structpb.NewStringValue(string(p.RawClaims))
+	}
+	if isHeaderSafe(p.Subject) {
+		pv.subjectHeader = header(HeaderSubject, p.Subject)
+	}
+	return pv
+}
+
+// principalCache maps verified principals to their values. Bounded: cleared when full,
+// which only costs rebuilding values for tokens still in use.
+type principalCache struct {
+	mu sync.RWMutex
+	m  map[*bearer.Principal]*principalValues
+}
+
+const maxPrincipals = 10000
+
+func (c *principalCache) get(p *bearer.Principal) *principalValues {
+	c.mu.RLock()
+	pv := c.m[p]
+	c.mu.RUnlock()
+	if pv != nil {
+		return pv
+	}
+	pv = newPrincipalValues(p)
+	c.mu.Lock()
+	if c.m == nil || len(c.m) >= maxPrincipals {
+		c.m = make(map[*bearer.Principal]*principalValues, 64)
+	}
+	c.m[p] = pv
+	c.mu.Unlock()
+	return pv
 }
