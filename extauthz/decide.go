@@ -331,7 +331,7 @@ func callerFromSpiffe(principal, trustDomain string) (policy.Caller, string, err
 		return policy.Caller{}, ReasonForeignDomain, fmt.Errorf("peer SPIFFE ID is from trust domain %q, not %q", id.TrustDomain().Name(), trustDomain)
 	}
 	segs := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
-	if len(segs) != 3 || segs[0] != "ns" || !isDNSLabel(segs[1]) || !isDNSLabel(segs[2]) {
+	if len(segs) != 3 || segs[0] != "ns" || !policy.IsDNSLabel(segs[1]) || !policy.IsDNSLabel(segs[2]) {
 		return policy.Caller{}, ReasonBadIdentity, fmt.Errorf("peer SPIFFE ID %s is not of the form spiffe://%s/ns/<namespace>/<app-id>", principal, trustDomain)
 	}
 	return policy.Caller{AppID: segs[2], Namespace: segs[1], TrustDomain: trustDomain}, "", nil
@@ -340,7 +340,7 @@ func callerFromSpiffe(principal, trustDomain string) (policy.Caller, string, err
 // callerFromToken names a JWT-only caller by its issuer's appIdClaim. Without one (or with
 // a value that is not an App ID) the caller is anonymous and only defaultAction applies.
 func callerFromToken(p *bearer.Principal, trustDomain string) policy.Caller {
-	if p == nil || p.AppID == "" || !isDNSLabel(p.AppID) {
+	if p == nil || p.AppID == "" || !policy.IsDNSLabel(p.AppID) {
 		return policy.Caller{}
 	}
 	return policy.Caller{AppID: p.AppID, Namespace: policy.DefaultNamespace, TrustDomain: trustDomain}
@@ -368,17 +368,4 @@ func missingScopes(need []string, p *bearer.Principal) []string {
 		}
 	}
 	return missing
-}
-
-func isDNSLabel(s string) bool {
-	if len(s) == 0 || len(s) > 63 || s[0] == '-' || s[len(s)-1] == '-' {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
-			return false
-		}
-	}
-	return true
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/open-policy-agent/opa/v1/ast"
@@ -226,14 +227,14 @@ func describe(r *Request) string {
 // prompts and resources name what the request targets: if any is set, the request must
 // be a call of a kind the rule lists, with a matching name.
 func matchRule(rule *policy.Rule, r *Request) bool {
-	if !rule.AnyCaller && !contains(rule.Callers, r.Caller.AppID) {
+	if !rule.AnyCaller && !slices.Contains(rule.Callers, r.Caller.AppID) {
 		return false
 	}
 	if len(rule.Subjects) > 0 && !policy.MatchAny(rule.Subjects, r.Subject) {
 		return false
 	}
 	for _, need := range rule.Scopes {
-		if !contains(r.Scopes, need) {
+		if !slices.Contains(r.Scopes, need) {
 			return false
 		}
 	}
@@ -250,15 +251,6 @@ func matchRule(rule *policy.Rule, r *Request) bool {
 		return policy.MatchAny(rule.Prompts, r.Prompt)
 	case "resources/read", "resources/subscribe", "resources/unsubscribe":
 		return policy.MatchAny(rule.Resources, r.URI)
-	}
-	return false
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
 	}
 	return false
 }

@@ -42,7 +42,7 @@ func FuzzLoad(f *testing.F) {
 			t.Fatal("snapshot without version or mesh")
 		}
 		for id, app := range snap.Apps {
-			if !isDNSLabel(id) || app.ID != id {
+			if !IsDNSLabel(id) || app.ID != id {
 				t.Fatalf("app id %q", id)
 			}
 			if m := app.MCP; m != nil {

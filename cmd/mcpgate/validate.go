@@ -15,15 +15,10 @@ func newValidateCmd() *cobra.Command {
 		Short: "Check a policy directory: every problem as file:line: message, exit 1 on any",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			snap, err := policy.LoadDir(cmd.Context(), args[0])
+			snap, err := loadPolicy(cmd, args[0])
 			if err != nil {
-				var le *policy.LoadError
-				if errors.As(err, &le) {
-					for _, p := range le.Problems {
-						fmt.Fprintln(cmd.ErrOrStderr(), p.Error())
-					}
-					fmt.Fprintf(cmd.ErrOrStderr(), "%d problem(s)\n", len(le.Problems))
-				} else {
+				var ee *exitError
+				if !errors.As(err, &ee) {
 					fmt.Fprintln(cmd.ErrOrStderr(), err)
 				}
 				return &exitError{code: 1}

@@ -34,6 +34,7 @@ func loadPolicy(cmd *cobra.Command, dir string) (*policy.Snapshot, error) {
 			for _, p := range le.Problems {
 				fmt.Fprintln(cmd.ErrOrStderr(), p.Error())
 			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "%d problem(s)\n", len(le.Problems))
 			return nil, &exitError{code: 1}
 		}
 		return nil, err
