@@ -17,7 +17,7 @@ OPA         := $(BIN)/opa-$(OPA_VERSION)
 FUZZTIME ?= 15s
 BENCHTIME ?= 2s
 
-.PHONY: help build test test-integration lint fmt bench fuzz opa-test demo testdata tools clean
+.PHONY: help build test test-integration tsclient lint fmt bench fuzz opa-test demo testdata tools clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,8 +29,13 @@ test: ## Unit, loopback and end-to-end tests, with the race detector
 	go test -race -count=1 ./...
 	$(MAKE) test-integration
 
-test-integration: ## End-to-end tests (build tag "integration"): the real binary on loopback
+test-integration: tsclient ## End-to-end tests (build tag "integration"): the real binary on loopback
 	go test -race -count=1 -tags integration ./integration/...
+
+tsclient: integration/tsclient/node_modules/.package-lock.json ## The official TypeScript MCP SDK client (npm, pinned by package-lock.json)
+
+integration/tsclient/node_modules/.package-lock.json: integration/tsclient/package-lock.json
+	cd integration/tsclient && npm ci --no-audit --no-fund --ignore-scripts
 
 lint: $(STATICCHECK) ## gofmt, go vet, staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -76,4 +81,4 @@ $(OPA):
 	mv $(BIN)/opa $@
 
 clean: ## Remove build outputs
-	rm -rf $(BIN)
+	rm -rf $(BIN) integration/tsclient/node_modules
