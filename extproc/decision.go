@@ -166,6 +166,9 @@ type Decision struct {
 // results are filtered to what the caller may use. A rule that names one of these methods
 // still decides it.
 var protocolMethods = map[string]bool{
+	// server/discover (MCP 2026-07-28) is how current clients, the official Go SDK
+	// included, open a session before initialize.
+	"server/discover":          true,
 	"initialize":               true,
 	"ping":                     true,
 	"tools/list":               true,

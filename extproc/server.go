@@ -629,7 +629,7 @@ func (st *stream) logDecision(d Decision, id []byte, elapsed time.Duration) {
 // knownMethods are MCP methods used as metric labels; anything else is "other", so a
 // caller cannot mint label values.
 var knownMethods = map[string]bool{
-	"initialize": true, "ping": true, "tools/list": true, "tools/call": true, "prompts/list": true,
+	"server/discover": true, "initialize": true, "ping": true, "tools/list": true, "tools/call": true, "prompts/list": true,
 	"prompts/get": true, "resources/list": true, "resources/templates/list": true, "resources/read": true,
 	"resources/subscribe": true, "resources/unsubscribe": true, "completion/complete": true,
 	"logging/setLevel": true, "GET /mcp": true, "DELETE /mcp": true,

@@ -364,6 +364,7 @@ func TestTrailersPresent(t *testing.T) {
 func TestProtocolMethodsAllowed(t *testing.T) {
 	s := newDemoServer(t)
 	for _, body := range []string{
+		`{"jsonrpc":"2.0","id":"d","method":"server/discover","params":{}}`,
 		`{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}`,
 		`{"jsonrpc":"2.0","method":"notifications/initialized"}`,
 		`{"jsonrpc":"2.0","id":"p","method":"ping"}`,
