@@ -8,7 +8,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/rego"
@@ -57,6 +59,45 @@ type regoBase struct {
 }
 
 func newRegoBase(r *Request) *regoBase {
+	id := identityTerms(r)
+	headers := ast.NewObject()
+	for k, v := range r.Headers {
+		headers.Insert(ast.StringTerm(k), ast.StringTerm(v))
+	}
+	return &regoBase{
+		caller:  id.caller,
+		subject: id.subject,
+		target:  ast.ObjectTerm(ast.Item(ast.StringTerm("app_id"), ast.StringTerm(r.Target))),
+		http: ast.ObjectTerm(
+			ast.Item(ast.StringTerm("method"), ast.StringTerm(r.HTTPMethod)),
+			ast.Item(ast.StringTerm("path"), ast.StringTerm(r.Path)),
+			ast.Item(ast.StringTerm("headers"), ast.NewTerm(headers)),
+		),
+	}
+}
+
+// idTerms are the caller and subject parts of the Rego input: the same for every request
+// made with one token, and the costly part (decoding the claims into OPA values), so they
+// are cached by everything they are built from. OPA values are immutable once built.
+type idTerms struct {
+	caller, subject *ast.Term
+}
+
+var identityCache = struct {
+	sync.RWMutex
+	m map[string]idTerms
+}{}
+
+const identityCacheSize = 10000
+
+func identityTerms(r *Request) idTerms {
+	key := lengthPrefixed(r.Caller.AppID, r.Caller.Namespace, r.SpiffeID, r.Subject, strings.Join(r.Scopes, " "), r.ClaimsJSON)
+	identityCache.RLock()
+	t, ok := identityCache.m[key]
+	identityCache.RUnlock()
+	if ok {
+		return t
+	}
 	claims := map[string]any{}
 	if r.ClaimsJSON != "" {
 		// Verified by ext_authz; a decoding failure leaves claims empty rather than
@@ -71,11 +112,7 @@ func newRegoBase(r *Request) *regoBase {
 	for i, sc := range r.Scopes {
 		scopes[i] = ast.StringTerm(sc)
 	}
-	headers := ast.NewObject()
-	for k, v := range r.Headers {
-		headers.Insert(ast.StringTerm(k), ast.StringTerm(v))
-	}
-	return &regoBase{
+	t = idTerms{
 		caller: ast.ObjectTerm(
 			ast.Item(ast.StringTerm("app_id"), ast.StringTerm(r.Caller.AppID)),
 			ast.Item(ast.StringTerm("namespace"), ast.StringTerm(r.Caller.Namespace)),
@@ -86,13 +123,25 @@ func newRegoBase(r *Request) *regoBase {
 			ast.Item(ast.StringTerm("scopes"), ast.ArrayTerm(scopes...)),
 			ast.Item(ast.StringTerm("claims"), ast.NewTerm(claimsVal)),
 		),
-		target: ast.ObjectTerm(ast.Item(ast.StringTerm("app_id"), ast.StringTerm(r.Target))),
-		http: ast.ObjectTerm(
-			ast.Item(ast.StringTerm("method"), ast.StringTerm(r.HTTPMethod)),
-			ast.Item(ast.StringTerm("path"), ast.StringTerm(r.Path)),
-			ast.Item(ast.StringTerm("headers"), ast.NewTerm(headers)),
-		),
 	}
+	identityCache.Lock()
+	if identityCache.m == nil || len(identityCache.m) >= identityCacheSize {
+		identityCache.m = make(map[string]idTerms, 64)
+	}
+	identityCache.m[key] = t
+	identityCache.Unlock()
+	return t
+}
+
+// lengthPrefixed joins fields so that no two different field lists give the same key.
+func lengthPrefixed(fields ...string) string {
+	var b strings.Builder
+	for _, f := range fields {
+		b.WriteString(strconv.Itoa(len(f)))
+		b.WriteByte(':')
+		b.WriteString(f)
+	}
+	return b.String()
 }
 
 // regoInputValue is RegoInput as an OPA value, built without the generic conversion of a

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"strconv"
 	"strings"
 	"sync"
 
@@ -150,13 +149,7 @@ func (st *stream) listFilter(listMethod string) func(string) bool {
 // the policy version, the app, and the caller's whole identity (App ID, namespace,
 // subject, scopes, claims). Fields are length-prefixed so no two identities collide.
 func listKeyPrefix(version string, r *Request, method string) string {
-	var b strings.Builder
-	for _, f := range []string{version, r.Target, method, r.Caller.AppID, r.Caller.Namespace, r.SpiffeID, r.Subject, strings.Join(r.Scopes, " "), r.ClaimsJSON} {
-		b.WriteString(strconv.Itoa(len(f)))
-		b.WriteByte(':')
-		b.WriteString(f)
-	}
-	return b.String()
+	return lengthPrefixed(version, r.Target, method, r.Caller.AppID, r.Caller.Namespace, r.SpiffeID, r.Subject, strings.Join(r.Scopes, " "), r.ClaimsJSON)
 }
 
 // decisionCache remembers list-time decisions: agents list tools at every session start,
