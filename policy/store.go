@@ -64,13 +64,30 @@ func (s *Store) SetError(err error) {
 }
 
 // Subscribe returns a channel that receives a value after every Set (coalesced: a slow
-// reader sees one pending notification, then reads Current). For xDS and tests.
-func (s *Store) Subscribe() <-chan struct{} {
+// reader sees one pending notification, then reads Current), and a cancel func that
+// removes it. Cancel does not close the channel, so a reader selecting on it never sees a
+// spurious wake-up; it is idempotent and safe from any goroutine. For xDS and tests.
+func (s *Store) Subscribe() (ch <-chan struct{}, cancel func()) {
 	c := make(chan struct{}, 1)
 	s.mu.Lock()
 	s.subs = append(s.subs, c)
 	s.mu.Unlock()
-	return c
+	var once sync.Once
+	return c, func() {
+		once.Do(func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			// A new slice, not an in-place delete: Set ranges over a copy of the old
+			// header outside the lock.
+			subs := make([]chan struct{}, 0, len(s.subs))
+			for _, sc := range s.subs {
+				if sc != c {
+					subs = append(subs, sc)
+				}
+			}
+			s.subs = subs
+		})
+	}
 }
 
 // Status is what /readyz and /debug/snapshot show about the policy.

@@ -451,7 +451,8 @@ func TestWatchTouchIsUnchanged(t *testing.T) {
 	dir := watchPolicyDir(t)
 	h := startWatch(t, dir, nil, WatchOptions{})
 	before := h.store.Current()
-	published := h.store.Subscribe()
+	published, unsubscribe := h.store.Subscribe()
+	defer unsubscribe()
 
 	mark := h.mark()
 	app := filepath.Join(dir, "app.yaml")

@@ -54,6 +54,7 @@ type Server struct {
 	cache cachev3.SnapshotCache
 	xds   serverv3.Server
 	sub   <-chan struct{}
+	unsub func() // removes sub from the store; idempotent
 
 	snapshots, translationErrors, nacks metric.Int64Counter
 	stats                               struct{ snapshots, translationErrors, nacks atomic.Int64 }
@@ -95,8 +96,6 @@ func NewServer(ctx context.Context, o Options) (*Server, error) {
 		log:     o.Logger,
 		groups:  map[string]int{},
 		streams: map[streamKey]*streamState{},
-		// Subscribe now, not in Run: an edit between NewServer and Run is not missed.
-		sub: o.Store.Subscribe(),
 	}
 	var err error
 	if s.snapshots, err = o.Meter.Int64Counter("mcpgate.xds.snapshots", metric.WithDescription("xDS snapshots set, per node group")); err != nil {
@@ -108,6 +107,11 @@ func NewServer(ctx context.Context, o Options) (*Server, error) {
 	if s.nacks, err = o.Meter.Int64Counter("mcpgate.xds.nacks", metric.WithDescription("xDS responses rejected by Envoy, by type")); err != nil {
 		return nil, err
 	}
+	// Subscribe now, not in Run: an edit between NewServer and Run is not missed. Run
+	// unsubscribes when it ends; so does the end of ctx, which also ends the xDS server,
+	// for a Server whose Run is never called.
+	s.sub, s.unsub = o.Store.Subscribe()
+	context.AfterFunc(ctx, s.unsub)
 	s.cache = cachev3.NewSnapshotCache(true, NodeHash{}, cacheLogger(o.Logger.Named("cache")))
 	s.xds = serverv3.NewServer(ctx, s.cache, s)
 	return s, nil
@@ -141,8 +145,9 @@ func (s *Server) Stats() Stats {
 }
 
 // Run re-translates every connected node group whenever the store publishes a new policy,
-// until ctx ends.
+// until ctx ends; then it unsubscribes from the store, so Run is called once per Server.
 func (s *Server) Run(ctx context.Context) error {
+	defer s.unsub()
 	s.updateAll(ctx)
 	for {
 		select {
