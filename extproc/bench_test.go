@@ -90,7 +90,12 @@ func exchangeOnce(b *testing.B, c extprocv3.ExternalProcessorClient, msgs []*ext
 // policy (rules, Rego with argument conditions), beside a pass-through processor in the
 // same run; calls alternate so both see the same machine noise.
 func BenchmarkExchange(b *testing.B) {
-	gate, floor := startProcessor(b, newDemoServer(b)), startProcessor(b, passThrough{})
+	s := newDemoServer(b)
+	// The demo's limits (get_inventory 10/s) would stop a benchmark; an unreachable limit
+	// keeps the limiter's cost in the measured path.
+	lim := &s.store.Current().App("inventory").MCP.Limits
+	lim.PerCaller, lim.PerTool = &policy.RateLimit{N: 1 << 30, Per: time.Second}, nil
+	gate, floor := startProcessor(b, s), startProcessor(b, passThrough{})
 	body := call(1, "get_inventory", `{"product_id":"SKU-42"}`)
 	msgs := []*extprocv3.ProcessingRequest{
 		{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{

@@ -60,6 +60,8 @@ type Server struct {
 	labels  toolLabels
 	// listCache holds list-time decisions (see listFilter).
 	listCache decisionCache
+	// limits are the token buckets of limits.perCaller and limits.perTool.
+	limits limiters
 }
 
 // NewServer returns a Server reading policy from opts.Store.
@@ -326,15 +328,15 @@ func rawHeader(k, v string) *corev3.HeaderValueOption {
 }
 
 // immediate answers the request without forwarding it.
-func (st *stream) immediate(code int, contentType string, body []byte) *extprocv3.ProcessingResponse {
+func (st *stream) immediate(code int, contentType string, body []byte, extra ...*corev3.HeaderValueOption) *extprocv3.ProcessingResponse {
 	st.phase = answered
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
 		ImmediateResponse: &extprocv3.ImmediateResponse{
 			Status: &typev3.HttpStatus{Code: typev3.StatusCode(code)},
-			Headers: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
+			Headers: &extprocv3.HeaderMutation{SetHeaders: append([]*corev3.HeaderValueOption{
 				rawHeader("content-type", contentType),
 				rawHeader(HeaderDecisionID, st.decisionID),
-			}},
+			}, extra...)},
 			Body:    body,
 			Details: "mcpgate",
 		},
@@ -383,6 +385,15 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 		r := st.req
 		r.Method, r.Tool, r.Prompt, r.URI, r.Arguments = m.Method, m.Tool, m.Prompt, m.URI, m.Arguments
 		r.ID = rawID(m.ID)
+		// Limits come before the decision: a flood of calls that would be denied must
+		// not be able to spend mcpgate's CPU on Rego either.
+		if reason, wait := st.rateLimit(&r, start); reason != "" {
+			st.req = r
+			st.logDecision(Decision{Rule: "ratelimit", Reason: reason}, m.ID, time.Since(start))
+			return st.immediate(429, "application/json",
+				errorResponse(m.ID, st.app.MCP.Tools.ErrorCode, reason+" (decision "+st.decisionID+")"),
+				rawHeader("retry-after", retryAfter(wait)))
+		}
 		d := Decide(ctx, st.app.MCP, &r)
 		st.req = r // the last message is what the response phase logs about
 		decisions = append(decisions, requestDecision{i, d})

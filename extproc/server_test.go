@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -446,5 +448,65 @@ func TestListCacheIsPerIdentity(t *testing.T) {
 		if got := list("other-agent", "mcp:tools", "inventory:read"); got != "" {
 			t.Fatalf("other caller: %s", got)
 		}
+	}
+}
+
+func TestRateLimits(t *testing.T) {
+	dir := t.TempDir()
+	for name, content := range map[string]string{
+		"mesh.yaml": "apiVersion: mcpgate.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: example.org, mtls: disabled, authz: {address: \"a:1\"}}\n",
+		"app.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: App
+metadata: {name: inventory}
+spec:
+  address: app:1
+  sidecar: {address: s, inboundPort: 1, outboundPort: 2}
+  mcp:
+    tools: {defaultAction: allow}
+    limits: {perCaller: 4/h, perTool: {"get_*": 2/h}}
+`,
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	snap, err := policy.LoadDir(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewServer(Options{Store: policy.NewStore(snap)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	post := func(caller, body string) *extprocv3.ImmediateResponse {
+		return runEnvoy(t, s, envoyRequest{md: metadata("inventory", caller), body: body}, envoyUpstream{}).immediate
+	}
+	// perTool get_*: 2 per hour across callers.
+	for i, caller := range []string{"a", "b"} {
+		if ir := post(caller, call(i, "get_stock", `{}`)); ir != nil {
+			t.Fatalf("call %d limited too early: %s", i, ir.GetBody())
+		}
+	}
+	ir := post("c", call(9, "get_price", `{}`))
+	requireJSONRPCError(t, ir, 429, 9, -32001, "limits.perTool get_* 2/h")
+	retry := ""
+	for _, h := range ir.GetHeaders().GetSetHeaders() {
+		if h.GetHeader().GetKey() == "retry-after" {
+			retry = string(h.GetHeader().GetRawValue())
+		}
+	}
+	if retry == "" || retry == "0" {
+		t.Errorf("Retry-After = %q", retry)
+	}
+	// Another tool is not limited by get_*; caller "a" has spent 1 of its 4 per hour.
+	for i := range 3 {
+		if ir := post("a", call(20+i, "list_items", `{}`)); ir != nil {
+			t.Fatalf("list_items %d limited: %s", i, ir.GetBody())
+		}
+	}
+	requireJSONRPCError(t, post("a", call(30, "list_items", `{}`)), 429, 30, -32001, "limits.perCaller 4/h")
+	// Caller "b" has its own allowance.
+	if ir := post("b", call(31, "list_items", `{}`)); ir != nil {
+		t.Fatalf("caller b limited by a's use: %s", ir.GetBody())
 	}
 }
