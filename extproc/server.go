@@ -62,11 +62,16 @@ type Server struct {
 	listCache decisionCache
 	// limits are the token buckets of limits.perCaller and limits.perTool.
 	limits limiters
+
+	queue     chan procRecord
+	closeOnce sync.Once
+	drained   chan struct{}
 }
 
 // NewServer returns a Server reading policy from opts.Store.
 func NewServer(opts Options) (*Server, error) {
-	s := &Server{store: opts.Store, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize}}
+	s := &Server{store: opts.Store, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
+		queue: make(chan procRecord, recordQueue), drained: make(chan struct{})}
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
@@ -84,6 +89,7 @@ func NewServer(opts Options) (*Server, error) {
 		metric.WithExplicitBucketBoundaries(.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .05, .25, 1)); err != nil {
 		return nil, err
 	}
+	go s.recordLoop()
 	return s, nil
 }
 
@@ -594,44 +600,99 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 	return wrap(&extprocv3.CommonResponse{BodyMutation: &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}}})
 }
 
+// logDecision queues one decision for the decision log and the metrics. They are
+// written by one background goroutine, off the request path, as ext_authz does.
 func (st *stream) logDecision(d Decision, id []byte, elapsed time.Duration) {
+	st.s.queue <- procRecord{
+		allow: d.Allow, rule: d.Rule, reason: d.Reason, patches: len(d.Patch),
+		id:         append([]byte(nil), id...),
+		decisionID: st.decisionID, authzID: st.ident.authzDecisionID,
+		target: st.ident.target, caller: st.ident.caller.AppID, subject: st.ident.subject,
+		method: st.req.Method, tool: st.req.Tool, name: st.req.Tool + st.req.Prompt + st.req.URI,
+		elapsed: elapsed,
+	}
+}
+
+// procRecord is what the recorder needs of one decision, copied out of the stream.
+type procRecord struct {
+	allow                                 bool
+	rule, reason                          string
+	patches                               int
+	id                                    []byte
+	decisionID, authzID                   string
+	target, caller, subject, method, tool string
+	name                                  string
+	elapsed                               time.Duration
+	flushed                               chan struct{} // set on Flush markers only
+}
+
+// recordQueue bounds the decisions waiting to be logged; a full queue blocks callers
+// rather than dropping audit lines.
+const recordQueue = 4096
+
+// Close stops the recorder after writing every decision already made. Call it after the
+// gRPC server has stopped.
+func (s *Server) Close() {
+	s.closeOnce.Do(func() { close(s.queue) })
+	<-s.drained
+}
+
+// Flush waits until every decision made before it has been logged and counted.
+func (s *Server) Flush() {
+	done := make(chan struct{})
+	s.queue <- procRecord{flushed: done}
+	<-done
+}
+
+func (s *Server) recordLoop() {
+	defer close(s.drained)
+	for r := range s.queue {
+		if r.flushed != nil {
+			close(r.flushed)
+			continue
+		}
+		s.record(r)
+	}
+}
+
+func (s *Server) record(r procRecord) {
 	decision := "deny"
-	if d.Allow {
+	if r.allow {
 		decision = "allow"
 	}
-	caller := st.ident.caller.AppID
+	caller := r.caller
 	if caller == "" {
 		caller = "unknown"
 	}
-	st.s.count.Add(context.Background(), 1, metric.WithAttributes(
-		attribute.String("target", st.ident.target),
+	s.count.Add(context.Background(), 1, metric.WithAttributes(
+		attribute.String("target", r.target),
 		attribute.String("caller", caller),
-		attribute.String("method", methodLabel(st.req.Method)),
-		attribute.String("tool", st.s.labels.get(st.ident.target, st.req.Tool)),
+		attribute.String("method", methodLabel(r.method)),
+		attribute.String("tool", s.labels.get(r.target, r.tool)),
 		attribute.String("decision", decision),
-		attribute.String("rule", d.Rule),
+		attribute.String("rule", r.rule),
 	))
-	if ce := st.s.log.Check(zap.InfoLevel, "mcp decision"); ce != nil {
+	if ce := s.log.Check(zap.InfoLevel, "mcp decision"); ce != nil {
 		fields := []zap.Field{
-			zap.String("decision_id", st.decisionID),
-			zap.String("authz_decision_id", st.ident.authzDecisionID),
+			zap.String("decision_id", r.decisionID),
+			zap.String("authz_decision_id", r.authzID),
 			zap.String("decision", decision),
-			zap.String("rule", d.Rule),
-			zap.String("reason", d.Reason),
-			zap.String("target", st.ident.target),
-			zap.String("caller", st.ident.caller.AppID),
-			zap.String("subject", st.ident.subject),
-			zap.String("method", st.req.Method),
-			zap.Float64("latency_ms", float64(elapsed.Microseconds())/1000),
+			zap.String("rule", r.rule),
+			zap.String("reason", r.reason),
+			zap.String("target", r.target),
+			zap.String("caller", r.caller),
+			zap.String("subject", r.subject),
+			zap.String("method", r.method),
+			zap.Float64("latency_ms", float64(r.elapsed.Microseconds())/1000),
 		}
-		if len(id) > 0 {
-			fields = append(fields, zap.ByteString("id", id))
+		if len(r.id) > 0 {
+			fields = append(fields, zap.ByteString("id", r.id))
 		}
-		if name := st.req.Tool + st.req.Prompt + st.req.URI; name != "" {
-			fields = append(fields, zap.String("name", name))
+		if r.name != "" {
+			fields = append(fields, zap.String("name", r.name))
 		}
-		if len(d.Patch) > 0 {
-			fields = append(fields, zap.Int("patches", len(d.Patch)))
+		if r.patches > 0 {
+			fields = append(fields, zap.Int("patches", r.patches))
 		}
 		ce.Write(fields...)
 	}

@@ -7,11 +7,14 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -509,4 +512,59 @@ spec:
 	if ir := post("b", call(31, "list_items", `{}`)); ir != nil {
 		t.Fatalf("caller b limited by a's use: %s", ir.GetBody())
 	}
+}
+
+// TestDecisionLog: one line per decision, with what decided and why, never credentials.
+func TestDecisionLog(t *testing.T) {
+	var buf lockedBuffer
+	snap, err := policy.Load(context.Background(), mcpgate.DemoPolicy(), "demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
+	s, err := NewServer(Options{Store: policy.NewStore(snap), DecisionLog: zap.New(zapcore.NewCore(enc, zapcore.AddSync(&buf), zap.InfoLevel))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	runEnvoy(t, s, envoyRequest{md: agentMD, body: call(1, "get_inventory", `{"product_id":"SKU-1"}`)}, envoyUpstream{})
+	runEnvoy(t, s, envoyRequest{md: agentMD, body: call(2, "delete_product", `{}`)}, envoyUpstream{})
+	s.Flush()
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("want 2 decision lines, got %d:\n%s", len(lines), buf.String())
+	}
+	var allow, deny map[string]any
+	if err := json.Unmarshal([]byte(lines[0]), &allow); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal([]byte(lines[1]), &deny); err != nil {
+		t.Fatal(err)
+	}
+	if allow["decision"] != "allow" || allow["rule"] != "readers" || allow["name"] != "get_inventory" || allow["caller"] != "my-agent" || allow["id"] != "1" {
+		t.Errorf("allow line = %v", allow)
+	}
+	if deny["decision"] != "deny" || deny["rule"] != "no-deletes" || deny["authz_decision_id"] != "authz-1" || len(deny["decision_id"].(string)) != 32 {
+		t.Errorf("deny line = %v", deny)
+	}
+	if strings.Contains(buf.String(), "secret-token") || strings.Contains(buf.String(), "tier") {
+		t.Fatalf("decision log leaks credentials or claims: %s", buf.String())
+	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

@@ -160,6 +160,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 			<-ctx.Done()
 			gracefulStop(srv, f.shutdownWait)
 			authz.Close() // every decision made is logged before exit
+			proc.Close()
 			return nil
 		})
 	}
