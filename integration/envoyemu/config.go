@@ -1,0 +1,440 @@
+package envoyemu
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"slices"
+	"strconv"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
+	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// Filter names as Envoy registers them; typed_per_filter_config is keyed by them.
+const (
+	filterExtAuthz = "envoy.filters.http.ext_authz"
+	filterExtProc  = "envoy.filters.http.ext_proc"
+	filterRouter   = "envoy.filters.http.router"
+	filterHCM      = "envoy.filters.network.http_connection_manager"
+)
+
+// defaultBufferLimit is per_connection_buffer_limit_bytes when unset (1 MiB;
+// api/envoy/config/listener/v3/listener.proto).
+const defaultBufferLimit = 1 << 20
+
+// config is one immutable view of everything received over ADS.
+type config struct {
+	listeners map[string]*listenerCfg
+	routes    map[string]*routeCfg
+	clusters  map[string]*clusterCfg
+	endpoints map[string][]hostPort // EDS, by cluster_name of the ClusterLoadAssignment
+}
+
+func newConfig() *config {
+	return &config{listeners: map[string]*listenerCfg{}, routes: map[string]*routeCfg{},
+		clusters: map[string]*clusterCfg{}, endpoints: map[string][]hostPort{}}
+}
+
+type hostPort struct {
+	host string
+	port uint32
+}
+
+type listenerCfg struct {
+	name        string
+	declared    string // configured address:port
+	tls         bool   // a transport socket the emulator does not serve
+	routeName   string // RDS
+	inline      *routeCfg
+	filters     []*filterCfg
+	bufferLimit uint64
+	normalize   bool
+	merge       bool
+}
+
+type filterCfg struct {
+	name     string
+	disabled bool // HttpFilter.disabled: off unless a route enables it
+	authz    *extauthzv3.ExtAuthz
+	proc     *extprocfilterv3.ExternalProcessor
+	router   bool
+}
+
+type routeCfg struct {
+	name   string
+	vhosts []*vhostCfg
+}
+
+type vhostCfg struct {
+	v         *routev3.VirtualHost
+	routes    []*routeEntry
+	perFilter map[string]proto.Message
+}
+
+type routeEntry struct {
+	r         *routev3.Route
+	vh        *vhostCfg
+	perFilter map[string]proto.Message // route over virtual host (most specific wins)
+}
+
+type clusterCfg struct {
+	name        string
+	endpoints   []hostPort
+	eds         string // EDS service name, when the cluster type is EDS
+	h2          bool   // explicit HTTP/2 upstream (gRPC clusters)
+	unsupported string // why requests to it fail (upstream TLS is not emulated)
+}
+
+// with returns a copy of c with one discovery response applied, or the reason to NACK.
+// State-of-the-world: LDS and CDS responses carry every resource; RDS and EDS ones every
+// subscribed resource (xDS protocol, "Resource types and state of the world").
+func (c *config) with(typeURL string, resp *discoveryv3.DiscoveryResponse) (*config, error) {
+	n := &config{listeners: c.listeners, routes: c.routes, clusters: c.clusters, endpoints: c.endpoints}
+	var errs []error
+	switch typeURL {
+	case resource.ListenerType:
+		n.listeners = map[string]*listenerCfg{}
+		for _, a := range resp.GetResources() {
+			var l listenerv3.Listener
+			if err := a.UnmarshalTo(&l); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			lc, err := parseListener(&l)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("listener %q: %w", l.GetName(), err))
+				continue
+			}
+			n.listeners[l.GetName()] = lc
+		}
+	case resource.RouteType:
+		n.routes = maps.Clone(c.routes)
+		for _, a := range resp.GetResources() {
+			var rc routev3.RouteConfiguration
+			if err := a.UnmarshalTo(&rc); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			r, err := parseRoutes(&rc)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("route configuration %q: %w", rc.GetName(), err))
+				continue
+			}
+			n.routes[rc.GetName()] = r
+		}
+	case resource.ClusterType:
+		n.clusters = map[string]*clusterCfg{}
+		for _, a := range resp.GetResources() {
+			var cl clusterv3.Cluster
+			if err := a.UnmarshalTo(&cl); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			cc, err := parseCluster(&cl)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("cluster %q: %w", cl.GetName(), err))
+				continue
+			}
+			n.clusters[cl.GetName()] = cc
+		}
+	case resource.EndpointType:
+		n.endpoints = maps.Clone(c.endpoints)
+		for _, a := range resp.GetResources() {
+			var cla endpointv3.ClusterLoadAssignment
+			if err := a.UnmarshalTo(&cla); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			eps, err := parseAssignment(&cla)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("endpoints %q: %w", cla.GetClusterName(), err))
+				continue
+			}
+			n.endpoints[cla.GetClusterName()] = eps
+		}
+	default:
+		// Envoy NACKs a type it did not subscribe to.
+		errs = append(errs, fmt.Errorf("unexpected type %s", typeURL))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// routeNames are the RDS names the listeners need, sorted.
+func (c *config) routeNames() []string {
+	var names []string
+	for _, l := range c.listeners {
+		if l.routeName != "" && !slices.Contains(names, l.routeName) {
+			names = append(names, l.routeName)
+		}
+	}
+	slices.Sort(names)
+	return names
+}
+
+// edsNames are the EDS names the clusters need, sorted.
+func (c *config) edsNames() []string {
+	var names []string
+	for _, cl := range c.clusters {
+		if cl.eds != "" && !slices.Contains(names, cl.eds) {
+			names = append(names, cl.eds)
+		}
+	}
+	slices.Sort(names)
+	return names
+}
+
+// warm reports what a listener still waits for (its routes, its clusters' endpoints).
+func (c *config) warm() error {
+	for _, l := range c.listeners {
+		if l.routeName != "" && c.routes[l.routeName] == nil {
+			return fmt.Errorf("listener %s waits for route configuration %s", l.name, l.routeName)
+		}
+	}
+	for _, cl := range c.clusters {
+		if cl.eds != "" && c.endpoints[cl.eds] == nil {
+			return fmt.Errorf("cluster %s waits for endpoints", cl.name)
+		}
+	}
+	return nil
+}
+
+func socketAddress(a *corev3.Address) (hostPort, error) {
+	sa := a.GetSocketAddress()
+	if sa == nil {
+		return hostPort{}, fmt.Errorf("only socket addresses are emulated, got %v", a)
+	}
+	return hostPort{host: sa.GetAddress(), port: sa.GetPortValue()}, nil
+}
+
+func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
+	hp, err := socketAddress(l.GetAddress())
+	if err != nil {
+		return nil, err
+	}
+	lc := &listenerCfg{name: l.GetName(), declared: net.JoinHostPort(hp.host, strconv.Itoa(int(hp.port))),
+		bufferLimit: defaultBufferLimit}
+	if v := l.GetPerConnectionBufferLimitBytes(); v != nil {
+		lc.bufferLimit = uint64(v.GetValue())
+	}
+	if len(l.GetFilterChains()) != 1 || l.GetDefaultFilterChain() != nil {
+		return nil, fmt.Errorf("exactly one filter chain is emulated, got %d", len(l.GetFilterChains()))
+	}
+	fc := l.GetFilterChains()[0]
+	if fc.GetFilterChainMatch() != nil {
+		return nil, errors.New("filter_chain_match is not emulated")
+	}
+	// A TLS listener is accepted (Envoy would warm it until SDS delivers the secrets)
+	// but not bound: TLS is not emulated yet.
+	lc.tls = fc.GetTransportSocket() != nil
+	if len(fc.GetFilters()) != 1 || fc.GetFilters()[0].GetName() != filterHCM {
+		return nil, errors.New("only a single http_connection_manager network filter is emulated")
+	}
+	var hcm hcmv3.HttpConnectionManager
+	if err := fc.GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm); err != nil {
+		return nil, err
+	}
+	switch {
+	case hcm.GetRds() != nil:
+		lc.routeName = hcm.GetRds().GetRouteConfigName()
+	case hcm.GetRouteConfig() != nil:
+		if lc.inline, err = parseRoutes(hcm.GetRouteConfig()); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, errors.New("scoped routes are not emulated")
+	}
+	lc.normalize = hcm.GetNormalizePath().GetValue()
+	lc.merge = hcm.GetMergeSlashes()
+	for i, f := range hcm.GetHttpFilters() {
+		fcfg := &filterCfg{name: f.GetName(), disabled: f.GetDisabled()}
+		tc := f.GetTypedConfig()
+		if tc == nil {
+			return nil, fmt.Errorf("http filter %q: typed_config is required", f.GetName())
+		}
+		m, err := tc.UnmarshalNew()
+		if err != nil {
+			return nil, fmt.Errorf("http filter %q: %w", f.GetName(), err)
+		}
+		switch m := m.(type) {
+		case *extauthzv3.ExtAuthz:
+			if m.GetGrpcService().GetEnvoyGrpc().GetClusterName() == "" {
+				return nil, fmt.Errorf("http filter %q: only grpc_service.envoy_grpc is emulated", f.GetName())
+			}
+			if m.GetWithRequestBody() != nil {
+				return nil, fmt.Errorf("http filter %q: with_request_body is not emulated", f.GetName())
+			}
+			fcfg.authz = m
+		case *extprocfilterv3.ExternalProcessor:
+			if m.GetGrpcService().GetEnvoyGrpc().GetClusterName() == "" {
+				return nil, fmt.Errorf("http filter %q: only grpc_service.envoy_grpc is emulated", f.GetName())
+			}
+			pm := m.GetProcessingMode()
+			if b := pm.GetRequestBodyMode(); b != extprocfilterv3.ProcessingMode_NONE && b != extprocfilterv3.ProcessingMode_BUFFERED && b != extprocfilterv3.ProcessingMode_STREAMED {
+				return nil, fmt.Errorf("http filter %q: request_body_mode %s is not emulated", f.GetName(), b)
+			}
+			if b := pm.GetResponseBodyMode(); b != extprocfilterv3.ProcessingMode_NONE && b != extprocfilterv3.ProcessingMode_BUFFERED && b != extprocfilterv3.ProcessingMode_STREAMED {
+				return nil, fmt.Errorf("http filter %q: response_body_mode %s is not emulated", f.GetName(), b)
+			}
+			if pm.GetRequestTrailerMode() == extprocfilterv3.ProcessingMode_SEND || pm.GetResponseTrailerMode() == extprocfilterv3.ProcessingMode_SEND {
+				return nil, fmt.Errorf("http filter %q: trailers are not emulated", f.GetName())
+			}
+			fcfg.proc = m
+		case *routerv3.Router:
+			// The router must be the last filter (source/common/http/filter_chain_helper.cc).
+			if i != len(hcm.GetHttpFilters())-1 {
+				return nil, errors.New("the router filter must be last")
+			}
+			fcfg.router = true
+		default:
+			return nil, fmt.Errorf("http filter %q (%s) is not emulated", f.GetName(), tc.GetTypeUrl())
+		}
+		lc.filters = append(lc.filters, fcfg)
+	}
+	if len(lc.filters) == 0 || !lc.filters[len(lc.filters)-1].router {
+		return nil, errors.New("the last http filter must be the router")
+	}
+	return lc, nil
+}
+
+func parsePerFilter(m map[string]*anypb.Any) (map[string]proto.Message, error) {
+	out := map[string]proto.Message{}
+	for name, a := range m {
+		msg, err := a.UnmarshalNew()
+		if err != nil {
+			return nil, fmt.Errorf("typed_per_filter_config %q: %w", name, err)
+		}
+		switch msg.(type) {
+		case *extauthzv3.ExtAuthzPerRoute, *extprocfilterv3.ExtProcPerRoute, *routev3.FilterConfig:
+		default:
+			return nil, fmt.Errorf("typed_per_filter_config %q: %s is not emulated", name, a.GetTypeUrl())
+		}
+		out[name] = msg
+	}
+	return out, nil
+}
+
+func parseRoutes(rc *routev3.RouteConfiguration) (*routeCfg, error) {
+	out := &routeCfg{name: rc.GetName()}
+	for _, v := range rc.GetVirtualHosts() {
+		pf, err := parsePerFilter(v.GetTypedPerFilterConfig())
+		if err != nil {
+			return nil, fmt.Errorf("virtual host %q: %w", v.GetName(), err)
+		}
+		vh := &vhostCfg{v: v, perFilter: pf}
+		for _, r := range v.GetRoutes() {
+			if err := checkRoute(r); err != nil {
+				return nil, fmt.Errorf("route %q: %w", r.GetName(), err)
+			}
+			rpf, err := parsePerFilter(r.GetTypedPerFilterConfig())
+			if err != nil {
+				return nil, fmt.Errorf("route %q: %w", r.GetName(), err)
+			}
+			// Per-filter config: the most specific level wins, route over virtual host
+			// (source/common/router/config_impl.cc, perFilterConfig lookup order).
+			merged := maps.Clone(pf)
+			maps.Copy(merged, rpf)
+			vh.routes = append(vh.routes, &routeEntry{r: r, vh: vh, perFilter: merged})
+		}
+		out.vhosts = append(out.vhosts, vh)
+	}
+	return out, nil
+}
+
+func checkRoute(r *routev3.Route) error {
+	m := r.GetMatch()
+	switch m.GetPathSpecifier().(type) {
+	case *routev3.RouteMatch_Prefix, *routev3.RouteMatch_Path, *routev3.RouteMatch_PathSeparatedPrefix:
+	default:
+		return fmt.Errorf("path specifier %T is not emulated", m.GetPathSpecifier())
+	}
+	if len(m.GetQueryParameters()) > 0 || m.GetGrpc() != nil || m.GetRuntimeFraction() != nil || m.GetTlsContext() != nil {
+		return errors.New("only path and header matches are emulated")
+	}
+	for _, h := range m.GetHeaders() {
+		switch h.GetHeaderMatchSpecifier().(type) {
+		case *routev3.HeaderMatcher_StringMatch, *routev3.HeaderMatcher_PresentMatch, nil:
+		default:
+			return fmt.Errorf("header matcher %T is not emulated", h.GetHeaderMatchSpecifier())
+		}
+		if sm := h.GetStringMatch(); sm != nil && sm.GetSafeRegex() != nil {
+			return errors.New("regex header matches are not emulated")
+		}
+	}
+	switch a := r.GetAction().(type) {
+	case *routev3.Route_Route:
+		if a.Route.GetCluster() == "" {
+			return errors.New("only single-cluster routes are emulated")
+		}
+		if a.Route.GetRegexRewrite() != nil || a.Route.GetPathRewritePolicy() != nil {
+			return errors.New("only prefix_rewrite is emulated")
+		}
+	case *routev3.Route_DirectResponse:
+		if b := a.DirectResponse.GetBody(); b != nil && b.GetFilename() != "" {
+			return errors.New("direct_response bodies from files are not emulated")
+		}
+	default:
+		return fmt.Errorf("route action %T is not emulated", r.GetAction())
+	}
+	return nil
+}
+
+func parseCluster(cl *clusterv3.Cluster) (*clusterCfg, error) {
+	cc := &clusterCfg{name: cl.GetName()}
+	switch cl.GetType() {
+	case clusterv3.Cluster_STATIC, clusterv3.Cluster_STRICT_DNS, clusterv3.Cluster_LOGICAL_DNS:
+		eps, err := parseAssignment(cl.GetLoadAssignment())
+		if err != nil {
+			return nil, err
+		}
+		cc.endpoints = eps
+	case clusterv3.Cluster_EDS:
+		cc.eds = cl.GetEdsClusterConfig().GetServiceName()
+		if cc.eds == "" {
+			cc.eds = cl.GetName()
+		}
+	default:
+		return nil, fmt.Errorf("cluster type %s is not emulated", cl.GetType())
+	}
+	if a := cl.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]; a != nil {
+		var po httpv3.HttpProtocolOptions
+		if err := a.UnmarshalTo(&po); err != nil {
+			return nil, err
+		}
+		cc.h2 = po.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil
+	}
+	if cl.GetTransportSocket() != nil {
+		cc.unsupported = "upstream TLS is not emulated"
+	}
+	return cc, nil
+}
+
+func parseAssignment(cla *endpointv3.ClusterLoadAssignment) ([]hostPort, error) {
+	var out []hostPort
+	for _, le := range cla.GetEndpoints() {
+		for _, lb := range le.GetLbEndpoints() {
+			hp, err := socketAddress(lb.GetEndpoint().GetAddress())
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, hp)
+		}
+	}
+	return out, nil
+}

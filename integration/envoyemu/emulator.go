@@ -1,0 +1,397 @@
+// Package envoyemu is an Envoy emulator for tests: a Go HTTP proxy that connects to an
+// xDS server (mcpgate's ADS) as an Envoy node, builds its listeners, routes and clusters
+// from what it receives, and drives ext_authz and ext_proc the way Envoy's HTTP filters
+// do. It implements the subset of Envoy configuration mcpgate generates and NACKs the
+// rest. It is test infrastructure, never linked into the mcpgate binary.
+//
+// Every emulated behaviour names the Envoy source file or document it follows, relative
+// to the envoyproxy/envoy repository (or envoyproxy.io docs).
+package envoyemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// Options configure an Emulator.
+type Options struct {
+	// XDSAddress is host:port of the ADS server (plaintext gRPC).
+	XDSAddress string
+	// NodeID and NodeCluster identify the node; mcpgate keys snapshots by NodeCluster
+	// (the App ID or gateway name). NodeID defaults to NodeCluster.
+	NodeID, NodeCluster string
+	// Resolve maps a cluster endpoint (a host name or IP from STATIC, STRICT_DNS,
+	// LOGICAL_DNS or EDS) to the address to dial. Default: host:port as given.
+	Resolve func(host string, port uint32) string
+	// ClusterAddress overrides every endpoint of the named clusters, e.g. {"mcpgate":
+	// grpcAddr} to reach an in-process ext_authz/ext_proc server.
+	ClusterAddress map[string]string
+	// Logf receives one line per configuration event (ACK, NACK, listener bound).
+	Logf func(format string, args ...any)
+}
+
+// Emulator is one emulated Envoy node.
+type Emulator struct {
+	opts   Options
+	cancel context.CancelFunc
+	done   chan struct{}
+	conn   *grpc.ClientConn
+
+	// cfg is the configuration requests read; it is replaced, never mutated, so a request
+	// sees one consistent version (Envoy: each worker reads an immutable snapshot).
+	cfg atomic.Pointer[config]
+
+	mu         sync.Mutex
+	bound      map[string]*boundListener // by listener name
+	versions   map[string]string         // by type URL: last ACKed version
+	nacks      []string                  // error_detail of every NACK sent
+	changed    chan struct{}             // closed and replaced on every change
+	grpcConns  map[string]*grpc.ClientConn
+	transports map[bool]*http.Transport // by h2
+	streamID   atomic.Uint64
+	closeOnce  sync.Once
+}
+
+type boundListener struct {
+	addr string
+	srv  *http.Server
+	// declared is the address the listener was configured with; a change re-binds.
+	declared string
+}
+
+// Start connects to the ADS server and returns once the ADS stream is open; use
+// WaitReady to wait for listeners, routes and clusters. The emulator runs until ctx
+// ends or Close is called.
+func Start(ctx context.Context, o Options) (*Emulator, error) {
+	if o.XDSAddress == "" || o.NodeCluster == "" {
+		return nil, errors.New("envoyemu: XDSAddress and NodeCluster are required")
+	}
+	if o.NodeID == "" {
+		o.NodeID = o.NodeCluster
+	}
+	if o.Resolve == nil {
+		o.Resolve = func(host string, port uint32) string { return net.JoinHostPort(host, strconv.Itoa(int(port))) }
+	}
+	if o.Logf == nil {
+		o.Logf = func(string, ...any) {}
+	}
+	conn, err := grpc.NewClient("passthrough:///"+o.XDSAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("envoyemu: xds client: %w", err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	e := &Emulator{
+		opts: o, cancel: cancel, done: make(chan struct{}), conn: conn,
+		bound: map[string]*boundListener{}, versions: map[string]string{},
+		changed: make(chan struct{}), grpcConns: map[string]*grpc.ClientConn{},
+	}
+	e.cfg.Store(newConfig())
+	go func() {
+		defer close(e.done)
+		e.runADS(ctx)
+	}()
+	context.AfterFunc(ctx, func() { e.Close() })
+	return e, nil
+}
+
+// Close stops the ADS client and every listener, and waits for the ADS loop to end.
+func (e *Emulator) Close() {
+	e.closeOnce.Do(func() {
+		e.cancel()
+		<-e.done
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		for name, b := range e.bound {
+			_ = b.srv.Close()
+			delete(e.bound, name)
+		}
+		for _, c := range e.grpcConns {
+			_ = c.Close()
+		}
+		for _, t := range e.transports {
+			t.CloseIdleConnections()
+		}
+		_ = e.conn.Close()
+	})
+}
+
+// Listener returns the address the named listener is bound to (always 127.0.0.1 with a
+// port chosen by the kernel, whatever port the configuration names), or "" if it is not
+// bound (unknown, or needing TLS the emulator does not serve).
+func (e *Emulator) Listener(name string) string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if b := e.bound[name]; b != nil {
+		return b.addr
+	}
+	return ""
+}
+
+// Version returns the last ACKed version of a resource type (resource.ListenerType etc.).
+func (e *Emulator) Version(typeURL string) string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.versions[typeURL]
+}
+
+// NACKs returns the error details of every NACK sent so far.
+func (e *Emulator) NACKs() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return slices.Clone(e.nacks)
+}
+
+// Wait blocks until cond holds (it is re-checked after every configuration change) or
+// ctx ends.
+func (e *Emulator) Wait(ctx context.Context, cond func(*Emulator) bool) error {
+	for {
+		e.mu.Lock()
+		ch := e.changed
+		e.mu.Unlock()
+		if cond(e) {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("envoyemu: %w", ctx.Err())
+		}
+	}
+}
+
+// WaitReady waits until at least one listener is bound and every route configuration
+// and cluster it needs has been received (Envoy's listener warming: a listener serves
+// once its RDS and the clusters' EDS are in; source/server/listener_impl.cc).
+func (e *Emulator) WaitReady(ctx context.Context) error {
+	return e.Wait(ctx, func(e *Emulator) bool {
+		c := e.cfg.Load()
+		if len(c.listeners) == 0 {
+			return false
+		}
+		e.mu.Lock()
+		nb := len(e.bound)
+		e.mu.Unlock()
+		return nb > 0 && c.warm() == nil
+	})
+}
+
+// WaitVersion waits until every resource type has been ACKed at version v (mcpgate
+// gives all types of one snapshot the same version).
+func (e *Emulator) WaitVersion(ctx context.Context, v string) error {
+	return e.Wait(ctx, func(e *Emulator) bool {
+		for _, t := range []string{resource.ListenerType, resource.ClusterType, resource.RouteType} {
+			if e.Version(t) != v {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func (e *Emulator) notify() {
+	e.mu.Lock()
+	close(e.changed)
+	e.changed = make(chan struct{})
+	e.mu.Unlock()
+}
+
+// adsState is what one ADS client remembers across streams: the last ACKed version of
+// each type (sent again on reconnect, as Envoy does) and its subscriptions.
+type adsState struct {
+	versions map[string]string
+	nonces   map[string]string
+	names    map[string][]string // RDS and EDS subscriptions
+}
+
+// runADS keeps one ADS stream open, reconnecting with a bounded backoff, until ctx ends.
+// Envoy keeps serving its last configuration while the control plane is away
+// (source/extensions/config_subscription/grpc/grpc_stream.h: backoff and retry).
+func (e *Emulator) runADS(ctx context.Context) {
+	st := &adsState{versions: map[string]string{}, nonces: map[string]string{}, names: map[string][]string{}}
+	backoff := 50 * time.Millisecond
+	for ctx.Err() == nil {
+		err := e.stream(ctx, st)
+		if ctx.Err() != nil {
+			return
+		}
+		e.opts.Logf("envoyemu: ads stream ended: %v; retrying in %s", err, backoff)
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		backoff = min(backoff*2, 2*time.Second)
+	}
+}
+
+func (e *Emulator) stream(ctx context.Context, st *adsState) error {
+	s, err := discoveryv3.NewAggregatedDiscoveryServiceClient(e.conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		return err
+	}
+	node := &corev3.Node{Id: e.opts.NodeID, Cluster: e.opts.NodeCluster, UserAgentName: "envoyemu"}
+	send := func(typeURL string, nack *status.Status) error {
+		return s.Send(&discoveryv3.DiscoveryRequest{
+			Node: node, TypeUrl: typeURL, VersionInfo: st.versions[typeURL],
+			ResponseNonce: st.nonces[typeURL], ResourceNames: st.names[typeURL], ErrorDetail: nack,
+		})
+	}
+	// Envoy subscribes to CDS, then LDS, as wildcards; RDS and EDS by name once listeners
+	// and clusters name them (source/common/upstream/cluster_manager_impl.cc,
+	// source/common/listener_manager/lds_api.cc). On a new stream the nonces are void.
+	clear(st.nonces)
+	for _, t := range []string{resource.ClusterType, resource.ListenerType, resource.RouteType, resource.EndpointType} {
+		if (t == resource.RouteType || t == resource.EndpointType) && len(st.names[t]) == 0 {
+			continue
+		}
+		if err := send(t, nil); err != nil {
+			return err
+		}
+	}
+	for {
+		resp, err := s.Recv()
+		if err != nil {
+			return err
+		}
+		t := resp.GetTypeUrl()
+		st.nonces[t] = resp.GetNonce()
+		next, applyErr := e.cfg.Load().with(t, resp)
+		if applyErr != nil {
+			// NACK: the previous version stays, with the reason in error_detail
+			// (xDS protocol, "ACK/NACK and resource type instance version").
+			e.mu.Lock()
+			// Bounded: a control plane that re-sends a rejected version at once (as a
+			// plain go-control-plane server does) must not grow memory forever.
+			e.nacks = append(e.nacks, applyErr.Error())
+			if len(e.nacks) > maxNACKs {
+				e.nacks = e.nacks[len(e.nacks)-maxNACKs:]
+			}
+			e.mu.Unlock()
+			e.opts.Logf("envoyemu: NACK %s version %s: %v", t, resp.GetVersionInfo(), applyErr)
+			if err := send(t, &status.Status{Code: int32(codes.InvalidArgument), Message: applyErr.Error()}); err != nil {
+				return err
+			}
+			e.notify()
+			continue
+		}
+		e.cfg.Store(next)
+		st.versions[t] = resp.GetVersionInfo()
+		e.mu.Lock()
+		e.versions[t] = resp.GetVersionInfo()
+		e.mu.Unlock()
+		if t == resource.ListenerType {
+			e.syncListeners(next)
+		}
+		if err := send(t, nil); err != nil { // ACK
+			return err
+		}
+		e.opts.Logf("envoyemu: ACK %s version %s", t, resp.GetVersionInfo())
+		// New names to subscribe to: RDS for listeners, EDS for clusters.
+		for _, sub := range []struct {
+			typeURL string
+			names   []string
+		}{{resource.RouteType, next.routeNames()}, {resource.EndpointType, next.edsNames()}} {
+			if !slices.Equal(sub.names, st.names[sub.typeURL]) {
+				st.names[sub.typeURL] = sub.names
+				if err := send(sub.typeURL, nil); err != nil {
+					return err
+				}
+			}
+		}
+		e.notify()
+	}
+}
+
+// syncListeners binds new listeners and closes removed ones. Listeners bind on
+// 127.0.0.1:0 whatever their configured address: tests run many nodes on one host.
+func (e *Emulator) syncListeners(c *config) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for name, b := range e.bound {
+		l := c.listeners[name]
+		if l == nil || l.declared != b.declared || l.tls {
+			_ = b.srv.Close()
+			delete(e.bound, name)
+		}
+	}
+	for name, l := range c.listeners {
+		if e.bound[name] != nil || l.tls {
+			continue
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			e.opts.Logf("envoyemu: listener %s: %v", name, err)
+			continue
+		}
+		srv := e.newServer(name)
+		go func() { _ = srv.Serve(ln) }()
+		e.bound[name] = &boundListener{addr: ln.Addr().String(), srv: srv, declared: l.declared}
+		e.opts.Logf("envoyemu: listener %s (%s) bound on %s", name, l.declared, ln.Addr())
+	}
+}
+
+// grpcConn returns a shared connection to a cluster's first endpoint (Envoy's envoy_grpc
+// client uses the cluster's connection pool; gRPC needs HTTP/2 so plaintext is h2c).
+func (e *Emulator) grpcConn(c *config, cluster string) (*grpc.ClientConn, error) {
+	addr, err := e.endpoint(c, cluster)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if g := e.grpcConns[addr]; g != nil {
+		return g, nil
+	}
+	g, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	e.grpcConns[addr] = g
+	return g, nil
+}
+
+// endpoint picks the address of a cluster's first endpoint (the emulator does no load
+// balancing: mcpgate's clusters have one endpoint each).
+func (e *Emulator) endpoint(c *config, cluster string) (string, error) {
+	if a := e.opts.ClusterAddress[cluster]; a != "" {
+		return a, nil
+	}
+	cl := c.clusters[cluster]
+	if cl == nil {
+		return "", fmt.Errorf("%w: unknown cluster %q", errNoHealthyUpstream, cluster)
+	}
+	if cl.unsupported != "" {
+		return "", fmt.Errorf("%w: cluster %q: %s", errNoHealthyUpstream, cluster, cl.unsupported)
+	}
+	eps := cl.endpoints
+	if cl.eds != "" {
+		eps = c.endpoints[cl.eds]
+	}
+	if len(eps) == 0 {
+		return "", fmt.Errorf("%w: cluster %q has no endpoints", errNoHealthyUpstream, cluster)
+	}
+	return e.opts.Resolve(eps[0].host, eps[0].port), nil
+}
+
+// maxNACKs bounds the NACK history kept for tests.
+const maxNACKs = 100
+
+var errNoHealthyUpstream = errors.New("no healthy upstream")

@@ -1,0 +1,678 @@
+package envoyemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
+	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// defaultRouteTimeout applies when a route sets no timeout
+// (api/envoy/config/route/v3/route_components.proto RouteAction.timeout: 15s).
+const defaultRouteTimeout = 15 * time.Second
+
+// stream is one downstream request going through a listener's HTTP filter chain
+// (source/common/http/filter_manager.cc: decoder filters in order, then the router,
+// then encoder filters in reverse order).
+type stream struct {
+	e  *Emulator
+	c  *config
+	l  *listenerCfg
+	id uint64
+	r  *http.Request
+
+	req        *headerMap // request headers, pseudo-headers included
+	route      *routeEntry
+	clearRoute bool
+	body       io.Reader // request body still to forward (nil: none)
+	buffered   []byte    // the whole request body once a filter buffered it
+	isBuffered bool
+	// dynMeta is the stream's dynamic metadata by filter namespace (StreamInfo).
+	dynMeta map[string]*structpb.Struct
+	// respAdd are response headers ext_authz asked for (OkHttpResponse.response_headers_to_add).
+	respAdd []*corev3.HeaderValueOption
+	procs   []*procFilter // ext_proc filters that took part in decoding
+}
+
+// response is what travels through the encoder filters to the client.
+type response struct {
+	status int
+	h      *headerMap // without :status
+	body   io.Reader  // nil: no body
+	length int64      // -1: unknown
+}
+
+// localReply is a response Envoy generates itself (source/common/http/utility.cc
+// sendLocalReply).
+type localReply struct {
+	status  int
+	h       *headerMap
+	body    []byte
+	details string
+}
+
+func (lr *localReply) response() *response {
+	h := &headerMap{}
+	// A non-empty local reply body is text/plain unless the filter says otherwise
+	// (source/common/http/utility.cc sendLocalReply).
+	if len(lr.body) > 0 {
+		h.set("content-type", "text/plain")
+	}
+	if lr.h != nil {
+		for _, e := range lr.h.h {
+			h.set(e.k, e.v)
+		}
+	}
+	h.set("content-length", strconv.Itoa(len(lr.body)))
+	var body io.Reader
+	if len(lr.body) > 0 {
+		body = bytes.NewReader(lr.body)
+	}
+	return &response{status: lr.status, h: h, body: body, length: int64(len(lr.body))}
+}
+
+func (e *Emulator) newServer(listener string) *http.Server {
+	p := new(http.Protocols)
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true) // HCM codec_type AUTO on plaintext: HTTP/1.1 or h2c prior knowledge
+	return &http.Server{
+		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { e.serve(listener, w, r) }),
+		Protocols:         p,
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+}
+
+func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request) {
+	c := e.cfg.Load()
+	l := c.listeners[listener]
+	if l == nil {
+		http.Error(w, "listener removed", http.StatusServiceUnavailable)
+		return
+	}
+	s := &stream{e: e, c: c, l: l, id: e.streamID.Add(1), r: r, dynMeta: map[string]*structpb.Struct{}}
+	defer func() {
+		for _, p := range s.procs {
+			p.finish()
+		}
+	}()
+	s.req = requestHeaders(r)
+	if r.ContentLength != 0 || len(r.TransferEncoding) > 0 {
+		s.body = r.Body
+	}
+	// Path normalization happens before routing and filters
+	// (source/common/http/conn_manager_utility.cc maybeNormalizePath, path_utility.cc).
+	s.req.set(":path", normalizePath(s.req.value(":path"), l.normalize, l.merge))
+	// The HCM adds x-request-id and x-forwarded-proto (conn_manager_utility.cc
+	// mutateRequestHeaders).
+	if _, ok := s.req.get("x-request-id"); !ok {
+		s.req.add("x-request-id", newRequestID())
+	}
+	if _, ok := s.req.get("x-forwarded-proto"); !ok {
+		s.req.add("x-forwarded-proto", "http")
+	}
+	s.route = s.match()
+
+	resp, local := s.decode()
+	if local != nil {
+		// A local reply from a decoder filter is encoded through the filters that took
+		// part in decoding only; ext_proc instances that have not processed it are
+		// skipped (they never saw the request).
+		s.write(w, local.response())
+		return
+	}
+	s.write(w, resp)
+}
+
+// decode runs the decoder filters and the router. It returns the router's response (from
+// the upstream or a direct response) after the encoder filters, or a local reply.
+func (s *stream) decode() (*response, *localReply) {
+	for _, f := range s.l.filters {
+		if f.router {
+			break
+		}
+		if !s.enabled(f) {
+			continue
+		}
+		switch {
+		case f.authz != nil:
+			if lr := s.extAuthz(f); lr != nil {
+				return nil, lr
+			}
+		case f.proc != nil:
+			p := s.newProc(f)
+			s.procs = append(s.procs, p)
+			if lr := p.decode(); lr != nil {
+				return nil, lr
+			}
+		}
+		if s.clearRoute {
+			// A filter that changed headers and cleared the route cache gets a new
+			// route match (source/common/http/filter_manager.cc clearRouteCache).
+			s.route, s.clearRoute = s.match(), false
+		}
+	}
+	resp := s.router()
+	// Encoder filters run in reverse order (filter_manager.cc encodeHeaders).
+	for i := len(s.procs) - 1; i >= 0; i-- {
+		var lr *localReply
+		if resp, lr = s.procs[i].encode(resp); lr != nil {
+			return nil, lr
+		}
+	}
+	// ext_authz adds the OK response's response_headers_to_add when encoding
+	// (source/extensions/filters/http/ext_authz/ext_authz.cc encodeHeaders).
+	for _, o := range s.respAdd {
+		resp.h.apply(o)
+	}
+	return resp, nil
+}
+
+// enabled applies per-route filter config: ExtAuthzPerRoute.disabled,
+// ExtProcPerRoute.disabled and the generic FilterConfig (source/common/http/
+// filter_manager.cc, api/envoy/config/route/v3/route_components.proto FilterConfig).
+func (s *stream) enabled(f *filterCfg) bool {
+	var pf any
+	if s.route != nil {
+		pf = s.route.perFilter[f.name]
+	}
+	switch m := pf.(type) {
+	case *extauthzv3.ExtAuthzPerRoute:
+		return !m.GetDisabled()
+	case *extprocfilterv3.ExtProcPerRoute:
+		return !m.GetDisabled()
+	case *routev3.FilterConfig:
+		return !m.GetDisabled()
+	}
+	return !f.disabled
+}
+
+func requestHeaders(r *http.Request) *headerMap {
+	h := &headerMap{}
+	path := r.URL.RequestURI()
+	if r.RequestURI != "" && r.ProtoMajor == 1 {
+		path = r.RequestURI
+	}
+	h.add(":authority", r.Host)
+	h.add(":path", path)
+	h.add(":method", r.Method)
+	h.add(":scheme", "http")
+	for k, vs := range r.Header {
+		lk := strings.ToLower(k)
+		if hopByHop[lk] || lk == "host" {
+			continue
+		}
+		for _, v := range vs {
+			h.add(lk, v)
+		}
+	}
+	return h
+}
+
+// normalizePath removes dot segments (RFC 3986 5.2.4) and merges slashes, on the path
+// only, not the query (source/common/http/path_utility.cc canonicalPath, mergeSlashes).
+func normalizePath(p string, normalize, merge bool) string {
+	path, query, hasQuery := strings.Cut(p, "?")
+	if merge {
+		for strings.Contains(path, "//") {
+			path = strings.ReplaceAll(path, "//", "/")
+		}
+	}
+	if normalize {
+		segs := strings.Split(path, "/")
+		var out []string
+		for i, seg := range segs {
+			last := i == len(segs)-1
+			switch seg {
+			case ".":
+				if last {
+					out = append(out, "")
+				}
+			case "..":
+				if len(out) > 1 {
+					out = out[:len(out)-1]
+				}
+				if last {
+					out = append(out, "")
+				}
+			default:
+				out = append(out, seg)
+			}
+		}
+		path = strings.Join(out, "/")
+		if !strings.HasPrefix(path, "/") {
+			path = "/" + path
+		}
+	}
+	if hasQuery {
+		return path + "?" + query
+	}
+	return path
+}
+
+// match selects the virtual host by :authority and the first matching route
+// (source/common/router/config_impl.cc RouteMatcher::findVirtualHost, route()).
+func (s *stream) match() *routeEntry {
+	rc := s.l.inline
+	if rc == nil {
+		rc = s.c.routes[s.l.routeName]
+	}
+	if rc == nil {
+		return nil
+	}
+	vh := findVirtualHost(rc, strings.ToLower(s.req.value(":authority")))
+	if vh == nil {
+		return nil
+	}
+	path, _, _ := strings.Cut(s.req.value(":path"), "?")
+	for _, r := range vh.routes {
+		if routeMatches(r.r.GetMatch(), path, s.req) {
+			return r
+		}
+	}
+	return nil
+}
+
+// findVirtualHost: exact domain, then the longest suffix wildcard ("*.x"), then the
+// longest prefix wildcard ("x*"), then "*" (config_impl.cc findWildcardVirtualHost).
+func findVirtualHost(rc *routeCfg, host string) *vhostCfg {
+	var best *vhostCfg
+	bestRank, bestLen := 0, -1
+	for _, vh := range rc.vhosts {
+		for _, d := range vh.v.GetDomains() {
+			d = strings.ToLower(d)
+			rank, n := 0, len(d)
+			switch {
+			case d == host:
+				return vh
+			case d == "*":
+				rank = 1
+			case strings.HasPrefix(d, "*") && strings.HasSuffix(host, d[1:]) && len(host) > len(d)-1:
+				rank = 3
+			case strings.HasSuffix(d, "*") && strings.HasPrefix(host, d[:len(d)-1]) && len(host) > len(d)-1:
+				rank = 2
+			default:
+				continue
+			}
+			if rank > bestRank || (rank == bestRank && n > bestLen) {
+				best, bestRank, bestLen = vh, rank, n
+			}
+		}
+	}
+	return best
+}
+
+func routeMatches(m *routev3.RouteMatch, path string, h *headerMap) bool {
+	cs := m.GetCaseSensitive() == nil || m.GetCaseSensitive().GetValue()
+	eq := func(a, b string) bool { return a == b || (!cs && strings.EqualFold(a, b)) }
+	hasPrefix := func(s, p string) bool { return len(s) >= len(p) && eq(s[:len(p)], p) }
+	switch ps := m.GetPathSpecifier().(type) {
+	case *routev3.RouteMatch_Prefix:
+		if !hasPrefix(path, ps.Prefix) {
+			return false
+		}
+	case *routev3.RouteMatch_Path:
+		if !eq(path, ps.Path) {
+			return false
+		}
+	case *routev3.RouteMatch_PathSeparatedPrefix:
+		p := ps.PathSeparatedPrefix
+		if !(eq(path, p) || hasPrefix(path, p+"/")) {
+			return false
+		}
+	default:
+		return false
+	}
+	for _, hm := range m.GetHeaders() {
+		if !headerMatches(hm, h) {
+			return false
+		}
+	}
+	return true
+}
+
+// headerMatches follows source/common/http/header_utility.cc matchHeaders.
+func headerMatches(hm *routev3.HeaderMatcher, h *headerMap) bool {
+	v, present := h.joined(hm.GetName())
+	if !present && hm.GetTreatMissingHeaderAsEmpty() {
+		v, present = "", true
+	}
+	var ok bool
+	switch spec := hm.GetHeaderMatchSpecifier().(type) {
+	case *routev3.HeaderMatcher_PresentMatch:
+		ok = present == spec.PresentMatch
+		if hm.GetInvertMatch() {
+			ok = !ok
+		}
+		return ok
+	case *routev3.HeaderMatcher_StringMatch:
+		if !present {
+			return false
+		}
+		ok = stringMatches(spec.StringMatch, v)
+	default: // no specifier: presence
+		ok = present
+	}
+	if hm.GetInvertMatch() {
+		return !ok
+	}
+	return ok
+}
+
+func stringMatches(sm *matcherv3.StringMatcher, v string) bool {
+	pat, val := "", v
+	if sm.GetIgnoreCase() {
+		val = strings.ToLower(v)
+	}
+	low := func(s string) string {
+		if sm.GetIgnoreCase() {
+			return strings.ToLower(s)
+		}
+		return s
+	}
+	switch p := sm.GetMatchPattern().(type) {
+	case *matcherv3.StringMatcher_Exact:
+		pat = low(p.Exact)
+		return val == pat
+	case *matcherv3.StringMatcher_Prefix:
+		return strings.HasPrefix(val, low(p.Prefix))
+	case *matcherv3.StringMatcher_Suffix:
+		return strings.HasSuffix(val, low(p.Suffix))
+	case *matcherv3.StringMatcher_Contains:
+		return strings.Contains(val, low(p.Contains))
+	}
+	return false
+}
+
+// router forwards the request to the route's cluster, or answers a direct response or
+// 404 when no route matched (source/common/router/router.cc Filter::decodeHeaders).
+func (s *stream) router() *response {
+	if s.route == nil {
+		return (&localReply{status: http.StatusNotFound, details: "route_not_found"}).response()
+	}
+	r := s.route.r
+	if dr := r.GetDirectResponse(); dr != nil {
+		body := dr.GetBody().GetInlineString()
+		if b := dr.GetBody().GetInlineBytes(); len(b) > 0 {
+			body = string(b)
+		}
+		resp := (&localReply{status: int(dr.GetStatus()), body: []byte(body), details: "direct_response"}).response()
+		s.addResponseHeaders(resp)
+		return resp
+	}
+	return s.forward(r.GetRoute())
+}
+
+// addResponseHeaders applies response_headers_to_add and response_headers_to_remove of
+// the route, then the virtual host (source/common/router/config_impl.cc
+// finalizeResponseHeaders: the less specific level is applied last by default).
+func (s *stream) addResponseHeaders(resp *response) {
+	for _, level := range []interface {
+		GetResponseHeadersToAdd() []*corev3.HeaderValueOption
+		GetResponseHeadersToRemove() []string
+	}{s.route.r, s.route.vh.v} {
+		for _, o := range level.GetResponseHeadersToAdd() {
+			resp.h.apply(o)
+		}
+		for _, k := range level.GetResponseHeadersToRemove() {
+			resp.h.del(k)
+		}
+	}
+}
+
+func (s *stream) forward(a *routev3.RouteAction) *response {
+	req := s.req.clone()
+	// prefix_rewrite replaces the matched prefix, or the whole path of a path match
+	// (source/common/router/config_impl.cc RouteEntryImplBase::finalizePathHeader).
+	if pr := a.GetPrefixRewrite(); pr != "" {
+		full := req.value(":path")
+		path, query, hasQuery := strings.Cut(full, "?")
+		m := s.route.r.GetMatch()
+		matched := m.GetPrefix()
+		if m.GetPath() != "" {
+			matched = path
+		} else if m.GetPathSeparatedPrefix() != "" {
+			matched = m.GetPathSeparatedPrefix()
+		}
+		path = pr + path[len(matched):]
+		if hasQuery {
+			path += "?" + query
+		}
+		req.set("x-envoy-original-path", full)
+		req.set(":path", path)
+	}
+	if h := a.GetHostRewriteLiteral(); h != "" {
+		req.set(":authority", h)
+	}
+	for _, level := range []interface {
+		GetRequestHeadersToAdd() []*corev3.HeaderValueOption
+		GetRequestHeadersToRemove() []string
+	}{s.route.r, s.route.vh.v} {
+		for _, o := range level.GetRequestHeadersToAdd() {
+			req.apply(o)
+		}
+		for _, k := range level.GetRequestHeadersToRemove() {
+			req.del(k)
+		}
+	}
+	timeout := defaultRouteTimeout
+	if a.GetTimeout() != nil {
+		timeout = a.GetTimeout().AsDuration()
+	}
+	if timeout > 0 {
+		// The router tells the upstream its deadline (router.cc setTimeoutHeaders).
+		req.set("x-envoy-expected-rq-timeout-ms", strconv.FormatInt(timeout.Milliseconds(), 10))
+	}
+	cluster := s.c.clusters[a.GetCluster()]
+	addr, err := s.e.endpoint(s.c, a.GetCluster())
+	if err != nil {
+		// No cluster or no endpoint: 503 "no healthy upstream" (router.cc
+		// Filter::decodeHeaders, onNoHealthyHost).
+		return s.routerReply(http.StatusServiceUnavailable, "no healthy upstream")
+	}
+	ctx, cancel := context.WithCancel(s.r.Context())
+	if timeout > 0 {
+		// The route timeout spans until the response is complete, so it also bounds the
+		// body (router.cc onResponseTimeout; route_components.proto RouteAction.timeout).
+		var c2 context.CancelFunc
+		ctx, c2 = context.WithTimeout(ctx, timeout)
+		cancelBoth := cancel
+		cancel = func() { c2(); cancelBoth() }
+	}
+	retries := 0
+	retryOn := ""
+	if rp := a.GetRetryPolicy(); rp != nil {
+		retries, retryOn = 1, rp.GetRetryOn() // num_retries defaults to 1
+		if rp.GetNumRetries() != nil {
+			retries = int(rp.GetNumRetries().GetValue())
+		}
+	}
+	replayable := s.body == nil || s.isBuffered
+	start := time.Now()
+	var up *http.Response
+	for attempt := 0; ; attempt++ {
+		var body io.Reader
+		switch {
+		case s.isBuffered:
+			body = bytes.NewReader(s.buffered)
+		case s.body != nil:
+			body = s.body
+		}
+		hreq, herr := s.upstreamRequest(ctx, req, addr, body)
+		if herr != nil {
+			cancel()
+			return s.routerReply(http.StatusBadRequest, herr.Error())
+		}
+		up, err = s.e.transport(cluster).RoundTrip(hreq)
+		if err == nil {
+			break
+		}
+		// Retries happen only for failures before the request reached the upstream, and
+		// only when the body can be sent again (source/common/router/retry_state_impl.cc
+		// connect-failure, refused-stream, reset-before-request).
+		var op *net.OpError
+		connectFailure := errors.As(err, &op) && op.Op == "dial"
+		if attempt < retries && replayable && connectFailure && strings.Contains(retryOn, "connect-failure") && ctx.Err() == nil {
+			t := time.NewTimer(time.Duration(attempt+1) * 25 * time.Millisecond) // retry back-off base 25ms
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+			}
+			continue
+		}
+		break
+	}
+	if err != nil {
+		defer cancel()
+		for _, p := range s.procs {
+			if p.immediate != nil { // ext_proc answered in the middle of a streamed body
+				return p.immediate.response()
+			}
+		}
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return s.routerReply(http.StatusGatewayTimeout, "upstream request timeout")
+		}
+		return s.routerReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+	}
+	h := &headerMap{}
+	for k, vs := range up.Header {
+		lk := strings.ToLower(k)
+		if hopByHop[lk] {
+			continue
+		}
+		for _, v := range vs {
+			h.add(lk, v)
+		}
+	}
+	// router.cc onUpstreamHeaders: x-envoy-upstream-service-time.
+	h.set("x-envoy-upstream-service-time", strconv.FormatInt(time.Since(start).Milliseconds(), 10))
+	resp := &response{status: up.StatusCode, h: h, length: up.ContentLength,
+		body: &cancelOnClose{ReadCloser: up.Body, cancel: cancel}}
+	if up.ContentLength == 0 {
+		resp.body = nil
+		_ = up.Body.Close()
+		cancel()
+	}
+	s.addResponseHeaders(resp)
+	return resp
+}
+
+// routerReply is a local reply from the router; it goes through the encoder filters.
+func (s *stream) routerReply(code int, body string) *response {
+	return (&localReply{status: code, body: []byte(body)}).response()
+}
+
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (c *cancelOnClose) Close() error { err := c.ReadCloser.Close(); c.cancel(); return err }
+
+func (s *stream) upstreamRequest(ctx context.Context, h *headerMap, addr string, body io.Reader) (*http.Request, error) {
+	u := "http://" + addr + h.value(":path")
+	r, err := http.NewRequestWithContext(ctx, h.value(":method"), u, body)
+	if err != nil {
+		return nil, err
+	}
+	r.Host = h.value(":authority")
+	switch {
+	case s.isBuffered:
+		r.ContentLength = int64(len(s.buffered))
+	case body == nil:
+		r.ContentLength = 0
+		r.Body = nil
+	default:
+		r.ContentLength = -1
+		if cl, err := strconv.ParseInt(h.value("content-length"), 10, 64); err == nil {
+			r.ContentLength = cl
+		}
+	}
+	for _, e := range h.h {
+		if e.k[0] == ':' || e.k == "content-length" || hopByHop[e.k] {
+			continue
+		}
+		r.Header[e.k] = append(r.Header[e.k], e.v)
+	}
+	return r, nil
+}
+
+// transport is the connection pool of a cluster: HTTP/1.1, or h2c for clusters with
+// explicit http2_protocol_options. Compression is left to the endpoints.
+func (e *Emulator) transport(cl *clusterCfg) http.RoundTripper {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.transports == nil {
+		e.transports = map[bool]*http.Transport{}
+	}
+	h2 := cl != nil && cl.h2
+	if t := e.transports[h2]; t != nil {
+		return t
+	}
+	t := &http.Transport{DisableCompression: true, MaxIdleConnsPerHost: 16, IdleConnTimeout: time.Minute}
+	if h2 {
+		p := new(http.Protocols)
+		p.SetUnencryptedHTTP2(true)
+		t.Protocols = p
+	}
+	e.transports[h2] = t
+	return t
+}
+
+// write sends the response downstream, flushing every chunk as it arrives, so that an
+// SSE stream flows event by event (Envoy forwards data frames as they arrive unless a
+// filter buffers). A body error after the headers were sent resets the stream, as Envoy
+// does (router.cc onUpstreamReset after headers → stream reset).
+func (s *stream) write(w http.ResponseWriter, resp *response) {
+	if c, ok := resp.body.(io.Closer); ok {
+		defer c.Close()
+	}
+	wh := w.Header()
+	for _, e := range resp.h.h {
+		if e.k[0] == ':' || hopByHop[e.k] {
+			continue
+		}
+		wh.Add(e.k, e.v) // canonical keys: net/http reads Content-Length etc. by them
+	}
+	if resp.length < 0 || resp.body == nil && resp.length != 0 {
+		wh.Del("content-length")
+	}
+	w.WriteHeader(resp.status)
+	if resp.body == nil {
+		return
+	}
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := resp.body.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return
+			}
+			_ = rc.Flush()
+		}
+		if errors.Is(err, io.EOF) {
+			return
+		}
+		if err != nil {
+			s.e.opts.Logf("envoyemu: stream %d reset after headers: %v", s.id, err)
+			panic(http.ErrAbortHandler)
+		}
+	}
+}
+
+func (s *stream) String() string { return fmt.Sprintf("stream %d", s.id) }
