@@ -111,13 +111,15 @@ type gate struct {
 	logs      *logBuffer
 	grpcAddr  string
 	adminAddr string
+	xdsAddr   string
 	authz     authv3.AuthorizationClient
 	proc      extprocv3.ExternalProcessorClient
 	done      chan error
 }
 
 // startGate runs `mcpgate serve` on ephemeral loopback ports and waits until /readyz
-// answers 200.
+// answers 200. Later args override the defaults (a restart reuses the first run's
+// addresses, so that Envoys reconnect to the same place).
 func startGate(t *testing.T, configDir string, args ...string) *gate {
 	t.Helper()
 	argv := append([]string{"serve", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0"}, args...)
@@ -152,7 +154,10 @@ func startGate(t *testing.T, configDir string, args ...string) *gate {
 		if l := g.logs.find(msgIs("admin listening")); l != nil {
 			g.adminAddr, _ = l["addr"].(string)
 		}
-		return g.grpcAddr != "" && g.adminAddr != ""
+		if l := g.logs.find(msgIs("xds listening")); l != nil {
+			g.xdsAddr, _ = l["addr"].(string)
+		}
+		return g.grpcAddr != "" && g.adminAddr != "" && g.xdsAddr != ""
 	})
 	requireEventually(t, 10*time.Second, "/readyz to answer 200", func() bool {
 		code, _ := g.get(t, "/readyz")
@@ -188,6 +193,11 @@ func (g *gate) check(t *testing.T, req *authv3.CheckRequest) *authv3.CheckRespon
 		t.Fatalf("Check: %v", err)
 	}
 	return resp
+}
+
+// restartArgs are the flags that bring mcpgate back on the same addresses.
+func (g *gate) restartArgs() []string {
+	return []string{"--grpc-addr", g.grpcAddr, "--admin-addr", g.adminAddr, "--xds-addr", g.xdsAddr}
 }
 
 // stop sends SIGTERM and requires a clean exit.

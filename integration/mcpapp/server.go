@@ -40,6 +40,8 @@ const DefaultListLimit = 10
 
 // DefaultInventory is the stock every new Server starts with.
 var DefaultInventory = map[string]int{
+	"SKU-42":   42, // the demo policy's Rego accepts only SKU-<digits> ids
+	"SKU-7":    7,
 	"widget-1": 42,
 	"gadget-2": 7,
 	"gizmo-3":  0,

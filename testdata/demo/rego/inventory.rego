@@ -38,6 +38,12 @@ decision := {"allow": true} if {
 	object.get(input.mcp.arguments, "limit", 0) <= 100
 }
 
+# Reports stream progress; any step count the server accepts is fine.
+decision := {"allow": true} if {
+	not input.mcp.listing
+	input.mcp.tool == "slow_report"
+}
+
 # Customers are readable; callers outside the gold tier also lose the email address.
 decision := {"allow": true} if {
 	not input.mcp.listing

@@ -51,3 +51,5 @@ test_protocol_methods_allowed if {
 	inp := object.union(call("", {}), {"mcp": {"method": "initialize", "tool": "", "arguments": {}}})
 	mcpgate.decision.allow with input as inp
 }
+
+test_slow_report_allowed if mcpgate.decision.allow with input as call("slow_report", {"steps": 3})
