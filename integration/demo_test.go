@@ -240,7 +240,7 @@ func TestDemo(t *testing.T) {
 	fmt.Fprintf(&out, "\n/metrics: %d decision series; decision log lines: %d\n",
 		strings.Count(metrics, "\nmcpgate_authz_decisions_total{"), g.logs.count(func(m map[string]any) bool { return m["logger"] == "decision" }))
 	g.stop(t)
-	fmt.Printf("=== TRANSCRIPT\n%s=== END\n", out.String())
+	fmt.Printf("=== TRANSCRIPT (mcpgate as the inventory sidecar calls it, mtls: strict)\n%s=== END\n", out.String())
 }
 
 func expect(ok bool, problem string) string {
