@@ -40,8 +40,8 @@ func startMesh(t *testing.T) *mesh {
 	t.Helper()
 	m := &mesh{iss: bearertest.NewIssuer(t)}
 	m.dir = copyDemo(t, m.iss.URL(), m.iss.JWKSURL())
-	// The emulator serves no TLS yet, so the mesh runs with mtls: disabled and callers
-	// are named by their token's azp (the demo's appIdClaim).
+	// This suite runs with mtls: disabled, so callers are named by their token's azp (the
+	// demo's appIdClaim); e2e_mtls_test.go runs the mesh with SPIFFE mTLS.
 	replaceInFile(t, filepath.Join(m.dir, "mesh.yaml"), "mtls: strict", "mtls: disabled")
 	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
 	m.gate = startGate(t, m.dir, "--shutdown-timeout", "2s")

@@ -17,6 +17,7 @@ import (
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -41,12 +42,13 @@ type config struct {
 	listeners map[string]*listenerCfg
 	routes    map[string]*routeCfg
 	clusters  map[string]*clusterCfg
-	endpoints map[string][]hostPort // EDS, by cluster_name of the ClusterLoadAssignment
+	endpoints map[string][]hostPort    // EDS, by cluster_name of the ClusterLoadAssignment
+	secrets   map[string]*tlsv3.Secret // SDS over ADS, by name
 }
 
 func newConfig() *config {
 	return &config{listeners: map[string]*listenerCfg{}, routes: map[string]*routeCfg{},
-		clusters: map[string]*clusterCfg{}, endpoints: map[string][]hostPort{}}
+		clusters: map[string]*clusterCfg{}, endpoints: map[string][]hostPort{}, secrets: map[string]*tlsv3.Secret{}}
 }
 
 type hostPort struct {
@@ -56,9 +58,9 @@ type hostPort struct {
 
 type listenerCfg struct {
 	name        string
-	declared    string // configured address:port
-	tls         bool   // a transport socket the emulator does not serve
-	routeName   string // RDS
+	declared    string  // configured address:port
+	tls         *tlsCfg // DownstreamTlsContext; nil: plaintext
+	routeName   string  // RDS
 	inline      *routeCfg
 	filters     []*filterCfg
 	bufferLimit uint64
@@ -94,16 +96,18 @@ type routeEntry struct {
 type clusterCfg struct {
 	name        string
 	endpoints   []hostPort
-	eds         string // EDS service name, when the cluster type is EDS
-	h2          bool   // explicit HTTP/2 upstream (gRPC clusters)
-	unsupported string // why requests to it fail (upstream TLS is not emulated)
+	eds         string  // EDS service name, when the cluster type is EDS
+	h2          bool    // explicit HTTP/2 upstream (gRPC clusters)
+	auto        bool    // auto_config: HTTP/1.1 or h2 by ALPN (needs TLS)
+	tls         *tlsCfg // UpstreamTlsContext; nil: plaintext
+	unsupported string  // why requests to it fail
 }
 
 // with returns a copy of c with one discovery response applied, or the reason to NACK.
 // State-of-the-world: LDS and CDS responses carry every resource; RDS and EDS ones every
 // subscribed resource (xDS protocol, "Resource types and state of the world").
-func (c *config) with(typeURL string, resp *discoveryv3.DiscoveryResponse) (*config, error) {
-	n := &config{listeners: c.listeners, routes: c.routes, clusters: c.clusters, endpoints: c.endpoints}
+func (e *Emulator) with(c *config, typeURL string, resp *discoveryv3.DiscoveryResponse) (*config, error) {
+	n := &config{listeners: c.listeners, routes: c.routes, clusters: c.clusters, endpoints: c.endpoints, secrets: c.secrets}
 	var errs []error
 	switch typeURL {
 	case resource.ListenerType:
@@ -166,6 +170,22 @@ func (c *config) with(typeURL string, resp *discoveryv3.DiscoveryResponse) (*con
 			}
 			n.endpoints[cla.GetClusterName()] = eps
 		}
+	case resource.SecretType:
+		// SDS over ADS: the subscribed secrets, each checked on receipt
+		// (source/common/secret/sds_api.cc onConfigUpdate).
+		n.secrets = maps.Clone(c.secrets)
+		for _, a := range resp.GetResources() {
+			var s tlsv3.Secret
+			if err := a.UnmarshalTo(&s); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if err := e.parseSecret(&s); err != nil {
+				errs = append(errs, fmt.Errorf("secret %q: %w", s.GetName(), err))
+				continue
+			}
+			n.secrets[s.GetName()] = &s
+		}
 	default:
 		// Envoy NACKs a type it did not subscribe to.
 		errs = append(errs, fmt.Errorf("unexpected type %s", typeURL))
@@ -200,16 +220,36 @@ func (c *config) edsNames() []string {
 	return names
 }
 
-// warm reports what a listener still waits for (its routes, its clusters' endpoints).
+// secretNames are the SDS names the listeners and clusters need, sorted.
+func (c *config) secretNames() []string {
+	var names []string
+	for _, l := range c.listeners {
+		names = append(names, l.tls.secretNames()...)
+	}
+	for _, cl := range c.clusters {
+		names = append(names, cl.tls.secretNames()...)
+	}
+	slices.Sort(names)
+	return slices.Compact(names)
+}
+
+// warm reports what a listener still waits for (its routes, its secrets, its clusters'
+// endpoints and secrets).
 func (c *config) warm() error {
 	for _, l := range c.listeners {
 		if l.routeName != "" && c.routes[l.routeName] == nil {
 			return fmt.Errorf("listener %s waits for route configuration %s", l.name, l.routeName)
 		}
+		if !c.secretsReady(l.tls) {
+			return fmt.Errorf("listener %s waits for secrets %v", l.name, l.tls.secretNames())
+		}
 	}
 	for _, cl := range c.clusters {
 		if cl.eds != "" && c.endpoints[cl.eds] == nil {
 			return fmt.Errorf("cluster %s waits for endpoints", cl.name)
+		}
+		if !c.secretsReady(cl.tls) {
+			return fmt.Errorf("cluster %s waits for secrets %v", cl.name, cl.tls.secretNames())
 		}
 	}
 	return nil
@@ -240,9 +280,10 @@ func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
 	if fc.GetFilterChainMatch() != nil {
 		return nil, errors.New("filter_chain_match is not emulated")
 	}
-	// A TLS listener is accepted (Envoy would warm it until SDS delivers the secrets)
-	// but not bound: TLS is not emulated yet.
-	lc.tls = fc.GetTransportSocket() != nil
+	// A TLS listener warms until SDS delivers its secrets, then serves TLS.
+	if lc.tls, err = parseTransportSocket(fc.GetTransportSocket(), false); err != nil {
+		return nil, err
+	}
 	if len(fc.GetFilters()) != 1 || fc.GetFilters()[0].GetName() != filterHCM {
 		return nil, errors.New("only a single http_connection_manager network filter is emulated")
 	}
@@ -418,9 +459,16 @@ func parseCluster(cl *clusterv3.Cluster) (*clusterCfg, error) {
 			return nil, err
 		}
 		cc.h2 = po.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil
+		cc.auto = po.GetAutoConfig() != nil
 	}
-	if cl.GetTransportSocket() != nil {
-		cc.unsupported = "upstream TLS is not emulated"
+	var err error
+	if cc.tls, err = parseTransportSocket(cl.GetTransportSocket(), true); err != nil {
+		return nil, err
+	}
+	if cc.auto && cc.tls == nil {
+		// auto_config selects the protocol by ALPN, so it needs TLS
+		// (api/envoy/extensions/upstreams/http/v3/http_protocol_options.proto).
+		return nil, errors.New("auto_config needs a TLS transport socket")
 	}
 	return cc, nil
 }

@@ -10,6 +10,7 @@ package envoyemu
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -44,6 +45,10 @@ type Options struct {
 	ClusterAddress map[string]string
 	// Logf receives one line per configuration event (ACK, NACK, listener bound).
 	Logf func(format string, args ...any)
+	// FileRoot, when set, prefixes every file name in TLS contexts and SDS secrets
+	// (/certs/svid.pem is read as <FileRoot>/certs/svid.pem): nodes on one host each
+	// get their own certificate files, as each Envoy has its own file system.
+	FileRoot string
 }
 
 // Emulator is one emulated Envoy node.
@@ -63,7 +68,7 @@ type Emulator struct {
 	nacks      []string                  // error_detail of every NACK sent
 	changed    chan struct{}             // closed and replaced on every change
 	grpcConns  map[string]*grpc.ClientConn
-	transports map[bool]*http.Transport // by h2
+	transports map[string]*http.Transport // by protocol, or TLS cluster name
 	streamID   atomic.Uint64
 	closeOnce  sync.Once
 }
@@ -73,6 +78,7 @@ type boundListener struct {
 	srv  *http.Server
 	// declared is the address the listener was configured with; a change re-binds.
 	declared string
+	tls      bool // serving TLS; a change re-binds
 }
 
 // Start connects to the ADS server and returns once the ADS stream is open; use
@@ -133,7 +139,7 @@ func (e *Emulator) Close() {
 
 // Listener returns the address the named listener is bound to (always 127.0.0.1 with a
 // port chosen by the kernel, whatever port the configuration names), or "" if it is not
-// bound (unknown, or needing TLS the emulator does not serve).
+// bound (unknown, or a TLS listener still waiting for its SDS secrets).
 func (e *Emulator) Listener(name string) string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -258,8 +264,8 @@ func (e *Emulator) stream(ctx context.Context, st *adsState) error {
 	// and clusters name them (source/common/upstream/cluster_manager_impl.cc,
 	// source/common/listener_manager/lds_api.cc). On a new stream the nonces are void.
 	clear(st.nonces)
-	for _, t := range []string{resource.ClusterType, resource.ListenerType, resource.RouteType, resource.EndpointType} {
-		if (t == resource.RouteType || t == resource.EndpointType) && len(st.names[t]) == 0 {
+	for _, t := range []string{resource.ClusterType, resource.ListenerType, resource.RouteType, resource.EndpointType, resource.SecretType} {
+		if t != resource.ClusterType && t != resource.ListenerType && len(st.names[t]) == 0 {
 			continue
 		}
 		if err := send(t, nil); err != nil {
@@ -273,7 +279,7 @@ func (e *Emulator) stream(ctx context.Context, st *adsState) error {
 		}
 		t := resp.GetTypeUrl()
 		st.nonces[t] = resp.GetNonce()
-		next, applyErr := e.cfg.Load().with(t, resp)
+		next, applyErr := e.with(e.cfg.Load(), t, resp)
 		if applyErr != nil {
 			// NACK: the previous version stays, with the reason in error_detail
 			// (xDS protocol, "ACK/NACK and resource type instance version").
@@ -297,18 +303,20 @@ func (e *Emulator) stream(ctx context.Context, st *adsState) error {
 		e.mu.Lock()
 		e.versions[t] = resp.GetVersionInfo()
 		e.mu.Unlock()
-		if t == resource.ListenerType {
+		if t == resource.ListenerType || t == resource.SecretType {
 			e.syncListeners(next)
 		}
 		if err := send(t, nil); err != nil { // ACK
 			return err
 		}
 		e.opts.Logf("envoyemu: ACK %s version %s", t, resp.GetVersionInfo())
-		// New names to subscribe to: RDS for listeners, EDS for clusters.
+		// New names to subscribe to: RDS for listeners, EDS for clusters, SDS for the
+		// secrets their TLS contexts name (sds_config: ads; source/common/secret/
+		// sds_api.cc subscribes by name over the ADS mux).
 		for _, sub := range []struct {
 			typeURL string
 			names   []string
-		}{{resource.RouteType, next.routeNames()}, {resource.EndpointType, next.edsNames()}} {
+		}{{resource.RouteType, next.routeNames()}, {resource.EndpointType, next.edsNames()}, {resource.SecretType, next.secretNames()}} {
 			if !slices.Equal(sub.names, st.names[sub.typeURL]) {
 				st.names[sub.typeURL] = sub.names
 				if err := send(sub.typeURL, nil); err != nil {
@@ -321,19 +329,22 @@ func (e *Emulator) stream(ctx context.Context, st *adsState) error {
 }
 
 // syncListeners binds new listeners and closes removed ones. Listeners bind on
-// 127.0.0.1:0 whatever their configured address: tests run many nodes on one host.
+// 127.0.0.1:0 whatever their configured address: tests run many nodes on one host. A
+// TLS listener binds once its SDS secrets are in (a new listener warms until its init
+// targets, SDS included, are ready: source/common/listener_manager/listener_impl.cc);
+// secret updates after that apply to new handshakes without a re-bind.
 func (e *Emulator) syncListeners(c *config) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for name, b := range e.bound {
 		l := c.listeners[name]
-		if l == nil || l.declared != b.declared || l.tls {
+		if l == nil || l.declared != b.declared || (l.tls != nil) != b.tls {
 			_ = b.srv.Close()
 			delete(e.bound, name)
 		}
 	}
 	for name, l := range c.listeners {
-		if e.bound[name] != nil || l.tls {
+		if e.bound[name] != nil || (l.tls != nil && !c.secretsReady(l.tls)) {
 			continue
 		}
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -341,10 +352,14 @@ func (e *Emulator) syncListeners(c *config) {
 			e.opts.Logf("envoyemu: listener %s: %v", name, err)
 			continue
 		}
-		srv := e.newServer(name)
-		go func() { _ = srv.Serve(ln) }()
-		e.bound[name] = &boundListener{addr: ln.Addr().String(), srv: srv, declared: l.declared}
-		e.opts.Logf("envoyemu: listener %s (%s) bound on %s", name, l.declared, ln.Addr())
+		srv := e.newServer(name, l.tls != nil)
+		served := ln
+		if l.tls != nil {
+			served = tls.NewListener(ln, e.serverTLS(name))
+		}
+		go func() { _ = srv.Serve(served) }()
+		e.bound[name] = &boundListener{addr: ln.Addr().String(), srv: srv, declared: l.declared, tls: l.tls != nil}
+		e.opts.Logf("envoyemu: listener %s (%s, tls=%v) bound on %s", name, l.declared, l.tls != nil, ln.Addr())
 	}
 }
 

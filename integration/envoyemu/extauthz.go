@@ -134,9 +134,16 @@ func (s *stream) checkRequest(ext map[string]string) *authv3.CheckRequest {
 	if a, ok := s.r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
 		local = a
 	}
+	var srcPrincipal, dstPrincipal string
+	if s.r.TLS != nil {
+		if pc := s.r.TLS.PeerCertificates; len(pc) > 0 {
+			srcPrincipal = principal(pc[0])
+		}
+		dstPrincipal = s.e.localPrincipal(s.c, s.l)
+	}
 	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-		Source:      &authv3.AttributeContext_Peer{Address: addrProto(s.r.RemoteAddr)},
-		Destination: &authv3.AttributeContext_Peer{Address: addrProto(addrString(local))},
+		Source:      &authv3.AttributeContext_Peer{Address: addrProto(s.r.RemoteAddr), Principal: srcPrincipal},
+		Destination: &authv3.AttributeContext_Peer{Address: addrProto(addrString(local)), Principal: dstPrincipal},
 		Request: &authv3.AttributeContext_Request{
 			Time: timestamppb.Now(),
 			Http: &authv3.AttributeContext_HttpRequest{

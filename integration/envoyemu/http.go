@@ -84,14 +84,19 @@ func (lr *localReply) response() *response {
 	return &response{status: lr.status, h: h, body: body, length: int64(len(lr.body))}
 }
 
-func (e *Emulator) newServer(listener string) *http.Server {
+func (e *Emulator) newServer(listener string, tls bool) *http.Server {
 	p := new(http.Protocols)
 	p.SetHTTP1(true)
-	p.SetUnencryptedHTTP2(true) // HCM codec_type AUTO on plaintext: HTTP/1.1 or h2c prior knowledge
+	if tls {
+		p.SetHTTP2(true) // HCM codec_type AUTO over TLS: by ALPN (alpn_protocols)
+	} else {
+		p.SetUnencryptedHTTP2(true) // HCM codec_type AUTO on plaintext: HTTP/1.1 or h2c prior knowledge
+	}
 	return &http.Server{
 		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { e.serve(listener, w, r) }),
 		Protocols:         p,
 		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          newLogger(e.opts.Logf),
 	}
 }
 
@@ -121,7 +126,7 @@ func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request
 		s.req.add("x-request-id", newRequestID())
 	}
 	if _, ok := s.req.get("x-forwarded-proto"); !ok {
-		s.req.add("x-forwarded-proto", "http")
+		s.req.add("x-forwarded-proto", s.req.value(":scheme"))
 	}
 	s.route = s.match()
 
@@ -208,7 +213,13 @@ func requestHeaders(r *http.Request) *headerMap {
 	h.add(":authority", r.Host)
 	h.add(":path", path)
 	h.add(":method", r.Method)
-	h.add(":scheme", "http")
+	// :scheme follows the downstream connection (source/common/http/conn_manager_impl.cc:
+	// https on a TLS connection).
+	if r.TLS != nil {
+		h.add(":scheme", "https")
+	} else {
+		h.add(":scheme", "http")
+	}
 	for k, vs := range r.Header {
 		lk := strings.ToLower(k)
 		if hopByHop[lk] || lk == "host" {
@@ -510,20 +521,23 @@ func (s *stream) forward(a *routev3.RouteAction) *response {
 		case s.body != nil:
 			body = s.body
 		}
-		hreq, herr := s.upstreamRequest(ctx, req, addr, body)
+		hreq, herr := s.upstreamRequest(ctx, req, cluster != nil && cluster.tls != nil, addr, body)
 		if herr != nil {
 			cancel()
 			return s.routerReply(http.StatusBadRequest, herr.Error())
 		}
-		up, err = s.e.transport(cluster).RoundTrip(hreq)
+		up, err = s.e.transport(a.GetCluster(), cluster).RoundTrip(hreq)
 		if err == nil {
 			break
 		}
 		// Retries happen only for failures before the request reached the upstream, and
 		// only when the body can be sent again (source/common/router/retry_state_impl.cc
 		// connect-failure, refused-stream, reset-before-request).
+		// A failed TLS handshake is a connect failure too (the transport socket's
+		// connection never becomes usable: source/common/tls/ssl_socket.cc
+		// onFailure → ConnectionEvent::RemoteClose before connected).
 		var op *net.OpError
-		connectFailure := errors.As(err, &op) && op.Op == "dial"
+		connectFailure := (errors.As(err, &op) && op.Op == "dial") || isTLSFailure(err)
 		if attempt < retries && replayable && connectFailure && strings.Contains(retryOn, "connect-failure") && ctx.Err() == nil {
 			t := time.NewTimer(time.Duration(attempt+1) * 25 * time.Millisecond) // retry back-off base 25ms
 			select {
@@ -544,6 +558,10 @@ func (s *stream) forward(a *routev3.RouteAction) *response {
 		}
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return s.routerReply(http.StatusGatewayTimeout, "upstream request timeout")
+		}
+		if isTLSFailure(err) {
+			// router.cc: the transport failure reason is appended to the local reply.
+			return s.routerReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: "+err.Error())
 		}
 		return s.routerReply(http.StatusServiceUnavailable, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
 	}
@@ -582,8 +600,12 @@ type cancelOnClose struct {
 
 func (c *cancelOnClose) Close() error { err := c.ReadCloser.Close(); c.cancel(); return err }
 
-func (s *stream) upstreamRequest(ctx context.Context, h *headerMap, addr string, body io.Reader) (*http.Request, error) {
-	u := "http://" + addr + h.value(":path")
+func (s *stream) upstreamRequest(ctx context.Context, h *headerMap, tls bool, addr string, body io.Reader) (*http.Request, error) {
+	scheme := "http://"
+	if tls {
+		scheme = "https://"
+	}
+	u := scheme + addr + h.value(":path")
 	r, err := http.NewRequestWithContext(ctx, h.value(":method"), u, body)
 	if err != nil {
 		return nil, err
@@ -611,24 +633,45 @@ func (s *stream) upstreamRequest(ctx context.Context, h *headerMap, addr string,
 }
 
 // transport is the connection pool of a cluster: HTTP/1.1, or h2c for clusters with
-// explicit http2_protocol_options. Compression is left to the endpoints.
-func (e *Emulator) transport(cl *clusterCfg) http.RoundTripper {
+// explicit http2_protocol_options; over TLS (one pool per cluster, as its TLS context is
+// its own) HTTP/1.1, h2, or either by ALPN for auto_config. Compression is left to the
+// endpoints.
+func (e *Emulator) transport(name string, cl *clusterCfg) http.RoundTripper {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.transports == nil {
-		e.transports = map[bool]*http.Transport{}
+		e.transports = map[string]*http.Transport{}
 	}
 	h2 := cl != nil && cl.h2
-	if t := e.transports[h2]; t != nil {
+	secure := cl != nil && cl.tls != nil
+	key := "h1"
+	switch {
+	case secure:
+		key = "tls|" + name
+	case h2:
+		key = "h2c"
+	}
+	if t := e.transports[key]; t != nil {
 		return t
 	}
 	t := &http.Transport{DisableCompression: true, MaxIdleConnsPerHost: 16, IdleConnTimeout: time.Minute}
-	if h2 {
-		p := new(http.Protocols)
+	p := new(http.Protocols)
+	switch {
+	case secure:
+		t.TLSClientConfig = e.clientTLS(name)
+		if h2 || cl.auto {
+			p.SetHTTP2(true)
+		}
+		if !h2 || cl.auto {
+			p.SetHTTP1(true)
+		}
+	case h2:
 		p.SetUnencryptedHTTP2(true)
-		t.Protocols = p
+	default:
+		p.SetHTTP1(true)
 	}
-	e.transports[h2] = t
+	t.Protocols = p
+	e.transports[key] = t
 	return t
 }
 

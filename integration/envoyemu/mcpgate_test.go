@@ -308,7 +308,7 @@ func edit(t *testing.T, path, old, new string) {
 	}
 }
 
-// copyDemo copies testdata/demo with mtls disabled (the emulator serves plaintext) and
+// copyDemo copies testdata/demo with mtls disabled (these tests drive plaintext) and
 // the corp issuer pointed at a local one.
 func copyDemo(t *testing.T, issuerURL, jwksURL string) string {
 	t.Helper()

@@ -1,0 +1,284 @@
+//go:build integration
+
+package integration
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mcpgate/mcpgate/envoy"
+	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/integration/envoyemu"
+	"github.com/mcpgate/mcpgate/integration/mcpapp"
+)
+
+// svidCA is a test CA issuing X509-SVIDs (one URI SAN, both TLS key usages, as SPIRE).
+type svidCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pem  []byte
+}
+
+var svidSerial atomic.Int64
+
+func newSVIDCA(t *testing.T, trustDomain string) *svidCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(svidSerial.Add(1)), Subject: pkix.Name{CommonName: trustDomain + " test CA"},
+		URIs:      []*url.URL{{Scheme: "spiffe", Host: trustDomain}},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return &svidCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
+}
+
+func (ca *svidCA) issue(t *testing.T, id string) (certPEM, keyPEM []byte) {
+	t.Helper()
+	u, err := url.Parse(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(svidSerial.Add(1)), Subject: pkix.Name{CommonName: u.Path},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		URIs: []*url.URL{u}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb})
+}
+
+// fileRoot is one emulated node's file system: <root>/certs holds id's SVID, its key
+// and the bundle, named as spiffe-helper writes them (the mesh's sds.certDir: /certs).
+func (ca *svidCA) fileRoot(t *testing.T, id string) string {
+	t.Helper()
+	root := t.TempDir()
+	dir := filepath.Join(root, "certs")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c, k := ca.issue(t, id)
+	for name, b := range map[string][]byte{envoy.CertDirCert: c, envoy.CertDirKey: k, envoy.CertDirBundle: ca.pem} {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return root
+}
+
+func (ca *svidCA) tlsCert(t *testing.T, id string) tls.Certificate {
+	t.Helper()
+	c, k := ca.issue(t, id)
+	cert, err := tls.X509KeyPair(c, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert
+}
+
+func spiffeID(app string) string { return "spiffe://example.org/ns/default/" + app }
+
+// mtlsMesh is startMesh with the demo's mtls: strict and sds.certDir: /certs: every
+// emulated sidecar reads its own SVID from its FileRoot; mcpgate needs none (it serves
+// the secrets as file references over ADS).
+type mtlsMesh struct {
+	*mesh
+	ca *svidCA
+}
+
+func startMTLSMesh(t *testing.T) *mtlsMesh {
+	t.Helper()
+	m := &mtlsMesh{mesh: &mesh{iss: bearertest.NewIssuer(t)}, ca: newSVIDCA(t, "example.org")}
+	m.dir = copyDemo(t, m.iss.URL(), m.iss.JWKSURL())
+	replaceInFile(t, filepath.Join(m.dir, "mesh.yaml"), "spireAgentSocket: /run/spire/agent.sock", "certDir: /certs")
+	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
+	m.gate = startGate(t, m.dir, "--shutdown-timeout", "2s")
+	m.hosts.Store("inventory", m.app.Addr())
+	m.hosts.Store("mcpgate", m.gate.grpcAddr)
+	m.inventory = m.startEnvoyAt(t, "inventory", m.ca.fileRoot(t, spiffeID("inventory")))
+	m.hosts.Store("inventory-envoy", m.inventory.Listener("inbound"))
+	m.agent = m.startEnvoyAt(t, "my-agent", m.ca.fileRoot(t, spiffeID("my-agent")))
+	m.invokeURL = "http://" + m.agent.Listener("outbound") + "/v1.0/invoke/inventory/method/mcp"
+	return m
+}
+
+func (m *mtlsMesh) startEnvoyAt(t *testing.T, app, fileRoot string) *envoyemu.Emulator {
+	t.Helper()
+	e, err := envoyemu.Start(context.Background(), envoyemu.Options{
+		XDSAddress: m.gate.xdsAddr, NodeCluster: app, NodeID: app + "-1", FileRoot: fileRoot,
+		Resolve: func(host string, port uint32) string {
+			if a, ok := m.hosts.Load(host); ok {
+				return a.(string)
+			}
+			return net.JoinHostPort(host, strconv.Itoa(int(port)))
+		},
+		Logf: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := e.WaitReady(ctx); err != nil {
+		t.Fatalf("%s sidecar: %v (NACKs: %v)", app, err, e.NACKs())
+	}
+	if app == "inventory" && e.Listener("inbound") == "" {
+		t.Fatal("inventory's mTLS inbound listener is not bound")
+	}
+	return e
+}
+
+// direct is a workload reaching inventory's inbound listener itself, over TLS, with the
+// given certificates (none: a workload without an SVID). It trusts the mesh CA.
+func (m *mtlsMesh) direct(t *testing.T, auth string, certs ...tls.Certificate) (*http.Response, string, error) {
+	t.Helper()
+	roots := x509.NewCertPool()
+	roots.AddCert(m.ca.cert)
+	tr := &http.Transport{TLSClientConfig: &tls.Config{
+		Certificates: certs, RootCAs: roots,
+		// The server's SVID has a URI SAN, no DNS name: check the chain only.
+		InsecureSkipVerify: true,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			c, err := x509.ParseCertificate(raw[0])
+			if err != nil {
+				return err
+			}
+			_, err = c.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+			return err
+		},
+	}}
+	defer tr.CloseIdleConnections()
+	req, err := http.NewRequest("POST", "https://"+m.inventory.Listener("inbound")+"/mcp", strings.NewReader(initialize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		return nil, "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, string(b), nil
+}
+
+// TestEndToEndMTLS: mtls: strict between emulated sidecars, certificates named by SDS
+// (served by mcpgate from sds.certDir) and read from each node's own files.
+func TestEndToEndMTLS(t *testing.T) {
+	m := startMTLSMesh(t)
+
+	t.Run("the SVID, not the token, names the caller", func(t *testing.T) {
+		// The token's azp says "stranger", whom inventory's accessControl refuses; in
+		// strict mode the caller is my-agent, from the certificate its sidecar presents.
+		s := m.connect(t, m.invokeURL, map[string]string{"Authorization": m.token(t, map[string]any{"azp": "stranger"})})
+		res, err := s.CallTool(callCtx(t), "get_inventory", map[string]any{"product_id": "SKU-42"})
+		if err != nil || res.IsError {
+			t.Fatalf("get_inventory through both sidecars: %v %v", err, res)
+		}
+		calls := m.app.Calls()
+		if len(calls) == 0 {
+			t.Fatal("the server saw no call")
+		}
+		last := calls[len(calls)-1]
+		if got := last.Header.Get(extauthz.HeaderCallerAppID); last.Tool != "get_inventory" || got != "my-agent" {
+			t.Fatalf("the server saw tool %q from caller %q, want my-agent", last.Tool, got)
+		}
+	})
+
+	t.Run("a valid SVID of a caller not allowed is 403 whatever the token says", func(t *testing.T) {
+		calls := len(m.app.Requests())
+		resp, body, err := m.direct(t, m.token(t, nil), m.ca.tlsCert(t, spiffeID("stranger")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != 403 || !strings.Contains(body, "access_denied") {
+			t.Fatalf("%d %s", resp.StatusCode, body)
+		}
+		if len(m.app.Requests()) != calls {
+			t.Fatal("the call reached the server")
+		}
+	})
+
+	t.Run("a workload without an SVID cannot call", func(t *testing.T) {
+		calls := len(m.app.Requests())
+		if resp, body, err := m.direct(t, m.token(t, nil)); err == nil {
+			t.Fatalf("no client certificate: got %d %s, want a failed handshake", resp.StatusCode, body)
+		}
+		// Nor in plaintext on the TLS port.
+		if resp, err := http.Post("http://"+m.inventory.Listener("inbound")+"/mcp", "application/json", strings.NewReader(initialize)); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode < 400 {
+				t.Fatalf("plaintext to the mTLS listener got %d", resp.StatusCode)
+			}
+		}
+		if len(m.app.Requests()) != calls {
+			t.Fatal("the call reached the server")
+		}
+	})
+
+	t.Run("a certificate from another trust domain is refused", func(t *testing.T) {
+		calls := len(m.app.Requests())
+		other := newSVIDCA(t, "other.org")
+		for name, cert := range map[string]tls.Certificate{
+			"its own CA":  other.tlsCert(t, "spiffe://other.org/ns/default/my-agent"),
+			"the mesh CA": m.ca.tlsCert(t, "spiffe://other.org/ns/default/my-agent"),
+		} {
+			resp, body, err := m.direct(t, m.token(t, nil), cert)
+			switch {
+			case err != nil:
+				t.Logf("%s: refused at the handshake: %v", name, err)
+			case resp.StatusCode == 403 && strings.Contains(body, extauthz.ReasonForeignDomain):
+				t.Logf("%s: refused by ext_authz (%s)", name, extauthz.ReasonForeignDomain)
+			default:
+				t.Fatalf("%s: got %d %s", name, resp.StatusCode, body)
+			}
+		}
+		if len(m.app.Requests()) != calls {
+			t.Fatal("the call reached the server")
+		}
+	})
+}
