@@ -3,7 +3,6 @@
 package integration
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -13,12 +12,10 @@ import (
 	"encoding/pem"
 	"io"
 	"math/big"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -27,8 +24,6 @@ import (
 	"github.com/mcpgate/mcpgate/envoy"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
-	"github.com/mcpgate/mcpgate/integration/envoyemu"
-	"github.com/mcpgate/mcpgate/integration/mcpapp"
 )
 
 // svidCA is a test CA issuing X509-SVIDs (one URI SAN, both TLS key usages, as SPIRE).
@@ -127,45 +122,23 @@ type mtlsMesh struct {
 
 func startMTLSMesh(t *testing.T) *mtlsMesh {
 	t.Helper()
+	if envoyBin != "" {
+		// Only with ENVOY_BIN: real Envoy processes on one host cannot each read their own
+		// SVID at the one certDir path the Mesh names (docker-compose gives each container
+		// its own /certs volume). Never taken on our machines, which have no Envoy.
+		t.Skip("the strict-mTLS suite needs per-sidecar certificate files: emulator only")
+	}
 	m := &mtlsMesh{mesh: &mesh{iss: bearertest.NewIssuer(t)}, ca: newSVIDCA(t, "example.org")}
-	m.dir = copyDemo(t, m.iss.URL(), m.iss.JWKSURL())
-	replaceInFile(t, filepath.Join(m.dir, "mesh.yaml"), "spireAgentSocket: /run/spire/agent.sock", "certDir: /certs")
-	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
-	m.gate = startGate(t, m.dir, "--shutdown-timeout", "2s")
-	m.hosts.Store("inventory", m.app.Addr())
-	m.hosts.Store("mcpgate", m.gate.grpcAddr)
-	m.inventory = m.startEnvoyAt(t, "inventory", m.ca.fileRoot(t, spiffeID("inventory")))
-	m.hosts.Store("inventory-envoy", m.inventory.Listener("inbound"))
-	m.agent = m.startEnvoyAt(t, "my-agent", m.ca.fileRoot(t, spiffeID("my-agent")))
-	m.invokeURL = "http://" + m.agent.Listener("outbound") + "/v1.0/invoke/inventory/method/mcp"
-	return m
-}
-
-func (m *mtlsMesh) startEnvoyAt(t *testing.T, app, fileRoot string) *envoyemu.Emulator {
-	t.Helper()
-	e, err := envoyemu.Start(context.Background(), envoyemu.Options{
-		XDSAddress: m.gate.xdsAddr, NodeCluster: app, NodeID: app + "-1", FileRoot: fileRoot,
-		Resolve: func(host string, port uint32) string {
-			if a, ok := m.hosts.Load(host); ok {
-				return a.(string)
-			}
-			return net.JoinHostPort(host, strconv.Itoa(int(port)))
-		},
-		Logf: t.Logf,
+	roots := map[string]string{
+		"inventory": m.ca.fileRoot(t, spiffeID("inventory")),
+		"my-agent":  m.ca.fileRoot(t, spiffeID("my-agent")),
+	}
+	// certDir instead of the SPIRE agent socket: mcpgate serves the secrets as file
+	// references over ADS and each emulated sidecar reads its own under its FileRoot.
+	startMeshWith(t, m.mesh, "strict", roots, func() {
+		replaceInFile(t, filepath.Join(m.dir, "mesh.yaml"), "spireAgentSocket: /run/spire/agent.sock", "certDir: /certs")
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	if err := e.WaitReady(ctx); err != nil {
-		t.Fatalf("%s sidecar: %v (NACKs: %v)", app, err, e.NACKs())
-	}
-	if app == "inventory" && e.Listener("inbound") == "" {
-		t.Fatal("inventory's mTLS inbound listener is not bound")
-	}
-	return e
+	return m
 }
 
 // direct is a workload reaching inventory's inbound listener itself, over TLS, with the

@@ -5,6 +5,7 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -13,7 +14,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -24,43 +24,112 @@ import (
 
 // mesh is the whole path on loopback: an MCP client → the agent's sidecar (Dapr-style
 // outbound listener) → the inventory sidecar (ext_authz, ext_proc) → the MCP server App,
-// every Envoy an emulator programmed by the real `mcpgate serve` over xDS.
+// every Envoy programmed by the real `mcpgate serve` over xDS. The Envoys are emulators,
+// or real Envoy processes when ENVOY_BIN names an Envoy binary (see envoy_bin_test.go).
 type mesh struct {
 	iss       *bearertest.Issuer
 	dir       string
 	app       *mcpapp.Server
 	gate      *gate
-	hosts     sync.Map // policy host name → loopback address
-	inventory *envoyemu.Emulator
-	agent     *envoyemu.Emulator
+	addrs     meshAddrs
+	inventory sidecar
+	agent     sidecar
 	invokeURL string // the agent sidecar's /v1.0/invoke/inventory/method/mcp
+}
+
+// sidecar is one Envoy of the mesh.
+type sidecar interface {
+	// Listener returns the loopback address the named listener accepts on.
+	Listener(name string) string
+}
+
+// meshAddrs are the loopback addresses the mesh's policy names. Emulators bind ephemeral
+// ports and map these through Resolve; real Envoys bind them.
+type meshAddrs struct {
+	grpc, xds, admin          string // mcpgate
+	inventoryIn, inventoryOut int
+	agentIn, agentOut         int
+}
+
+// freePort asks the kernel for an unused loopback port. Only real Envoys need ports
+// chosen in advance (their listeners come from the policy); emulators never bind these.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// meshPolicy copies the demo policy with every host a loopback address: the app, both
+// sidecars (ports of their own, as two sidecars share this host) and mcpgate itself.
+func (m *mesh) meshPolicy(t *testing.T, mtls string) {
+	t.Helper()
+	m.dir = copyDemo(t, m.iss.URL(), m.iss.JWKSURL())
+	m.addrs = meshAddrs{
+		grpc: "127.0.0.1:" + strconv.Itoa(freePort(t)), xds: "127.0.0.1:" + strconv.Itoa(freePort(t)),
+		admin:       "127.0.0.1:" + strconv.Itoa(freePort(t)),
+		inventoryIn: freePort(t), inventoryOut: freePort(t), agentIn: freePort(t), agentOut: freePort(t),
+	}
+	mesh := filepath.Join(m.dir, "mesh.yaml")
+	replaceInFile(t, mesh, "mtls: strict", "mtls: "+mtls)
+	replaceInFile(t, mesh, "address: mcpgate:9001", "address: "+m.addrs.grpc)
+	apps := filepath.Join(m.dir, "inventory.yaml")
+	replaceInFile(t, apps, "address: inventory:8000", "address: "+m.app.Addr())
+	replaceInFile(t, apps, "sidecar:\n    address: inventory-envoy\n    inboundPort: 15006\n    outboundPort: 3500",
+		fmt.Sprintf("sidecar:\n    address: 127.0.0.1\n    inboundPort: %d\n    outboundPort: %d", m.addrs.inventoryIn, m.addrs.inventoryOut))
+	replaceInFile(t, apps, "sidecar:\n    address: my-agent-envoy\n    inboundPort: 15006\n    outboundPort: 3500",
+		fmt.Sprintf("sidecar:\n    address: 127.0.0.1\n    inboundPort: %d\n    outboundPort: %d", m.addrs.agentIn, m.addrs.agentOut))
+}
+
+// startMeshWith starts mcpgate and the two sidecars. fileRoots give each emulated
+// sidecar its own certificate files (mTLS); nil for plaintext. edit, if set, changes the
+// policy copy before mcpgate reads it.
+func startMeshWith(t *testing.T, m *mesh, mtls string, fileRoots map[string]string, edit func()) {
+	t.Helper()
+	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
+	m.meshPolicy(t, mtls)
+	if edit != nil {
+		edit()
+	}
+	m.gate = startGate(t, m.dir, "--shutdown-timeout", "2s",
+		"--grpc-addr", m.addrs.grpc, "--xds-addr", m.addrs.xds, "--admin-addr", m.addrs.admin)
+	m.inventory = m.startSidecar(t, "inventory", fileRoots["inventory"])
+	m.agent = m.startSidecar(t, "my-agent", fileRoots["my-agent"])
+	m.invokeURL = "http://" + m.agent.Listener("outbound") + "/v1.0/invoke/inventory/method/mcp"
 }
 
 func startMesh(t *testing.T) *mesh {
 	t.Helper()
 	m := &mesh{iss: bearertest.NewIssuer(t)}
-	m.dir = copyDemo(t, m.iss.URL(), m.iss.JWKSURL())
-	// This suite runs with mtls: disabled, so callers are named by their token's azp (the
-	// demo's appIdClaim); e2e_mtls_test.go runs the mesh with SPIFFE mTLS.
-	replaceInFile(t, filepath.Join(m.dir, "mesh.yaml"), "mtls: strict", "mtls: disabled")
-	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
-	m.gate = startGate(t, m.dir, "--shutdown-timeout", "2s")
-	m.hosts.Store("inventory", m.app.Addr())
-	m.hosts.Store("mcpgate", m.gate.grpcAddr)
-	m.inventory = m.startEnvoy(t, "inventory")
-	m.hosts.Store("inventory-envoy", m.inventory.Listener("inbound"))
-	m.agent = m.startEnvoy(t, "my-agent")
-	m.invokeURL = "http://" + m.agent.Listener("outbound") + "/v1.0/invoke/inventory/method/mcp"
+	// Callers are named by their token's azp (the demo's appIdClaim) in this mesh;
+	// e2e_mtls_test.go runs it with SPIFFE mTLS.
+	startMeshWith(t, m, "disabled", nil, nil)
 	return m
 }
 
-func (m *mesh) startEnvoy(t *testing.T, app string) *envoyemu.Emulator {
+func (m *mesh) startSidecar(t *testing.T, app, fileRoot string) sidecar {
+	t.Helper()
+	if envoyBin != "" {
+		return m.startRealEnvoy(t, app)
+	}
+	return m.startEmulator(t, app, fileRoot)
+}
+
+// startEmulator starts an emulated Envoy. It binds ephemeral ports, so Resolve maps the
+// policy's loopback addresses (mcpgate's are real; a sidecar's are its listeners').
+func (m *mesh) startEmulator(t *testing.T, app, fileRoot string) *envoyemu.Emulator {
 	t.Helper()
 	e, err := envoyemu.Start(context.Background(), envoyemu.Options{
-		XDSAddress: m.gate.xdsAddr, NodeCluster: app, NodeID: app + "-1",
+		XDSAddress: m.addrs.xds, NodeCluster: app, NodeID: app + "-1", FileRoot: fileRoot,
 		Resolve: func(host string, port uint32) string {
-			if a, ok := m.hosts.Load(host); ok {
-				return a.(string)
+			switch int(port) {
+			case m.addrs.inventoryIn:
+				if inv, ok := m.inventory.(*envoyemu.Emulator); ok {
+					return inv.Listener("inbound")
+				}
 			}
 			return net.JoinHostPort(host, strconv.Itoa(int(port)))
 		},
@@ -74,6 +143,9 @@ func (m *mesh) startEnvoy(t *testing.T, app string) *envoyemu.Emulator {
 	defer cancel()
 	if err := e.WaitReady(ctx); err != nil {
 		t.Fatalf("%s sidecar: %v (NACKs: %v)", app, err, e.NACKs())
+	}
+	if app == "inventory" && e.Listener("inbound") == "" {
+		t.Fatal("inventory's inbound listener is not bound")
 	}
 	return e
 }
