@@ -82,3 +82,10 @@ $(OPA):
 
 clean: ## Remove build outputs
 	rm -rf $(BIN) integration/tsclient/node_modules
+
+.PHONY: bootstraps
+bootstraps: ## Regenerate envoy/bootstrap/*.yaml (mcpgate bootstrap) and the Kubernetes ConfigMaps copied from them and testdata/demo
+	@mkdir -p envoy/bootstrap
+	go run ./cmd/mcpgate bootstrap --config testdata/demo --app inventory --xds-address mcpgate:18000 > envoy/bootstrap/inventory.yaml
+	go run ./cmd/mcpgate bootstrap --config testdata/demo --app my-agent --xds-address mcpgate:18000 > envoy/bootstrap/my-agent.yaml
+	go test -count=1 -run '^TestKubernetesConfigMaps$$' ./deploy -update

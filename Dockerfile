@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# mcpgate: ext_authz + ext_proc (gRPC :9001), xDS ADS (:18000), admin HTTP (:9902).
+#
+# Base images are pinned by tag. In production pin them by digest as well
+# (FROM golang:1.26.8@sha256:..., FROM gcr.io/distroless/static-debian12:nonroot@sha256:...),
+# so that a re-pushed tag cannot change what you ship.
+
+FROM golang:1.26.8 AS build
+WORKDIR /src
+COPY go.mod go.sum ./
+RUN go mod download
+COPY . .
+ARG VERSION=dev
+ARG COMMIT=unknown
+RUN CGO_ENABLED=0 go build -trimpath \
+      -ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" \
+      -o /out/mcpgate ./cmd/mcpgate
+
+# distroless/static: no shell, no package manager, CA certificates for JWKS fetching.
+FROM gcr.io/distroless/static-debian12:nonroot
+COPY --from=build /out/mcpgate /mcpgate
+# The demo policy, so that `docker run` without a mount serves something; mount your own
+# policy directory over /etc/mcpgate/policy (docker-compose.yaml, deploy/kubernetes).
+COPY testdata/demo /etc/mcpgate/policy
+USER 65532:65532
+EXPOSE 9001 18000 9902
+# No HEALTHCHECK: distroless has no shell or curl to run one. Orchestrators probe the admin
+# server instead: GET :9902/readyz (200 once a policy snapshot is loaded) and /healthz.
+ENTRYPOINT ["/mcpgate"]
+CMD ["serve","--config","/etc/mcpgate/policy","--grpc-addr","0.0.0.0:9001","--xds-addr","0.0.0.0:18000","--admin-addr","0.0.0.0:9902"]
