@@ -29,6 +29,20 @@ type BootstrapOptions struct {
 	AdminPort uint32
 	// SpireAgentSocket, if set, adds the static cluster for the SPIRE agent's SDS API.
 	SpireAgentSocket string
+	// XDSTLS, if set, makes the xds_cluster SPIFFE mTLS with secrets from the SPIRE agent
+	// (mcpgate serve --spiffe-socket); it requires SpireAgentSocket. Nil: plaintext.
+	XDSTLS *XDSTLS
+}
+
+// XDSTLS names the SDS secrets and the peer of the xds_cluster's mTLS.
+type XDSTLS struct {
+	// SVID is the SDS name of this Envoy's certificate (SPIRE: its SPIFFE ID) and Bundle
+	// that of the trust bundle (SPIRE: the trust domain's ID, spiffe://example.org).
+	SVID, Bundle string
+	// ServerID is mcpgate's SPIFFE ID, the only certificate accepted from the xDS server:
+	// whoever serves xDS programs this Envoy, so another workload of the trust domain must
+	// not be able to stand in for it.
+	ServerID string
 }
 
 // Bootstrap builds the bootstrap an Envoy starts with: its node identity, an admin
@@ -55,6 +69,20 @@ func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
 	xds, _, err := Cluster(ClusterOptions{Name: XDSCluster, Host: host, Port: uint32(port), Protocol: HTTP2, Static: true})
 	if err != nil {
 		return nil, err
+	}
+	if o.XDSTLS != nil {
+		t := o.XDSTLS
+		if o.SpireAgentSocket == "" || t.SVID == "" || t.Bundle == "" || t.ServerID == "" {
+			// Envoy can only fetch these secrets from a static cluster: the xds_cluster's
+			// certificates are needed before any dynamic resource arrives.
+			return nil, fmt.Errorf("xDS TLS needs the SPIRE agent socket, the SVID and bundle secret names and mcpgate's SPIFFE ID")
+		}
+		src := SpireSDS()
+		ts, err := UpstreamMTLS(MeshTLS{Cert: SecretRef(t.SVID, src), Bundle: SecretRef(t.Bundle, src)}, t.ServerID)
+		if err != nil {
+			return nil, err
+		}
+		xds.TransportSocket = ts
 	}
 	clusters := []*clusterv3.Cluster{xds}
 	if o.SpireAgentSocket != "" {

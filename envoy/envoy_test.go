@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -70,5 +71,45 @@ func TestBootstrap(t *testing.T) {
 		if _, err := Bootstrap(bad); err == nil {
 			t.Errorf("want an error for %+v", bad)
 		}
+	}
+}
+
+func TestBootstrapXDSTLS(t *testing.T) {
+	o := BootstrapOptions{NodeCluster: "inventory", XDSAddress: "mcpgate:18000", SpireAgentSocket: "/run/spire/agent.sock",
+		XDSTLS: &XDSTLS{SVID: "spiffe://example.org/ns/default/inventory", Bundle: "spiffe://example.org", ServerID: "spiffe://example.org/ns/mcpgate/mcpgate"}}
+	b, err := Bootstrap(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := b.StaticResources.Clusters[0].GetTransportSocket()
+	if ts == nil {
+		t.Fatal("xds_cluster has no transport socket")
+	}
+	up := &tlsv3.UpstreamTlsContext{}
+	if err := ts.GetTypedConfig().UnmarshalTo(up); err != nil {
+		t.Fatal(err)
+	}
+	c := up.CommonTlsContext
+	if n := c.TlsCertificateSdsSecretConfigs[0]; n.Name != o.XDSTLS.SVID || n.SdsConfig.GetApiConfigSource().GrpcServices[0].GetEnvoyGrpc().ClusterName != SpireAgentCluster {
+		t.Errorf("certificate secret %v", n)
+	}
+	v := c.GetCombinedValidationContext()
+	if v.ValidationContextSdsSecretConfig.Name != o.XDSTLS.Bundle {
+		t.Errorf("bundle secret %v", v.ValidationContextSdsSecretConfig)
+	}
+	if san := v.DefaultValidationContext.MatchTypedSubjectAltNames[0].Matcher.GetExact(); san != o.XDSTLS.ServerID {
+		t.Errorf("server SAN %q, want exactly %q", san, o.XDSTLS.ServerID)
+	}
+
+	o.SpireAgentSocket = ""
+	if _, err := Bootstrap(o); err == nil {
+		t.Error("want an error: xDS TLS without the SPIRE agent SDS cluster")
+	}
+	plain, err := Bootstrap(BootstrapOptions{NodeCluster: "inventory", XDSAddress: "mcpgate:18000"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if plain.StaticResources.Clusters[0].TransportSocket != nil {
+		t.Error("plaintext stays the default")
 	}
 }

@@ -40,6 +40,9 @@ type serveFlags struct {
 	debounce     time.Duration
 	poll         time.Duration
 	shutdownWait time.Duration
+	// spiffeSocket and allowedClientIDs switch the gRPC listeners to SPIFFE mTLS (tls.go).
+	spiffeSocket     string
+	allowedClientIDs string
 }
 
 func newServeCmd() *cobra.Command {
@@ -48,7 +51,18 @@ func newServeCmd() *cobra.Command {
 		Use:   "serve",
 		Short: "Run the ext_authz and ext_proc gRPC server and the admin server, hot-reloading the policy",
 		Long: `Run mcpgate. Each server can be disabled with an empty address (--admin-addr=).
-Without --config the embedded demo policy (testdata/demo) is served.`,
+Without --config the embedded demo policy (testdata/demo) is served.
+
+Transport security of the gRPC listeners (--grpc-addr for ext_authz/ext_proc, --xds-addr
+for ADS): plaintext by default, meant for loopback (a warning is logged when either is bound
+beyond it). With --spiffe-socket both use SPIFFE mTLS: mcpgate takes its X.509 SVID and
+trust bundles from the Workload API (rotated without restart), requires a client
+certificate that chains to the bundle of the client's trust domain, and admits only the
+identities in --allowed-client-ids, which is then required:
+
+  mcpgate serve --grpc-addr 0.0.0.0:9001 --xds-addr 0.0.0.0:18000 \
+    --spiffe-socket unix:///run/spire/agent.sock \
+    --allowed-client-ids spiffe://example.org/ns/default/inventory,spiffe://example.org/ns/default/my-agent`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -65,6 +79,8 @@ Without --config the embedded demo policy (testdata/demo) is served.`,
 	fl.DurationVar(&f.debounce, "reload-debounce", 100*time.Millisecond, "wait this long after a policy file event before reloading")
 	fl.DurationVar(&f.poll, "reload-poll", 0, "also re-read the policy on this interval, for file systems without inotify (0: off)")
 	fl.DurationVar(&f.shutdownWait, "shutdown-timeout", 10*time.Second, "how long SIGTERM waits for in-flight requests")
+	fl.StringVar(&f.spiffeSocket, "spiffe-socket", "", "SPIFFE Workload API address (unix:///path, a bare /path, or tcp://ip:port); set: the gRPC listeners use SPIFFE mTLS (empty: plaintext)")
+	fl.StringVar(&f.allowedClientIDs, "allowed-client-ids", "", "comma-separated SPIFFE IDs of the Envoys that may connect; an ID without a path (spiffe://example.org) admits its whole trust domain; required with --spiffe-socket")
 	return cmd
 }
 
@@ -87,6 +103,12 @@ func serve(ctx context.Context, f *serveFlags) error {
 		return err
 	}
 	defer func() { _ = log.Sync() }()
+	ts, err := parseTransportSecurity(f)
+	if err != nil {
+		return err
+	}
+	warnIfPlaintextBeyondLoopback(log, ts, "--grpc-addr", f.grpcAddr)
+	warnIfPlaintextBeyondLoopback(log, ts, "--xds-addr", f.xdsAddr)
 
 	tel, err := newTelemetry()
 	if err != nil {
@@ -117,6 +139,20 @@ func serve(ctx context.Context, f *serveFlags) error {
 	store.Set(snap)
 	reloads.Add(ctx, 1, metric.WithAttributes(attribute.String("result", "applied")))
 	log.Info("policy loaded", zap.String("version", snap.Version), zap.String("summary", summary(snap)))
+
+	// One Workload API source for both listeners, closed after they have stopped.
+	var grpcOpts []grpc.ServerOption
+	if f.grpcAddr != "" || f.xdsAddr != "" {
+		opts, closeCreds, err := ts.grpcServerOptions(ctx, log)
+		if err != nil {
+			if ctx.Err() != nil { // SIGTERM while waiting for the first SVID
+				return nil
+			}
+			return err
+		}
+		defer closeCreds()
+		grpcOpts = opts
+	}
 
 	g, ctx := errgroup.WithContext(ctx)
 	if f.config != "" {
@@ -152,7 +188,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 		if err != nil {
 			return fmt.Errorf("--grpc-addr: %w", err)
 		}
-		srv := newGRPCServer(authz, proc)
+		srv := newGRPCServer(authz, proc, grpcOpts...)
 		log.Info("grpc listening", zap.String("addr", lis.Addr().String()), zap.Strings("services", []string{
 			"envoy.service.auth.v3.Authorization", "envoy.service.ext_proc.v3.ExternalProcessor", "grpc.health.v1.Health"}))
 		g.Go(func() error { return srv.Serve(lis) })
@@ -166,7 +202,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 	}
 
 	if f.xdsAddr != "" {
-		if err := startXDS(ctx, g, f.xdsAddr, store, log, tel); err != nil {
+		if err := startXDS(ctx, g, f.xdsAddr, store, log, tel, grpcOpts...); err != nil {
 			return err
 		}
 	}
@@ -201,9 +237,9 @@ func serve(ctx context.Context, f *serveFlags) error {
 }
 
 // newGRPCServer builds the gRPC server Envoy talks to; the health service lets Envoy
-// health check the mcpgate cluster.
-func newGRPCServer(authz authv3.AuthorizationServer, proc extprocv3.ExternalProcessorServer) *grpc.Server {
-	srv := grpc.NewServer(extauthz.ServerOptions()...)
+// health check the mcpgate cluster. opts carry the transport credentials, if any.
+func newGRPCServer(authz authv3.AuthorizationServer, proc extprocv3.ExternalProcessorServer, opts ...grpc.ServerOption) *grpc.Server {
+	srv := grpc.NewServer(append(extauthz.ServerOptions(), opts...)...)
 	authv3.RegisterAuthorizationServer(srv, authz)
 	extprocv3.RegisterExternalProcessorServer(srv, proc)
 	hs := health.NewServer()

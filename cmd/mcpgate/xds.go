@@ -129,8 +129,8 @@ and the SPIRE agent's SDS cluster when the Mesh uses spireAgentSocket.`,
 }
 
 // startXDS serves ADS on its own gRPC listener at addr, re-translating on every policy
-// change, until ctx ends.
-func startXDS(ctx context.Context, g *errgroup.Group, addr string, store *policy.Store, log *zap.Logger, tel *telemetry) error {
+// change, until ctx ends. opts carry the transport credentials, if any.
+func startXDS(ctx context.Context, g *errgroup.Group, addr string, store *policy.Store, log *zap.Logger, tel *telemetry, opts ...grpc.ServerOption) error {
 	srv, err := xds.NewServer(ctx, xds.Options{Store: store, Logger: log.Named("xds"), Meter: tel.meter})
 	if err != nil {
 		return err
@@ -139,7 +139,7 @@ func startXDS(ctx context.Context, g *errgroup.Group, addr string, store *policy
 	if err != nil {
 		return fmt.Errorf("--xds-addr: %w", err)
 	}
-	gs := grpc.NewServer(xds.ServerOptions()...)
+	gs := grpc.NewServer(append(xds.ServerOptions(), opts...)...)
 	srv.Register(gs)
 	log.Info("xds listening", zap.String("addr", lis.Addr().String()),
 		zap.Strings("services", []string{"envoy.service.discovery.v3.AggregatedDiscoveryService"}))
