@@ -29,7 +29,7 @@ test: ## Unit, loopback and end-to-end tests, with the race detector
 	go test -race -count=1 ./...
 	$(MAKE) test-integration
 
-test-integration: tsclient ## End-to-end tests (build tag "integration"): the real binary on loopback
+test-integration: tsclient spire ## End-to-end tests (build tag "integration"): the real binary, emulated Envoys, SPIRE, SDK peers
 	go test -race -count=1 -tags integration ./integration/...
 
 tsclient: integration/tsclient/node_modules/.package-lock.json ## The official TypeScript MCP SDK client (npm, pinned by package-lock.json)
@@ -89,3 +89,18 @@ bootstraps: ## Regenerate envoy/bootstrap/*.yaml (mcpgate bootstrap) and the Kub
 	go run ./cmd/mcpgate bootstrap --config testdata/demo --app inventory --xds-address mcpgate:18000 > envoy/bootstrap/inventory.yaml
 	go run ./cmd/mcpgate bootstrap --config testdata/demo --app my-agent --xds-address mcpgate:18000 > envoy/bootstrap/my-agent.yaml
 	go test -count=1 -run '^TestKubernetesConfigMaps$$' ./deploy -update
+
+# SPIRE server and agent for the integration suite (issue 6), built from the pinned tools
+# module integration/tools/spire (its own go.mod; see ../shared/TOOLING.md). Skipped when
+# the binaries exist; a cold build takes minutes, a warm one about a minute and a half.
+SPIRE_VERSION := v1.15.3
+SPIRE_SERVER  := $(BIN)/spire-server-$(SPIRE_VERSION)
+SPIRE_AGENT   := $(BIN)/spire-agent-$(SPIRE_VERSION)
+
+.PHONY: spire
+spire: $(SPIRE_SERVER) $(SPIRE_AGENT) ## Build SPIRE server and agent (pinned) into ./bin for the integration suite
+
+$(BIN)/spire-%-$(SPIRE_VERSION):
+	@mkdir -p $(BIN)
+	cd integration/tools/spire && go build -o $@.tmp github.com/spiffe/spire/cmd/spire-$*
+	mv $@.tmp $@

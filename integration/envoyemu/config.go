@@ -119,6 +119,9 @@ func (e *Emulator) with(c *config, typeURL string, resp *discoveryv3.DiscoveryRe
 				continue
 			}
 			lc, err := parseListener(&l)
+			if err == nil {
+				err = e.checkSpire(lc.tls)
+			}
 			if err != nil {
 				errs = append(errs, fmt.Errorf("listener %q: %w", l.GetName(), err))
 				continue
@@ -149,6 +152,9 @@ func (e *Emulator) with(c *config, typeURL string, resp *discoveryv3.DiscoveryRe
 				continue
 			}
 			cc, err := parseCluster(&cl)
+			if err == nil {
+				err = e.checkSpire(cc.tls)
+			}
 			if err != nil {
 				errs = append(errs, fmt.Errorf("cluster %q: %w", cl.GetName(), err))
 				continue
@@ -229,6 +235,9 @@ func (c *config) secretNames() []string {
 	for _, cl := range c.clusters {
 		names = append(names, cl.tls.secretNames()...)
 	}
+	// Those from the SPIRE agent are not ADS subscriptions (sds_spire.go).
+	spire := c.spireSecretNames()
+	names = slices.DeleteFunc(names, func(n string) bool { return slices.Contains(spire, n) })
 	slices.Sort(names)
 	return slices.Compact(names)
 }

@@ -49,6 +49,11 @@ type Options struct {
 	// (/certs/svid.pem is read as <FileRoot>/certs/svid.pem): nodes on one host each
 	// get their own certificate files, as each Envoy has its own file system.
 	FileRoot string
+	// SDSSocket is the SPIRE agent's Unix socket: the pipe address of the bootstrap's
+	// static cluster spire_agent (mcpgate bootstrap with spireAgentSocket). Secrets whose
+	// sds_config is a GRPC api_config_source on that cluster are fetched from it, one
+	// SDS stream per secret (sds_spire.go). Unset: such secrets are NACKed.
+	SDSSocket string
 }
 
 // Emulator is one emulated Envoy node.
@@ -61,6 +66,14 @@ type Emulator struct {
 	// cfg is the configuration requests read; it is replaced, never mutated, so a request
 	// sees one consistent version (Envoy: each worker reads an immutable snapshot).
 	cfg atomic.Pointer[config]
+	// cfgMu serialises read-modify-write of cfg (the ADS loop and SDS streams).
+	cfgMu sync.Mutex
+
+	// SDS streams to the SPIRE agent, by secret name (sds_spire.go).
+	sdsMu      sync.Mutex
+	sdsConn    *grpc.ClientConn
+	sdsStreams map[string]context.CancelFunc
+	sdsWG      sync.WaitGroup
 
 	mu         sync.Mutex
 	bound      map[string]*boundListener // by listener name
@@ -106,6 +119,7 @@ func Start(ctx context.Context, o Options) (*Emulator, error) {
 		opts: o, cancel: cancel, done: make(chan struct{}), conn: conn,
 		bound: map[string]*boundListener{}, versions: map[string]string{},
 		changed: make(chan struct{}), grpcConns: map[string]*grpc.ClientConn{},
+		sdsStreams: map[string]context.CancelFunc{},
 	}
 	e.cfg.Store(newConfig())
 	go func() {
@@ -121,6 +135,10 @@ func (e *Emulator) Close() {
 	e.closeOnce.Do(func() {
 		e.cancel()
 		<-e.done
+		e.sdsWG.Wait()
+		if e.sdsConn != nil {
+			_ = e.sdsConn.Close()
+		}
 		e.mu.Lock()
 		defer e.mu.Unlock()
 		for name, b := range e.bound {
@@ -279,7 +297,12 @@ func (e *Emulator) stream(ctx context.Context, st *adsState) error {
 		}
 		t := resp.GetTypeUrl()
 		st.nonces[t] = resp.GetNonce()
+		e.cfgMu.Lock()
 		next, applyErr := e.with(e.cfg.Load(), t, resp)
+		if applyErr == nil {
+			e.cfg.Store(next)
+		}
+		e.cfgMu.Unlock()
 		if applyErr != nil {
 			// NACK: the previous version stays, with the reason in error_detail
 			// (xDS protocol, "ACK/NACK and resource type instance version").
@@ -298,13 +321,15 @@ func (e *Emulator) stream(ctx context.Context, st *adsState) error {
 			e.notify()
 			continue
 		}
-		e.cfg.Store(next)
 		st.versions[t] = resp.GetVersionInfo()
 		e.mu.Lock()
 		e.versions[t] = resp.GetVersionInfo()
 		e.mu.Unlock()
 		if t == resource.ListenerType || t == resource.SecretType {
 			e.syncListeners(next)
+		}
+		if t == resource.ListenerType || t == resource.ClusterType {
+			e.syncSDS(ctx, next)
 		}
 		if err := send(t, nil); err != nil { // ACK
 			return err

@@ -37,6 +37,8 @@ type tlsCfg struct {
 	requireClient    bool
 	alpn             []string
 	sni              string
+	// spire names the secrets served by the SPIRE agent's SDS (sds_spire.go), not ADS.
+	spire []string
 }
 
 // secretNames are the SDS secrets the context needs.
@@ -94,7 +96,7 @@ func parseTransportSocket(ts *corev3.TransportSocket, upstream bool) (*tlsCfg, e
 		out.cert = certs[0]
 	}
 	if len(sds) == 1 {
-		if err := checkADSSource(sds[0]); err != nil {
+		if err := out.source(sds[0]); err != nil {
 			return nil, err
 		}
 		out.certSecret = sds[0].GetName()
@@ -109,13 +111,13 @@ func parseTransportSocket(ts *corev3.TransportSocket, upstream bool) (*tlsCfg, e
 	case *tlsv3.CommonTlsContext_ValidationContext:
 		out.validation = v.ValidationContext
 	case *tlsv3.CommonTlsContext_CombinedValidationContext:
-		if err := checkADSSource(v.CombinedValidationContext.GetValidationContextSdsSecretConfig()); err != nil {
+		if err := out.source(v.CombinedValidationContext.GetValidationContextSdsSecretConfig()); err != nil {
 			return nil, err
 		}
 		out.validation = v.CombinedValidationContext.GetDefaultValidationContext()
 		out.validationSecret = v.CombinedValidationContext.GetValidationContextSdsSecretConfig().GetName()
 	case *tlsv3.CommonTlsContext_ValidationContextSdsSecretConfig:
-		if err := checkADSSource(v.ValidationContextSdsSecretConfig); err != nil {
+		if err := out.source(v.ValidationContextSdsSecretConfig); err != nil {
 			return nil, err
 		}
 		out.validationSecret = v.ValidationContextSdsSecretConfig.GetName()
@@ -128,14 +130,13 @@ func parseTransportSocket(ts *corev3.TransportSocket, upstream bool) (*tlsCfg, e
 	return out, nil
 }
 
-func checkADSSource(s *tlsv3.SdsSecretConfig) error {
-	if s.GetName() == "" {
-		return errors.New("SDS secret config without a name")
+// source checks where an SDS secret comes from: ADS, or the SPIRE agent's SDS API.
+func (t *tlsCfg) source(s *tlsv3.SdsSecretConfig) error {
+	spire, err := checkSecretSource(s)
+	if spire {
+		t.spire = append(t.spire, s.GetName())
 	}
-	if s.GetSdsConfig().GetAds() == nil {
-		return fmt.Errorf("SDS secret %q: only sds_config.ads is emulated", s.GetName())
-	}
-	return nil
+	return err
 }
 
 func checkValidation(v *tlsv3.CertificateValidationContext) error {
@@ -146,8 +147,11 @@ func checkValidation(v *tlsv3.CertificateValidationContext) error {
 	//lint:ignore SA1019 reading the deprecated field to refuse configs that use it
 	oldSANs := len(v.GetMatchSubjectAltNames())
 	if len(v.GetVerifyCertificateSpki())+len(v.GetVerifyCertificateHash()) > 0 || v.GetCrl() != nil ||
-		v.GetCustomValidatorConfig() != nil || oldSANs > 0 {
-		return errors.New("only trusted_ca, system_root_certs and match_typed_subject_alt_names are emulated")
+		oldSANs > 0 {
+		return errors.New("only trusted_ca, system_root_certs, the SPIFFE validator and match_typed_subject_alt_names are emulated")
+	}
+	if _, err := spiffeConfig(v); err != nil {
+		return err
 	}
 	if v.GetTrustChainVerification() != tlsv3.CertificateValidationContext_VERIFY_TRUST_CHAIN {
 		return errors.New("trust_chain_verification ACCEPT_UNTRUSTED is not emulated")
@@ -177,8 +181,14 @@ func (e *Emulator) parseSecret(s *tlsv3.Secret) error {
 		if err := checkValidation(t.ValidationContext); err != nil {
 			return err
 		}
-		_, _, err := e.loadRoots(t.ValidationContext)
-		return err
+		if _, _, err := e.loadRoots(t.ValidationContext); err != nil {
+			return err
+		}
+		if sc, _ := spiffeConfig(t.ValidationContext); sc != nil {
+			_, err := e.loadSPIFFE(sc)
+			return err
+		}
+		return nil
 	default:
 		return fmt.Errorf("secret type %T is not emulated", s.GetType())
 	}
@@ -265,6 +275,7 @@ type material struct {
 	cert       *tls.Certificate
 	roots      *x509.CertPool
 	system     bool
+	spiffe     map[string]*x509.CertPool           // SPIFFE validator bundles by trust domain
 	validation *tlsv3.CertificateValidationContext // merged; nil: none
 }
 
@@ -307,6 +318,15 @@ func (e *Emulator) material(c *config, t *tlsCfg) (*material, error) {
 		if m.roots, m.system, err = e.loadRoots(v); err != nil {
 			return nil, err
 		}
+		sc, err := spiffeConfig(v)
+		if err != nil {
+			return nil, err
+		}
+		if sc != nil {
+			if m.spiffe, err = e.loadSPIFFE(sc); err != nil {
+				return nil, err
+			}
+		}
 		m.validation = v
 	}
 	return m, nil
@@ -329,7 +349,13 @@ func (m *material) verify(raw [][]byte) error {
 		}
 		certs = append(certs, c)
 	}
-	if m.roots != nil || m.system {
+	if m.spiffe != nil {
+		// A custom validator replaces the default one's chain check
+		// (source/common/tls/cert_validator/factory.cc).
+		if err := verifySPIFFE(m.spiffe, certs); err != nil {
+			return err
+		}
+	} else if m.roots != nil || m.system {
 		opts := x509.VerifyOptions{Roots: m.roots, Intermediates: x509.NewCertPool(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}
 		for _, c := range certs[1:] {
 			opts.Intermediates.AddCert(c)

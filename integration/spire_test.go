@@ -1,0 +1,450 @@
+//go:build integration
+
+package integration
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/integration/envoyemu"
+	"github.com/mcpgate/mcpgate/integration/mcpapp"
+)
+
+// spireVersion is the SPIRE release the suite runs, built from the pinned tools module
+// integration/tools/spire into bin/spire-{server,agent}-<version> (make spire).
+const spireVersion = "v1.15.3"
+
+// svidTTL is the X509-SVID lifetime of the test's registration entries: short, so that
+// the agent rotates them (at half their lifetime) while a session is open.
+const svidTTL = 20 * time.Second
+
+var (
+	spireBuildOnce sync.Once
+	spireBuildErr  error
+)
+
+// spireBinaries returns bin/spire-server-<v> and bin/spire-agent-<v>, building them
+// (as `make spire` does) when absent. A cold build takes minutes: if it cannot finish
+// within the test's deadline the test is skipped, and the build cache keeps its progress.
+func spireBinaries(t *testing.T) (server, agent string) {
+	t.Helper()
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server = filepath.Join(root, "bin", "spire-server-"+spireVersion)
+	agent = filepath.Join(root, "bin", "spire-agent-"+spireVersion)
+	spireBuildOnce.Do(func() {
+		ctx := context.Background()
+		if dl, ok := t.Deadline(); ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithDeadline(ctx, dl.Add(-90*time.Second))
+			defer cancel()
+		}
+		for name, out := range map[string]string{"spire-server": server, "spire-agent": agent} {
+			if _, err := os.Stat(out); err == nil {
+				continue
+			}
+			start := time.Now()
+			cmd := exec.CommandContext(ctx, "go", "build", "-o", out+".tmp", "github.com/spiffe/spire/cmd/"+name)
+			cmd.Dir = filepath.Join(root, "integration", "tools", "spire")
+			var buf bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &buf, &buf
+			if err := cmd.Run(); err != nil {
+				if ctx.Err() != nil {
+					spireBuildErr = fmt.Errorf("building %s did not finish before the test deadline (run make spire): %w", name, ctx.Err())
+				} else {
+					spireBuildErr = fmt.Errorf("go build %s: %v\n%s", name, err, buf.String())
+				}
+				return
+			}
+			if spireBuildErr = os.Rename(out+".tmp", out); spireBuildErr != nil {
+				return
+			}
+			t.Logf("built %s in %s", out, time.Since(start).Round(time.Second))
+		}
+	})
+	if spireBuildErr != nil {
+		// make test-integration builds SPIRE first (make spire), so this only fails when
+		// go test runs alone on a cold cache; it says what to run rather than skipping.
+		t.Fatal(spireBuildErr)
+	}
+	return server, agent
+}
+
+// spire is a SPIRE server and agent on loopback: join-token attestation, sqlite
+// datastore, in-memory keys, trust domain example.org, the unix workload attestor.
+type spire struct {
+	server, agent string // binaries
+	dir           string
+	serverSock    string // server API (registration)
+	agentSock     string // Workload API and SDS
+}
+
+const spireAgentID = "spiffe://example.org/agent"
+
+// spireProc runs one SPIRE process until the test ends, its output kept for failures.
+func spireProc(t *testing.T, name string, args ...string) {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	var mu sync.Mutex
+	var buf bytes.Buffer
+	w := writerFunc(func(p []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return buf.Write(p) })
+	cmd.Stdout, cmd.Stderr = w, w
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-done
+		if t.Failed() {
+			mu.Lock()
+			t.Logf("%s output:\n%s", filepath.Base(name), buf.String())
+			mu.Unlock()
+		}
+	})
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// startSPIRE starts the server, waits for it to be healthy, mints a join token, starts
+// the agent with it and waits for the agent to be healthy.
+func startSPIRE(t *testing.T) *spire {
+	t.Helper()
+	s := &spire{dir: t.TempDir()}
+	s.server, s.agent = spireBinaries(t)
+	s.serverSock = filepath.Join(s.dir, "s.sock")
+	s.agentSock = filepath.Join(s.dir, "a.sock")
+	port := freePort(t)
+	serverConf := fmt.Sprintf(`server {
+  bind_address = "127.0.0.1"
+  bind_port = "%d"
+  socket_path = %q
+  trust_domain = "example.org"
+  data_dir = %q
+  log_level = "DEBUG"
+  ca_ttl = "24h"
+  default_x509_svid_ttl = "1m"
+}
+plugins {
+  DataStore "sql" {
+    plugin_data {
+      database_type = "sqlite3"
+      connection_string = %q
+    }
+  }
+  NodeAttestor "join_token" {
+    plugin_data {}
+  }
+  KeyManager "memory" {
+    plugin_data {}
+  }
+}
+`, port, s.serverSock, filepath.Join(s.dir, "server"), filepath.Join(s.dir, "datastore.sqlite3"))
+	agentConf := fmt.Sprintf(`agent {
+  data_dir = %q
+  log_level = "DEBUG"
+  server_address = "127.0.0.1"
+  server_port = "%d"
+  socket_path = %q
+  trust_domain = "example.org"
+  insecure_bootstrap = true
+}
+plugins {
+  NodeAttestor "join_token" {
+    plugin_data {}
+  }
+  KeyManager "memory" {
+    plugin_data {}
+  }
+  WorkloadAttestor "unix" {
+    plugin_data {}
+  }
+}
+`, filepath.Join(s.dir, "agent"), port, s.agentSock)
+	for name, conf := range map[string]string{"server.conf": serverConf, "agent.conf": agentConf} {
+		if err := os.WriteFile(filepath.Join(s.dir, name), []byte(conf), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	spireProc(t, s.server, "run", "-config", filepath.Join(s.dir, "server.conf"))
+	requireEventually(t, 30*time.Second, "the SPIRE server to be healthy", func() bool {
+		return exec.Command(s.server, "healthcheck", "-socketPath", s.serverSock).Run() == nil
+	})
+	out := s.serverCmd(t, "token", "generate", "-spiffeID", spireAgentID, "-ttl", "600")
+	m := regexp.MustCompile(`Token: (\S+)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("token generate: %s", out)
+	}
+	spireProc(t, s.agent, "run", "-config", filepath.Join(s.dir, "agent.conf"), "-joinToken", m[1])
+	requireEventually(t, 30*time.Second, "the SPIRE agent to be healthy", func() bool {
+		return exec.Command(s.agent, "healthcheck", "-socketPath", s.agentSock).Run() == nil
+	})
+	return s
+}
+
+func (s *spire) serverCmd(t *testing.T, args ...string) string {
+	t.Helper()
+	args = append(args, "-socketPath", s.serverSock)
+	out, err := exec.Command(s.server, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("spire-server %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// register creates an entry for id, selected by this process's uid: the emulated
+// sidecars run inside the test process, and each asks SDS for its own SPIFFE ID.
+func (s *spire) register(t *testing.T, id string) {
+	t.Helper()
+	s.serverCmd(t, "entry", "create", "-parentID", spireAgentID, "-spiffeID", id,
+		"-selector", "unix:uid:"+strconv.Itoa(os.Getuid()), "-x509SVIDTTL", strconv.Itoa(int(svidTTL/time.Second)))
+}
+
+// fetch asks the agent's SDS API for one secret, as this process.
+func (s *spire) fetch(ctx context.Context, name string) (*tlsv3.Secret, error) {
+	conn, err := grpc.NewClient("unix://"+s.agentSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	resp, err := secretv3.NewSecretDiscoveryServiceClient(conn).FetchSecrets(ctx, &discoveryv3.DiscoveryRequest{
+		Node: &corev3.Node{Id: "probe", Cluster: "probe"}, TypeUrl: resource.SecretType, ResourceNames: []string{name},
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range resp.GetResources() {
+		var sec tlsv3.Secret
+		if err := a.UnmarshalTo(&sec); err != nil {
+			return nil, err
+		}
+		if sec.GetName() == name {
+			return &sec, nil
+		}
+	}
+	return nil, fmt.Errorf("no secret %q in the response", name)
+}
+
+// startSPIREMesh is startMeshWith for sidecars whose certificates come from the SPIRE
+// agent's SDS API: the demo's mtls: strict and sds.spireAgentSocket (pointed at the
+// test's agent), emulators given that socket as the bootstrap's spire_agent cluster.
+func startSPIREMesh(t *testing.T, sp *spire) *mesh {
+	t.Helper()
+	m := &mesh{iss: bearertest.NewIssuer(t)}
+	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
+	m.meshPolicy(t, "strict")
+	replaceInFile(t, filepath.Join(m.dir, "mesh.yaml"), "spireAgentSocket: /run/spire/agent.sock", "spireAgentSocket: "+sp.agentSock)
+	m.gate = startGate(t, m.dir, "--shutdown-timeout", "2s",
+		"--grpc-addr", m.addrs.grpc, "--xds-addr", m.addrs.xds, "--admin-addr", m.addrs.admin)
+	m.inventory = m.startSPIREEmulator(t, "inventory", sp.agentSock)
+	m.agent = m.startSPIREEmulator(t, "my-agent", sp.agentSock)
+	m.invokeURL = "http://" + m.agent.Listener("outbound") + "/v1.0/invoke/inventory/method/mcp"
+	return m
+}
+
+func (m *mesh) startSPIREEmulator(t *testing.T, app, sock string) *envoyemu.Emulator {
+	t.Helper()
+	e, err := envoyemu.Start(context.Background(), envoyemu.Options{
+		XDSAddress: m.addrs.xds, NodeCluster: app, NodeID: app + "-1", SDSSocket: sock,
+		Resolve: func(host string, port uint32) string {
+			if int(port) == m.addrs.inventoryIn {
+				if inv, ok := m.inventory.(*envoyemu.Emulator); ok {
+					return inv.Listener("inbound")
+				}
+			}
+			return net.JoinHostPort(host, strconv.Itoa(int(port)))
+		},
+		Logf: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := e.WaitReady(ctx); err != nil {
+		t.Fatalf("%s sidecar: %v (NACKs: %v)", app, err, e.NACKs())
+	}
+	if app == "inventory" && e.Listener("inbound") == "" {
+		t.Fatal("inventory's inbound listener is not bound")
+	}
+	return e
+}
+
+// handshake connects to inventory's inbound listener with certs and sends one MCP
+// initialize; it returns the server's leaf certificate and the HTTP status, or the
+// error of a refused handshake.
+func handshake(t *testing.T, addr, auth string, certs ...tls.Certificate) (*x509.Certificate, int, error) {
+	t.Helper()
+	var leaf *x509.Certificate
+	tr := &http.Transport{TLSClientConfig: &tls.Config{
+		Certificates: certs, InsecureSkipVerify: true,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			var err error
+			leaf, err = x509.ParseCertificate(raw[0])
+			return err
+		},
+	}}
+	defer tr.CloseIdleConnections()
+	req, err := http.NewRequest("POST", "https://"+addr+"/mcp", strings.NewReader(initialize))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Do(req)
+	if err != nil {
+		return leaf, 0, err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	return leaf, resp.StatusCode, nil
+}
+
+// TestSPIRE runs the mesh over SVIDs issued by a real SPIRE server and agent (v1.15.3):
+// the emulated sidecars take their certificates and the trust bundle from the agent's
+// SDS API, named as mcpgate's translation names them for spireAgentSocket.
+func TestSPIRE(t *testing.T) {
+	if envoyBin != "" {
+		t.Skip("real Envoy on one host: SPIRE would give both sidecars the same selectors; emulator only")
+	}
+	start := time.Now()
+	sp := startSPIRE(t)
+	agentUp := time.Now()
+	sp.register(t, spiffeID("inventory"))
+	sp.register(t, spiffeID("my-agent"))
+	// Poll until the agent has synced the entries and holds both SVIDs (about 5 s after
+	// the agent starts).
+	requireEventually(t, 45*time.Second, "the agent to serve both SVIDs over SDS", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		for _, id := range []string{spiffeID("inventory"), spiffeID("my-agent"), "spiffe://example.org"} {
+			if _, err := sp.fetch(ctx, id); err != nil {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("SPIRE: server and agent healthy after %s; both SVIDs served %s after that",
+		agentUp.Sub(start).Round(100*time.Millisecond), time.Since(agentUp).Round(100*time.Millisecond))
+	// The bundle comes as Envoy's SPIFFE certificate validator (SPIRE's answer to an
+	// Envoy ≥ 1.18, or one that does not say its version), which the emulator applies.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if b, err := sp.fetch(ctx, "spiffe://example.org"); err != nil ||
+		b.GetValidationContext().GetCustomValidatorConfig().GetName() != "envoy.tls.cert_validator.spiffe" {
+		t.Fatalf("bundle secret %v (%v)", b, err)
+	}
+	m := startSPIREMesh(t, sp)
+	in := m.inventory.Listener("inbound")
+
+	// The SVID inventory's listener serves is the one SPIRE issued for inventory.
+	leaf, _, _ := handshake(t, in, "")
+	if leaf == nil || len(leaf.URIs) != 1 || leaf.URIs[0].String() != spiffeID("inventory") {
+		t.Fatalf("inventory's listener serves %v", leaf)
+	}
+
+	s := m.connect(t, m.invokeURL, map[string]string{"Authorization": m.token(t, map[string]any{"azp": "stranger"})})
+	call := func(t *testing.T) {
+		t.Helper()
+		res, err := s.CallTool(callCtx(t), "get_inventory", map[string]any{"product_id": "SKU-42"})
+		if err != nil || res.IsError {
+			t.Fatalf("get_inventory through both sidecars: %v %v", err, res)
+		}
+		calls := m.app.Calls()
+		last := calls[len(calls)-1]
+		if got := last.Header.Get(extauthz.HeaderCallerAppID); last.Tool != "get_inventory" || got != "my-agent" {
+			t.Fatalf("the server saw tool %q from caller %q, want my-agent", last.Tool, got)
+		}
+	}
+
+	t.Run("allowed call over SPIRE-issued mTLS names the attested caller", func(t *testing.T) {
+		// The token's azp says "stranger", whom inventory refuses: the caller that
+		// reaches policy is my-agent, from the SVID SPIRE issued to its sidecar.
+		call(t)
+	})
+
+	t.Run("a workload with no registration entry cannot call", func(t *testing.T) {
+		calls := len(m.app.Requests())
+		// SPIRE gives no SVID for an identity the workload has no entry for.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := sp.fetch(ctx, spiffeID("stranger"))
+		if status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("SDS for an unregistered ID: %v", err)
+		}
+		// Without an SVID: no client certificate, or one SPIRE never issued (a CA of
+		// its own, even naming my-agent), is refused at the handshake.
+		ca := newSVIDCA(t, "example.org")
+		for name, certs := range map[string][]tls.Certificate{
+			"no certificate":            nil,
+			"a certificate not SPIRE's": {ca.tlsCert(t, spiffeID("my-agent"))},
+		} {
+			if _, code, err := handshake(t, in, m.token(t, nil), certs...); err == nil {
+				t.Fatalf("%s: got HTTP %d, want a failed handshake", name, code)
+			}
+		}
+		if len(m.app.Requests()) != calls {
+			t.Fatal("the call reached the server")
+		}
+	})
+
+	t.Run("SVID rotation during an open session", func(t *testing.T) {
+		before, _, _ := handshake(t, in, "")
+		if before == nil {
+			t.Fatal("no server certificate")
+		}
+		// The agent renews an SVID at half its lifetime; wait until inventory's
+		// listener serves a new one (bounded by two lifetimes).
+		var after *x509.Certificate
+		requireEventually(t, 2*svidTTL+10*time.Second, "inventory's SVID to rotate", func() bool {
+			after, _, _ = handshake(t, in, "")
+			return after != nil && after.SerialNumber.Cmp(before.SerialNumber) != 0
+		})
+		t.Logf("inventory's SVID rotated: serial %x (until %s) → %x (until %s)", before.SerialNumber, before.NotAfter.Format(time.TimeOnly),
+			after.SerialNumber, after.NotAfter.Format(time.TimeOnly))
+		if after.URIs[0].String() != spiffeID("inventory") {
+			t.Fatalf("rotated SVID names %v", after.URIs)
+		}
+		// The open session keeps working, and so does a new one (new handshakes with
+		// the rotated SVIDs on both sides).
+		call(t)
+		s = m.connect(t, m.invokeURL, map[string]string{"Authorization": m.token(t, nil)})
+		call(t)
+	})
+}
