@@ -665,7 +665,7 @@ func (l *loader) compileEndpoint(d *document) *HTTPEndpoint {
 
 func (l *loader) compileGateway(d *document, s *Snapshot) *Gateway {
 	spec := d.spec.(*GatewaySpec)
-	gw := &Gateway{Name: d.meta.Name, Port: spec.Listener.Port, TLS: spec.Listener.TLS, Source: fmt.Sprintf("%s:%d", d.file, d.line)}
+	gw := &Gateway{Name: d.meta.Name, Namespace: d.meta.Namespace, Port: spec.Listener.Port, TLS: spec.Listener.TLS, Source: fmt.Sprintf("%s:%d", d.file, d.line)}
 	if gw.Port < 1 || gw.Port > 65535 {
 		l.errf(d, "spec.listener.port", "must be a port between 1 and 65535, got %d", gw.Port)
 	}

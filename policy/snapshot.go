@@ -163,8 +163,9 @@ type HTTPEndpoint struct {
 
 // Gateway is an edge listener for callers outside the mesh.
 type Gateway struct {
-	Name   string
-	Port   int
+	Name      string
+	Namespace string
+	Port      int
 	TLS    *TLSFilesSpec
 	Routes []GatewayRoute
 	Source string

@@ -18,7 +18,11 @@ import (
 	"go.opentelemetry.io/otel/metric/noop"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 
 	"github.com/mcpgate/mcpgate/policy"
 )
@@ -66,6 +70,7 @@ type Server struct {
 	mu      sync.Mutex
 	groups  map[string]int             // node.cluster → open streams
 	streams map[streamKey]*streamState // per stream: its node group, what was sent
+	peers   map[streamKey]string       // per TLS stream: the client certificate's SPIFFE ID
 }
 
 type streamKey struct {
@@ -96,6 +101,7 @@ func NewServer(ctx context.Context, o Options) (*Server, error) {
 		log:     o.Logger,
 		groups:  map[string]int{},
 		streams: map[streamKey]*streamState{},
+		peers:   map[streamKey]string{},
 	}
 	var err error
 	if s.snapshots, err = o.Meter.Int64Counter("mcpgate.xds.snapshots", metric.WithDescription("xDS snapshots set, per node group")); err != nil {
@@ -248,6 +254,7 @@ func (s *Server) leave(key streamKey) {
 	s.mu.Lock()
 	st := s.streams[key]
 	delete(s.streams, key)
+	delete(s.peers, key)
 	if st == nil {
 		s.mu.Unlock()
 		return
@@ -284,11 +291,64 @@ func (s *Server) nack(ctx context.Context, key streamKey, typeURL, version, msg 
 		zap.String("type_url", typeURL), zap.String("version", version), zap.String("error_detail", msg))
 }
 
-// OnStreamOpen implements serverv3.Callbacks.
-func (s *Server) OnStreamOpen(context.Context, int64, string) error { return nil }
+// OnStreamOpen implements serverv3.Callbacks: it remembers the SPIFFE ID of a TLS client.
+func (s *Server) OnStreamOpen(ctx context.Context, id int64, _ string) error {
+	s.rememberPeer(ctx, streamKey{id: id})
+	return nil
+}
 
 // OnStreamClosed implements serverv3.Callbacks.
 func (s *Server) OnStreamClosed(id int64, _ *corev3.Node) { s.leave(streamKey{id: id}) }
+
+// rememberPeer records the SPIFFE ID of the client certificate of a TLS stream (mcpgate
+// serve --spiffe-socket). Plaintext streams (the loopback dev default) have none.
+func (s *Server) rememberPeer(ctx context.Context, key streamKey) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.PeerCertificates) == 0 {
+		return
+	}
+	id := ""
+	for _, u := range info.State.PeerCertificates[0].URIs {
+		if u.Scheme == "spiffe" {
+			id = u.String()
+			break
+		}
+	}
+	s.mu.Lock()
+	s.peers[key] = id
+	s.mu.Unlock()
+}
+
+// authorizeNode refuses a TLS client asking for another node group's configuration: an
+// Envoy may only fetch the resources of the App (or Gateway) its certificate names, or
+// one workload's credentials would reveal every app's listeners, routes and clusters.
+func (s *Server) authorizeNode(key streamKey, node *corev3.Node) error {
+	s.mu.Lock()
+	id, tlsStream := s.peers[key]
+	s.mu.Unlock()
+	if !tlsStream {
+		return nil // plaintext: the listener is loopback-only or the operator chose so
+	}
+	want := ""
+	if snap := s.store.Current(); snap != nil {
+		cluster := node.GetCluster()
+		if app := snap.App(cluster); app != nil {
+			want = app.SpiffeID
+		} else if gw := snap.Gateways[cluster]; gw != nil {
+			want = "spiffe://" + snap.Mesh.TrustDomain + "/ns/" + gw.Namespace + "/" + gw.Name
+		}
+	}
+	if id == "" || id != want {
+		s.log.Warn("xds client refused: its identity does not match the node it asked for",
+			zap.String("node_cluster", node.GetCluster()), zap.String("peer_spiffe_id", id), zap.String("expected", want))
+		return status.Errorf(codes.PermissionDenied, "node.cluster %q is not the identity %q of this client", node.GetCluster(), id)
+	}
+	return nil
+}
 
 // OnStreamRequest implements serverv3.Callbacks. A NACK is logged and counted, and the
 // request is marked as being at the rejected version: go-control-plane answers every
@@ -297,6 +357,9 @@ func (s *Server) OnStreamClosed(id int64, _ *corev3.Node) { s.leave(streamKey{id
 // snapshot (a fixed policy) has a new version and is sent as usual.
 func (s *Server) OnStreamRequest(id int64, req *discoveryv3.DiscoveryRequest) error {
 	key := streamKey{id: id}
+	if err := s.authorizeNode(key, req.GetNode()); err != nil {
+		return err
+	}
 	s.join(key, req.GetNode())
 	if req.GetErrorDetail() == nil {
 		return nil
@@ -326,8 +389,11 @@ func (s *Server) OnStreamResponse(_ context.Context, id int64, _ *discoveryv3.Di
 	s.mu.Unlock()
 }
 
-// OnDeltaStreamOpen implements serverv3.Callbacks.
-func (s *Server) OnDeltaStreamOpen(context.Context, int64, string) error { return nil }
+// OnDeltaStreamOpen implements serverv3.Callbacks: it remembers the SPIFFE ID of a TLS client.
+func (s *Server) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) error {
+	s.rememberPeer(ctx, streamKey{delta: true, id: id})
+	return nil
+}
 
 // OnDeltaStreamClosed implements serverv3.Callbacks.
 func (s *Server) OnDeltaStreamClosed(id int64, _ *corev3.Node) {
@@ -338,6 +404,9 @@ func (s *Server) OnDeltaStreamClosed(id int64, _ *corev3.Node) {
 // go-control-plane does not re-send them (it tracks what it sent, not what was ACKed).
 func (s *Server) OnStreamDeltaRequest(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
 	key := streamKey{delta: true, id: id}
+	if err := s.authorizeNode(key, req.GetNode()); err != nil {
+		return err
+	}
 	s.join(key, req.GetNode())
 	if req.GetErrorDetail() != nil {
 		s.nack(context.Background(), key, req.GetTypeUrl(), "nonce "+req.GetResponseNonce(), req.GetErrorDetail().GetMessage())
