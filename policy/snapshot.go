@@ -166,9 +166,9 @@ type Gateway struct {
 	Name      string
 	Namespace string
 	Port      int
-	TLS    *TLSFilesSpec
-	Routes []GatewayRoute
-	Source string
+	TLS       *TLSFilesSpec
+	Routes    []GatewayRoute
+	Source    string
 }
 
 // GatewayRoute routes to exactly one of App or Endpoint.
