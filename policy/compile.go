@@ -128,12 +128,13 @@ func (l *loader) checkMetadata(d *document) {
 func (l *loader) compileMesh(d *document) *Mesh {
 	spec := d.spec.(*MeshSpec)
 	m := &Mesh{
-		Name:         d.meta.Name,
-		TrustDomain:  spec.TrustDomain,
-		MTLS:         spec.MTLS,
-		AuthzAddress: spec.Authz.Address,
-		SDS:          spec.SDS,
-		Issuers:      map[string]*bearer.Issuer{},
+		Name:          d.meta.Name,
+		TrustDomain:   spec.TrustDomain,
+		MTLS:          spec.MTLS,
+		AuthzAddress:  spec.Authz.Address,
+		AuthzSpiffeID: spec.Authz.SpiffeID,
+		SDS:           spec.SDS,
+		Issuers:       map[string]*bearer.Issuer{},
 	}
 	if spec.TrustDomain == "" {
 		l.errf(d, "spec.trustDomain", "is required")
@@ -151,6 +152,17 @@ func (l *loader) compileMesh(d *document) *Mesh {
 		l.errf(d, "spec.authz.address", "is required (host:port where Envoy reaches mcpgate)")
 	} else if err := checkHostPort(spec.Authz.Address); err != nil {
 		l.errf(d, "spec.authz.address", "%v", err)
+	}
+	if id := spec.Authz.SpiffeID; id != "" {
+		sid, err := spiffeid.FromString(id)
+		switch {
+		case err != nil:
+			l.errf(d, "spec.authz.spiffeId", "%q is not a SPIFFE ID", id)
+		case sid.TrustDomain().Name() != spec.TrustDomain:
+			l.errf(d, "spec.authz.spiffeId", "%q is not in trust domain %q", id, spec.TrustDomain)
+		case m.MTLS == MTLSDisabled:
+			l.errf(d, "spec.authz.spiffeId", "needs mtls strict or permissive: Envoys present their SVIDs to mcpgate")
+		}
 	}
 	switch {
 	case spec.SDS.SpireAgentSocket != "" && spec.SDS.CertDir != "":

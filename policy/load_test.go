@@ -209,6 +209,21 @@ func TestLoadProblems(t *testing.T) {
 			want:  []string{`mesh.yaml:6: spec.trustDomain: "Example Org" is not a SPIFFE trust domain`, `mesh.yaml:7: spec.mtls: must be strict, permissive or disabled`},
 		},
 		{
+			name:  "mcpgate's SPIFFE ID in another trust domain",
+			files: map[string]string{"mesh.yaml": strings.Replace(meshYAML, "address: mcpgate:9001", "address: mcpgate:9001\n    spiffeId: spiffe://evil.org/mcpgate", 1)},
+			want:  []string{`mesh.yaml:10: spec.authz.spiffeId: "spiffe://evil.org/mcpgate" is not in trust domain "example.org"`},
+		},
+		{
+			name:  "mcpgate's SPIFFE ID without mesh mTLS",
+			files: map[string]string{"mesh.yaml": strings.NewReplacer("address: mcpgate:9001", "address: mcpgate:9001\n    spiffeId: spiffe://example.org/mcpgate", "mtls: strict", "mtls: disabled").Replace(meshYAML)},
+			want:  []string{`spec.authz.spiffeId: needs mtls strict or permissive`},
+		},
+		{
+			name:  "mcpgate's SPIFFE ID malformed",
+			files: map[string]string{"mesh.yaml": strings.Replace(meshYAML, "address: mcpgate:9001", "address: mcpgate:9001\n    spiffeId: mcpgate", 1)},
+			want:  []string{`spec.authz.spiffeId: "mcpgate" is not a SPIFFE ID`},
+		},
+		{
 			name:  "access policy without action",
 			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "{appId: my-agent, defaultAction: allow}", "{appId: my-agent}", 1)},
 			want:  []string{`app.yaml:17: spec.mcp.accessControl.policies[0].defaultAction: is required (allow or deny)`},

@@ -37,7 +37,9 @@ type Mesh struct {
 	TrustDomain  string
 	MTLS         MTLSMode
 	AuthzAddress string
-	SDS          SDSSpec
+	// AuthzSpiffeID is mcpgate's SPIFFE ID when Envoys must reach it over mTLS.
+	AuthzSpiffeID string
+	SDS           SDSSpec
 	// Issuers by name, ready for the token verifier.
 	Issuers map[string]*bearer.Issuer
 }

@@ -56,6 +56,10 @@ type MeshSpec struct {
 // AuthzSpec says where Envoy reaches mcpgate's ext_authz and ext_proc gRPC server.
 type AuthzSpec struct {
 	Address string `yaml:"address"`
+	// SpiffeID, when set, is mcpgate's own SPIFFE ID (mcpgate serve --spiffe-socket):
+	// Envoys then reach mcpgate over mTLS, presenting their SVID and accepting only this
+	// identity, for ext_authz/ext_proc and for xDS.
+	SpiffeID string `yaml:"spiffeId"`
 }
 
 // SDSSpec says where Envoy gets its certificates: the SPIRE agent's SDS socket or files.

@@ -339,7 +339,7 @@ func (s *Server) authorizeNode(key streamKey, node *corev3.Node) error {
 		if app := snap.App(cluster); app != nil {
 			want = app.SpiffeID
 		} else if gw := snap.Gateways[cluster]; gw != nil {
-			want = "spiffe://" + snap.Mesh.TrustDomain + "/ns/" + gw.Namespace + "/" + gw.Name
+			want = GatewaySpiffeID(snap.Mesh.TrustDomain, gw)
 		}
 	}
 	if id == "" || id != want {

@@ -142,13 +142,28 @@ func (t *translator) addCluster(o envoy.ClusterOptions) {
 	}
 }
 
-func (t *translator) authzCluster() {
+// authzCluster reaches mcpgate. When the Mesh names mcpgate's SPIFFE ID (authz.spiffeId),
+// the Envoy presents its own SVID (selfID: the App's, or the Gateway's) and accepts only
+// mcpgate's: mcpgate serve --spiffe-socket refuses anything else.
+func (t *translator) authzCluster(selfID string) {
 	host, port, err := splitHostPort(t.snap.Mesh.AuthzAddress, 0)
 	if err != nil {
 		t.errf("mesh authz.address: %w", err)
 		return
 	}
-	t.addCluster(envoy.ClusterOptions{Name: ClusterAuthz, Host: host, Port: port, Protocol: envoy.HTTP2, MaxRequests: authzMaxRequests})
+	o := envoy.ClusterOptions{Name: ClusterAuthz, Host: host, Port: port, Protocol: envoy.HTTP2, MaxRequests: authzMaxRequests}
+	if id := t.snap.Mesh.AuthzSpiffeID; id != "" {
+		own, ok := t.meshTLSFor(selfID)
+		if !ok {
+			t.errf("mesh authz.spiffeId needs mesh mTLS")
+			return
+		}
+		if o.TransportSocket, err = envoy.UpstreamMTLS(own, id); err != nil {
+			t.errf("mcpgate cluster: %w", err)
+			return
+		}
+	}
+	t.addCluster(o)
 }
 
 func (t *translator) appCluster(app *policy.App) {
@@ -168,6 +183,12 @@ func (t *translator) appCluster(app *policy.App) {
 // certDir the secrets are served over ADS as file references; with SPIRE they come from
 // the agent, named as SPIRE names them.
 func (t *translator) meshTLS(app *policy.App) (envoy.MeshTLS, bool) {
+	return t.meshTLSFor(app.SpiffeID)
+}
+
+// meshTLSFor is meshTLS for an identity: an App's SPIFFE ID, or a Gateway's
+// (spiffe://<td>/ns/<ns>/<gateway-name>, the identity xDS checks it by).
+func (t *translator) meshTLSFor(selfID string) (envoy.MeshTLS, bool) {
 	mesh := t.snap.Mesh
 	if mesh.MTLS == policy.MTLSDisabled {
 		return envoy.MeshTLS{}, false
@@ -178,11 +199,11 @@ func (t *translator) meshTLS(app *policy.App) (envoy.MeshTLS, bool) {
 		src = envoy.ADSConfigSource()
 		if len(t.secrets) == 0 {
 			t.secrets = append(t.secrets,
-				envoy.FileCertSecret(app.SpiffeID, mesh.SDS.CertDir),
+				envoy.FileCertSecret(selfID, mesh.SDS.CertDir),
 				envoy.FileBundleSecret(bundle, mesh.SDS.CertDir))
 		}
 	}
-	return envoy.MeshTLS{Cert: envoy.SecretRef(app.SpiffeID, src), Bundle: envoy.SecretRef(bundle, src)}, true
+	return envoy.MeshTLS{Cert: envoy.SecretRef(selfID, src), Bundle: envoy.SecretRef(bundle, src)}, true
 }
 
 // sidecar builds the resources of an app's sidecar: the inbound listener when it serves
@@ -195,7 +216,7 @@ func (t *translator) sidecar(app *policy.App) {
 }
 
 func (t *translator) inbound(app *policy.App) {
-	t.authzCluster()
+	t.authzCluster(app.SpiffeID)
 	t.appCluster(app)
 	ext := map[string]string{extauthz.ContextAppID: app.ID}
 	routes := append(t.prmRoutes(app), t.mcpRoutes(app, app.MCP.Path, ext)...)
@@ -456,7 +477,7 @@ func (t *translator) endpointCluster(ep *policy.HTTPEndpoint) (envoy.ForwardOpti
 // ext_proc chain with the app's policy (context_extensions app_id and gateway), and a
 // second enforcement at the sidecar would see the gateway's identity as the caller.
 func (t *translator) gateway(gw *policy.Gateway) {
-	t.authzCluster()
+	t.authzCluster(GatewaySpiffeID(t.snap.Mesh.TrustDomain, gw))
 	name := ListenerGateway(gw.Name)
 	type vhost struct {
 		routes []*routev3.Route
@@ -560,4 +581,9 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(keys)
 	return keys
+}
+
+// GatewaySpiffeID is the identity of a Gateway's Envoy: spiffe://<td>/ns/<ns>/<name>.
+func GatewaySpiffeID(trustDomain string, gw *policy.Gateway) string {
+	return "spiffe://" + trustDomain + "/ns/" + gw.Namespace + "/" + gw.Name
 }

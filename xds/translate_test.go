@@ -41,6 +41,7 @@ var goldenCases = map[string]string{
 	"gateway":        "../testdata/xds/gateway",
 	"resiliency":     "../testdata/xds/resiliency",
 	"many-apps":      "../testdata/xds/many-apps",
+	"authz-mtls":     "../testdata/xds/authz-mtls",
 }
 
 // goldenNodes limits the nodes pinned for large cases (every node is still translated

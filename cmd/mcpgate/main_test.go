@@ -106,3 +106,22 @@ func TestBootstrap(t *testing.T) {
 		t.Fatal("a bad --xds-address was accepted")
 	}
 }
+
+// TestBootstrapXDSOverMTLS: when the Mesh names mcpgate's SPIFFE ID and certificates come
+// from SPIRE, the ADS cluster presents the Envoy's SVID and accepts only mcpgate's.
+func TestBootstrapXDSOverMTLS(t *testing.T) {
+	out, errOut, code := run(t, "bootstrap", "--app", "inventory", "--xds-address", "mcpgate:18000", "--config", "../../testdata/xds/authz-mtls")
+	if code != 0 {
+		t.Fatalf("code %d, stderr %q", code, errOut)
+	}
+	for _, want := range []string{"UpstreamTlsContext", "spiffe://example.org/ns/default/inventory", "exact: spiffe://example.org/ns/mcpgate/mcpgate"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("bootstrap lacks %q:\n%s", want, out)
+		}
+	}
+	// The demo names no mcpgate identity: plaintext ADS, as before.
+	out, _, _ = run(t, "bootstrap", "--app", "inventory", "--xds-address", "mcpgate:18000", "--config", "../../testdata/demo")
+	if strings.Contains(out, "UpstreamTlsContext") {
+		t.Error("ADS over TLS without authz.spiffeId")
+	}
+}

@@ -83,11 +83,13 @@ func newBootstrapCmd() *cobra.Command {
 		Short: "Print an Envoy bootstrap (YAML) for an App's sidecar or a Gateway",
 		Long: `Print a bootstrap to start Envoy with (envoy -c bootstrap.yaml): the node (cluster = the App
 ID or Gateway name), the admin interface on 127.0.0.1, the ADS cluster to mcpgate over HTTP/2,
-and the SPIRE agent's SDS cluster when the Mesh uses spireAgentSocket.`,
+and the SPIRE agent's SDS cluster when the Mesh uses spireAgentSocket. When the Mesh names
+mcpgate's SPIFFE ID (authz.spiffeId) and certificates come from SPIRE, the ADS cluster is
+SPIFFE mTLS: the Envoy presents its SVID and accepts only mcpgate's.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.SpireAgentSocket = spire
-			if o.SpireAgentSocket == "" && !noSpire {
+			if !noSpire {
 				snap, err := loadPolicy(cmd, config)
 				if err != nil {
 					return err
@@ -95,9 +97,10 @@ and the SPIRE agent's SDS cluster when the Mesh uses spireAgentSocket.`,
 				if _, err := xds.Translate(snap, o.NodeCluster); errors.Is(err, xds.ErrUnknownNode) {
 					fmt.Fprintf(cmd.ErrOrStderr(), "warning: %v; the Envoy will receive nothing\n", err)
 				}
-				if snap.Mesh.MTLS != policy.MTLSDisabled {
+				if o.SpireAgentSocket == "" && snap.Mesh.MTLS != policy.MTLSDisabled {
 					o.SpireAgentSocket = snap.Mesh.SDS.SpireAgentSocket
 				}
+				o.XDSTLS = xdsTLS(cmd, snap, o.NodeCluster, o.SpireAgentSocket)
 			}
 			b, err := envoy.Bootstrap(o)
 			if err != nil {
@@ -153,4 +156,27 @@ func startXDS(ctx context.Context, g *errgroup.Group, addr string, store *policy
 		return nil
 	})
 	return nil
+}
+
+// xdsTLS is the ADS cluster's mTLS when the Mesh names mcpgate's SPIFFE ID. Only with
+// SPIRE: with certDir the certificates themselves arrive over xDS, so xDS cannot need them.
+func xdsTLS(cmd *cobra.Command, snap *policy.Snapshot, node, spireSocket string) *envoy.XDSTLS {
+	server := snap.Mesh.AuthzSpiffeID
+	if server == "" {
+		return nil
+	}
+	if spireSocket == "" {
+		fmt.Fprintln(cmd.ErrOrStderr(), "warning: authz.spiffeId is set but certificates do not come from SPIRE; the ADS connection stays plaintext")
+		return nil
+	}
+	self := ""
+	if app := snap.App(node); app != nil {
+		self = app.SpiffeID
+	} else if gw := snap.Gateways[node]; gw != nil {
+		self = xds.GatewaySpiffeID(snap.Mesh.TrustDomain, gw)
+	}
+	if self == "" {
+		return nil
+	}
+	return &envoy.XDSTLS{SVID: self, Bundle: "spiffe://" + snap.Mesh.TrustDomain, ServerID: server}
 }
