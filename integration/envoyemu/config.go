@@ -144,11 +144,15 @@ func (e *Emulator) with(c *config, typeURL string, resp *discoveryv3.DiscoveryRe
 			n.routes[rc.GetName()] = r
 		}
 	case resource.ClusterType:
-		n.clusters = map[string]*clusterCfg{}
+		n.clusters = e.staticClusters()
 		for _, a := range resp.GetResources() {
 			var cl clusterv3.Cluster
 			if err := a.UnmarshalTo(&cl); err != nil {
 				errs = append(errs, err)
+				continue
+			}
+			if e.isStatic(cl.GetName()) {
+				errs = append(errs, fmt.Errorf("cluster %q: a static cluster of the bootstrap cannot be updated by CDS", cl.GetName()))
 				continue
 			}
 			cc, err := parseCluster(&cl)

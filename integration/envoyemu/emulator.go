@@ -21,18 +21,25 @@ import (
 	"sync/atomic"
 	"time"
 
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
 // Options configure an Emulator.
 type Options struct {
-	// XDSAddress is host:port of the ADS server (plaintext gRPC).
+	// Bootstrap, if set, is what the Envoy starts with (`mcpgate bootstrap` output): the
+	// node, the static clusters, the ADS cluster with its transport socket (SPIFFE mTLS to
+	// mcpgate when the bootstrap says so) and the SPIRE agent's socket (bootstrap.go).
+	// The fields below that it fills may be left empty.
+	Bootstrap *bootstrapv3.Bootstrap
+	// XDSAddress is host:port of the ADS server (plaintext gRPC without a Bootstrap).
 	XDSAddress string
 	// NodeID and NodeCluster identify the node; mcpgate keys snapshots by NodeCluster
 	// (the App ID or gateway name). NodeID defaults to NodeCluster.
@@ -59,6 +66,7 @@ type Options struct {
 // Emulator is one emulated Envoy node.
 type Emulator struct {
 	opts   Options
+	boot   *bootstrapped // nil without Options.Bootstrap
 	cancel context.CancelFunc
 	done   chan struct{}
 	conn   *grpc.ClientConn
@@ -98,32 +106,56 @@ type boundListener struct {
 // WaitReady to wait for listeners, routes and clusters. The emulator runs until ctx
 // ends or Close is called.
 func Start(ctx context.Context, o Options) (*Emulator, error) {
+	if o.Resolve == nil {
+		o.Resolve = func(host string, port uint32) string { return net.JoinHostPort(host, strconv.Itoa(int(port))) }
+	}
+	var boot *bootstrapped
+	if o.Bootstrap != nil {
+		var err error
+		if boot, err = o.fromBootstrap(); err != nil {
+			return nil, fmt.Errorf("envoyemu: %w", err)
+		}
+	}
 	if o.XDSAddress == "" || o.NodeCluster == "" {
-		return nil, errors.New("envoyemu: XDSAddress and NodeCluster are required")
+		return nil, errors.New("envoyemu: XDSAddress and NodeCluster (or a Bootstrap) are required")
 	}
 	if o.NodeID == "" {
 		o.NodeID = o.NodeCluster
 	}
-	if o.Resolve == nil {
-		o.Resolve = func(host string, port uint32) string { return net.JoinHostPort(host, strconv.Itoa(int(port))) }
-	}
 	if o.Logf == nil {
 		o.Logf = func(string, ...any) {}
 	}
-	conn, err := grpc.NewClient("passthrough:///"+o.XDSAddress, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, fmt.Errorf("envoyemu: xds client: %w", err)
-	}
 	ctx, cancel := context.WithCancel(ctx)
 	e := &Emulator{
-		opts: o, cancel: cancel, done: make(chan struct{}), conn: conn,
+		opts: o, boot: boot, cancel: cancel, done: make(chan struct{}),
 		bound: map[string]*boundListener{}, versions: map[string]string{},
 		changed: make(chan struct{}), grpcConns: map[string]*grpc.ClientConn{},
 		sdsStreams: map[string]context.CancelFunc{},
 	}
-	e.cfg.Store(newConfig())
+	initial := newConfig()
+	initial.clusters = e.staticClusters()
+	for name, cl := range initial.clusters {
+		if err := e.checkSpire(cl.tls); err != nil {
+			cancel()
+			return nil, fmt.Errorf("envoyemu: static cluster %q: %w", name, err)
+		}
+	}
+	e.cfg.Store(initial)
+	creds := insecure.NewCredentials()
+	if boot != nil && initial.clusters[boot.adsCluster].tls != nil {
+		// The ADS cluster's own transport socket: handshakes fail (and ADS retries) until
+		// its SDS secrets have arrived from the SPIRE agent.
+		creds = credentials.NewTLS(e.clientTLS(boot.adsCluster))
+	}
+	conn, err := grpc.NewClient("passthrough:///"+o.XDSAddress, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("envoyemu: xds client: %w", err)
+	}
+	e.conn = conn
 	go func() {
 		defer close(e.done)
+		e.syncSDS(ctx, initial) // the static clusters' secrets, before ADS needs them
 		e.runADS(ctx)
 	}()
 	context.AfterFunc(ctx, func() { e.Close() })
@@ -395,16 +427,24 @@ func (e *Emulator) grpcConn(c *config, cluster string) (*grpc.ClientConn, error)
 	if err != nil {
 		return nil, err
 	}
+	creds := insecure.NewCredentials()
+	secure := false
+	if cl := c.clusters[cluster]; cl != nil && cl.tls != nil {
+		// The cluster's UpstreamTlsContext (SPIFFE mTLS to mcpgate when the Mesh names
+		// authz.spiffeId), resolved per handshake like any TLS cluster.
+		creds, secure = credentials.NewTLS(e.clientTLS(cluster)), true
+	}
+	key := fmt.Sprintf("%s|%s|tls=%v", cluster, addr, secure)
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if g := e.grpcConns[addr]; g != nil {
+	if g := e.grpcConns[key]; g != nil {
 		return g, nil
 	}
-	g, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	g, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return nil, err
 	}
-	e.grpcConns[addr] = g
+	e.grpcConns[key] = g
 	return g, nil
 }
 

@@ -2,8 +2,8 @@ package envoyemu
 
 // SDS from a SPIRE agent: secrets whose sds_config is an api_config_source (GRPC) on
 // the bootstrap's static cluster to the agent's Unix socket, as `mcpgate bootstrap`
-// tells Envoy (cluster "spire_agent", pipe: the agent socket). The emulator has no
-// bootstrap, so Options.SDSSocket stands for that cluster's pipe address.
+// tells Envoy (cluster "spire_agent", pipe: the agent socket). Options.SDSSocket is that
+// cluster's pipe address, taken from Options.Bootstrap when one is given.
 //
 // Envoy opens one SDS subscription per secret name on that config source
 // (source/common/secret/sds_api.cc, one gRPC stream each for a non-ADS source) and
