@@ -119,7 +119,9 @@ func TestBootstrapMTLSToControlPlane(t *testing.T) {
 	}))
 	cp := requireTLSControlPlane(t, ca)
 	host, port := splitHostPort(t, cp.addr)
-	toGate := must(t, func() (*corev3.TransportSocket, error) { return envoy.UpstreamMTLS(spireMeshTLS(inventoryID), mcpgateID) })
+	toGate := must(t, func() (*corev3.TransportSocket, error) {
+		return envoy.UpstreamMTLS(spireMeshTLS(inventoryID), mcpgateID)
+	})
 	gateCluster, gateCLA := mustCluster(t, envoy.ClusterOptions{Name: "mcpgate", Host: host, Port: port, Protocol: envoy.HTTP2, TransportSocket: toGate})
 	clash, _ := mustCluster(t, envoy.ClusterOptions{Name: envoy.XDSCluster, Host: host, Port: port, Protocol: envoy.HTTP2, Static: true})
 	cp.set(t, "inventory", map[resource.Type][]types.Resource{
