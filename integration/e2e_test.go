@@ -4,6 +4,7 @@ package integration
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -35,6 +36,10 @@ type mesh struct {
 	inventory sidecar
 	agent     sidecar
 	invokeURL string // the agent sidecar's /v1.0/invoke/inventory/method/mcp
+	// stranger, if set, is the mTLS certificate of a workload that inventory does not
+	// allow (mtls: strict names callers by certificate); nil: callers are named by their
+	// token, and the stranger is a token's azp.
+	stranger *tls.Certificate
 }
 
 // sidecar is one Envoy of the mesh.
@@ -202,14 +207,36 @@ func callCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// TestEndToEnd runs issue 5's scenarios on one mesh, in order: the last ones stop and
-// restart mcpgate.
+// TestEndToEnd runs the end-to-end scenarios on a mesh whose callers are named by their
+// tokens; TestSPIRE runs them over SPIRE-issued mTLS.
 func TestEndToEnd(t *testing.T) {
-	m := startMesh(t)
+	runEndToEnd(t, startMesh(t))
+}
+
+// strangerPost sends an MCP initialize, with a valid token, as a caller inventory does
+// not allow: from a workload with its own SVID straight to inventory's sidecar (mTLS),
+// or through the agent's sidecar with a token naming another App ID.
+func (m *mesh) strangerPost(t *testing.T) (int, string) {
+	t.Helper()
+	if m.stranger == nil {
+		resp, body := m.post(t, m.token(t, map[string]any{"azp": "stranger"}), initialize)
+		return resp.StatusCode, body
+	}
+	code, body, err := tlsPost(t, m.inventory.Listener("inbound"), m.token(t, nil), *m.stranger)
+	if err != nil {
+		t.Fatalf("the stranger's handshake: %v", err)
+	}
+	return code, body
+}
+
+// runEndToEnd runs issue 5's scenarios on one mesh, in order: the last ones stop and
+// restart mcpgate.
+func runEndToEnd(t *testing.T, m *mesh) {
 	auth := map[string]string{"Authorization": m.token(t, nil)}
 	s := m.connect(t, m.invokeURL, auth)
 
 	t.Run("allowed call reaches the server", func(t *testing.T) {
+		before := m.app.CallsTo("get_inventory")
 		res, err := s.CallTool(callCtx(t), "get_inventory", map[string]any{"product_id": "SKU-42"})
 		if err != nil || res.IsError {
 			t.Fatalf("get_inventory: %v %v", err, res)
@@ -220,7 +247,7 @@ func TestEndToEnd(t *testing.T) {
 		if err := mcpapp.Structured(res, &got); err != nil || got.Quantity != 42 {
 			t.Fatalf("result %+v (%v)", got, err)
 		}
-		if n := m.app.CallsTo("get_inventory"); n != 1 {
+		if n := m.app.CallsTo("get_inventory") - before; n != 1 {
 			t.Fatalf("server executed get_inventory %d times", n)
 		}
 	})
@@ -299,9 +326,13 @@ func TestEndToEnd(t *testing.T) {
 	})
 
 	t.Run("caller not allowed is 403", func(t *testing.T) {
-		resp, body := m.post(t, m.token(t, map[string]any{"azp": "stranger"}), initialize)
-		if resp.StatusCode != 403 || !strings.Contains(body, "access_denied") {
-			t.Fatalf("%d %s", resp.StatusCode, body)
+		calls := len(m.app.Requests())
+		code, body := m.strangerPost(t)
+		if code != 403 || !strings.Contains(body, "access_denied") {
+			t.Fatalf("%d %s", code, body)
+		}
+		if len(m.app.Requests()) != calls {
+			t.Fatal("the refused call reached the server")
 		}
 	})
 

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -107,6 +108,7 @@ func msgIs(msg string) func(map[string]any) bool {
 
 // gate is a running mcpgate process.
 type gate struct {
+	args      []string // as given to startGate
 	cmd       *exec.Cmd
 	logs      *logBuffer
 	grpcAddr  string
@@ -131,7 +133,7 @@ func startGate(t *testing.T, configDir string, args ...string) *gate {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := &gate{cmd: cmd, logs: &logBuffer{}, done: make(chan error, 1)}
+	g := &gate{args: args, cmd: cmd, logs: &logBuffer{}, done: make(chan error, 1)}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -195,9 +197,10 @@ func (g *gate) check(t *testing.T, req *authv3.CheckRequest) *authv3.CheckRespon
 	return resp
 }
 
-// restartArgs are the flags that bring mcpgate back on the same addresses.
+// restartArgs are the flags that bring mcpgate back as it was (SPIFFE flags included) on
+// the same addresses.
 func (g *gate) restartArgs() []string {
-	return []string{"--grpc-addr", g.grpcAddr, "--admin-addr", g.adminAddr, "--xds-addr", g.xdsAddr}
+	return append(slices.Clone(g.args), "--grpc-addr", g.grpcAddr, "--admin-addr", g.adminAddr, "--xds-addr", g.xdsAddr)
 }
 
 // stop sends SIGTERM and requires a clean exit.

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -21,15 +22,18 @@ import (
 	"testing"
 	"time"
 
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"go.yaml.in/yaml/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
@@ -189,7 +193,9 @@ plugins {
     plugin_data {}
   }
   WorkloadAttestor "unix" {
-    plugin_data {}
+    plugin_data {
+      discover_workload_path = true
+    }
   }
 }
 `, filepath.Join(s.dir, "agent"), port, s.agentSock)
@@ -224,12 +230,35 @@ func (s *spire) serverCmd(t *testing.T, args ...string) string {
 	return string(out)
 }
 
-// register creates an entry for id, selected by this process's uid: the emulated
-// sidecars run inside the test process, and each asks SDS for its own SPIFFE ID.
-func (s *spire) register(t *testing.T, id string) {
+// register creates an entry for id, selected by this user and the workload's executable:
+// the emulated sidecars run inside the test binary, each asking SDS for its own SPIFFE ID,
+// and mcpgate runs its own binary, so it is given only its own SVID by the Workload API.
+func (s *spire) register(t *testing.T, id, executable string) {
 	t.Helper()
+	path, err := filepath.EvalSymlinks(executable)
+	if err != nil {
+		t.Fatal(err)
+	}
 	s.serverCmd(t, "entry", "create", "-parentID", spireAgentID, "-spiffeID", id,
-		"-selector", "unix:uid:"+strconv.Itoa(os.Getuid()), "-x509SVIDTTL", strconv.Itoa(int(svidTTL/time.Second)))
+		"-selector", "unix:uid:"+strconv.Itoa(os.Getuid()), "-selector", "unix:path:"+path,
+		"-x509SVIDTTL", strconv.Itoa(int(svidTTL/time.Second)))
+}
+
+// svid fetches id's SVID from the agent's SDS API as a TLS certificate.
+func (s *spire) svid(t *testing.T, id string) tls.Certificate {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sec, err := s.fetch(ctx, id)
+	if err != nil {
+		t.Fatalf("SVID %s: %v", id, err)
+	}
+	tc := sec.GetTlsCertificate()
+	c, err := tls.X509KeyPair(tc.GetCertificateChain().GetInlineBytes(), tc.GetPrivateKey().GetInlineBytes())
+	if err != nil {
+		t.Fatalf("SVID %s: %v", id, err)
+	}
+	return c
 }
 
 // fetch asks the agent's SDS API for one secret, as this process.
@@ -257,27 +286,58 @@ func (s *spire) fetch(ctx context.Context, name string) (*tlsv3.Secret, error) {
 	return nil, fmt.Errorf("no secret %q in the response", name)
 }
 
-// startSPIREMesh is startMeshWith for sidecars whose certificates come from the SPIRE
-// agent's SDS API: the demo's mtls: strict and sds.spireAgentSocket (pointed at the
-// test's agent), emulators given that socket as the bootstrap's spire_agent cluster.
+// gateID is mcpgate's SPIFFE ID in the SPIRE mesh (the Mesh's authz.spiffeId).
+const gateID = "spiffe://example.org/ns/mcpgate/mcpgate"
+
+// startSPIREMesh is startMeshWith with every certificate from SPIRE: the demo's
+// mtls: strict and sds.spireAgentSocket (pointed at the test's agent) for the sidecars,
+// authz.spiffeId with `mcpgate serve --spiffe-socket` for mcpgate's ext_authz, ext_proc
+// and xDS listeners, and each emulated Envoy started from `mcpgate bootstrap` output, so
+// that it reaches xDS over SPIFFE mTLS exactly as that bootstrap tells Envoy to.
 func startSPIREMesh(t *testing.T, sp *spire) *mesh {
 	t.Helper()
 	m := &mesh{iss: bearertest.NewIssuer(t)}
 	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
 	m.meshPolicy(t, "strict")
-	replaceInFile(t, filepath.Join(m.dir, "mesh.yaml"), "spireAgentSocket: /run/spire/agent.sock", "spireAgentSocket: "+sp.agentSock)
+	mesh := filepath.Join(m.dir, "mesh.yaml")
+	replaceInFile(t, mesh, "spireAgentSocket: /run/spire/agent.sock", "spireAgentSocket: "+sp.agentSock)
+	replaceInFile(t, mesh, "address: "+m.addrs.grpc, "address: "+m.addrs.grpc+"\n    spiffeId: "+gateID)
 	m.gate = startGate(t, m.dir, "--shutdown-timeout", "2s",
-		"--grpc-addr", m.addrs.grpc, "--xds-addr", m.addrs.xds, "--admin-addr", m.addrs.admin)
-	m.inventory = m.startSPIREEmulator(t, "inventory", sp.agentSock)
-	m.agent = m.startSPIREEmulator(t, "my-agent", sp.agentSock)
+		"--grpc-addr", m.addrs.grpc, "--xds-addr", m.addrs.xds, "--admin-addr", m.addrs.admin,
+		"--spiffe-socket", "unix://"+sp.agentSock, "--allowed-client-ids", spiffeID("inventory")+","+spiffeID("my-agent"))
+	m.inventory = m.startSPIREEmulator(t, "inventory")
+	m.agent = m.startSPIREEmulator(t, "my-agent")
 	m.invokeURL = "http://" + m.agent.Listener("outbound") + "/v1.0/invoke/inventory/method/mcp"
 	return m
 }
 
-func (m *mesh) startSPIREEmulator(t *testing.T, app, sock string) *envoyemu.Emulator {
+// bootstrap is `mcpgate bootstrap` for app, parsed as Envoy reads it.
+func (m *mesh) bootstrap(t *testing.T, app string) *bootstrapv3.Bootstrap {
+	t.Helper()
+	out, err := exec.Command(mcpgateBin, "bootstrap", "--app", app, "--node-id", app+"-1",
+		"--xds-address", m.addrs.xds, "--config", m.dir).Output()
+	if err != nil {
+		t.Fatalf("mcpgate bootstrap --app %s: %v", app, err)
+	}
+	var doc any
+	if err := yaml.Unmarshal(out, &doc); err != nil {
+		t.Fatal(err)
+	}
+	js, err := json.Marshal(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bootstrapv3.Bootstrap
+	if err := protojson.Unmarshal(js, &b); err != nil {
+		t.Fatalf("bootstrap for %s: %v\n%s", app, err, out)
+	}
+	return &b
+}
+
+func (m *mesh) startSPIREEmulator(t *testing.T, app string) *envoyemu.Emulator {
 	t.Helper()
 	e, err := envoyemu.Start(context.Background(), envoyemu.Options{
-		XDSAddress: m.addrs.xds, NodeCluster: app, NodeID: app + "-1", SDSSocket: sock,
+		Bootstrap: m.bootstrap(t, app),
 		Resolve: func(host string, port uint32) string {
 			if int(port) == m.addrs.inventoryIn {
 				if inv, ok := m.inventory.(*envoyemu.Emulator); ok {
@@ -303,10 +363,25 @@ func (m *mesh) startSPIREEmulator(t *testing.T, app, sock string) *envoyemu.Emul
 	return e
 }
 
+// tlsPost sends one MCP initialize to addr over TLS with certs (the server's certificate
+// is not checked: the tests look at it instead); it returns the HTTP status and body, or
+// the error of a refused handshake.
+func tlsPost(t *testing.T, addr, auth string, certs ...tls.Certificate) (int, string, error) {
+	t.Helper()
+	_, code, body, err := tlsExchange(t, addr, auth, certs...)
+	return code, body, err
+}
+
 // handshake connects to inventory's inbound listener with certs and sends one MCP
 // initialize; it returns the server's leaf certificate and the HTTP status, or the
 // error of a refused handshake.
 func handshake(t *testing.T, addr, auth string, certs ...tls.Certificate) (*x509.Certificate, int, error) {
+	t.Helper()
+	leaf, code, _, err := tlsExchange(t, addr, auth, certs...)
+	return leaf, code, err
+}
+
+func tlsExchange(t *testing.T, addr, auth string, certs ...tls.Certificate) (*x509.Certificate, int, string, error) {
 	t.Helper()
 	var leaf *x509.Certificate
 	tr := &http.Transport{TLSClientConfig: &tls.Config{
@@ -329,16 +404,19 @@ func handshake(t *testing.T, addr, auth string, certs ...tls.Certificate) (*x509
 	}
 	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Do(req)
 	if err != nil {
-		return leaf, 0, err
+		return leaf, 0, "", err
 	}
 	defer resp.Body.Close()
-	_, _ = io.Copy(io.Discard, resp.Body)
-	return leaf, resp.StatusCode, nil
+	b, _ := io.ReadAll(resp.Body)
+	return leaf, resp.StatusCode, string(b), nil
 }
 
 // TestSPIRE runs the mesh over SVIDs issued by a real SPIRE server and agent (v1.15.3):
-// the emulated sidecars take their certificates and the trust bundle from the agent's
-// SDS API, named as mcpgate's translation names them for spireAgentSocket.
+// the emulated sidecars, started from `mcpgate bootstrap`, take their certificates and
+// the trust bundle from the agent's SDS API, named as mcpgate's translation names them
+// for spireAgentSocket; mcpgate takes its own SVID from the agent's Workload API, and
+// every connection (sidecar to sidecar, sidecar to ext_authz/ext_proc, sidecar to xDS) is
+// SPIFFE mTLS. The SPIRE scenarios run first, then every end-to-end scenario.
 func TestSPIRE(t *testing.T) {
 	if envoyBin != "" {
 		t.Skip("real Envoy on one host: SPIRE would give both sidecars the same selectors; emulator only")
@@ -346,21 +424,27 @@ func TestSPIRE(t *testing.T) {
 	start := time.Now()
 	sp := startSPIRE(t)
 	agentUp := time.Now()
-	sp.register(t, spiffeID("inventory"))
-	sp.register(t, spiffeID("my-agent"))
-	// Poll until the agent has synced the entries and holds both SVIDs (about 5 s after
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, app := range []string{"inventory", "my-agent", "stranger"} {
+		sp.register(t, spiffeID(app), self)
+	}
+	sp.register(t, gateID, mcpgateBin)
+	// Poll until the agent has synced the entries and holds the SVIDs (about 5 s after
 	// the agent starts).
-	requireEventually(t, 45*time.Second, "the agent to serve both SVIDs over SDS", func() bool {
+	requireEventually(t, 45*time.Second, "the agent to serve the SVIDs over SDS", func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		for _, id := range []string{spiffeID("inventory"), spiffeID("my-agent"), "spiffe://example.org"} {
+		for _, id := range []string{spiffeID("inventory"), spiffeID("my-agent"), spiffeID("stranger"), "spiffe://example.org"} {
 			if _, err := sp.fetch(ctx, id); err != nil {
 				return false
 			}
 		}
 		return true
 	})
-	t.Logf("SPIRE: server and agent healthy after %s; both SVIDs served %s after that",
+	t.Logf("SPIRE: server and agent healthy after %s; SVIDs served %s after that",
 		agentUp.Sub(start).Round(100*time.Millisecond), time.Since(agentUp).Round(100*time.Millisecond))
 	// The bundle comes as Envoy's SPIFFE certificate validator (SPIRE's answer to an
 	// Envoy ≥ 1.18, or one that does not say its version), which the emulator applies.
@@ -370,7 +454,13 @@ func TestSPIRE(t *testing.T) {
 		b.GetValidationContext().GetCustomValidatorConfig().GetName() != "envoy.tls.cert_validator.spiffe" {
 		t.Fatalf("bundle secret %v (%v)", b, err)
 	}
+	// Selected by its executable, the test process is not given mcpgate's SVID.
+	if _, err := sp.fetch(ctx, gateID); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("SDS for mcpgate's ID from the test process: %v", err)
+	}
 	m := startSPIREMesh(t, sp)
+	stranger := sp.svid(t, spiffeID("stranger"))
+	m.stranger = &stranger
 	in := m.inventory.Listener("inbound")
 
 	// The SVID inventory's listener serves is the one SPIRE issued for inventory.
@@ -397,6 +487,12 @@ func TestSPIRE(t *testing.T) {
 		// The token's azp says "stranger", whom inventory refuses: the caller that
 		// reaches policy is my-agent, from the SVID SPIRE issued to its sidecar.
 		call(t)
+		// The decision was made by mcpgate, reached over mTLS with inventory's SVID.
+		if m.gate.logs.count(func(l map[string]any) bool {
+			return l["msg"] == "authz decision" && l["caller"] == "my-agent" && l["spiffe_id"] == spiffeID("my-agent")
+		}) == 0 {
+			t.Fatal("no decision for my-agent's SVID in mcpgate's log")
+		}
 	})
 
 	t.Run("a workload with no registration entry cannot call", func(t *testing.T) {
@@ -404,7 +500,7 @@ func TestSPIRE(t *testing.T) {
 		// SPIRE gives no SVID for an identity the workload has no entry for.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		_, err := sp.fetch(ctx, spiffeID("stranger"))
+		_, err := sp.fetch(ctx, spiffeID("nobody"))
 		if status.Code(err) != codes.InvalidArgument {
 			t.Fatalf("SDS for an unregistered ID: %v", err)
 		}
@@ -421,6 +517,35 @@ func TestSPIRE(t *testing.T) {
 		}
 		if len(m.app.Requests()) != calls {
 			t.Fatal("the call reached the server")
+		}
+	})
+
+	t.Run("a certificate from another trust domain is refused at the handshake", func(t *testing.T) {
+		calls := len(m.app.Requests())
+		foreign := newSVIDCA(t, "evil.example")
+		if _, code, err := handshake(t, in, m.token(t, nil), foreign.tlsCert(t, "spiffe://evil.example/ns/default/my-agent")); err == nil {
+			t.Fatalf("got HTTP %d, want a failed handshake", code)
+		}
+		if len(m.app.Requests()) != calls {
+			t.Fatal("the call reached the server")
+		}
+	})
+
+	t.Run("mcpgate admits only the Envoys on its allow-list", func(t *testing.T) {
+		// The stranger holds a valid SVID of the trust domain, but it is not an Envoy
+		// that --allowed-client-ids names: neither ext_authz nor xDS will talk to it.
+		for _, addr := range []string{m.addrs.grpc, m.addrs.xds} {
+			conn, err := tls.Dial("tcp", addr, &tls.Config{Certificates: []tls.Certificate{stranger}, InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+			if err == nil {
+				// TLS 1.3: the server's verdict on the client certificate comes with the
+				// first read.
+				_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+				_, err = conn.Read(make([]byte, 1))
+				conn.Close()
+			}
+			if err == nil || !strings.Contains(err.Error(), "certificate") && !strings.Contains(err.Error(), "tls") {
+				t.Fatalf("%s: the stranger's connection was not refused (%v)", addr, err)
+			}
 		}
 	})
 
@@ -446,5 +571,12 @@ func TestSPIRE(t *testing.T) {
 		call(t)
 		s = m.connect(t, m.invokeURL, map[string]string{"Authorization": m.token(t, nil)})
 		call(t)
+	})
+
+	t.Run("end to end", func(t *testing.T) {
+		// The stranger's SVID was issued before the rotation wait; take a fresh one.
+		fresh := sp.svid(t, spiffeID("stranger"))
+		m.stranger = &fresh
+		runEndToEnd(t, m)
 	})
 }
