@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
+	"github.com/mcpgate/mcpgate/extauthz/decisionlog"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -71,26 +72,21 @@ type Server struct {
 	count    metric.Int64Counter
 	latency  metric.Float64Histogram
 	attrs    attrCache
-	// principals caches what each verified token contributes to a response.
-	principals principalCache
+	// principals and routes cache what each verified token, and each pair of target and
+	// caller, contribute to a response.
+	principals valueCache[*bearer.Principal, *principalValues]
+	routes     valueCache[routeKey, *routeValues]
 
 	// Decisions are logged and counted by one background goroutine, off the request
 	// path: encoding a JSON log line and updating histograms cost more than deciding.
-	// The queue blocks when full (an audit line is never dropped), and Close drains it.
-	queue     chan recordEntry
-	closeOnce sync.Once
-	drained   chan struct{}
+	// No audit line is ever dropped (see decisionlog.Queue.Add), and Close drains them all.
+	records *decisionlog.Queue[recordEntry]
 }
 
 type recordEntry struct {
 	d       *Decision
 	elapsed time.Duration
-	flushed chan struct{} // set on Flush markers instead of d
 }
-
-// recordQueue bounds the decisions waiting to be logged; at ~100 bytes of log per
-// decision this is a fraction of a second of burst at full speed.
-const recordQueue = 4096
 
 // attrCache keeps one OpenTelemetry attribute set per label combination: building a set
 // sorts and copies its attributes, which profiling showed as the largest cost of a Check
@@ -125,8 +121,8 @@ func (c *attrCache) get(k attrKey) metric.MeasurementOption {
 
 // NewServer returns a Server reading policy from opts.Store.
 func NewServer(opts Options) (*Server, error) {
-	s := &Server{store: opts.Store, verifier: opts.Verifier, log: opts.DecisionLog,
-		queue: make(chan recordEntry, recordQueue), drained: make(chan struct{})}
+	s := &Server{store: opts.Store, verifier: opts.Verifier, log: opts.DecisionLog}
+	s.principals.build, s.routes.build = newPrincipalValues, newRouteValues
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
@@ -147,35 +143,25 @@ func NewServer(opts Options) (*Server, error) {
 		metric.WithExplicitBucketBoundaries(.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .05, .25, 1)); err != nil {
 		return nil, err
 	}
-	go s.recordLoop()
+	ctx := context.Background()
+	s.records = decisionlog.New(func(batch []recordEntry) {
+		fields := make([]zap.Field, 0, maxLogFields) // reused: zap encodes fields in Write
+		for _, e := range batch {
+			fields = s.record(ctx, e.d, e.elapsed, fields[:0])
+		}
+	})
 	return s, nil
 }
 
 // Close stops the background recorder after logging every decision already made. Call it
-// after the gRPC server has stopped; Check must not be called afterwards.
+// after the gRPC server has stopped; decisions made afterwards are logged synchronously.
 func (s *Server) Close() {
-	s.closeOnce.Do(func() { close(s.queue) })
-	<-s.drained
+	s.records.Close()
 }
 
-// Flush waits until every decision made before it has been logged and counted (the
-// queue is FIFO, so reaching the marker means everything before it is written).
+// Flush waits until every decision made before it has been logged and counted.
 func (s *Server) Flush() {
-	done := make(chan struct{})
-	s.queue <- recordEntry{flushed: done}
-	<-done
-}
-
-func (s *Server) recordLoop() {
-	defer close(s.drained)
-	ctx := context.Background()
-	for e := range s.queue {
-		if e.flushed != nil {
-			close(e.flushed)
-			continue
-		}
-		s.record(ctx, e.d, e.elapsed)
-	}
+	s.records.Flush()
 }
 
 // Check decides one request. Every outcome, malformed input included, is an answer to
@@ -185,11 +171,16 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.C
 	start := time.Now()
 	d := s.decide(ctx, s.store.Current(), req)
 	resp := d.Response()
-	s.queue <- recordEntry{d: d, elapsed: time.Since(start)}
+	s.records.Add(recordEntry{d: d, elapsed: time.Since(start)})
 	return resp, nil
 }
 
-func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration) {
+// maxLogFields is the most fields a decision line has.
+const maxLogFields = 17
+
+// record logs and counts one decision. fields is scratch space for the log line's
+// fields, returned for reuse.
+func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration, fields []zap.Field) []zap.Field {
 	decision := "deny"
 	if d.Allowed {
 		decision = "allow"
@@ -206,7 +197,7 @@ func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration)
 	s.latency.Record(ctx, elapsed.Seconds(), attrs)
 
 	if ce := s.log.Check(zap.InfoLevel, "authz decision"); ce != nil {
-		fields := []zap.Field{
+		fields = append(fields,
 			zap.String("decision_id", d.ID),
 			zap.String("decision", decision),
 			zap.Int("status", d.Status),
@@ -220,7 +211,7 @@ func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration)
 			zap.String("path", d.Path),
 			zap.String("request_id", d.RequestID),
 			zap.Float64("latency_ms", float64(elapsed.Microseconds())/1000),
-		}
+		)
 		if d.Gateway != "" {
 			fields = append(fields, zap.String("gateway", d.Gateway))
 		}
@@ -229,6 +220,7 @@ func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration)
 		}
 		ce.Write(fields...)
 	}
+	return fields
 }
 
 // Response renders the decision as Envoy expects it.
@@ -246,67 +238,85 @@ func header(key, value string) *corev3.HeaderValueOption {
 	}
 }
 
+// okMessages are the messages of an allowed response that are new for every request.
+// They are allocated together, one allocation instead of ten on the hottest path, and
+// live as long as the response does.
+type okMessages struct {
+	resp     authv3.CheckResponse
+	status   status.Status
+	oneof    authv3.CheckResponse_OkResponse
+	ok       authv3.OkHttpResponse
+	metadata structpb.Struct
+	id       structpb.Value
+	idKind   structpb.Value_StringValue
+	idHeader corev3.HeaderValueOption
+	idValue  corev3.HeaderValue
+	headers  [4]*corev3.HeaderValueOption
+}
+
 func (d *Decision) okResponse() *authv3.CheckResponse {
-	ok := &authv3.OkHttpResponse{}
-	set := map[string]bool{}
-	add := func(k, v string) {
-		ok.Headers = append(ok.Headers, header(k, v))
-		set[k] = true
+	rv := d.rv
+	if rv == nil {
+		rv = newRouteValues(d.routeKey())
 	}
-	add(HeaderDecisionID, d.ID)
-	if d.Caller.AppID != "" {
-		add(HeaderCallerAppID, d.Caller.AppID)
-		add(HeaderDaprCallerAppID, d.Caller.AppID)
-	}
+	var pv *principalValues
 	if p := d.Principal; p != nil {
-		pv := d.pv
-		if pv == nil {
+		if pv = d.pv; pv == nil {
 			pv = newPrincipalValues(p)
 		}
-		if pv.subjectHeader != nil {
-			ok.Headers = append(ok.Headers, pv.subjectHeader)
-			set[HeaderSubject] = true
-		}
+	}
+	m := &okMessages{}
+	m.idValue = corev3.HeaderValue{Key: HeaderDecisionID, Value: d.ID}
+	m.idHeader.Header, m.idHeader.AppendAction = &m.idValue, corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+	ok := &m.ok
+	ok.Headers = append(append(m.headers[:0], &m.idHeader), rv.callerHeaders...)
+	setSubject := pv != nil && pv.subjectHeader != nil
+	if setSubject {
+		ok.Headers = append(ok.Headers, pv.subjectHeader)
 	}
 	// Spoofed identity headers are removed. The ones set above are left out of the
 	// removal list: they are overwritten anyway, and Envoy's order of set and remove
 	// must not decide whether our own header survives.
 	for _, h := range d.Strip {
-		if !set[h] {
-			ok.HeadersToRemove = append(ok.HeadersToRemove, h)
+		switch {
+		case h == HeaderDecisionID,
+			rv.callerHeaders != nil && (h == HeaderCallerAppID || h == HeaderDaprCallerAppID),
+			setSubject && h == HeaderSubject:
+			continue
 		}
+		ok.HeadersToRemove = append(ok.HeadersToRemove, h)
 	}
-	return &authv3.CheckResponse{
-		Status:          &status.Status{Code: int32(codes.OK)},
-		HttpResponse:    &authv3.CheckResponse_OkResponse{OkResponse: ok},
-		DynamicMetadata: d.metadata(),
-	}
+	m.idKind.StringValue = d.ID
+	m.id.Kind = &m.idKind
+	m.metadata.Fields = d.metadataFields(&m.id, rv, pv)
+	m.status.Code = int32(codes.OK)
+	m.oneof.OkResponse = ok
+	m.resp.Status, m.resp.HttpResponse, m.resp.DynamicMetadata = &m.status, &m.oneof, &m.metadata
+	return &m.resp
 }
 
-// metadata is everything ext_proc needs to decide per tool without re-verifying anything.
-func (d *Decision) metadata() *structpb.Struct {
-	f := map[string]*structpb.Value{
-		MetaDecisionID:      structpb.NewStringValue(d.ID),
-		MetaTarget:          structpb.NewStringValue(d.Target),
-		MetaCallerAppID:     structpb.NewStringValue(d.Caller.AppID),
-		MetaCallerNamespace: structpb.NewStringValue(d.Caller.Namespace),
-		MetaSpiffeID:        structpb.NewStringValue(d.SpiffeID),
+// maxMetadataFields is the most keys metadata sets; sizing the map for them up front
+// saves growing it on every response.
+const maxMetadataFields = 11
+
+// metadataFields is everything ext_proc needs to decide per tool without re-verifying
+// anything. id is the decision ID's value, rv holds the values of the route, pv those of
+// d.Principal (nil without one).
+func (d *Decision) metadataFields(id *structpb.Value, rv *routeValues, pv *principalValues) map[string]*structpb.Value {
+	f := make(map[string]*structpb.Value, maxMetadataFields)
+	f[MetaDecisionID] = id
+	f[MetaTarget], f[MetaCallerAppID], f[MetaCallerNamespace], f[MetaSpiffeID] = rv.target, rv.callerAppID, rv.callerNamespace, rv.spiffeID
+	if rv.gateway != nil {
+		f[MetaGateway] = rv.gateway
 	}
-	if d.Gateway != "" {
-		f[MetaGateway] = structpb.NewStringValue(d.Gateway)
-	}
-	if p := d.Principal; p != nil {
-		pv := d.pv
-		if pv == nil {
-			pv = newPrincipalValues(p)
-		}
+	if pv != nil {
 		f[MetaSubject], f[MetaIssuer], f[MetaScopes], f[MetaTokenExpiry] = pv.subject, pv.issuer, pv.scopes, pv.exp
 		// Only Rego reads claims; other apps are spared the bytes on every request.
 		if d.wantClaims && pv.claims != nil {
 			f[MetaClaimsJSON] = pv.claims
 		}
 	}
-	return &structpb.Struct{Fields: f}
+	return f
 }
 
 type denialBody struct {
@@ -395,28 +405,66 @@ func newPrincipalValues(p *bearer.Principal) *principalValues {
 	return pv
 }
 
-// principalCache maps verified principals to their values. Bounded: cleared when full,
-// which only costs rebuilding values for tokens still in use.
-type principalCache struct {
-	mu sync.RWMutex
-	m  map[*bearer.Principal]*principalValues
+// valueCache maps keys to response values built once per key: verified principals to
+// principalValues, routes to routeValues. Bounded: cleared when full, which only costs
+// rebuilding values still in use.
+type valueCache[K comparable, V any] struct {
+	mu    sync.RWMutex
+	m     map[K]V
+	build func(K) V
 }
 
-const maxPrincipals = 10000
+const maxCachedValues = 10000
 
-func (c *principalCache) get(p *bearer.Principal) *principalValues {
+func (c *valueCache[K, V]) get(k K) V {
 	c.mu.RLock()
-	pv := c.m[p]
+	v, ok := c.m[k]
 	c.mu.RUnlock()
-	if pv != nil {
-		return pv
+	if ok {
+		return v
 	}
-	pv = newPrincipalValues(p)
+	v = c.build(k)
 	c.mu.Lock()
-	if c.m == nil || len(c.m) >= maxPrincipals {
-		c.m = make(map[*bearer.Principal]*principalValues, 64)
+	if c.m == nil || len(c.m) >= maxCachedValues {
+		c.m = make(map[K]V, 64)
 	}
-	c.m[p] = pv
+	c.m[k] = v
 	c.mu.Unlock()
-	return pv
+	return v
+}
+
+// routeKey is what routeValues are built from. Its parts are bounded: targets and
+// gateways come from policy, callers from verified identities.
+type routeKey struct {
+	target, gateway string
+	caller          policy.Caller
+	spiffeID        string
+}
+
+// routeValues are the metadata values and headers derived from the target and the
+// caller, shared between responses like principalValues.
+type routeValues struct {
+	target, callerAppID, callerNamespace, spiffeID *structpb.Value
+	gateway                                        *structpb.Value             // nil without a gateway
+	callerHeaders                                  []*corev3.HeaderValueOption // nil without a caller App ID
+}
+
+func newRouteValues(k routeKey) *routeValues {
+	rv := &routeValues{
+		target:          structpb.NewStringValue(k.target),
+		callerAppID:     structpb.NewStringValue(k.caller.AppID),
+		callerNamespace: structpb.NewStringValue(k.caller.Namespace),
+		spiffeID:        structpb.NewStringValue(k.spiffeID),
+	}
+	if k.gateway != "" {
+		rv.gateway = structpb.NewStringValue(k.gateway)
+	}
+	if k.caller.AppID != "" {
+		rv.callerHeaders = []*corev3.HeaderValueOption{header(HeaderCallerAppID, k.caller.AppID), header(HeaderDaprCallerAppID, k.caller.AppID)}
+	}
+	return rv
+}
+
+func (d *Decision) routeKey() routeKey {
+	return routeKey{target: d.Target, gateway: d.Gateway, caller: d.Caller, spiffeID: d.SpiffeID}
 }

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/mcpgate/mcpgate/extauthz/decisionlog"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -63,15 +64,14 @@ type Server struct {
 	// limits are the token buckets of limits.perCaller and limits.perTool.
 	limits limiters
 
-	queue     chan procRecord
-	closeOnce sync.Once
-	drained   chan struct{}
+	// records are logged and counted by one background goroutine, off the request path;
+	// no audit line is ever dropped (see decisionlog.Queue.Add).
+	records *decisionlog.Queue[procRecord]
 }
 
 // NewServer returns a Server reading policy from opts.Store.
 func NewServer(opts Options) (*Server, error) {
-	s := &Server{store: opts.Store, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
-		queue: make(chan procRecord, recordQueue), drained: make(chan struct{})}
+	s := &Server{store: opts.Store, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize}}
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
@@ -89,7 +89,11 @@ func NewServer(opts Options) (*Server, error) {
 		metric.WithExplicitBucketBoundaries(.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .05, .25, 1)); err != nil {
 		return nil, err
 	}
-	go s.recordLoop()
+	s.records = decisionlog.New(func(batch []procRecord) {
+		for i := range batch {
+			s.record(&batch[i])
+		}
+	})
 	return s, nil
 }
 
@@ -603,14 +607,14 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 // logDecision queues one decision for the decision log and the metrics. They are
 // written by one background goroutine, off the request path, as ext_authz does.
 func (st *stream) logDecision(d Decision, id []byte, elapsed time.Duration) {
-	st.s.queue <- procRecord{
+	st.s.records.Add(procRecord{
 		allow: d.Allow, rule: d.Rule, reason: d.Reason, patches: len(d.Patch),
 		id:         append([]byte(nil), id...),
 		decisionID: st.decisionID, authzID: st.ident.authzDecisionID,
 		target: st.ident.target, caller: st.ident.caller.AppID, subject: st.ident.subject,
 		method: st.req.Method, tool: st.req.Tool, name: st.req.Tool + st.req.Prompt + st.req.URI,
 		elapsed: elapsed,
-	}
+	})
 }
 
 // procRecord is what the recorder needs of one decision, copied out of the stream.
@@ -623,39 +627,20 @@ type procRecord struct {
 	target, caller, subject, method, tool string
 	name                                  string
 	elapsed                               time.Duration
-	flushed                               chan struct{} // set on Flush markers only
 }
 
-// recordQueue bounds the decisions waiting to be logged; a full queue blocks callers
-// rather than dropping audit lines.
-const recordQueue = 4096
-
 // Close stops the recorder after writing every decision already made. Call it after the
-// gRPC server has stopped.
+// gRPC server has stopped; decisions made afterwards are written synchronously.
 func (s *Server) Close() {
-	s.closeOnce.Do(func() { close(s.queue) })
-	<-s.drained
+	s.records.Close()
 }
 
 // Flush waits until every decision made before it has been logged and counted.
 func (s *Server) Flush() {
-	done := make(chan struct{})
-	s.queue <- procRecord{flushed: done}
-	<-done
+	s.records.Flush()
 }
 
-func (s *Server) recordLoop() {
-	defer close(s.drained)
-	for r := range s.queue {
-		if r.flushed != nil {
-			close(r.flushed)
-			continue
-		}
-		s.record(r)
-	}
-}
-
-func (s *Server) record(r procRecord) {
+func (s *Server) record(r *procRecord) {
 	decision := "deny"
 	if r.allow {
 		decision = "allow"
