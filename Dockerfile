@@ -16,6 +16,18 @@ RUN CGO_ENABLED=0 go build -trimpath \
       -ldflags "-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" \
       -o /out/mcpgate ./cmd/mcpgate
 
+# The demo programs of docker-compose.yaml (`mcpgate-demo inventory|issuer|agent`), built
+# only for `docker build --target demo`: the default target below never includes them.
+# DEVELOPMENT ONLY: its issuer signs tokens for anyone who asks.
+FROM build AS build-demo
+RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /out/mcpgate-demo ./cmd/mcpgate-demo
+
+FROM gcr.io/distroless/static-debian12:nonroot AS demo
+COPY --from=build-demo /out/mcpgate-demo /mcpgate-demo
+USER 65532:65532
+ENTRYPOINT ["/mcpgate-demo"]
+
+# The mcpgate image: the last stage, so the default target.
 # distroless/static: no shell, no package manager, CA certificates for JWKS fetching.
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/mcpgate /mcpgate

@@ -22,8 +22,9 @@ BENCHTIME ?= 2s
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-build: ## Build bin/mcpgate
+build: ## Build bin/mcpgate and bin/mcpgate-demo (the compose demo's server, issuer and agent)
 	go build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/mcpgate ./cmd/mcpgate
+	go build -trimpath -o $(BIN)/mcpgate-demo ./cmd/mcpgate-demo
 
 test: ## Unit, loopback and end-to-end tests, with the race detector
 	go test -race -count=1 ./...
@@ -84,11 +85,11 @@ clean: ## Remove build outputs
 	rm -rf $(BIN) integration/tsclient/node_modules
 
 .PHONY: bootstraps
-bootstraps: ## Regenerate envoy/bootstrap/*.yaml (mcpgate bootstrap) and the Kubernetes ConfigMaps copied from them and testdata/demo
+bootstraps: ## Regenerate envoy/bootstrap/*.yaml (mcpgate bootstrap), the Kubernetes ConfigMaps and deploy/compose/policy copied from them and testdata/demo
 	@mkdir -p envoy/bootstrap
 	go run ./cmd/mcpgate bootstrap --config testdata/demo --app inventory --xds-address mcpgate:18000 > envoy/bootstrap/inventory.yaml
 	go run ./cmd/mcpgate bootstrap --config testdata/demo --app my-agent --xds-address mcpgate:18000 > envoy/bootstrap/my-agent.yaml
-	go test -count=1 -run '^TestKubernetesConfigMaps$$' ./deploy -update
+	go test -count=1 -run '^(TestKubernetesConfigMaps|TestComposePolicy)$$' ./deploy -update
 
 # SPIRE server and agent for the integration suite (issue 6), built from the pinned tools
 # module integration/tools/spire (its own go.mod; see ../shared/TOOLING.md). Skipped when

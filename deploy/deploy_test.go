@@ -27,7 +27,7 @@ import (
 	"github.com/mcpgate/mcpgate/xds"
 )
 
-var update = flag.Bool("update", false, "rewrite the Kubernetes ConfigMaps copied from testdata/demo and envoy/bootstrap")
+var update = flag.Bool("update", false, "rewrite the Kubernetes ConfigMaps copied from testdata/demo and envoy/bootstrap, and deploy/compose/policy")
 
 // Paths, relative to this package's directory.
 const (
@@ -46,6 +46,11 @@ const (
 	xdsAddress    = "mcpgate:18000" // what `make bootstraps` passes as --xds-address
 	composeSocket = "spire-agent-socket"
 	appIDLabel    = "dev.mcpgate.app-id"
+	// composePolicyDir is testdata/demo with only the issuer changed, mounted into the
+	// compose mcpgate (TestComposePolicy).
+	composePolicyDir = "compose/policy"
+	demoTarget       = "demo"          // the Dockerfile stage of cmd/mcpgate-demo
+	demoEntrypoint   = "/mcpgate-demo" // its ENTRYPOINT
 )
 
 func loadDemo(t *testing.T) *policy.Snapshot {
@@ -263,17 +268,38 @@ func TestBootstrapsAreFresh(t *testing.T) {
 // ---------------------------------------------------------------------------------------
 // Dockerfile
 
-type dockerfileInfo struct {
-	froms      []string
+// dockerStage is what one FROM ... [AS name] stage of the Dockerfile says.
+type dockerStage struct {
+	name, from string
 	user       string
 	expose     []int
 	entrypoint []string
 	cmd        []string
+	runs       []string // RUN instructions, continuation lines joined
+	copies     []string // COPY instructions
+}
+
+// dockerfileInfo is the Dockerfile: every stage's base image, and the last stage (the
+// default build target, the mcpgate image) in the embedded dockerStage.
+type dockerfileInfo struct {
+	froms  []string
+	stages []*dockerStage
+	dockerStage
+}
+
+func (d dockerfileInfo) stage(name string) *dockerStage {
+	for _, s := range d.stages {
+		if strings.EqualFold(s.name, name) {
+			return s
+		}
+	}
+	return nil
 }
 
 func parseDockerfile(t *testing.T) dockerfileInfo {
 	t.Helper()
 	var d dockerfileInfo
+	cur := &dockerStage{}
 	// Join continuation lines, drop comments.
 	text := strings.ReplaceAll(string(readFile(t, dockerfile)), "\\\n", " ")
 	for _, line := range strings.Split(text, "\n") {
@@ -290,15 +316,24 @@ func parseDockerfile(t *testing.T) dockerfileInfo {
 				f = f[1:]
 			}
 			d.froms = append(d.froms, f[0])
+			cur = &dockerStage{from: f[0]}
+			if len(f) == 3 && strings.EqualFold(f[1], "AS") {
+				cur.name = f[2]
+			}
+			d.stages = append(d.stages, cur)
+		case "RUN":
+			cur.runs = append(cur.runs, rest)
+		case "COPY":
+			cur.copies = append(cur.copies, rest)
 		case "USER":
-			d.user = rest
+			cur.user = rest
 		case "EXPOSE":
 			for _, p := range strings.Fields(rest) {
 				n, err := strconv.Atoi(strings.TrimSuffix(p, "/tcp"))
 				if err != nil {
 					t.Fatalf("Dockerfile EXPOSE %q: %v", p, err)
 				}
-				d.expose = append(d.expose, n)
+				cur.expose = append(cur.expose, n)
 			}
 		case "ENTRYPOINT", "CMD":
 			var l []string
@@ -306,12 +341,13 @@ func parseDockerfile(t *testing.T) dockerfileInfo {
 				t.Fatalf("Dockerfile %s must be exec (JSON) form: %v", instr, err)
 			}
 			if strings.EqualFold(instr, "CMD") {
-				d.cmd = l
+				cur.cmd = l
 			} else {
-				d.entrypoint = l
+				cur.entrypoint = l
 			}
 		}
 	}
+	d.dockerStage = *cur
 	return d
 }
 
@@ -365,6 +401,58 @@ func TestDockerfile(t *testing.T) {
 	sort.Ints(expose)
 	if !slices.Equal(expose, ports) {
 		t.Errorf("EXPOSE %v, want the CMD's ports %v", d.expose, ports)
+	}
+	for _, c := range d.copies {
+		if strings.Contains(c, "mcpgate-demo") {
+			t.Errorf("the mcpgate image (the last stage) copies the demo binary: COPY %s", c)
+		}
+	}
+}
+
+// The demo programs have a stage of their own, which is not the default target: the
+// mcpgate image stays as minimal as it was.
+func TestDockerfileDemoStage(t *testing.T) {
+	d := parseDockerfile(t)
+	demo := d.stage(demoTarget)
+	if demo == nil {
+		t.Fatalf("Dockerfile has no stage %q (docker-compose.yaml builds it with target: %s)", demoTarget, demoTarget)
+	}
+	if demo == d.stages[len(d.stages)-1] {
+		t.Errorf("stage %s is the last stage, i.e. the default target: `docker build .` must give the mcpgate image", demoTarget)
+	}
+	if !strings.HasPrefix(demo.from, "gcr.io/distroless/static") {
+		t.Errorf("stage %s FROM %q, want distroless/static", demoTarget, demo.from)
+	}
+	if u, _, _ := strings.Cut(demo.user, ":"); u != "65532" {
+		t.Errorf("stage %s USER %q, want 65532 (non-root)", demoTarget, demo.user)
+	}
+	if !slices.Equal(demo.entrypoint, []string{demoEntrypoint}) {
+		t.Errorf("stage %s ENTRYPOINT %q, want [%s]", demoTarget, demo.entrypoint, demoEntrypoint)
+	}
+	// COPY --from=<builder> <out> /mcpgate-demo, and the builder builds ./cmd/mcpgate-demo
+	// statically into <out>.
+	var builder, out string
+	for _, c := range demo.copies {
+		f := strings.Fields(c)
+		if len(f) == 3 && strings.HasPrefix(f[0], "--from=") && f[2] == demoEntrypoint {
+			builder, out = strings.TrimPrefix(f[0], "--from="), f[1]
+		}
+	}
+	b := d.stage(builder)
+	if b == nil {
+		t.Fatalf("stage %s must COPY --from=<build stage> <binary> %s, has %q", demoTarget, demoEntrypoint, demo.copies)
+	}
+	built := false
+	for _, r := range b.runs {
+		if strings.Contains(r, "./cmd/mcpgate-demo") && strings.Contains(r, "-o "+out) {
+			built = true
+			if !strings.Contains(r, "CGO_ENABLED=0") || !strings.Contains(r, "-trimpath") {
+				t.Errorf("stage %s: the demo build must be static (CGO_ENABLED=0) and -trimpath: RUN %s", builder, r)
+			}
+		}
+	}
+	if !built {
+		t.Errorf("stage %s does not build ./cmd/mcpgate-demo into %s (RUN %q)", builder, out, b.runs)
 	}
 }
 
@@ -495,8 +583,8 @@ func TestComposeMcpgate(t *testing.T) {
 		t.Errorf("mcpgate --config %q, want %s", v, policyMount)
 	}
 	m, ok := s.mountAt(policyMount)
-	if !ok || path.Clean(m.source) != "testdata/demo" || m.mode != "ro" {
-		t.Errorf("mcpgate must mount ./testdata/demo read-only at %s, has %+v", policyMount, s.Volumes)
+	if want := path.Join("deploy", composePolicyDir); !ok || path.Clean(m.source) != want || m.mode != "ro" {
+		t.Errorf("mcpgate must mount ./%s read-only at %s, has %+v", want, policyMount, s.Volumes)
 	}
 	for f, p := range map[string]int{"grpc-addr": authzPort, "xds-addr": xdsPort} {
 		if got := listenPort(t, args, f); got != p {
@@ -1152,7 +1240,8 @@ func TestComposeBuildContext(t *testing.T) {
 		}
 	}
 	ignore := string(readFile(t, filepath.Join(root, ".dockerignore")))
-	for _, must := range []string{"testdata", "go.mod", "go.sum", "cmd", "policy", "envoy", "xds"} {
+	// integration: cmd/mcpgate-demo imports integration/mcpapp.
+	for _, must := range []string{"testdata", "go.mod", "go.sum", "cmd", "policy", "envoy", "xds", "integration", "integration/mcpapp"} {
 		for _, line := range strings.Split(ignore, "\n") {
 			if strings.TrimSpace(line) == must {
 				t.Errorf(".dockerignore excludes %s, which the image build needs", must)

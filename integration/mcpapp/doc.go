@@ -1,6 +1,8 @@
 // Package mcpapp is test infrastructure: an MCP server App and client helpers
 // built on the official MCP Go SDK (github.com/modelcontextprotocol/go-sdk,
-// package mcp, v1.8.0). It is never linked into the mcpgate binary.
+// package mcp, v1.8.0). It is never linked into the mcpgate binary; the demo
+// binary cmd/mcpgate-demo serves the same App with [NewHandler] and uses the
+// client helpers for its agent.
 //
 // # Server
 //

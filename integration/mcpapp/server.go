@@ -110,6 +110,7 @@ type Server struct {
 	arrived   chan struct{} // closed and replaced when a request arrives
 
 	closeOnce sync.Once
+	noRecord  bool // NewHandler: Calls stays empty
 }
 
 // StartServer starts the App with the SDK's default options and closes it
@@ -123,6 +124,33 @@ func StartServer(t testing.TB) *Server {
 // ends.
 func StartServerWithOptions(t testing.TB, opts Options) *Server {
 	t.Helper()
+	s, mux := newServer(opts)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("mcpapp: listen: %v", err)
+	}
+	s.ln = ln
+	s.url = "http://" + ln.Addr().String()
+	s.httpSrv = &http.Server{Handler: s.record(mux), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = s.httpSrv.Serve(ln) }()
+	t.Cleanup(s.Close)
+	return s
+}
+
+// NewHandler returns the App as a plain http.Handler: the same MCP server, tools and
+// [DefaultInventory] as [StartServerWithOptions], served (Streamable HTTP) at [Path] and
+// nowhere else. It is for running the App outside tests (cmd/mcpgate-demo inventory), so
+// it records nothing: a long-running process must not keep every request and call.
+// Every handler returned has its own inventory.
+func NewHandler(opts Options) http.Handler {
+	s, mux := newServer(opts)
+	s.noRecord = true
+	return mux
+}
+
+// newServer builds the App's MCP server and a mux serving it at Path.
+func newServer(opts Options) (*Server, *http.ServeMux) {
 	s := &Server{inventory: make(map[string]int, len(DefaultInventory)), arrived: make(chan struct{})}
 	for k, v := range DefaultInventory {
 		s.inventory[k] = v
@@ -136,17 +164,7 @@ func StartServerWithOptions(t testing.TB, opts Options) *Server {
 	})
 	mux := http.NewServeMux()
 	mux.Handle(Path, handler)
-
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("mcpapp: listen: %v", err)
-	}
-	s.ln = ln
-	s.url = "http://" + ln.Addr().String()
-	s.httpSrv = &http.Server{Handler: s.record(mux), ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = s.httpSrv.Serve(ln) }()
-	t.Cleanup(s.Close)
-	return s
+	return s, mux
 }
 
 // URL is the base URL, http://127.0.0.1:PORT (no path).
@@ -290,6 +308,9 @@ func (s *Server) holdChan() chan struct{} {
 }
 
 func (s *Server) recordCall(req *mcp.CallToolRequest) {
+	if s.noRecord {
+		return
+	}
 	c := Call{Tool: req.Params.Name, At: time.Now(), ProgressToken: req.Params.GetProgressToken()}
 	if len(req.Params.Arguments) > 0 {
 		c.Arguments = slices.Clone(req.Params.Arguments)
