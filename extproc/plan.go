@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/mcpgate/mcpgate/extproc/mcp"
 	"github.com/mcpgate/mcpgate/policy"
@@ -59,9 +61,9 @@ func rawID(id json.RawMessage) any {
 // responseStep is what must happen to the response to one request of the body.
 type responseStep struct {
 	id     json.RawMessage
-	listOf string            // "tools", "prompts", "resources", "resourceTemplates": filter the list
-	keep   func(string) bool // for listOf
-	redact [][]string        // JSON pointer tokens to remove from a tool result
+	listOf string                // "tools", "prompts", "resources", "resourceTemplates": filter the list
+	keep   func([]string) []bool // for listOf: decides every entry's name
+	redact [][]string            // JSON pointer tokens to remove from a tool result
 	// noResponses: a GET event stream of an app that filters responses; any JSON-RPC
 	// response on it is an error (see Process on GET).
 	noResponses bool
@@ -116,8 +118,10 @@ func (st *stream) planResponse(b *mcp.Body, ds []requestDecision) {
 }
 
 // listFilter is the list-time decision: an entry is kept if the caller could use it,
-// deciding rules and Rego as if it were called with no arguments.
-func (st *stream) listFilter(listMethod string) func(string) bool {
+// deciding rules and Rego as if it were called with no arguments. Decisions are cached
+// per identity; those not cached are made concurrently when there are many Rego
+// evaluations (listWorkers), since Envoy holds the response until it is filtered.
+func (st *stream) listFilter(listMethod string) func([]string) []bool {
 	base := st.req
 	base.Arguments, base.ID, base.Listing = nil, nil, true
 	var callMethod string
@@ -129,21 +133,60 @@ func (st *stream) listFilter(listMethod string) func(string) bool {
 	default:
 		callMethod = "resources/read"
 	}
-	ctx := context.Background()
+	m, cache := st.app.MCP, &st.s.listCache
 	prefix := listKeyPrefix(st.snap.Version, &base, callMethod)
-	return func(name string) bool {
-		key := prefix + name
-		if allow, ok := st.s.listCache.get(key); ok {
-			return allow
+	return func(names []string) []bool {
+		keep := make([]bool, len(names))
+		var todo []int
+		for i, name := range names {
+			if allow, ok := cache.get(prefix + name); ok {
+				keep[i] = allow
+			} else {
+				todo = append(todo, i)
+			}
 		}
-		r := base
-		r.Method, r.Tool, r.Prompt, r.URI = callMethod, "", "", ""
-		setTarget(&r, callMethod, name)
-		allow := Decide(ctx, st.app.MCP, &r).Allow
-		st.s.listCache.put(key, allow)
-		return allow
+		decideOne := func(i int) {
+			r := base
+			r.Method, r.Tool, r.Prompt, r.URI = callMethod, "", "", ""
+			setTarget(&r, callMethod, names[i])
+			keep[i] = Decide(context.Background(), m, &r).Allow
+			cache.put(prefix+names[i], keep[i])
+		}
+		workers := 1
+		if m.Tools.Rego != nil {
+			workers = listWorkers(len(todo))
+		}
+		if workers == 1 {
+			for _, i := range todo {
+				decideOne(i)
+			}
+			return keep
+		}
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for range workers {
+			wg.Go(func() {
+				for k := int(next.Add(1)) - 1; k < len(todo); k = int(next.Add(1)) - 1 {
+					decideOne(todo[k])
+				}
+			})
+		}
+		wg.Wait()
+		return keep
 	}
 }
+
+// listWorkers is how many goroutines decide n uncached list entries that need Rego: one
+// for short lists (a goroutine costs more than a few evaluations), else up to the CPUs
+// available, at most maxListWorkers, with at least listWorkChunk entries each.
+func listWorkers(n int) int {
+	return max(1, min(runtime.GOMAXPROCS(0), maxListWorkers, n/listWorkChunk))
+}
+
+const (
+	maxListWorkers = 4
+	listWorkChunk  = 16
+)
 
 // listKeyPrefix identifies everything a list-time decision depends on besides the name:
 // the policy version, the app, and the caller's whole identity (App ID, namespace,
@@ -190,7 +233,7 @@ func (s responseStep) apply(resp []byte) ([]byte, error) {
 	out := resp
 	var err error
 	if s.keep != nil {
-		if out, _, err = mcp.FilterList(out, s.listOf, s.keep); err != nil {
+		if out, _, err = mcp.FilterListBatch(out, s.listOf, s.keep); err != nil {
 			return nil, fmt.Errorf("filter %s: %w", s.listOf, err)
 		}
 	}

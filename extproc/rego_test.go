@@ -3,9 +3,11 @@ package extproc
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"testing"
 
 	"github.com/open-policy-agent/opa/v1/ast"
@@ -115,6 +117,12 @@ func TestRegoFailsClosed(t *testing.T) {
 
 func loadWithRego(t testing.TB, src string) *policy.MCP {
 	t.Helper()
+	return loadSnapWithRego(t, src).App("app").MCP
+}
+
+// loadSnapWithRego loads a one-app policy ("app", tools allowed by default, then src).
+func loadSnapWithRego(t testing.TB, src string) *policy.Snapshot {
+	t.Helper()
 	dir := t.TempDir()
 	files := map[string]string{
 		"mesh.yaml": "apiVersion: mcpgate.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: example.org, mtls: disabled, authz: {address: \"a:1\"}}\n",
@@ -130,7 +138,49 @@ func loadWithRego(t testing.TB, src string) *policy.MCP {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return snap.App("app").MCP
+	return snap
+}
+
+// TestLargeListDecidedConcurrently: a list long enough to be decided on several
+// goroutines gets, entry by entry, the decision Decide makes for it alone, and a second
+// listing is served from the cache with the same answers.
+func TestLargeListDecidedConcurrently(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4))
+	const n = 300
+	if listWorkers(n) < 2 {
+		t.Fatalf("listWorkers(%d) = %d: the concurrent path would not run", n, listWorkers(n))
+	}
+	snap := loadSnapWithRego(t, "package mcpgate\n\ndefault decision := {\"allow\": false, \"reason\": \"odd\"}\n\n"+
+		"decision := {\"allow\": true} if regex.match(`[02468]$`, input.mcp.tool)\n")
+	srv, err := NewServer(Options{Store: policy.NewStore(snap)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	req := Request{Caller: policy.Caller{AppID: "a", Namespace: "default"}, Target: "app", Method: "tools/list"}
+	st := &stream{s: srv, snap: snap, app: snap.App("app"), req: req}
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("tool_%d", i)
+	}
+	decide := st.listFilter("tools/list")
+	for round := range 2 {
+		keep := decide(names)
+		kept := 0
+		for i, name := range names {
+			r := req
+			r.Method, r.Tool, r.Listing = "tools/call", name, true
+			if want := Decide(context.Background(), snap.App("app").MCP, &r).Allow; keep[i] != want {
+				t.Fatalf("round %d: %s kept=%v, Decide says %v", round, name, keep[i], want)
+			}
+			if keep[i] {
+				kept++
+			}
+		}
+		if kept != n/2 {
+			t.Fatalf("round %d: kept %d of %d", round, kept, n)
+		}
+	}
 }
 
 // TestRegoInputValueMatchesDocument: the fast OPA-value input is the documented one.

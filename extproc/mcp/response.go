@@ -220,6 +220,19 @@ var listKeys = map[string]string{
 // entries themselves) is preserved byte for byte; a response without result.<key> (an
 // error response) is returned unchanged. Entries are never decoded beyond their name.
 func FilterList(resp []byte, key string, keep func(name string) bool) ([]byte, int, error) {
+	return FilterListBatch(resp, key, func(names []string) []bool {
+		out := make([]bool, len(names))
+		for i, n := range names {
+			out[i] = keep(n)
+		}
+		return out
+	})
+}
+
+// FilterListBatch is FilterList with every decision asked at once: decide receives the
+// names of the named entries, in order, and returns whether to keep each (a caller may
+// then decide them concurrently). A result of another length is an error.
+func FilterListBatch(resp []byte, key string, decide func(names []string) []bool) ([]byte, int, error) {
 	field, ok := listKeys[key]
 	if !ok {
 		return nil, 0, fmt.Errorf("mcp: FilterList: unknown list %q", key)
@@ -239,28 +252,41 @@ func FilterList(resp []byte, key string, keep func(name string) bool) ([]byte, i
 	if resp[list.start] != '[' {
 		return nil, 0, fmt.Errorf("mcp: FilterList: result.%s is not an array", key)
 	}
+	type entry struct {
+		start, end int
+		name       int // index in names; -1: no string name
+	}
+	var entries []entry
+	var names []string
+	for i := skipWS(resp, list.start+1); resp[i] != ']'; {
+		e := entry{start: i, end: idx.skip(resp, i), name: -1}
+		if resp[i] == '{' {
+			if s := findMember(resp, i, field, idx); s.ok() && resp[s.start] == '"' {
+				e.name = len(names)
+				names = append(names, stringValue(resp, s.start, s.end))
+			}
+		}
+		entries = append(entries, e)
+		if i = skipWS(resp, e.end); resp[i] == ',' {
+			i = skipWS(resp, i+1)
+		}
+	}
+	keep := decide(names)
+	if len(keep) != len(names) {
+		return nil, 0, fmt.Errorf("mcp: FilterList: %d decisions for %d names", len(keep), len(names))
+	}
 	out := make([]byte, 0, len(resp))
 	out = append(out, resp[:list.start+1]...)
 	removed, kept := 0, 0
-	for i := skipWS(resp, list.start+1); resp[i] != ']'; {
-		start, end := i, idx.skip(resp, i)
-		name, found := "", false
-		if resp[i] == '{' {
-			if s := findMember(resp, i, field, idx); s.ok() && resp[s.start] == '"' {
-				name, found = stringValue(resp, s.start, s.end), true
-			}
-		}
-		if found && keep(name) {
+	for _, e := range entries {
+		if e.name >= 0 && keep[e.name] {
 			if kept > 0 {
 				out = append(out, ',')
 			}
-			out = append(out, resp[start:end]...)
+			out = append(out, resp[e.start:e.end]...)
 			kept++
 		} else {
 			removed++ // entries without a string name are removed: fail closed
-		}
-		if i = skipWS(resp, end); resp[i] == ',' {
-			i = skipWS(resp, i+1)
 		}
 	}
 	if removed == 0 {

@@ -283,3 +283,23 @@ func TestRemovePointer(t *testing.T) {
 		}
 	}
 }
+
+// TestFilterListBatch: every named entry is asked about once, in order; unnamed entries
+// are removed without being asked; an answer of the wrong length fails closed.
+func TestFilterListBatch(t *testing.T) {
+	resp := []byte(`{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a"},{"title":"no name"},{"name":"b"},{"name":"c"}]}}`)
+	var asked []string
+	out, removed, err := FilterListBatch(resp, "tools", func(names []string) []bool {
+		asked = append(asked, names...)
+		return []bool{true, false, true}
+	})
+	if err != nil || removed != 2 || strings.Join(asked, ",") != "a,b,c" {
+		t.Fatalf("asked %v, removed %d, err %v", asked, removed, err)
+	}
+	if want := `{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"a"},{"name":"c"}]}}`; string(out) != want {
+		t.Fatalf("got %s", out)
+	}
+	if _, _, err := FilterListBatch(resp, "tools", func(names []string) []bool { return []bool{true} }); err == nil {
+		t.Fatal("a short answer was accepted")
+	}
+}
