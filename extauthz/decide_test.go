@@ -342,7 +342,7 @@ func requireNoSecrets(t *testing.T, resp *authv3.CheckResponse, r req) {
 	if _, q, ok := strings.Cut(r.path, "access_token="); ok {
 		toks = append(toks, q)
 	}
-	out := resp.String()
+	out := onWire(t, resp).String()
 	for _, tok := range toks {
 		for _, part := range strings.Split(tok, ".") {
 			if len(part) > 16 && strings.Contains(out, part) {
@@ -397,6 +397,7 @@ func TestCheckAllowedResponse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	resp = onWire(t, resp)
 	if resp.GetStatus().GetCode() != int32(codes.OK) {
 		t.Fatalf("status %v", resp.GetStatus())
 	}
@@ -438,7 +439,7 @@ func TestCheckAllowedResponse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw, _ := resp.GetDynamicMetadata().AsMap()[MetaClaimsJSON].(string)
+	raw, _ := onWire(t, resp).GetDynamicMetadata().AsMap()[MetaClaimsJSON].(string)
 	var claims map[string]any
 	if err := json.Unmarshal([]byte(raw), &claims); err != nil || claims["azp"] != "my-agent" || claims["sub"] != "alice@example.com" {
 		t.Errorf("metadata claims_json = %q (%v)", raw, err)

@@ -286,12 +286,26 @@ func (d *Decision) okResponse() *authv3.CheckResponse {
 		}
 		ok.HeadersToRemove = append(ok.HeadersToRemove, h)
 	}
+	m.status.Code = int32(codes.OK)
+	m.oneof.OkResponse = ok
+	m.resp.Status, m.resp.HttpResponse = &m.status, &m.oneof
+	// The metadata goes pre-encoded (wire.go) when every part has its wire form.
+	var pvWire, claimsWire []byte
+	wire := rv.wire != nil
+	if pv != nil {
+		pvWire, wire = pv.wire, wire && pv.wire != nil
+		if d.wantClaims && pv.claims != nil {
+			claimsWire, wire = pv.claimsWire, wire && pv.claimsWire != nil
+		}
+	}
+	if wire {
+		setWireMetadata(&m.resp, d.ID, rv.wire, pvWire, claimsWire)
+		return &m.resp
+	}
 	m.idKind.StringValue = d.ID
 	m.id.Kind = &m.idKind
 	m.metadata.Fields = d.metadataFields(&m.id, rv, pv)
-	m.status.Code = int32(codes.OK)
-	m.oneof.OkResponse = ok
-	m.resp.Status, m.resp.HttpResponse, m.resp.DynamicMetadata = &m.status, &m.oneof, &m.metadata
+	m.resp.DynamicMetadata = &m.metadata
 	return &m.resp
 }
 
@@ -383,6 +397,9 @@ func newDecisionID() string {
 type principalValues struct {
 	subject, issuer, scopes, exp, claims *structpb.Value
 	subjectHeader                        *corev3.HeaderValueOption // nil if not header-safe
+	// wire and claimsWire are the metadata entries in wire form (wire.go); nil if they
+	// cannot be encoded.
+	wire, claimsWire []byte
 }
 
 func newPrincipalValues(p *bearer.Principal) *principalValues {
@@ -401,6 +418,10 @@ func newPrincipalValues(p *bearer.Principal) *principalValues {
 	}
 	if isHeaderSafe(p.Subject) {
 		pv.subjectHeader = header(HeaderSubject, p.Subject)
+	}
+	pv.wire = structEntries(MetaSubject, pv.subject, MetaIssuer, pv.issuer, MetaScopes, pv.scopes, MetaTokenExpiry, pv.exp)
+	if pv.claims != nil {
+		pv.claimsWire = structEntries(MetaClaimsJSON, pv.claims)
 	}
 	return pv
 }
@@ -447,6 +468,7 @@ type routeValues struct {
 	target, callerAppID, callerNamespace, spiffeID *structpb.Value
 	gateway                                        *structpb.Value             // nil without a gateway
 	callerHeaders                                  []*corev3.HeaderValueOption // nil without a caller App ID
+	wire                                           []byte                      // the entries in wire form (wire.go); nil if they cannot be encoded
 }
 
 func newRouteValues(k routeKey) *routeValues {
@@ -462,6 +484,8 @@ func newRouteValues(k routeKey) *routeValues {
 	if k.caller.AppID != "" {
 		rv.callerHeaders = []*corev3.HeaderValueOption{header(HeaderCallerAppID, k.caller.AppID), header(HeaderDaprCallerAppID, k.caller.AppID)}
 	}
+	rv.wire = structEntries(MetaTarget, rv.target, MetaCallerAppID, rv.callerAppID, MetaCallerNamespace, rv.callerNamespace,
+		MetaSpiffeID, rv.spiffeID, MetaGateway, rv.gateway)
 	return rv
 }
 
