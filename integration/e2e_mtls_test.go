@@ -3,112 +3,19 @@
 package integration
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"io"
-	"math/big"
 	"net/http"
-	"net/url"
-	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/mcpgate/mcpgate/envoy"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/integration/testpki"
 )
-
-// svidCA is a test CA issuing X509-SVIDs (one URI SAN, both TLS key usages, as SPIRE).
-type svidCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-var svidSerial atomic.Int64
-
-func newSVIDCA(t *testing.T, trustDomain string) *svidCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(svidSerial.Add(1)), Subject: pkix.Name{CommonName: trustDomain + " test CA"},
-		URIs:      []*url.URL{{Scheme: "spiffe", Host: trustDomain}},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return &svidCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-func (ca *svidCA) issue(t *testing.T, id string) (certPEM, keyPEM []byte) {
-	t.Helper()
-	u, err := url.Parse(id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(svidSerial.Add(1)), Subject: pkix.Name{CommonName: u.Path},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		URIs: []*url.URL{u}, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb})
-}
-
-// fileRoot is one emulated node's file system: <root>/certs holds id's SVID, its key
-// and the bundle, named as spiffe-helper writes them (the mesh's sds.certDir: /certs).
-func (ca *svidCA) fileRoot(t *testing.T, id string) string {
-	t.Helper()
-	root := t.TempDir()
-	dir := filepath.Join(root, "certs")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	c, k := ca.issue(t, id)
-	for name, b := range map[string][]byte{envoy.CertDirCert: c, envoy.CertDirKey: k, envoy.CertDirBundle: ca.pem} {
-		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return root
-}
-
-func (ca *svidCA) tlsCert(t *testing.T, id string) tls.Certificate {
-	t.Helper()
-	c, k := ca.issue(t, id)
-	cert, err := tls.X509KeyPair(c, k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert
-}
 
 func spiffeID(app string) string { return "spiffe://example.org/ns/default/" + app }
 
@@ -117,7 +24,7 @@ func spiffeID(app string) string { return "spiffe://example.org/ns/default/" + a
 // the secrets as file references over ADS).
 type mtlsMesh struct {
 	*mesh
-	ca *svidCA
+	ca *testpki.CA
 }
 
 func startMTLSMesh(t *testing.T) *mtlsMesh {
@@ -128,10 +35,10 @@ func startMTLSMesh(t *testing.T) *mtlsMesh {
 		// its own /certs volume). Never taken on our machines, which have no Envoy.
 		t.Skip("the strict-mTLS suite needs per-sidecar certificate files: emulator only")
 	}
-	m := &mtlsMesh{mesh: &mesh{iss: bearertest.NewIssuer(t)}, ca: newSVIDCA(t, "example.org")}
+	m := &mtlsMesh{mesh: &mesh{iss: bearertest.NewIssuer(t)}, ca: testpki.NewCA(t, "example.org")}
 	roots := map[string]string{
-		"inventory": m.ca.fileRoot(t, spiffeID("inventory")),
-		"my-agent":  m.ca.fileRoot(t, spiffeID("my-agent")),
+		"inventory": m.ca.CertDir(t, spiffeID("inventory")),
+		"my-agent":  m.ca.CertDir(t, spiffeID("my-agent")),
 	}
 	// certDir instead of the SPIRE agent socket: mcpgate serves the secrets as file
 	// references over ADS and each emulated sidecar reads its own under its FileRoot.
@@ -146,7 +53,7 @@ func startMTLSMesh(t *testing.T) *mtlsMesh {
 func (m *mtlsMesh) direct(t *testing.T, auth string, certs ...tls.Certificate) (*http.Response, string, error) {
 	t.Helper()
 	roots := x509.NewCertPool()
-	roots.AddCert(m.ca.cert)
+	roots.AddCert(m.ca.Cert)
 	tr := &http.Transport{TLSClientConfig: &tls.Config{
 		Certificates: certs, RootCAs: roots,
 		// The server's SVID has a URI SAN, no DNS name: check the chain only.
@@ -204,7 +111,7 @@ func TestEndToEndMTLS(t *testing.T) {
 
 	t.Run("a valid SVID of a caller not allowed is 403 whatever the token says", func(t *testing.T) {
 		calls := len(m.app.Requests())
-		resp, body, err := m.direct(t, m.token(t, nil), m.ca.tlsCert(t, spiffeID("stranger")))
+		resp, body, err := m.direct(t, m.token(t, nil), m.ca.TLSCert(t, spiffeID("stranger")))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -235,10 +142,10 @@ func TestEndToEndMTLS(t *testing.T) {
 
 	t.Run("a certificate from another trust domain is refused", func(t *testing.T) {
 		calls := len(m.app.Requests())
-		other := newSVIDCA(t, "other.org")
+		other := testpki.NewCA(t, "other.org")
 		for name, cert := range map[string]tls.Certificate{
-			"its own CA":  other.tlsCert(t, "spiffe://other.org/ns/default/my-agent"),
-			"the mesh CA": m.ca.tlsCert(t, "spiffe://other.org/ns/default/my-agent"),
+			"its own CA":  other.TLSCert(t, "spiffe://other.org/ns/default/my-agent"),
+			"the mesh CA": m.ca.TLSCert(t, "spiffe://other.org/ns/default/my-agent"),
 		} {
 			resp, body, err := m.direct(t, m.token(t, nil), cert)
 			switch {

@@ -39,6 +39,7 @@ import (
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
 	"github.com/mcpgate/mcpgate/integration/envoyemu"
 	"github.com/mcpgate/mcpgate/integration/mcpapp"
+	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
 // spireVersion is the SPIRE release the suite runs, built from the pinned tools module
@@ -506,10 +507,10 @@ func TestSPIRE(t *testing.T) {
 		}
 		// Without an SVID: no client certificate, or one SPIRE never issued (a CA of
 		// its own, even naming my-agent), is refused at the handshake.
-		ca := newSVIDCA(t, "example.org")
+		ca := testpki.NewCA(t, "example.org")
 		for name, certs := range map[string][]tls.Certificate{
 			"no certificate":            nil,
-			"a certificate not SPIRE's": {ca.tlsCert(t, spiffeID("my-agent"))},
+			"a certificate not SPIRE's": {ca.TLSCert(t, spiffeID("my-agent"))},
 		} {
 			if _, code, err := handshake(t, in, m.token(t, nil), certs...); err == nil {
 				t.Fatalf("%s: got HTTP %d, want a failed handshake", name, code)
@@ -522,8 +523,8 @@ func TestSPIRE(t *testing.T) {
 
 	t.Run("a certificate from another trust domain is refused at the handshake", func(t *testing.T) {
 		calls := len(m.app.Requests())
-		foreign := newSVIDCA(t, "evil.example")
-		if _, code, err := handshake(t, in, m.token(t, nil), foreign.tlsCert(t, "spiffe://evil.example/ns/default/my-agent")); err == nil {
+		foreign := testpki.NewCA(t, "evil.example")
+		if _, code, err := handshake(t, in, m.token(t, nil), foreign.TLSCert(t, "spiffe://evil.example/ns/default/my-agent")); err == nil {
 			t.Fatalf("got HTTP %d, want a failed handshake", code)
 		}
 		if len(m.app.Requests()) != calls {

@@ -2,15 +2,8 @@ package xds
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"math/big"
 	"net"
-	"net/url"
 	"testing"
 	"time"
 
@@ -23,62 +16,14 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"github.com/mcpgate/mcpgate/integration/testpki"
 	"github.com/mcpgate/mcpgate/policy"
 )
-
-// testCA issues X.509 SVIDs for the identity tests.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pool *x509.CertPool
-}
-
-func newTestCA(t *testing.T) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &testCA{cert: cert, key: key, pool: pool}
-}
-
-// svid issues a certificate for spiffeID (empty: no URI SAN), usable by clients and servers.
-func (ca *testCA) svid(t *testing.T, spiffeID string, serial int64) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: "workload"},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
-	if spiffeID != "" {
-		u, _ := url.Parse(spiffeID)
-		tmpl.URIs = []*url.URL{u}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
 
 // TestADSAuthorizesNodeByIdentity: over TLS, an Envoy may fetch only the configuration of
 // the App its certificate names.
 func TestADSAuthorizesNodeByIdentity(t *testing.T) {
-	ca := newTestCA(t)
+	ca := testpki.NewCA(t, "example.org")
 	dir := t.TempDir()
 	requireCopyDir(t, "../testdata/demo", dir)
 	store := policy.NewStore(requireLoad(t, dir))
@@ -88,8 +33,8 @@ func TestADSAuthorizesNodeByIdentity(t *testing.T) {
 		t.Fatal(err)
 	}
 	creds := credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{ca.svid(t, "spiffe://example.org/ns/default/mcpgate", 2)},
-		ClientAuth:   tls.RequireAndVerifyClientCert, ClientCAs: ca.pool, MinVersion: tls.VersionTLS12,
+		Certificates: []tls.Certificate{ca.TLSCert(t, "spiffe://example.org/ns/default/mcpgate", testpki.WithIP("127.0.0.1"))},
+		ClientAuth:   tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool, MinVersion: tls.VersionTLS12,
 	})
 	g := grpc.NewServer(append(ServerOptions(), grpc.Creds(creds))...)
 	srv.Register(g)
@@ -105,7 +50,7 @@ func TestADSAuthorizesNodeByIdentity(t *testing.T) {
 	fetch := func(t *testing.T, cert tls.Certificate, cluster string) (*discoveryv3.DiscoveryResponse, error) {
 		t.Helper()
 		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
-			Certificates: []tls.Certificate{cert}, RootCAs: ca.pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12,
+			Certificates: []tls.Certificate{cert}, RootCAs: ca.Pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12,
 		})))
 		if err != nil {
 			t.Fatal(err)
@@ -123,7 +68,7 @@ func TestADSAuthorizesNodeByIdentity(t *testing.T) {
 		return stream.Recv()
 	}
 
-	agent := ca.svid(t, "spiffe://example.org/ns/default/my-agent", 3)
+	agent := ca.TLSCert(t, "spiffe://example.org/ns/default/my-agent")
 	if resp, err := fetch(t, agent, "my-agent"); err != nil || len(resp.GetResources()) == 0 {
 		t.Fatalf("my-agent's own configuration: %v %v", resp, err)
 	}
@@ -132,8 +77,8 @@ func TestADSAuthorizesNodeByIdentity(t *testing.T) {
 		cluster string
 	}{
 		"another app's configuration":           {agent, "inventory"},
-		"a certificate without a SPIFFE ID":     {ca.svid(t, "", 4), "my-agent"},
-		"an identity from another trust domain": {ca.svid(t, "spiffe://evil.org/ns/default/my-agent", 5), "my-agent"},
+		"a certificate without a SPIFFE ID":     {ca.TLSCert(t, ""), "my-agent"},
+		"an identity from another trust domain": {ca.TLSCert(t, "spiffe://evil.org/ns/default/my-agent"), "my-agent"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := fetch(t, tc.cert, tc.cluster)

@@ -2,16 +2,9 @@ package main
 
 import (
 	"context"
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"math/big"
 	"net"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -31,88 +24,26 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+
+	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
-// testCA is an in-memory SPIFFE trust domain: a self-signed root issuing X.509 SVIDs.
-type testCA struct {
-	td   spiffeid.TrustDomain
-	cert *x509.Certificate
-	key  crypto.Signer
-}
+// testCA is a SPIFFE trust domain for the tests (testpki), with go-spiffe's views of it.
+type testCA struct{ *testpki.CA }
 
-var serial = struct {
-	sync.Mutex
-	n int64
-}{}
-
-func nextSerial() *big.Int {
-	serial.Lock()
-	defer serial.Unlock()
-	serial.n++
-	return big.NewInt(serial.n)
-}
-
-func newKey(t *testing.T) *ecdsa.PrivateKey {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-func requireTestCA(t *testing.T, td string) *testCA {
-	t.Helper()
-	trustDomain := spiffeid.RequireTrustDomainFromString(td)
-	key := newKey(t)
-	tmpl := &x509.Certificate{
-		SerialNumber:          nextSerial(),
-		Subject:               pkix.Name{Organization: []string{"test CA " + td}},
-		URIs:                  []*url.URL{trustDomain.ID().URL()},
-		NotBefore:             time.Now().Add(-time.Minute),
-		NotAfter:              time.Now().Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testCA{td: trustDomain, cert: cert, key: key}
-}
+func requireTestCA(t *testing.T, td string) testCA { return testCA{testpki.NewCA(t, td)} }
 
 // bundle is the trust domain's X.509 bundle, a static x509bundle.Source.
-func (ca *testCA) bundle() *x509bundle.Bundle {
-	return x509bundle.FromX509Authorities(ca.td, []*x509.Certificate{ca.cert})
+func (ca testCA) bundle() *x509bundle.Bundle {
+	return x509bundle.FromX509Authorities(spiffeid.RequireTrustDomainFromString(ca.TrustDomain), []*x509.Certificate{ca.Cert})
 }
 
 // requireSVID issues an X.509 SVID for id (which may lie outside ca's trust domain, to
 // forge one) and parses it with x509svid, so it is checked as a real SVID would be.
-func (ca *testCA) requireSVID(t *testing.T, id string) *x509svid.SVID {
+func (ca testCA) requireSVID(t *testing.T, id string) *x509svid.SVID {
 	t.Helper()
-	key := newKey(t)
-	tmpl := &x509.Certificate{
-		SerialNumber: nextSerial(),
-		URIs:         []*url.URL{spiffeid.RequireFromString(id).URL()},
-		NotBefore:    time.Now().Add(-time.Minute),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment | x509.KeyUsageKeyAgreement,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	svid, err := x509svid.ParseRaw(der, keyDER)
+	der, key := ca.DER(t, spiffeid.RequireFromString(id).String())
+	svid, err := x509svid.ParseRaw(der, key)
 	if err != nil {
 		t.Fatal(err)
 	}

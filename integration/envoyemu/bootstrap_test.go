@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/mcpgate/mcpgate/envoy"
+	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
 const mcpgateID = "spiffe://example.org/ns/mcpgate/mcpgate"
@@ -63,16 +64,16 @@ func (cp *tlsControlPlane) clients() []string {
 	return slices.Clone(cp.peers)
 }
 
-func requireTLSControlPlane(t *testing.T, ca *testCA) *tlsControlPlane {
+func requireTLSControlPlane(t *testing.T, ca *testpki.CA) *tlsControlPlane {
 	t.Helper()
 	cp := &tlsControlPlane{authz: &recordingAuthz{}}
-	certPEM, keyPEM := ca.issue(t, mcpgateID)
+	certPEM, keyPEM := ca.IssuePEM(t, mcpgateID)
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pool := x509.NewCertPool()
-	pool.AddCert(ca.cert)
+	pool.AddCert(ca.Cert)
 	creds := credentials.NewTLS(&tls.Config{
 		Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool,
 		VerifyPeerCertificate: func(_ [][]byte, chains [][]*x509.Certificate) error {
@@ -98,7 +99,7 @@ func requireTLSControlPlane(t *testing.T, ca *testCA) *tlsControlPlane {
 // control plane with another SPIFFE ID is never trusted; CDS cannot replace a static
 // cluster.
 func TestBootstrapMTLSToControlPlane(t *testing.T) {
-	ca := newTestCA(t, trustDomain)
+	ca := testpki.NewCA(t, trustDomain)
 	spire := &fakeSPIRE{secrets: map[string]*tlsv3.Secret{}, changed: make(chan struct{})}
 	spire.set(spireCert(t, ca, inventoryID), spireBundle(t, ca))
 	sock := requireFakeSPIRE(t, spire)

@@ -30,6 +30,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/mcpgate/mcpgate/envoy"
+	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
 // fakeSPIRE is a SPIRE agent's SDS API as pkg/agent/endpoints/sdsv3 serves it: the
@@ -100,8 +101,8 @@ func (f *fakeSPIRE) StreamSecrets(stream secretv3.SecretDiscoveryService_StreamS
 }
 
 // spireCert is the SVID secret SPIRE sends (inline PEM, named by the SPIFFE ID).
-func spireCert(t testing.TB, ca *testCA, id string) *tlsv3.Secret {
-	c, k := ca.issue(t, id)
+func spireCert(t testing.TB, ca *testpki.CA, id string) *tlsv3.Secret {
+	c, k := ca.IssuePEM(t, id)
 	return &tlsv3.Secret{Name: id, Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
 		CertificateChain: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: c}},
 		PrivateKey:       &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: k}},
@@ -109,9 +110,9 @@ func spireCert(t testing.TB, ca *testCA, id string) *tlsv3.Secret {
 }
 
 // spireBundle is the bundle secret SPIRE sends to Envoy ≥ 1.18: a SPIFFE validator.
-func spireBundle(t testing.TB, ca *testCA) *tlsv3.Secret {
+func spireBundle(t testing.TB, ca *testpki.CA) *tlsv3.Secret {
 	cfg, err := anypb.New(&tlsv3.SPIFFECertValidatorConfig{TrustDomains: []*tlsv3.SPIFFECertValidatorConfig_TrustDomain{{
-		Name: trustDomain, TrustBundle: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: ca.pem}},
+		Name: trustDomain, TrustBundle: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: ca.PEM}},
 	}}})
 	if err != nil {
 		t.Fatal(err)
@@ -143,7 +144,7 @@ func spireMeshTLS(id string) envoy.MeshTLS {
 // mcpgate translates spireAgentSocket, take them from an SDS server on a Unix socket;
 // the SPIFFE validator checks peers; a rotated SVID applies to new handshakes.
 func TestSPIRESDS(t *testing.T) {
-	ca := newTestCA(t, trustDomain)
+	ca := testpki.NewCA(t, trustDomain)
 	spire := &fakeSPIRE{secrets: map[string]*tlsv3.Secret{}, changed: make(chan struct{})}
 	spire.set(spireCert(t, ca, inventoryID), spireCert(t, ca, agentID), spireBundle(t, ca))
 	sock := requireFakeSPIRE(t, spire)
@@ -256,11 +257,11 @@ func TestSPIRESDS(t *testing.T) {
 	})
 
 	t.Run("a certificate of another CA is refused", func(t *testing.T) {
-		other := newTestCA(t, trustDomain)
-		if _, err := serverLeaf(t, other.clientCert(t, agentID)); err == nil {
+		other := testpki.NewCA(t, trustDomain)
+		if _, err := serverLeaf(t, other.TLSCert(t, agentID)); err == nil {
 			t.Fatal("handshake with a foreign CA's certificate succeeded")
 		}
-		if _, err := serverLeaf(t, ca.clientCert(t, agentID)); err != nil {
+		if _, err := serverLeaf(t, ca.TLSCert(t, agentID)); err != nil {
 			t.Fatalf("handshake with the mesh CA's certificate: %v", err)
 		}
 	})

@@ -2,20 +2,11 @@ package envoyemu
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"io"
-	"math/big"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -36,6 +27,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/mcpgate/mcpgate/envoy"
+	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
 const (
@@ -44,98 +36,6 @@ const (
 	agentID     = "spiffe://example.org/ns/default/my-agent"
 	bundleName  = "spiffe://example.org"
 )
-
-// testCA is a self-signed CA issuing X509-SVIDs (one URI SAN, as SPIFFE's X509-SVID
-// spec requires; both TLS key usages, as SPIRE issues them).
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newTestCA(t testing.TB, name string) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name + " test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-var serial sync.Mutex
-var nextSerial int64 = 100
-
-// issue returns the PEM certificate and key of an SVID for id.
-func (ca *testCA) issue(t testing.TB, id string) (certPEM, keyPEM []byte) {
-	t.Helper()
-	u, err := url.Parse(id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial.Lock()
-	nextSerial++
-	n := nextSerial
-	serial.Unlock()
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(n), Subject: pkix.Name{CommonName: u.Path},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		URIs:        []*url.URL{u},
-		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb})
-}
-
-// certDir writes id's SVID, key and ca's bundle as spiffe-helper does, under
-// <root>/certs, and returns root (an emulator's FileRoot).
-func (ca *testCA) certDir(t testing.TB, id string) string {
-	t.Helper()
-	root := t.TempDir()
-	dir := filepath.Join(root, "certs")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	c, k := ca.issue(t, id)
-	for name, b := range map[string][]byte{envoy.CertDirCert: c, envoy.CertDirKey: k, envoy.CertDirBundle: ca.pem} {
-		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return root
-}
-
-// clientCert is a tls.Certificate for id, issued by ca.
-func (ca *testCA) clientCert(t testing.TB, id string) tls.Certificate {
-	t.Helper()
-	c, k := ca.issue(t, id)
-	cert, err := tls.X509KeyPair(c, k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert
-}
 
 // recordingAuthz allows every request and records the CheckRequests.
 type recordingAuthz struct {
@@ -191,7 +91,7 @@ func certDirSecrets(id string) []types.Resource {
 // plaintext outbound listener whose clusters reach inventory's inbound over mTLS:
 // /ok expects inventory's SPIFFE ID, /wrong another one).
 type mtlsEnv struct {
-	ca        *testCA
+	ca        *testpki.CA
 	authz     *recordingAuthz
 	hits      chan *http.Request
 	inventory *Emulator
@@ -202,7 +102,7 @@ type mtlsEnv struct {
 
 func requireMTLS(t *testing.T, requireClient bool) *mtlsEnv {
 	t.Helper()
-	env := &mtlsEnv{ca: newTestCA(t, trustDomain), authz: &recordingAuthz{}, hits: make(chan *http.Request, 16)}
+	env := &mtlsEnv{ca: testpki.NewCA(t, trustDomain), authz: &recordingAuthz{}, hits: make(chan *http.Request, 16)}
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		select {
 		case env.hits <- r:
@@ -267,12 +167,12 @@ func requireMTLS(t *testing.T, requireClient bool) *mtlsEnv {
 			resource.SecretType:   certDirSecrets(agentID),
 		},
 	})
-	env.inventory = requireEmulator(t, Options{XDSAddress: xdsAddr, NodeCluster: "inventory", FileRoot: env.ca.certDir(t, inventoryID)})
+	env.inventory = requireEmulator(t, Options{XDSAddress: xdsAddr, NodeCluster: "inventory", FileRoot: env.ca.CertDir(t, inventoryID)})
 	env.inbound = env.inventory.Listener("inbound")
 	if env.inbound == "" {
 		t.Fatal("inbound listener not bound")
 	}
-	env.agent = requireEmulator(t, Options{XDSAddress: xdsAddr, NodeCluster: "agent", FileRoot: env.ca.certDir(t, agentID),
+	env.agent = requireEmulator(t, Options{XDSAddress: xdsAddr, NodeCluster: "agent", FileRoot: env.ca.CertDir(t, agentID),
 		ClusterAddress: map[string]string{"sidecar|inventory": env.inbound, "sidecar|wrong": env.inbound}})
 	env.outbound = env.agent.Listener("outbound")
 	return env
@@ -282,7 +182,7 @@ func requireMTLS(t *testing.T, requireClient bool) *mtlsEnv {
 func (env *mtlsEnv) client(t *testing.T, certs ...tls.Certificate) *http.Client {
 	t.Helper()
 	roots := x509.NewCertPool()
-	roots.AddCert(env.ca.cert)
+	roots.AddCert(env.ca.Cert)
 	tr := &http.Transport{ForceAttemptHTTP2: true, TLSClientConfig: &tls.Config{
 		Certificates: certs, RootCAs: roots,
 		// The server's SVID has a URI SAN only; check it as a SPIFFE client would.
@@ -324,7 +224,7 @@ func TestTLSStrictRejectsClientWithoutCertificate(t *testing.T) {
 // as destination.principal, over h2 negotiated by ALPN, with :scheme https.
 func TestTLSPrincipalReachesExtAuthz(t *testing.T) {
 	env := requireMTLS(t, true)
-	resp, err := env.client(t, env.ca.clientCert(t, agentID)).Get("https://" + env.inbound + "/mcp")
+	resp, err := env.client(t, env.ca.TLSCert(t, agentID)).Get("https://" + env.inbound + "/mcp")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -357,10 +257,10 @@ func TestTLSPrincipalReachesExtAuthz(t *testing.T) {
 // handshake.
 func TestTLSRefusesForeignCertificates(t *testing.T) {
 	env := requireMTLS(t, false) // even where a certificate is optional, a bad one is refused
-	other := newTestCA(t, "other.org")
+	other := testpki.NewCA(t, "other.org")
 	for name, cert := range map[string]tls.Certificate{
-		"other CA":           other.clientCert(t, "spiffe://other.org/ns/default/my-agent"),
-		"other trust domain": env.ca.clientCert(t, "spiffe://other.org/ns/default/my-agent"),
+		"other CA":           other.TLSCert(t, "spiffe://other.org/ns/default/my-agent"),
+		"other trust domain": env.ca.TLSCert(t, "spiffe://other.org/ns/default/my-agent"),
 	} {
 		t.Run(name, func(t *testing.T) {
 			if _, err := env.client(t, cert).Get("https://" + env.inbound + "/mcp"); err == nil {
@@ -375,7 +275,7 @@ func TestTLSRefusesForeignCertificates(t *testing.T) {
 // principal; one with an SVID is named by it.
 func TestTLSPermissive(t *testing.T) {
 	env := requireMTLS(t, false)
-	for _, certs := range [][]tls.Certificate{nil, {env.ca.clientCert(t, agentID)}} {
+	for _, certs := range [][]tls.Certificate{nil, {env.ca.TLSCert(t, agentID)}} {
 		resp, err := env.client(t, certs...).Get("https://" + env.inbound + "/mcp")
 		if err != nil {
 			t.Fatal(err)
