@@ -13,6 +13,7 @@ import (
 	"sync"
 
 	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/metrics"
 	"github.com/open-policy-agent/opa/v1/rego"
 
 	"github.com/mcpgate/mcpgate/policy"
@@ -362,40 +363,76 @@ func evalRego(ctx context.Context, rg *policy.Rego, r *Request, rules Decision) 
 	if err != nil {
 		return deny("rego input: " + err.Error())
 	}
-	rs, err := rg.Query.Eval(ctx, rego.EvalParsedInput(input))
+	rs, err := rg.Query.Eval(ctx, rego.EvalParsedInput(input), regoNoMetrics, regoKeepTerms)
 	if err != nil {
 		return deny("rego evaluation failed: " + firstLine(err.Error()))
 	}
 	if len(rs) == 0 || len(rs[0].Expressions) == 0 {
 		return deny("rego: data.mcpgate.decision is undefined")
 	}
-	obj, ok := rs[0].Expressions[0].Value.(map[string]any)
-	if !ok {
+	term, _ := rs[0].Expressions[0].Value.(*ast.Term)
+	obj, ok := term.Value.(ast.Object)
+	if term == nil || !ok {
 		return deny("rego: data.mcpgate.decision is not an object")
 	}
-	reason, _ := obj["reason"].(string)
-	if allow, _ := obj["allow"].(bool); !allow {
+	var reason string
+	if r, ok := objGet(obj, "reason").(ast.String); ok {
+		reason = string(r)
+	}
+	if allow, _ := objGet(obj, "allow").(ast.Boolean); !allow {
 		if reason == "" {
 			reason = "denied by rego"
 		}
 		return deny(reason)
 	}
 	d := Decision{Allow: true, Rule: rules.Rule, Reason: reason}
-	if p, ok := obj["patch"]; ok {
-		ops, err := parsePatch(p)
+	if p := objGet(obj, "patch"); p != nil {
+		ops, err := parsePatch(termJSON(p))
 		if err != nil {
 			return deny("rego: bad patch: " + err.Error())
 		}
 		d.Patch = ops
 	}
-	if red, ok := obj["redact"]; ok {
-		ptrs, err := parseRedact(red)
+	if red := objGet(obj, "redact"); red != nil {
+		ptrs, err := parseRedact(termJSON(red))
 		if err != nil {
 			return deny("rego: bad redact: " + err.Error())
 		}
 		d.Redact = ptrs
 	}
 	return d
+}
+
+// Evaluation options for every decision: no per-evaluation metrics (nobody reads them),
+// and the result as the OPA term itself, read directly instead of converted into Go
+// maps first (the rare patch and redact members are converted on their own).
+var (
+	regoNoMetrics = rego.EvalMetrics(metrics.NoOp())
+	regoKeepTerms = rego.EvalGenerateJSON(func(t *ast.Term, _ *rego.EvalContext) (any, error) { return t, nil })
+)
+
+// Terms of the decision object's members, built once.
+var decisionKeys = map[string]*ast.Term{
+	"allow": ast.StringTerm("allow"), "reason": ast.StringTerm("reason"),
+	"patch": ast.StringTerm("patch"), "redact": ast.StringTerm("redact"),
+}
+
+// objGet returns the value of a decision member, or nil.
+func objGet(obj ast.Object, key string) ast.Value {
+	if t := obj.Get(decisionKeys[key]); t != nil {
+		return t.Value
+	}
+	return nil
+}
+
+// termJSON converts a value into Go (map[string]any, []any, string, json.Number, bool or
+// nil) as OPA's own result conversion would; nil if it cannot be.
+func termJSON(v ast.Value) any {
+	x, err := ast.JSON(v)
+	if err != nil {
+		return nil
+	}
+	return x
 }
 
 func parsePatch(v any) ([]PatchOp, error) {
