@@ -247,7 +247,7 @@ func decideRules(m *policy.MCP, r *Request) Decision {
 	for _, rule := range m.Tools.Rules {
 		if matchRule(rule, r) {
 			d := Decision{Allow: rule.Action == policy.Allow, Rule: rule.Name}
-			if !d.Allow {
+			if !d.Allow && !r.Listing { // a list entry's reason is never shown
 				d.Reason = fmt.Sprintf("denied by rule %q", rule.Name)
 			}
 			return d
@@ -258,6 +258,9 @@ func decideRules(m *policy.MCP, r *Request) Decision {
 	}
 	if m.Tools.DefaultAction == policy.Allow {
 		return Decision{Allow: true, Rule: "defaultAction"}
+	}
+	if r.Listing {
+		return Decision{Rule: "defaultAction"}
 	}
 	return Decision{Rule: "defaultAction", Reason: "no rule allows " + describe(r)}
 }

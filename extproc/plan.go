@@ -2,6 +2,7 @@ package extproc
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"runtime"
@@ -137,9 +138,11 @@ func (st *stream) listFilter(listMethod string) func([]string) []bool {
 	prefix := listKeyPrefix(st.snap.Version, &base, callMethod)
 	return func(names []string) []bool {
 		keep := make([]bool, len(names))
+		keys := make([]string, len(names))
 		var todo []int
 		for i, name := range names {
-			if allow, ok := cache.get(prefix + name); ok {
+			keys[i] = prefix + name
+			if allow, ok := cache.get(keys[i]); ok {
 				keep[i] = allow
 			} else {
 				todo = append(todo, i)
@@ -150,7 +153,7 @@ func (st *stream) listFilter(listMethod string) func([]string) []bool {
 			r.Method, r.Tool, r.Prompt, r.URI = callMethod, "", "", ""
 			setTarget(&r, callMethod, names[i])
 			keep[i] = Decide(context.Background(), m, &r).Allow
-			cache.put(prefix+names[i], keep[i])
+			cache.put(keys[i], keep[i])
 		}
 		workers := 1
 		if m.Tools.Rego != nil {
@@ -190,9 +193,12 @@ const (
 
 // listKeyPrefix identifies everything a list-time decision depends on besides the name:
 // the policy version, the app, and the caller's whole identity (App ID, namespace,
-// subject, scopes, claims). Fields are length-prefixed so no two identities collide.
+// subject, scopes, claims). Fields are length-prefixed so no two identities collide, and
+// the whole is hashed (SHA-256, so no two collide in practice either): with the claims
+// in it, the prefix alone is often hundreds of bytes, copied into every entry's key.
 func listKeyPrefix(version string, r *Request, method string) string {
-	return lengthPrefixed(version, r.Target, method, r.Caller.AppID, r.Caller.Namespace, r.SpiffeID, r.Subject, strings.Join(r.Scopes, " "), r.ClaimsJSON)
+	sum := sha256.Sum256([]byte(lengthPrefixed(version, r.Target, method, r.Caller.AppID, r.Caller.Namespace, r.SpiffeID, r.Subject, strings.Join(r.Scopes, " "), r.ClaimsJSON)))
+	return string(sum[:])
 }
 
 // decisionCache remembers list-time decisions: agents list tools at every session start,
