@@ -13,8 +13,9 @@ import (
 
 // limiters holds the token buckets of limits.perCaller and limits.perTool. Limits are per
 // mcpgate replica: replicas share no state, so N replicas admit up to N times the rate.
-// Buckets are keyed by snapshot version too, so an edited rate takes effect at once; the
-// map is bounded and simply reset when full (a reset only refills buckets).
+// Buckets are keyed by app, limit and rate: an edited rate takes effect at once with a
+// fresh bucket, while an unrelated policy edit leaves every caller's spent allowance as it
+// was. The map is bounded and simply reset when full (a reset only refills buckets).
 type limiters struct {
 	mu sync.Mutex
 	m  map[string]*rate.Limiter
@@ -52,20 +53,19 @@ func (l *limiters) allow(key string, rl policy.RateLimit, now time.Time) (bool, 
 // delay when a limit is exceeded.
 func (st *stream) rateLimit(r *Request, now time.Time) (string, time.Duration) {
 	lim := st.app.MCP.Limits
-	prefix := lengthPrefixed(st.snap.Version, st.app.ID)
 	if pc := lim.PerCaller; pc != nil {
 		who := r.Caller.AppID
 		if who == "" {
 			who = "sub:" + r.Subject // JWT-only callers without an App ID: per subject
 		}
-		if ok, wait := st.s.limits.allow(prefix+"caller\x00"+who, *pc, now); !ok {
+		if ok, wait := st.s.limits.allow(lengthPrefixed(st.app.ID, "caller", rateString(*pc), who), *pc, now); !ok {
 			return "rate limit exceeded: limits.perCaller " + rateString(*pc) + " for this caller", wait
 		}
 	}
 	if r.Method == "tools/call" {
 		for _, tr := range lim.PerTool {
 			if tr.Tool.Match(r.Tool) {
-				if ok, wait := st.s.limits.allow(prefix+"tool\x00"+tr.Tool.String(), tr.Rate, now); !ok {
+				if ok, wait := st.s.limits.allow(lengthPrefixed(st.app.ID, "tool", rateString(tr.Rate), tr.Tool.String()), tr.Rate, now); !ok {
 					return "rate limit exceeded: limits.perTool " + tr.Tool.String() + " " + rateString(tr.Rate), wait
 				}
 				break // the first matching limit applies
@@ -76,7 +76,15 @@ func (st *stream) rateLimit(r *Request, now time.Time) (string, time.Duration) {
 }
 
 func rateString(rl policy.RateLimit) string {
-	unit := map[time.Duration]string{time.Second: "s", time.Minute: "m", time.Hour: "h"}[rl.Per]
+	unit := rl.Per.String() // policy accepts only s, m and h
+	switch rl.Per {
+	case time.Second:
+		unit = "s"
+	case time.Minute:
+		unit = "m"
+	case time.Hour:
+		unit = "h"
+	}
 	return strconv.Itoa(rl.N) + "/" + unit
 }
 
