@@ -15,6 +15,7 @@ import (
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/metrics"
 	"github.com/open-policy-agent/opa/v1/rego"
+	"github.com/open-policy-agent/opa/v1/topdown"
 
 	"github.com/mcpgate/mcpgate/policy"
 )
@@ -57,6 +58,8 @@ type Request struct {
 // regoBase is the stream-constant part of the Rego input, as OPA values.
 type regoBase struct {
 	caller, subject, target, http *ast.Term
+	// cancel stops an evaluation when the stream ends; nil: evaluations are not cancelled.
+	cancel topdown.Cancel
 }
 
 func newRegoBase(r *Request) *regoBase {
@@ -366,7 +369,11 @@ func evalRego(ctx context.Context, rg *policy.Rego, r *Request, rules Decision) 
 	if err != nil {
 		return deny("rego input: " + err.Error())
 	}
-	rs, err := rg.Query.Eval(ctx, rego.EvalParsedInput(input), regoNoMetrics, regoKeepTerms)
+	cancel := neverCancelled
+	if r.base != nil && r.base.cancel != nil {
+		cancel = r.base.cancel
+	}
+	rs, err := rg.Query.Eval(ctx, rego.EvalParsedInput(input), regoNoMetrics, regoKeepTerms, rego.EvalExternalCancel(cancel))
 	if err != nil {
 		return deny("rego evaluation failed: " + firstLine(err.Error()))
 	}
@@ -411,7 +418,12 @@ func evalRego(ctx context.Context, rg *policy.Rego, r *Request, rules Decision) 
 // maps first (the rare patch and redact members are converted on their own).
 var (
 	regoNoMetrics = rego.EvalMetrics(metrics.NoOp())
-	regoKeepTerms = rego.EvalGenerateJSON(func(t *ast.Term, _ *rego.EvalContext) (any, error) { return t, nil })
+	// An external canceller spares OPA starting a goroutine per evaluation to watch ctx:
+	// a stream's (regoBase.cancel) fires when the stream ends. Evaluations outside a
+	// stream use neverCancelled; they run to completion, which a policy bounds (Rego
+	// cannot loop).
+	neverCancelled = topdown.NewCancel()
+	regoKeepTerms  = rego.EvalGenerateJSON(func(t *ast.Term, _ *rego.EvalContext) (any, error) { return t, nil })
 )
 
 // Terms of the decision object's members, built once.

@@ -8,10 +8,12 @@ import (
 	"path/filepath"
 	"reflect"
 	"runtime"
+	"strings"
 	"testing"
 
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/tester"
+	"github.com/open-policy-agent/opa/v1/topdown"
 
 	"github.com/mcpgate/mcpgate/policy"
 )
@@ -201,5 +203,22 @@ func TestRegoInputValueMatchesDocument(t *testing.T) {
 	}
 	if fast.Compare(slow) != 0 {
 		t.Fatalf("fast input %v\nslow input %v", fast, slow)
+	}
+}
+
+// TestRegoEvaluationCancelledWithStream: an evaluation runs under its stream's canceller,
+// so one whose stream has ended stops and fails closed instead of running on.
+func TestRegoEvaluationCancelledWithStream(t *testing.T) {
+	m := loadWithRego(t, "package mcpgate\n\ndecision := {\"allow\": true}\n")
+	r := &Request{Caller: policy.Caller{AppID: "a"}, Method: "tools/call", Tool: "t"}
+	r.base = newRegoBase(r)
+	r.base.cancel = topdown.NewCancel()
+	if d := Decide(context.Background(), m, r); !d.Allow {
+		t.Fatalf("before the stream ended: %+v", d)
+	}
+	r.base.cancel.Cancel()
+	d := Decide(context.Background(), m, r)
+	if d.Allow || !strings.Contains(d.Reason, "cancel") {
+		t.Fatalf("after the stream ended: %+v", d)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"github.com/open-policy-agent/opa/v1/topdown"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/metric/noop"
@@ -102,8 +103,11 @@ func NewServer(opts Options) (*Server, error) {
 // normal endings: Envoy closes the stream once it expects no more replies, and cancels it
 // when the downstream client goes away.
 func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
-	st := &stream{s: s}
+	st := &stream{s: s, cancel: topdown.NewCancel()}
 	ctx := srv.Context()
+	// One canceller per stream stops a running Rego evaluation when Envoy goes away
+	// (without one, OPA watches ctx with a new goroutine for every evaluation).
+	defer context.AfterFunc(ctx, st.cancel.Cancel)()
 	for {
 		req, err := srv.Recv()
 		if err != nil {
@@ -145,6 +149,7 @@ type stream struct {
 
 	mcpMethodHeader, mcpNameHeader string
 	decisionID                     string
+	cancel                         topdown.Cancel // cancelled when the stream's context ends
 	plan                           []responseStep
 	rewriters                      []rewriter
 }
@@ -258,6 +263,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 
 	if st.app.MCP.Tools.Rego != nil {
 		st.req.base = newRegoBase(&st.req)
+		st.req.base.cancel = st.cancel
 	}
 	switch st.req.HTTPMethod {
 	case "POST":
