@@ -64,20 +64,65 @@ type regoBase struct {
 
 func newRegoBase(r *Request) *regoBase {
 	id := identityTerms(r)
-	headers := ast.NewObject()
+	items := make([][2]*ast.Term, 0, len(r.Headers))
 	for k, v := range r.Headers {
-		headers.Insert(ast.StringTerm(k), ast.StringTerm(v))
+		kt := regoHeaderKeys[k]
+		if kt == nil {
+			kt = ast.StringTerm(k)
+		}
+		items = append(items, [2]*ast.Term{kt, ast.StringTerm(v)})
 	}
 	return &regoBase{
 		caller:  id.caller,
 		subject: id.subject,
-		target:  ast.ObjectTerm(ast.Item(ast.StringTerm("app_id"), ast.StringTerm(r.Target))),
+		target:  targetTerm(r.Target),
 		http: ast.ObjectTerm(
-			ast.Item(ast.StringTerm("method"), ast.StringTerm(r.HTTPMethod)),
-			ast.Item(ast.StringTerm("path"), ast.StringTerm(r.Path)),
-			ast.Item(ast.StringTerm("headers"), ast.NewTerm(headers)),
+			ast.Item(keyMethod, methodTerm(r.HTTPMethod)),
+			ast.Item(keyPath, ast.StringTerm(r.Path)),
+			ast.Item(keyHeaders, ast.ObjectTerm(items...)),
 		),
 	}
+}
+
+// Terms of the Rego input that do not change, built once and shared: OPA values are
+// immutable once built (OPA shares its own interned terms the same way). Building them
+// per stream and per evaluation was most of the input's allocations.
+var (
+	keyCaller, keySubject, keyTarget, keyMCP, keyHTTP = ast.StringTerm("caller"), ast.StringTerm("subject"), ast.StringTerm("target"), ast.StringTerm("mcp"), ast.StringTerm("http")
+	keyMethod, keyPath, keyHeaders                    = ast.StringTerm("method"), ast.StringTerm("path"), ast.StringTerm("headers")
+	keyTool, keyArguments, keyID                      = ast.StringTerm("tool"), ast.StringTerm("arguments"), ast.StringTerm("id")
+	keyProtocolVersion, keySessionID                  = ast.StringTerm("protocol_version"), ast.StringTerm("session_id")
+	keyPrompt, keyURI, keyListing, keyAppID           = ast.StringTerm("prompt"), ast.StringTerm("uri"), ast.StringTerm("listing"), ast.StringTerm("app_id")
+	trueTerm                                          = ast.BooleanTerm(true)
+
+	// regoHeaderKeys are the names of the headers Rego sees (regoHeaders), as terms.
+	regoHeaderKeys = func() map[string]*ast.Term {
+		m := make(map[string]*ast.Term, len(regoHeaders))
+		for k := range regoHeaders {
+			m[k] = ast.StringTerm(k)
+		}
+		return m
+	}()
+	httpMethods = map[string]*ast.Term{"POST": ast.StringTerm("POST"), "GET": ast.StringTerm("GET"), "DELETE": ast.StringTerm("DELETE")}
+)
+
+func methodTerm(m string) *ast.Term {
+	if t := httpMethods[m]; t != nil {
+		return t
+	}
+	return ast.StringTerm(m)
+}
+
+// targetTerms caches input.target per App ID (bounded by the policy's apps).
+var targetTerms sync.Map // string → *ast.Term
+
+func targetTerm(app string) *ast.Term {
+	if t, ok := targetTerms.Load(app); ok {
+		return t.(*ast.Term)
+	}
+	t := ast.ObjectTerm(ast.Item(keyAppID, ast.StringTerm(app)))
+	targetTerms.Store(app, t)
+	return t
 }
 
 // idTerms are the caller and subject parts of the Rego input: the same for every request
@@ -140,6 +185,11 @@ func identityTerms(r *Request) idTerms {
 // lengthPrefixed joins fields so that no two different field lists give the same key.
 func lengthPrefixed(fields ...string) string {
 	var b strings.Builder
+	n := 0
+	for _, f := range fields {
+		n += len(f) + 4
+	}
+	b.Grow(n)
 	for _, f := range fields {
 		b.WriteString(strconv.Itoa(len(f)))
 		b.WriteByte(':')
@@ -170,29 +220,28 @@ func regoInputValue(r *Request) (ast.Value, error) {
 	case json.Number:
 		id = ast.NumberTerm(v)
 	}
-	mcp := ast.NewObject(
-		ast.Item(ast.StringTerm("method"), ast.StringTerm(r.Method)),
-		ast.Item(ast.StringTerm("tool"), ast.StringTerm(r.Tool)),
-		ast.Item(ast.StringTerm("arguments"), ast.NewTerm(args)),
-		ast.Item(ast.StringTerm("id"), id),
-		ast.Item(ast.StringTerm("protocol_version"), ast.StringTerm(r.ProtocolVersion)),
-		ast.Item(ast.StringTerm("session_id"), ast.StringTerm(r.SessionID)),
-	)
+	items := make([][2]*ast.Term, 6, 9)
+	items[0] = ast.Item(keyMethod, ast.StringTerm(r.Method))
+	items[1] = ast.Item(keyTool, ast.StringTerm(r.Tool))
+	items[2] = ast.Item(keyArguments, ast.NewTerm(args))
+	items[3] = ast.Item(keyID, id)
+	items[4] = ast.Item(keyProtocolVersion, ast.StringTerm(r.ProtocolVersion))
+	items[5] = ast.Item(keySessionID, ast.StringTerm(r.SessionID))
 	if r.Prompt != "" {
-		mcp.Insert(ast.StringTerm("prompt"), ast.StringTerm(r.Prompt))
+		items = append(items, ast.Item(keyPrompt, ast.StringTerm(r.Prompt)))
 	}
 	if r.URI != "" {
-		mcp.Insert(ast.StringTerm("uri"), ast.StringTerm(r.URI))
+		items = append(items, ast.Item(keyURI, ast.StringTerm(r.URI)))
 	}
 	if r.Listing {
-		mcp.Insert(ast.StringTerm("listing"), ast.BooleanTerm(true))
+		items = append(items, ast.Item(keyListing, trueTerm))
 	}
 	return ast.NewObject(
-		ast.Item(ast.StringTerm("caller"), base.caller),
-		ast.Item(ast.StringTerm("subject"), base.subject),
-		ast.Item(ast.StringTerm("target"), base.target),
-		ast.Item(ast.StringTerm("mcp"), ast.NewTerm(mcp)),
-		ast.Item(ast.StringTerm("http"), base.http),
+		ast.Item(keyCaller, base.caller),
+		ast.Item(keySubject, base.subject),
+		ast.Item(keyTarget, base.target),
+		ast.Item(keyMCP, ast.ObjectTerm(items...)),
+		ast.Item(keyHTTP, base.http),
 	), nil
 }
 
