@@ -56,8 +56,8 @@ func (t *tlsCfg) secretNames() []string {
 }
 
 // parseTransportSocket accepts envoy.transport_sockets.tls with a Downstream (listener)
-// or Upstream (cluster) TLS context; SDS secrets must come over ADS, as mcpgate's
-// certDir mode serves them (the emulator has no other gRPC config source).
+// or Upstream (cluster) TLS context; SDS secrets come over ADS (mcpgate's certDir mode)
+// or from the SPIRE agent's SDS API (sds_spire.go).
 func parseTransportSocket(ts *corev3.TransportSocket, upstream bool) (*tlsCfg, error) {
 	if ts == nil {
 		return nil, nil
