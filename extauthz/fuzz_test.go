@@ -45,8 +45,19 @@ func FuzzCheck(f *testing.F) {
 			if d.Allowed && mode == policy.MTLSStrict && d.SpiffeID == "" && cr.GetAttributes().GetContextExtensions()[ContextGateway] == "" {
 				t.Fatalf("strict mode allowed without a SPIFFE identity: %+v", d)
 			}
-			if resp := d.Response(); resp.GetStatus() == nil {
+			resp := d.Response()
+			if resp.GetStatus() == nil {
 				t.Fatal("response without status")
+			}
+			// What Envoy receives parses completely (pre-encoded metadata included).
+			if b, err := proto.Marshal(resp); err == nil {
+				var got authv3.CheckResponse
+				if err := proto.Unmarshal(b, &got); err != nil || len(got.ProtoReflect().GetUnknown()) != 0 {
+					t.Fatalf("response does not parse as a CheckResponse: %v", err)
+				}
+				if d.Allowed && got.GetDynamicMetadata().GetFields()[MetaDecisionID].GetStringValue() != d.ID {
+					t.Fatal("allowed response without its decision id in the metadata")
+				}
 			}
 		}
 	})
