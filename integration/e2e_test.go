@@ -127,24 +127,30 @@ func (m *mesh) startSidecar(t *testing.T, app, fileRoot string) sidecar {
 // policy's loopback addresses (mcpgate's are real; a sidecar's are its listeners').
 func (m *mesh) startEmulator(t *testing.T, app, fileRoot string) *envoyemu.Emulator {
 	t.Helper()
-	e, err := envoyemu.Start(context.Background(), envoyemu.Options{
+	return m.runEmulator(t, app, 15*time.Second, envoyemu.Options{
 		XDSAddress: m.addrs.xds, NodeCluster: app, NodeID: app + "-1", FileRoot: fileRoot,
-		Resolve: func(host string, port uint32) string {
-			switch int(port) {
-			case m.addrs.inventoryIn:
-				if inv, ok := m.inventory.(*envoyemu.Emulator); ok {
-					return inv.Listener("inbound")
-				}
-			}
-			return net.JoinHostPort(host, strconv.Itoa(int(port)))
-		},
-		Logf: t.Logf,
 	})
+}
+
+// runEmulator starts the emulated Envoy of app with o (Resolve and Logf set here) and
+// waits, at most within, until it serves.
+func (m *mesh) runEmulator(t *testing.T, app string, within time.Duration, o envoyemu.Options) *envoyemu.Emulator {
+	t.Helper()
+	o.Resolve = func(host string, port uint32) string {
+		if int(port) == m.addrs.inventoryIn {
+			if inv, ok := m.inventory.(*envoyemu.Emulator); ok {
+				return inv.Listener("inbound")
+			}
+		}
+		return net.JoinHostPort(host, strconv.Itoa(int(port)))
+	}
+	o.Logf = t.Logf
+	e, err := envoyemu.Start(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(e.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), within)
 	defer cancel()
 	if err := e.WaitReady(ctx); err != nil {
 		t.Fatalf("%s sidecar: %v (NACKs: %v)", app, err, e.NACKs())

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -337,31 +336,7 @@ func (m *mesh) bootstrap(t *testing.T, app string) *bootstrapv3.Bootstrap {
 
 func (m *mesh) startSPIREEmulator(t *testing.T, app string) *envoyemu.Emulator {
 	t.Helper()
-	e, err := envoyemu.Start(context.Background(), envoyemu.Options{
-		Bootstrap: m.bootstrap(t, app),
-		Resolve: func(host string, port uint32) string {
-			if int(port) == m.addrs.inventoryIn {
-				if inv, ok := m.inventory.(*envoyemu.Emulator); ok {
-					return inv.Listener("inbound")
-				}
-			}
-			return net.JoinHostPort(host, strconv.Itoa(int(port)))
-		},
-		Logf: t.Logf,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := e.WaitReady(ctx); err != nil {
-		t.Fatalf("%s sidecar: %v (NACKs: %v)", app, err, e.NACKs())
-	}
-	if app == "inventory" && e.Listener("inbound") == "" {
-		t.Fatal("inventory's inbound listener is not bound")
-	}
-	return e
+	return m.runEmulator(t, app, 30*time.Second, envoyemu.Options{Bootstrap: m.bootstrap(t, app)})
 }
 
 // tlsPost sends one MCP initialize to addr over TLS with certs (the server's certificate
