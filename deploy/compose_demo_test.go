@@ -187,28 +187,11 @@ func demoService(t *testing.T, c compose, name, sub string) []string {
 // policy they run under (deploy/compose/policy) and against each other.
 func TestComposeDemoPrograms(t *testing.T) {
 	c := loadCompose(t)
-	snap, err := policy.LoadDir(context.Background(), composePolicyDir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	snap, server, agent := composeApps(t)
 	authzHost, _ := hostPort(t, "authz.address", snap.Mesh.AuthzAddress)
 
 	// The MCP server: the service at inventory's address (which TestComposeSidecarsAndApps
 	// puts in its sidecar's netns) serves on the address's port.
-	var server, agent *policy.App
-	for _, app := range snap.Apps {
-		if app.Sidecar == nil {
-			continue
-		}
-		if app.MCP != nil {
-			server = app
-		} else {
-			agent = app
-		}
-	}
-	if server == nil || agent == nil {
-		t.Fatal("the compose policy needs an App serving MCP and an App calling it, both with sidecars")
-	}
 	host, port := hostPort(t, "App "+server.ID+" address", server.Address)
 	args := demoService(t, c, host, "inventory")
 	if p := listenPort(t, args, "addr"); p != port {
@@ -291,4 +274,28 @@ func TestComposeDemoPrograms(t *testing.T) {
 	if v, _ := flagValue(aargs, "expect-policy"); !slices.Contains(aargs, "--expect-policy=true") && v != "true" {
 		t.Errorf("service %s must run with --expect-policy=true: it runs through mcpgate", ahost)
 	}
+}
+
+// composeApps loads the policy the demo runs under and returns its MCP server and the App
+// calling it (both with sidecars).
+func composeApps(t *testing.T) (snap *policy.Snapshot, server, agent *policy.App) {
+	t.Helper()
+	snap, err := policy.LoadDir(context.Background(), composePolicyDir)
+	if err != nil {
+		t.Fatalf("load %s: %v", composePolicyDir, err)
+	}
+	for _, app := range snap.Apps {
+		if app.Sidecar == nil {
+			continue
+		}
+		if app.MCP != nil {
+			server = app
+		} else {
+			agent = app
+		}
+	}
+	if server == nil || agent == nil {
+		t.Fatal("the compose policy needs an App serving MCP and an App calling it, both with sidecars")
+	}
+	return snap, server, agent
 }

@@ -184,30 +184,6 @@ func findIn(t *testing.T, docs []k8sDoc, where, kind, name string) k8sDoc {
 	return k8sDoc{}
 }
 
-// composeApps loads the policy the demo runs under and returns its MCP server and the App
-// calling it (both with sidecars), as TestComposeDemoPrograms does.
-func composeApps(t *testing.T) (snap *policy.Snapshot, server, agent *policy.App) {
-	t.Helper()
-	snap, err := policy.LoadDir(context.Background(), composePolicyDir)
-	if err != nil {
-		t.Fatalf("load %s: %v", composePolicyDir, err)
-	}
-	for _, app := range snap.Apps {
-		if app.Sidecar == nil {
-			continue
-		}
-		if app.MCP != nil {
-			server = app
-		} else {
-			agent = app
-		}
-	}
-	if server == nil || agent == nil {
-		t.Fatal("the compose policy needs an App serving MCP and an App calling it, both with sidecars")
-	}
-	return snap, server, agent
-}
-
 // demoContainer checks that a container runs `mcpgate-demo <sub>` from the demo image and
 // returns its flags.
 func demoContainer(t *testing.T, d k8sDoc, c map[string]any, sub string) []string {
