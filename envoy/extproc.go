@@ -7,16 +7,14 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"google.golang.org/protobuf/types/known/anypb"
 )
 
 // ExtProcMessageTimeout bounds each ext_proc message exchange. Envoy's 200ms default
 // would cut off a Rego decision on a large body; a timeout fails the request closed.
 const ExtProcMessageTimeout = 5 * time.Second
-
-// ExtAuthzNamespace is the dynamic metadata namespace ext_authz writes and ext_proc must
-// receive (extauthz.MetadataNamespace): ext_proc fails closed without it.
-const ExtAuthzNamespace = "envoy.filters.http.ext_authz"
 
 // ExtProc is the ext_proc filter calling mcpgate's ExternalProcessor on the named cluster,
 // with the processing mode mcpgate's ext_proc server expects:
@@ -45,7 +43,7 @@ func ExtProc(cluster string) *extprocv3.ExternalProcessor {
 		AllowModeOverride: true,
 		MessageTimeout:    duration(ExtProcMessageTimeout),
 		MetadataOptions: &extprocv3.MetadataOptions{
-			ForwardingNamespaces: &extprocv3.MetadataOptions_MetadataNamespaces{Untyped: []string{ExtAuthzNamespace}},
+			ForwardingNamespaces: &extprocv3.MetadataOptions_MetadataNamespaces{Untyped: []string{contract.MetadataNamespace}},
 		},
 		StatusOnError: &typev3.HttpStatus{Code: typev3.StatusCode_ServiceUnavailable},
 	}

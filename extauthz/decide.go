@@ -14,15 +14,9 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/policy"
-)
-
-// Context extension keys that xDS puts on every route (ExtAuthzPerRoute). They come from
-// mcpgate's own configuration of Envoy, never from the caller.
-const (
-	ContextAppID   = "app_id"
-	ContextGateway = "gateway"
 )
 
 // Reasons are short, stable and low-cardinality: they are metric labels. Token failures
@@ -103,8 +97,8 @@ func parseRequest(req *authv3.CheckRequest) (*request, error) {
 		return nil, fmt.Errorf("CheckRequest has no attributes.request.http")
 	}
 	r := &request{
-		target:    attrs.GetContextExtensions()[ContextAppID],
-		gateway:   attrs.GetContextExtensions()[ContextGateway],
+		target:    attrs.GetContextExtensions()[contract.ContextAppID],
+		gateway:   attrs.GetContextExtensions()[contract.ContextGateway],
 		principal: attrs.GetSource().GetPrincipal(),
 		method:    httpReq.GetMethod(),
 		requestID: httpReq.GetId(),
@@ -115,7 +109,7 @@ func parseRequest(req *authv3.CheckRequest) (*request, error) {
 		switch {
 		case key == "authorization":
 			r.auth = append(r.auth, value)
-		case key == "dapr-caller-app-id" || strings.HasPrefix(key, "x-mcpgate-"):
+		case contract.IsInternalHeader(key):
 			r.strip = append(r.strip, key)
 		case key == ":path" && r.path == "":
 			r.path, r.query, _ = strings.Cut(value, "?")
@@ -127,11 +121,7 @@ func parseRequest(req *authv3.CheckRequest) (*request, error) {
 	// in raw_value); otherwise the headers map with repeated headers joined by ",".
 	if hm := httpReq.GetHeaderMap(); hm != nil && len(hm.GetHeaders()) > 0 {
 		for _, h := range hm.GetHeaders() {
-			v := string(h.GetRawValue())
-			if v == "" {
-				v = h.GetValue()
-			}
-			visit(h.GetKey(), v)
+			visit(h.GetKey(), contract.HeaderValue(h))
 		}
 	} else {
 		for k, v := range httpReq.GetHeaders() {
@@ -187,7 +177,7 @@ func bearerToken(values []string) (token string, present, ok bool) {
 // decide is the decision function: layers 1–3 of DESIGN.md in order. It reads only the
 // snapshot, the request and the verifier (whose caches make repeated tokens cheap).
 func (s *Server) decide(ctx context.Context, snap *policy.Snapshot, req *authv3.CheckRequest) *Decision {
-	d := &Decision{ID: newDecisionID(), Status: http.StatusForbidden, Error: "access_denied"}
+	d := &Decision{ID: contract.NewDecisionID(), Status: http.StatusForbidden, Error: "access_denied"}
 	if snap == nil {
 		return d.deny(http.StatusServiceUnavailable, ReasonNotReady, "mcpgate has no policy loaded yet")
 	}

@@ -14,6 +14,7 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/grpc/codes"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
 	"github.com/mcpgate/mcpgate/policy"
@@ -158,10 +159,10 @@ func (r req) build() *authv3.CheckRequest {
 	}
 	ext := map[string]string{}
 	if r.target != "" {
-		ext[ContextAppID] = r.target
+		ext[contract.ContextAppID] = r.target
 	}
 	if r.gateway != "" {
-		ext[ContextGateway] = r.gateway
+		ext[contract.ContextGateway] = r.gateway
 	}
 	h := map[string]string{":method": r.method, ":path": r.path, "content-type": "application/json"}
 	for k, v := range r.headers {
@@ -409,7 +410,7 @@ func TestCheckAllowedResponse(t *testing.T) {
 		}
 		set[h.GetHeader().GetKey()] = h.GetHeader().GetValue()
 	}
-	if set[HeaderCallerAppID] != "my-agent" || set[HeaderDaprCallerAppID] != "my-agent" || set[HeaderSubject] != "alice@example.com" || len(set[HeaderDecisionID]) != 32 {
+	if set[contract.HeaderCallerAppID] != "my-agent" || set[contract.HeaderDaprCallerAppID] != "my-agent" || set[contract.HeaderSubject] != "alice@example.com" || len(set[contract.HeaderDecisionID]) != 32 {
 		t.Errorf("headers set = %v", set)
 	}
 	if got := ok.GetHeadersToRemove(); len(got) != 1 || got[0] != "x-mcpgate-role" {
@@ -417,34 +418,34 @@ func TestCheckAllowedResponse(t *testing.T) {
 	}
 	md := resp.GetDynamicMetadata().AsMap()
 	want := map[string]any{
-		MetaTarget: "inventory", MetaCallerAppID: "my-agent", MetaCallerNamespace: "default",
-		MetaSpiffeID: agentID, MetaSubject: "alice@example.com", MetaIssuer: "corp",
+		contract.MetaTarget: "inventory", contract.MetaCallerAppID: "my-agent", contract.MetaCallerNamespace: "default",
+		contract.MetaSpiffeID: agentID, contract.MetaSubject: "alice@example.com", contract.MetaIssuer: "corp",
 	}
 	for k, v := range want {
 		if md[k] != v {
 			t.Errorf("metadata[%s] = %v, want %v", k, md[k], v)
 		}
 	}
-	if sc, _ := md[MetaScopes].([]any); len(sc) != 2 || sc[0] != "mcp:tools" {
-		t.Errorf("metadata scopes = %v", md[MetaScopes])
+	if sc, _ := md[contract.MetaScopes].([]any); len(sc) != 2 || sc[0] != "mcp:tools" {
+		t.Errorf("metadata scopes = %v", md[contract.MetaScopes])
 	}
-	if exp, _ := md[MetaTokenExpiry].(float64); exp < float64(time.Now().Unix()) {
-		t.Errorf("metadata token_exp = %v", md[MetaTokenExpiry])
+	if exp, _ := md[contract.MetaTokenExpiry].(float64); exp < float64(time.Now().Unix()) {
+		t.Errorf("metadata token_exp = %v", md[contract.MetaTokenExpiry])
 	}
-	if _, ok := md[MetaClaimsJSON]; ok {
-		t.Errorf("claims sent to an app without Rego: %v", md[MetaClaimsJSON])
+	if _, ok := md[contract.MetaClaimsJSON]; ok {
+		t.Errorf("claims sent to an app without Rego: %v", md[contract.MetaClaimsJSON])
 	}
 	// An app with a Rego policy gets the verified claims, as signed.
 	resp, err = f.server.Check(context.Background(), req{target: "open", principal: agentID, headers: bearerHeader(tok)}.build())
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw, _ := onWire(t, resp).GetDynamicMetadata().AsMap()[MetaClaimsJSON].(string)
+	raw, _ := onWire(t, resp).GetDynamicMetadata().AsMap()[contract.MetaClaimsJSON].(string)
 	var claims map[string]any
 	if err := json.Unmarshal([]byte(raw), &claims); err != nil || claims["azp"] != "my-agent" || claims["sub"] != "alice@example.com" {
 		t.Errorf("metadata claims_json = %q (%v)", raw, err)
 	}
-	if md[MetaDecisionID] != set[HeaderDecisionID] {
+	if md[contract.MetaDecisionID] != set[contract.HeaderDecisionID] {
 		t.Errorf("decision id differs between header and metadata")
 	}
 }
@@ -473,7 +474,7 @@ func TestCheckDeniedResponse(t *testing.T) {
 	if err := json.Unmarshal([]byte(denied.GetBody()), &body); err != nil {
 		t.Fatalf("body %q: %v", denied.GetBody(), err)
 	}
-	if body.Error != "invalid_token" || body.Reason == "" || body.DecisionID != headers[HeaderDecisionID] {
+	if body.Error != "invalid_token" || body.Reason == "" || body.DecisionID != headers[contract.HeaderDecisionID] {
 		t.Errorf("body = %+v", body)
 	}
 }

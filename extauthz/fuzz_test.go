@@ -7,6 +7,7 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -42,7 +43,7 @@ func FuzzCheck(f *testing.F) {
 			if d.Allowed && d.Target == "inventory" && d.Principal == nil {
 				t.Fatalf("allowed without a verified token: %+v", d)
 			}
-			if d.Allowed && mode == policy.MTLSStrict && d.SpiffeID == "" && cr.GetAttributes().GetContextExtensions()[ContextGateway] == "" {
+			if d.Allowed && mode == policy.MTLSStrict && d.SpiffeID == "" && cr.GetAttributes().GetContextExtensions()[contract.ContextGateway] == "" {
 				t.Fatalf("strict mode allowed without a SPIFFE identity: %+v", d)
 			}
 			resp := d.Response()
@@ -55,7 +56,7 @@ func FuzzCheck(f *testing.F) {
 				if err := proto.Unmarshal(b, &got); err != nil || len(got.ProtoReflect().GetUnknown()) != 0 {
 					t.Fatalf("response does not parse as a CheckResponse: %v", err)
 				}
-				if d.Allowed && got.GetDynamicMetadata().GetFields()[MetaDecisionID].GetStringValue() != d.ID {
+				if d.Allowed && got.GetDynamicMetadata().GetFields()[contract.MetaDecisionID].GetStringValue() != d.ID {
 					t.Fatal("allowed response without its decision id in the metadata")
 				}
 			}

@@ -2,9 +2,7 @@ package extauthz
 
 import (
 	"context"
-	"encoding/hex"
 	"encoding/json"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,36 +18,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/decisionlog"
 	"github.com/mcpgate/mcpgate/policy"
-)
-
-// Headers mcpgate sets on allowed requests, after removing any the caller sent.
-const (
-	HeaderCallerAppID     = "x-mcpgate-caller-app-id"
-	HeaderDaprCallerAppID = "dapr-caller-app-id"
-	HeaderSubject         = "x-mcpgate-subject"
-	HeaderDecisionID      = "x-mcpgate-decision-id"
-)
-
-// MetadataNamespace is where Envoy stores ext_authz dynamic metadata; ext_proc receives
-// it through metadata_options.forwarding_namespaces.
-const MetadataNamespace = "envoy.filters.http.ext_authz"
-
-// Dynamic metadata keys: the contract between ext_authz and ext_proc.
-const (
-	MetaDecisionID      = "decision_id"
-	MetaTarget          = "target_app_id"
-	MetaCallerAppID     = "caller_app_id"
-	MetaCallerNamespace = "caller_namespace"
-	MetaSpiffeID        = "spiffe_id"
-	MetaSubject         = "subject"
-	MetaIssuer          = "issuer"
-	MetaScopes          = "scopes"
-	MetaTokenExpiry     = "token_exp"
-	MetaClaimsJSON      = "claims_json"
-	MetaGateway         = "gateway"
 )
 
 // Options configure a Server.
@@ -266,7 +238,7 @@ func (d *Decision) okResponse() *authv3.CheckResponse {
 		}
 	}
 	m := &okMessages{}
-	m.idValue = corev3.HeaderValue{Key: HeaderDecisionID, Value: d.ID}
+	m.idValue = corev3.HeaderValue{Key: contract.HeaderDecisionID, Value: d.ID}
 	m.idHeader.Header, m.idHeader.AppendAction = &m.idValue, corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
 	ok := &m.ok
 	ok.Headers = append(append(m.headers[:0], &m.idHeader), rv.callerHeaders...)
@@ -279,9 +251,9 @@ func (d *Decision) okResponse() *authv3.CheckResponse {
 	// must not decide whether our own header survives.
 	for _, h := range d.Strip {
 		switch {
-		case h == HeaderDecisionID,
-			rv.callerHeaders != nil && (h == HeaderCallerAppID || h == HeaderDaprCallerAppID),
-			setSubject && h == HeaderSubject:
+		case h == contract.HeaderDecisionID,
+			rv.callerHeaders != nil && (h == contract.HeaderCallerAppID || h == contract.HeaderDaprCallerAppID),
+			setSubject && h == contract.HeaderSubject:
 			continue
 		}
 		ok.HeadersToRemove = append(ok.HeadersToRemove, h)
@@ -318,16 +290,16 @@ const maxMetadataFields = 11
 // d.Principal (nil without one).
 func (d *Decision) metadataFields(id *structpb.Value, rv *routeValues, pv *principalValues) map[string]*structpb.Value {
 	f := make(map[string]*structpb.Value, maxMetadataFields)
-	f[MetaDecisionID] = id
-	f[MetaTarget], f[MetaCallerAppID], f[MetaCallerNamespace], f[MetaSpiffeID] = rv.target, rv.callerAppID, rv.callerNamespace, rv.spiffeID
+	f[contract.MetaDecisionID] = id
+	f[contract.MetaTarget], f[contract.MetaCallerAppID], f[contract.MetaCallerNamespace], f[contract.MetaSpiffeID] = rv.target, rv.callerAppID, rv.callerNamespace, rv.spiffeID
 	if rv.gateway != nil {
-		f[MetaGateway] = rv.gateway
+		f[contract.MetaGateway] = rv.gateway
 	}
 	if pv != nil {
-		f[MetaSubject], f[MetaIssuer], f[MetaScopes], f[MetaTokenExpiry] = pv.subject, pv.issuer, pv.scopes, pv.exp
+		f[contract.MetaSubject], f[contract.MetaIssuer], f[contract.MetaScopes], f[contract.MetaTokenExpiry] = pv.subject, pv.issuer, pv.scopes, pv.exp
 		// Only Rego reads claims; other apps are spared the bytes on every request.
 		if d.wantClaims && pv.claims != nil {
-			f[MetaClaimsJSON] = pv.claims
+			f[contract.MetaClaimsJSON] = pv.claims
 		}
 	}
 	return f
@@ -343,7 +315,7 @@ func (d *Decision) deniedResponse() *authv3.CheckResponse {
 	body, _ := json.Marshal(denialBody{Error: d.Error, Reason: d.Detail, DecisionID: d.ID})
 	headers := []*corev3.HeaderValueOption{
 		header("content-type", "application/json"),
-		header(HeaderDecisionID, d.ID),
+		header(contract.HeaderDecisionID, d.ID),
 	}
 	if d.WWWAuthenticate != "" {
 		headers = append(headers, header("www-authenticate", d.WWWAuthenticate))
@@ -376,19 +348,6 @@ func isHeaderSafe(s string) bool {
 	return true
 }
 
-// newDecisionID returns a 128-bit random id. math/rand/v2's generator is ChaCha8-based:
-// unpredictable enough for correlation ids and far cheaper than crypto/rand per request.
-func newDecisionID() string {
-	var b [16]byte
-	for i := 0; i < 16; i += 8 {
-		v := rand.Uint64()
-		for j := range 8 {
-			b[i+j] = byte(v >> (8 * j))
-		}
-	}
-	return hex.EncodeToString(b[:])
-}
-
 // principalValues are the metadata values and header derived from one verified token.
 // The verifier returns the same *Principal for every use of a cached token, so they are
 // built once per token instead of per request. Sharing them between responses is safe:
@@ -417,11 +376,11 @@ func newPrincipalValues(p *bearer.Principal) *principalValues {
 		pv.claims = structpb.NewStringValue(string(p.RawClaims))
 	}
 	if isHeaderSafe(p.Subject) {
-		pv.subjectHeader = header(HeaderSubject, p.Subject)
+		pv.subjectHeader = header(contract.HeaderSubject, p.Subject)
 	}
-	pv.wire = structEntries(MetaSubject, pv.subject, MetaIssuer, pv.issuer, MetaScopes, pv.scopes, MetaTokenExpiry, pv.exp)
+	pv.wire = structEntries(contract.MetaSubject, pv.subject, contract.MetaIssuer, pv.issuer, contract.MetaScopes, pv.scopes, contract.MetaTokenExpiry, pv.exp)
 	if pv.claims != nil {
-		pv.claimsWire = structEntries(MetaClaimsJSON, pv.claims)
+		pv.claimsWire = structEntries(contract.MetaClaimsJSON, pv.claims)
 	}
 	return pv
 }
@@ -482,10 +441,10 @@ func newRouteValues(k routeKey) *routeValues {
 		rv.gateway = structpb.NewStringValue(k.gateway)
 	}
 	if k.caller.AppID != "" {
-		rv.callerHeaders = []*corev3.HeaderValueOption{header(HeaderCallerAppID, k.caller.AppID), header(HeaderDaprCallerAppID, k.caller.AppID)}
+		rv.callerHeaders = []*corev3.HeaderValueOption{header(contract.HeaderCallerAppID, k.caller.AppID), header(contract.HeaderDaprCallerAppID, k.caller.AppID)}
 	}
-	rv.wire = structEntries(MetaTarget, rv.target, MetaCallerAppID, rv.callerAppID, MetaCallerNamespace, rv.callerNamespace,
-		MetaSpiffeID, rv.spiffeID, MetaGateway, rv.gateway)
+	rv.wire = structEntries(contract.MetaTarget, rv.target, contract.MetaCallerAppID, rv.callerAppID, contract.MetaCallerNamespace, rv.callerNamespace,
+		contract.MetaSpiffeID, rv.spiffeID, contract.MetaGateway, rv.gateway)
 	return rv
 }
 

@@ -6,6 +6,8 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/mcpgate/mcpgate/envoy/contract"
 )
 
 // Pre-encoded dynamic metadata. Marshalling the metadata Struct, a map of ten Values, was
@@ -74,7 +76,7 @@ func stringValueSize(s string) int {
 // by the pre-encoded entries of parts. The decision ID is hex, so always valid UTF-8.
 func setWireMetadata(resp *authv3.CheckResponse, decisionID string, parts ...[]byte) {
 	idVal := stringValueSize(decisionID)
-	idEntry := protowire.SizeTag(mapEntryKey) + protowire.SizeBytes(len(MetaDecisionID)) + protowire.SizeTag(mapEntryValue) + protowire.SizeBytes(idVal)
+	idEntry := protowire.SizeTag(mapEntryKey) + protowire.SizeBytes(len(contract.MetaDecisionID)) + protowire.SizeTag(mapEntryValue) + protowire.SizeBytes(idVal)
 	size := protowire.SizeTag(structFields) + protowire.SizeBytes(idEntry)
 	for _, p := range parts {
 		size += len(p)
@@ -85,7 +87,7 @@ func setWireMetadata(resp *authv3.CheckResponse, decisionID string, parts ...[]b
 	b = protowire.AppendTag(b, structFields, protowire.BytesType)
 	b = protowire.AppendVarint(b, uint64(idEntry))
 	b = protowire.AppendTag(b, mapEntryKey, protowire.BytesType)
-	b = protowire.AppendString(b, MetaDecisionID)
+	b = protowire.AppendString(b, contract.MetaDecisionID)
 	b = protowire.AppendTag(b, mapEntryValue, protowire.BytesType)
 	b = protowire.AppendVarint(b, uint64(idVal))
 	b = protowire.AppendTag(b, valueStringValue, protowire.BytesType)

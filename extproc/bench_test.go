@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/policy"
 )
@@ -184,8 +185,8 @@ func BenchmarkFilterToolsList500(b *testing.B) {
 	resp := []byte(toolsListResponse(500))
 	st := &stream{s: s, snap: s.store.Current()}
 	st.app = st.snap.App("inventory")
-	st.ident = identity{target: "inventory", caller: policy.Caller{AppID: "my-agent", Namespace: "default"}, scopes: []string{"mcp:tools", "inventory:read"}}
-	st.req = Request{Caller: st.ident.caller, Scopes: st.ident.scopes, Target: "inventory", Method: "tools/list"}
+	st.ident = contract.Identity{Target: "inventory", CallerAppID: "my-agent", CallerNamespace: "default", Scopes: []string{"mcp:tools", "inventory:read"}}
+	st.req = Request{Caller: policy.Caller{AppID: "my-agent", Namespace: "default"}, Scopes: st.ident.Scopes, Target: "inventory", Method: "tools/list"}
 	st.req.base = newRegoBase(&st.req)
 	body, err := mcpParse([]byte(`{"jsonrpc":"2.0","id":2,"method":"tools/list"}`), 1<<20, false)
 	if err != nil {

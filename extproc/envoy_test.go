@@ -14,7 +14,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/structpb"
 
-	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/envoy/contract"
 )
 
 // fakeStream is the server side of one ext_proc stream, fed by a test acting as Envoy.
@@ -83,16 +83,16 @@ func metadata(target, caller string, scopes ...string) *corev3.Metadata {
 		sc[i] = s
 	}
 	st, _ := structpb.NewStruct(map[string]any{
-		extauthz.MetaDecisionID:      "authz-1",
-		extauthz.MetaTarget:          target,
-		extauthz.MetaCallerAppID:     caller,
-		extauthz.MetaCallerNamespace: "default",
-		extauthz.MetaSpiffeID:        "spiffe://example.org/ns/default/" + caller,
-		extauthz.MetaSubject:         "alice@example.com",
-		extauthz.MetaScopes:          sc,
-		extauthz.MetaClaimsJSON:      `{"sub":"alice@example.com","azp":"` + caller + `","tier":"gold"}`,
+		contract.MetaDecisionID:      "authz-1",
+		contract.MetaTarget:          target,
+		contract.MetaCallerAppID:     caller,
+		contract.MetaCallerNamespace: "default",
+		contract.MetaSpiffeID:        "spiffe://example.org/ns/default/" + caller,
+		contract.MetaSubject:         "alice@example.com",
+		contract.MetaScopes:          sc,
+		contract.MetaClaimsJSON:      `{"sub":"alice@example.com","azp":"` + caller + `","tier":"gold"}`,
 	})
-	return &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{extauthz.MetadataNamespace: st}}
+	return &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{contract.MetadataNamespace: st}}
 }
 
 func headerMap(kv ...string) *corev3.HeaderMap {

@@ -2,15 +2,12 @@ package extproc
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"mime"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -25,19 +22,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz/decisionlog"
 	"github.com/mcpgate/mcpgate/policy"
-)
-
-// Headers mcpgate reads and sets.
-const (
-	HeaderDecisionID      = "x-mcpgate-decision-id"
-	headerProtocolVersion = "mcp-protocol-version"
-	headerSessionID       = "mcp-session-id"
-	// MCP 2026-07-28 lets clients name the method and target in headers so that proxies
-	// can decide before reading the body; mcpgate decides early and checks the body agrees.
-	headerMCPMethod = "mcp-method"
-	headerMCPName   = "mcp-name"
 )
 
 // CodeHeaderMismatch is the JSON-RPC error for Mcp-Method/Mcp-Name headers that disagree
@@ -141,7 +128,7 @@ type stream struct {
 	s     *Server
 	phase phase
 
-	ident  identity
+	ident  contract.Identity
 	snap   *policy.Snapshot
 	app    *policy.App
 	req    Request
@@ -195,25 +182,16 @@ func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) 
 	}
 }
 
-// headerValue reads a header as Envoy sends it: raw_value (bytes) since Envoy 1.29, value
-// before.
-func headerValue(h *corev3.HeaderValue) string {
-	if rv := h.GetRawValue(); len(rv) > 0 {
-		return string(rv)
-	}
-	return h.GetValue()
-}
-
 // regoHeaders are the request headers Rego sees. Credentials (authorization, cookies) are
 // never among them.
 var regoHeaders = map[string]bool{
 	"content-type": true, "accept": true, "user-agent": true, "x-request-id": true,
-	headerProtocolVersion: true, headerSessionID: true, headerMCPMethod: true, headerMCPName: true,
+	contract.HeaderProtocolVersion: true, contract.HeaderSessionID: true, contract.HeaderMCPMethod: true, contract.HeaderMCPName: true,
 }
 
 func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingRequest, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
-	st.decisionID = newDecisionID()
-	ident, err := identityFrom(req.GetMetadataContext())
+	st.decisionID = contract.NewDecisionID()
+	ident, err := contract.FromMetadata(req.GetMetadataContext())
 	if err != nil {
 		// Without ext_authz's verdict there is no caller to decide for: fail closed.
 		return st.httpError(403, "access_denied", err.Error())
@@ -223,19 +201,20 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 	if st.snap == nil {
 		return st.httpError(503, "unavailable", "mcpgate has no policy loaded yet")
 	}
-	st.app = st.snap.App(ident.target)
+	st.app = st.snap.App(ident.Target)
 	if st.app == nil || st.app.MCP == nil {
-		return st.httpError(403, "access_denied", "target app "+strconvQuote(ident.target)+" has no mcp policy")
+		return st.httpError(403, "access_denied", "target app "+strconvQuote(ident.Target)+" has no mcp policy")
 	}
 	st.maxLen = st.app.MCP.Limits.MaxRequestBytes
 
 	st.req = Request{
-		Caller: ident.caller, SpiffeID: ident.spiffeID, Subject: ident.subject, Scopes: ident.scopes,
-		ClaimsJSON: ident.claimsJSON, Target: ident.target, Headers: map[string]string{},
+		Caller:   policy.Caller{AppID: ident.CallerAppID, Namespace: ident.CallerNamespace},
+		SpiffeID: ident.SpiffeID, Subject: ident.Subject, Scopes: ident.Scopes,
+		ClaimsJSON: ident.ClaimsJSON, Target: ident.Target, Headers: map[string]string{},
 	}
 	var contentType, contentLength, lastEventID string
 	for _, hv := range h.GetHeaders().GetHeaders() {
-		k, v := strings.ToLower(hv.GetKey()), headerValue(hv)
+		k, v := strings.ToLower(hv.GetKey()), contract.HeaderValue(hv)
 		switch k {
 		case ":method":
 			st.req.HTTPMethod = v
@@ -245,13 +224,13 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			contentType = v
 		case "content-length":
 			contentLength = v
-		case headerProtocolVersion:
+		case contract.HeaderProtocolVersion:
 			st.req.ProtocolVersion = v
-		case headerSessionID:
+		case contract.HeaderSessionID:
 			st.req.SessionID = v
-		case headerMCPMethod:
+		case contract.HeaderMCPMethod:
 			st.mcpMethodHeader = v
-		case headerMCPName:
+		case contract.HeaderMCPName:
 			st.mcpNameHeader = v
 		case "last-event-id":
 			lastEventID = v
@@ -351,7 +330,7 @@ func (st *stream) immediate(code int, contentType string, body []byte, extra ...
 			Status: &typev3.HttpStatus{Code: typev3.StatusCode(code)},
 			Headers: &extprocv3.HeaderMutation{SetHeaders: append([]*corev3.HeaderValueOption{
 				rawHeader("content-type", contentType),
-				rawHeader(HeaderDecisionID, st.decisionID),
+				rawHeader(contract.HeaderDecisionID, st.decisionID),
 			}, extra...)},
 			Body:    body,
 			Details: "mcpgate",
@@ -363,7 +342,7 @@ func (st *stream) immediate(code int, contentType string, body []byte, extra ...
 func (st *stream) httpError(code int, errName, reason string) *extprocv3.ProcessingResponse {
 	body := `{"error":` + strconv.Quote(errName) + `,"reason":` + strconv.Quote(reason) + `,"decision_id":"` + st.decisionID + `"}`
 	st.s.log.Info("mcp decision", zap.String("decision_id", st.decisionID), zap.String("decision", "deny"),
-		zap.Int("status", code), zap.String("reason", reason), zap.String("target", st.ident.target))
+		zap.Int("status", code), zap.String("reason", reason), zap.String("target", st.ident.Target))
 	return st.immediate(code, "application/json", []byte(body))
 }
 
@@ -539,7 +518,7 @@ func (st *stream) denyBody(b *parsedBody, ds []requestDecision, denied int) *ext
 }
 
 func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
-	mut := &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader(HeaderDecisionID, st.decisionID)}}
+	mut := &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader(contract.HeaderDecisionID, st.decisionID)}}
 	resp := &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: mut}}
 	out := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: resp}}
 	if len(st.plan) == 0 || h.GetEndOfStream() {
@@ -549,9 +528,9 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		switch strings.ToLower(hv.GetKey()) {
 		case ":status":
-			code = headerValue(hv)
+			code = contract.HeaderValue(hv)
 		case "content-type":
-			contentType = headerValue(hv)
+			contentType = contract.HeaderValue(hv)
 		}
 	}
 	if code != "200" {
@@ -616,8 +595,8 @@ func (st *stream) logDecision(d Decision, id []byte, elapsed time.Duration) {
 	st.s.records.Add(procRecord{
 		allow: d.Allow, rule: d.Rule, reason: d.Reason, patches: len(d.Patch),
 		id:         append([]byte(nil), id...),
-		decisionID: st.decisionID, authzID: st.ident.authzDecisionID,
-		target: st.ident.target, caller: st.ident.caller.AppID, subject: st.ident.subject,
+		decisionID: st.decisionID, authzID: st.ident.DecisionID,
+		target: st.ident.Target, caller: st.ident.CallerAppID, subject: st.ident.Subject,
 		method: st.req.Method, tool: st.req.Tool, name: st.req.Tool + st.req.Prompt + st.req.URI,
 		elapsed: elapsed,
 	})
@@ -742,16 +721,4 @@ func (t *toolLabels) get(app, tool string) string {
 	}
 	m[tool] = true
 	return tool
-}
-
-var idCounter atomic.Uint64
-
-// newDecisionID returns a 128-bit random id (math/rand/v2 is ChaCha8-based).
-func newDecisionID() string {
-	var b [16]byte
-	v1, v2 := rand.Uint64(), rand.Uint64()^idCounter.Add(1)
-	for j := range 8 {
-		b[j], b[8+j] = byte(v1>>(8*j)), byte(v2>>(8*j))
-	}
-	return hex.EncodeToString(b[:])
 }

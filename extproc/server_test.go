@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/mcpgate/mcpgate"
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -85,7 +86,7 @@ func TestAllowedCallPassesUntouched(t *testing.T) {
 	if res.responseMode != extprocfilterv3.ProcessingMode_NONE {
 		t.Errorf("response body mode %v for a call that needs no rewriting", res.responseMode)
 	}
-	if len(res.responseSet[HeaderDecisionID]) != 32 {
+	if len(res.responseSet[contract.HeaderDecisionID]) != 32 {
 		t.Errorf("response headers %v lack the decision id", res.responseSet)
 	}
 }

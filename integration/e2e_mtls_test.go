@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
 	"github.com/mcpgate/mcpgate/integration/testpki"
@@ -104,7 +105,7 @@ func TestEndToEndMTLS(t *testing.T) {
 			t.Fatal("the server saw no call")
 		}
 		last := calls[len(calls)-1]
-		if got := last.Header.Get(extauthz.HeaderCallerAppID); last.Tool != "get_inventory" || got != "my-agent" {
+		if got := last.Header.Get(contract.HeaderCallerAppID); last.Tool != "get_inventory" || got != "my-agent" {
 			t.Fatalf("the server saw tool %q from caller %q, want my-agent", last.Tool, got)
 		}
 	})

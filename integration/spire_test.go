@@ -34,7 +34,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 
-	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
 	"github.com/mcpgate/mcpgate/integration/envoyemu"
 	"github.com/mcpgate/mcpgate/integration/mcpapp"
@@ -454,7 +454,7 @@ func TestSPIRE(t *testing.T) {
 		}
 		calls := m.app.Calls()
 		last := calls[len(calls)-1]
-		if got := last.Header.Get(extauthz.HeaderCallerAppID); last.Tool != "get_inventory" || got != "my-agent" {
+		if got := last.Header.Get(contract.HeaderCallerAppID); last.Tool != "get_inventory" || got != "my-agent" {
 			t.Fatalf("the server saw tool %q from caller %q, want my-agent", last.Tool, got)
 		}
 	}

@@ -24,7 +24,7 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/mcpgate/mcpgate/envoy"
-	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -218,7 +218,7 @@ func (t *translator) sidecar(app *policy.App) {
 func (t *translator) inbound(app *policy.App) {
 	t.authzCluster(app.SpiffeID)
 	t.appCluster(app)
-	ext := map[string]string{extauthz.ContextAppID: app.ID}
+	ext := map[string]string{contract.ContextAppID: app.ID}
 	routes := append(t.prmRoutes(app), t.mcpRoutes(app, app.MCP.Path, ext)...)
 	routes = append(routes, t.notFound())
 	t.routes = append(t.routes, envoy.RouteConfiguration(RouteInbound,
@@ -442,7 +442,7 @@ func (t *translator) headerRoute(id, rewrite string, fo envoy.ForwardOptions) *r
 	if rewrite != "/" {
 		fo.PrefixRewrite = rewrite
 	}
-	return envoy.Forward("header/"+id, envoy.WithHeader(envoy.Prefix("/"), "dapr-app-id", id), fo)
+	return envoy.Forward("header/"+id, envoy.WithHeader(envoy.Prefix("/"), contract.HeaderDaprAppID, id), fo)
 }
 
 // endpointCluster adds the cluster of an HTTPEndpoint and returns the route options
@@ -496,10 +496,10 @@ func (t *translator) gateway(gw *policy.Gateway) {
 			vhosts[host] = vh
 			hosts = append(hosts, host)
 		}
-		ext := map[string]string{extauthz.ContextGateway: gw.Name}
+		ext := map[string]string{contract.ContextGateway: gw.Name}
 		switch {
 		case r.App != nil && r.App.MCP != nil:
-			ext[extauthz.ContextAppID] = r.App.ID
+			ext[contract.ContextAppID] = r.App.ID
 			t.appCluster(r.App)
 			if !vh.prm[r.App.ID] { // once per host, however many paths reach the app
 				vh.prm[r.App.ID] = true
@@ -509,7 +509,7 @@ func (t *translator) gateway(gw *policy.Gateway) {
 		case r.Endpoint != nil:
 			// ext_authz decides on app_id; an HTTPEndpoint has no MCP policy of its own
 			// yet, so mcpgate refuses these requests (fail closed) until it has one.
-			ext[extauthz.ContextAppID] = r.Endpoint.Name
+			ext[contract.ContextAppID] = r.Endpoint.Name
 			fo, ok := t.endpointCluster(r.Endpoint)
 			if !ok {
 				continue

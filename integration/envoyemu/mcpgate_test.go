@@ -21,6 +21,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
@@ -169,8 +170,8 @@ func TestMCPGateAllowedCallReachesApp(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(body, "42 in stock") {
 		t.Fatalf("got %d %q", resp.StatusCode, body)
 	}
-	if resp.Header.Get(extauthz.HeaderDecisionID) == "" {
-		t.Errorf("no %s on the response: %v", extauthz.HeaderDecisionID, resp.Header)
+	if resp.Header.Get(contract.HeaderDecisionID) == "" {
+		t.Errorf("no %s on the response: %v", contract.HeaderDecisionID, resp.Header)
 	}
 	if got := env.receivedBodies(); len(got) != 1 || got[0] != call {
 		t.Fatalf("the app received %q", got)

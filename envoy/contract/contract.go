@@ -1,0 +1,123 @@
+// Package contract is the wire contract between Envoy and mcpgate's servers: the
+// context_extensions the xDS translation puts on routes, the dynamic metadata the ext_authz
+// server returns and the ext_proc server reads, the headers mcpgate sets and the ones it
+// reads from MCP clients, and the decision-id format. It is the only thing xds, extauthz
+// and extproc share about each other; none of them imports another.
+//
+// Every name here is on the wire between processes that may run different versions during
+// a rollout (Envoy keeps its listeners while mcpgate restarts; ext_authz and ext_proc can be
+// separate replicas). A key is therefore never renamed or retyped in place: add a new one,
+// read both for a release, then drop the old. [Spec] lists every entry with its type,
+// writer and reader; testdata/contract.golden pins it, so any change is a visible diff.
+package contract
+
+import "strings"
+
+// Context extensions. Envoy sends a route's ExtAuthzPerRoute.check_settings
+// .context_extensions in CheckRequest.attributes.context_extensions. They come from
+// mcpgate's own configuration of Envoy, never from the caller.
+const (
+	// ContextAppID (string) is the target App ID of the route. Written by xds (every
+	// route to an app or HTTPEndpoint); read by extauthz, which denies without it.
+	ContextAppID = "app_id"
+	// ContextGateway (string) is the Gateway whose listener the request entered. Written
+	// by xds on gateway routes only; read by extauthz (gateway access rules, decision log).
+	ContextGateway = "gateway"
+)
+
+// MetadataNamespace is the dynamic-metadata namespace Envoy stores an ext_authz
+// OkHttpResponse.dynamic_metadata under: the filter's canonical name, whatever name the
+// filter is given in the listener. Written by Envoy from extauthz's answer; forwarded to
+// ext_proc by the envoy builders (metadata_options.forwarding_namespaces.untyped); read
+// by extproc, which fails closed when it is absent.
+const MetadataNamespace = "envoy.filters.http.ext_authz"
+
+// Dynamic-metadata keys in [MetadataNamespace]. Each is written by extauthz on allowed
+// requests only and read by extproc (see [FromMetadata]); a denied request never reaches
+// ext_proc.
+const (
+	// MetaDecisionID (string, [NewDecisionID] format) is the ext_authz decision id, logged
+	// by ext_proc as authz_decision_id. Written by extauthz; read by extproc.
+	MetaDecisionID = "decision_id"
+	// MetaTarget (string) is the target App ID ext_authz allowed (ContextAppID). Written
+	// by extauthz; read by extproc, which refuses a request without it.
+	MetaTarget = "target_app_id"
+	// MetaCallerAppID (string, "" for anonymous callers) is the caller's App ID from its
+	// verified SPIFFE identity. Written by extauthz; read by extproc (rules, Rego, limits).
+	MetaCallerAppID = "caller_app_id"
+	// MetaCallerNamespace (string) is the caller's namespace. Written by extauthz; read by
+	// extproc.
+	MetaCallerNamespace = "caller_namespace"
+	// MetaSpiffeID (string) is the caller's verified SPIFFE ID, "" without mTLS. Written
+	// by extauthz; read by extproc (Rego input.caller.spiffe_id).
+	MetaSpiffeID = "spiffe_id"
+	// MetaGateway (string) is ContextGateway, present only for gateway routes. Written by
+	// extauthz; read by extproc.
+	MetaGateway = "gateway"
+	// MetaSubject (string) is the verified token's sub claim, present only with a bearer
+	// token. Written by extauthz; read by extproc (rules, Rego, decision log).
+	MetaSubject = "subject"
+	// MetaIssuer (string) is the name of the JWTIssuer that verified the token. Written by
+	// extauthz; read by extproc.
+	MetaIssuer = "issuer"
+	// MetaScopes (list of strings) are the token's scopes. Written by extauthz; read by
+	// extproc (requiredScopes of tool rules).
+	MetaScopes = "scopes"
+	// MetaTokenExpiry (number, Unix seconds) is the token's exp claim. Written by extauthz;
+	// read by extproc.
+	MetaTokenExpiry = "token_exp"
+	// MetaClaimsJSON (string, a JSON object) are the token's verified claims, sent only
+	// when the target has a Rego policy. Written by extauthz; read by extproc (Rego
+	// input.claims).
+	MetaClaimsJSON = "claims_json"
+)
+
+// Headers mcpgate sets. Each is also internal (see [IsInternalHeader]): extauthz strips
+// any copy the caller sent before the request goes on.
+const (
+	// HeaderCallerAppID is the caller's verified App ID, set on allowed requests towards
+	// the app. Written by extauthz; read by MCP servers behind mcpgate.
+	HeaderCallerAppID = "x-mcpgate-caller-app-id"
+	// HeaderDaprCallerAppID is HeaderCallerAppID under Dapr's name, for apps written for
+	// Dapr service invocation. Written by extauthz; read by MCP servers.
+	HeaderDaprCallerAppID = "dapr-caller-app-id"
+	// HeaderSubject is the token's subject when it is a safe header value (printable
+	// ASCII, at most 256 bytes). Written by extauthz; read by MCP servers.
+	HeaderSubject = "x-mcpgate-subject"
+	// HeaderDecisionID is a decision id ([NewDecisionID] format). Written by extauthz
+	// (its id, on the request to the app and on its denials) and by extproc (its id, on
+	// every response and immediate response to the client); read by operators, to find
+	// the decision-log line.
+	HeaderDecisionID = "x-mcpgate-decision-id"
+	// InternalHeaderPrefix starts the name of every header mcpgate sets but
+	// HeaderDaprCallerAppID. Written by extauthz and extproc only: extauthz strips
+	// caller-sent headers with it; read by no one as a value.
+	InternalHeaderPrefix = "x-mcpgate-"
+)
+
+// Headers mcpgate reads from clients.
+const (
+	// HeaderDaprAppID names the target app on the Dapr-style header route
+	// (/v1.0/invoke/ needs none). Written by MCP clients; read by Envoy, matching the
+	// routes xds builds.
+	HeaderDaprAppID = "dapr-app-id"
+	// HeaderProtocolVersion is MCP's Mcp-Protocol-Version. Written by MCP clients; read
+	// by extproc (Rego input.headers).
+	HeaderProtocolVersion = "mcp-protocol-version"
+	// HeaderSessionID is MCP's Mcp-Session-Id. Written by MCP servers and echoed by
+	// clients; read by extproc (Rego input.headers).
+	HeaderSessionID = "mcp-session-id"
+	// HeaderMCPMethod is MCP 2026-07-28's Mcp-Method, naming the JSON-RPC method so
+	// proxies can decide before the body. Written by MCP clients; read by extproc, which
+	// decides on it early and refuses a body that disagrees.
+	HeaderMCPMethod = "mcp-method"
+	// HeaderMCPName is MCP 2026-07-28's Mcp-Name (the tool, prompt or resource). Written
+	// by MCP clients; read by extproc, like HeaderMCPMethod.
+	HeaderMCPName = "mcp-name"
+)
+
+// IsInternalHeader reports whether a request header (lower case) is one only mcpgate may
+// set: extauthz removes any the caller sent.
+func IsInternalHeader(key string) bool {
+	return key == HeaderDaprCallerAppID || strings.HasPrefix(key, InternalHeaderPrefix)
+}
