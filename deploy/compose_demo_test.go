@@ -13,7 +13,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -28,9 +27,9 @@ const (
 
 // composeIssuer is the issuer of the demo policy that the compose issuer service
 // replaces: the one inventory's authentication names (exactly one in the demo).
-func composeIssuer(t *testing.T, snap *policy.Snapshot) *bearer.Issuer {
+func composeIssuer(t *testing.T, snap *policy.Snapshot) *policy.Issuer {
 	t.Helper()
-	var found []*bearer.Issuer
+	var found []*policy.Issuer
 	for _, app := range snap.Apps {
 		if app.MCP != nil {
 			for _, is := range app.MCP.Authentication.Issuers {

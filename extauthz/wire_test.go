@@ -82,7 +82,7 @@ func TestWireMetadataEqualsStruct(t *testing.T) {
 // always did (Envoy gets a gRPC error and applies its failure mode), instead of sending
 // an invalid string.
 func TestWireMetadataFallsBackOnBadUTF8(t *testing.T) {
-	p := &bearer.Principal{Subject: "alice", Issuer: &bearer.Issuer{Name: "corp"}, RawClaims: []byte("{\"x\":\"\xff\"}")}
+	p := &bearer.Principal{Subject: "alice", Issuer: &policy.Issuer{Name: "corp"}, RawClaims: []byte("{\"x\":\"\xff\"}")}
 	if utf8.Valid(p.RawClaims) {
 		t.Fatal("test claims are valid UTF-8")
 	}

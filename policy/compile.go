@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
-	"github.com/mcpgate/mcpgate/extauthz/bearer"
 )
 
 // errf reports a problem at a path of a document; the message starts with the path so
@@ -77,7 +75,7 @@ func (l *loader) compile() *Snapshot {
 		s.Mesh = l.compileMesh(meshes[0])
 	}
 	if s.Mesh == nil {
-		s.Mesh = &Mesh{Issuers: map[string]*bearer.Issuer{}}
+		s.Mesh = &Mesh{Issuers: map[string]*Issuer{}}
 	}
 	for _, d := range byKind[KindApp] {
 		if app := l.compileApp(d, s.Mesh); app != nil {
@@ -134,7 +132,7 @@ func (l *loader) compileMesh(d *document) *Mesh {
 		AuthzAddress:  spec.Authz.Address,
 		AuthzSpiffeID: spec.Authz.SpiffeID,
 		SDS:           spec.SDS,
-		Issuers:       map[string]*bearer.Issuer{},
+		Issuers:       map[string]*Issuer{},
 	}
 	if spec.TrustDomain == "" {
 		l.errf(d, "spec.trustDomain", "is required")
@@ -174,7 +172,7 @@ func (l *loader) compileMesh(d *document) *Mesh {
 	}
 	for i, is := range spec.Issuers {
 		p := fmt.Sprintf("spec.issuers[%d]", i)
-		iss := &bearer.Issuer{
+		iss := &Issuer{
 			Name:       is.Name,
 			Issuer:     is.Issuer,
 			JWKSURI:    is.JWKSURI,

@@ -5,8 +5,6 @@ import (
 	"time"
 
 	"github.com/open-policy-agent/opa/v1/rego"
-
-	"github.com/mcpgate/mcpgate/extauthz/bearer"
 )
 
 // Snapshot is one compiled, validated policy. It is immutable once built: readers share it
@@ -41,7 +39,7 @@ type Mesh struct {
 	AuthzSpiffeID string
 	SDS           SDSSpec
 	// Issuers by name, ready for the token verifier.
-	Issuers map[string]*bearer.Issuer
+	Issuers map[string]*Issuer
 }
 
 // App is one App ID.
@@ -75,8 +73,28 @@ type MCP struct {
 // Authentication is the compiled authentication block.
 type Authentication struct {
 	Required bool
-	Issuers  []*bearer.Issuer
+	Issuers  []*Issuer
 	Scopes   []string
+}
+
+// Issuer is one trusted token issuer, compiled from a Mesh JWTIssuer. ext_authz verifies
+// tokens against it (extauthz/bearer). Treat it as immutable once compiled: a reload builds
+// new Issuers.
+type Issuer struct {
+	// Name is the config name, e.g. "corp".
+	Name string
+	// Issuer is the exact expected "iss".
+	Issuer string
+	// JWKSURI is where the signing keys are. If empty, OIDC discovery is used:
+	// GET <Issuer without trailing slash>/.well-known/openid-configuration → jwks_uri.
+	JWKSURI string
+	// Audiences must intersect the token's "aud". Required: an empty list rejects every
+	// token, because a token minted for another service must not be replayable here.
+	Audiences []string
+	// AppIDClaim optionally names a claim whose string value is the caller's App ID.
+	AppIDClaim string
+	// Leeway is the clock skew allowed for exp, nbf and iat.
+	Leeway time.Duration
 }
 
 // Tools holds the per-request rules of an app.

@@ -83,7 +83,7 @@ func startInventory(t *testing.T) string {
 
 // composeIssuer is the corp issuer of the compose policy, pointed at iss: the token must
 // verify with exactly the audiences and appIdClaim mcpgate uses in the compose demo.
-func composeIssuer(t *testing.T, issuerURL, jwksURL string) *bearer.Issuer {
+func composeIssuer(t *testing.T, issuerURL, jwksURL string) *policy.Issuer {
 	t.Helper()
 	snap, err := policy.LoadDir(context.Background(), "../../deploy/compose/policy")
 	if err != nil {
@@ -108,7 +108,7 @@ func TestIssuerTokenVerifiesWithTheComposePolicy(t *testing.T) {
 	}
 	for name, jwks := range map[string]string{"jwksUri": base + "keys", "OIDC discovery": ""} {
 		v := bearer.NewVerifier(bearer.Options{})
-		p, err := v.Verify(ctx, tok.AccessToken, []*bearer.Issuer{composeIssuer(t, base, jwks)})
+		p, err := v.Verify(ctx, tok.AccessToken, []*policy.Issuer{composeIssuer(t, base, jwks)})
 		if err != nil {
 			t.Fatalf("%s: mcpgate's verifier rejects the token: %v", name, err)
 		}

@@ -25,6 +25,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // Sentinel errors. Verify wraps exactly one of them, so callers can branch with
@@ -86,25 +88,6 @@ func Reason(err error) string {
 	return "error"
 }
 
-// Issuer is one trusted token issuer (from the Mesh policy). Treat it as immutable once
-// passed to Verify: configuration changes are made by building a new Issuer.
-type Issuer struct {
-	// Name is the config name, e.g. "corp".
-	Name string
-	// Issuer is the exact expected "iss".
-	Issuer string
-	// JWKSURI is where the signing keys are. If empty, OIDC discovery is used:
-	// GET <Issuer without trailing slash>/.well-known/openid-configuration → jwks_uri.
-	JWKSURI string
-	// Audiences must intersect the token's "aud". Required: an empty list rejects every
-	// token, because a token minted for another service must not be replayable here.
-	Audiences []string
-	// AppIDClaim optionally names a claim whose string value is the caller's App ID.
-	AppIDClaim string
-	// Leeway is the clock skew allowed for exp, nbf and iat.
-	Leeway time.Duration
-}
-
 // issuerConfig is a value copy of an Issuer's fields: the fingerprint a cache entry is
 // bound to. Policy reload rebuilds Issuers, so pointer identity says nothing; comparing
 // fields directly is exact and cheaper than hashing them on every request.
@@ -114,7 +97,7 @@ type issuerConfig struct {
 	leeway                            time.Duration
 }
 
-func configOf(is *Issuer) issuerConfig {
+func configOf(is *policy.Issuer) issuerConfig {
 	return issuerConfig{
 		name:       is.Name,
 		issuer:     is.Issuer,
@@ -126,7 +109,7 @@ func configOf(is *Issuer) issuerConfig {
 }
 
 // matches reports whether is still has exactly the configuration c was taken from.
-func (c *issuerConfig) matches(is *Issuer) bool {
+func (c *issuerConfig) matches(is *policy.Issuer) bool {
 	return c.issuer == is.Issuer && c.name == is.Name && c.jwksURI == is.JWKSURI &&
 		c.appIDClaim == is.AppIDClaim && c.leeway == is.Leeway && slices.Equal(c.audiences, is.Audiences)
 }
@@ -136,7 +119,7 @@ func (c *issuerConfig) matches(is *Issuer) bool {
 // read-only.
 type Principal struct {
 	// Issuer is the configured issuer that verified the token.
-	Issuer *Issuer
+	Issuer *policy.Issuer
 	// Subject is "sub" ("" if absent).
 	Subject string
 	// Audience is "aud", normalised to a list.
@@ -254,7 +237,7 @@ func (v *Verifier) Stats() (hits, misses uint64) {
 
 // Verify checks token against issuers (the target app's trusted issuers) and returns
 // what it says. Every error wraps exactly one of the package's sentinel errors.
-func (v *Verifier) Verify(ctx context.Context, token string, issuers []*Issuer) (*Principal, error) {
+func (v *Verifier) Verify(ctx context.Context, token string, issuers []*policy.Issuer) (*Principal, error) {
 	// Check the size before hashing: an oversized header must not cost a SHA-256.
 	if len(token) > MaxTokenSize {
 		return nil, malformed("token longer than %d bytes", MaxTokenSize)

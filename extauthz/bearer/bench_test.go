@@ -7,14 +7,15 @@ import (
 
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // benchSetup returns a verifier whose JWKS is already fetched, and a valid token.
-func benchSetup(b *testing.B, opts bearer.Options, mintOpts ...bearertest.MintOption) (*bearer.Verifier, string, []*bearer.Issuer) {
+func benchSetup(b *testing.B, opts bearer.Options, mintOpts ...bearertest.MintOption) (*bearer.Verifier, string, []*policy.Issuer) {
 	b.Helper()
 	idp := bearertest.NewIssuer(b)
 	v := bearer.NewVerifier(opts)
-	issuers := []*bearer.Issuer{{Name: "corp", Issuer: idp.URL(), JWKSURI: idp.JWKSURL(), Audiences: []string{testAud}, Leeway: testLeeway}}
+	issuers := []*policy.Issuer{{Name: "corp", Issuer: idp.URL(), JWKSURI: idp.JWKSURL(), Audiences: []string{testAud}, Leeway: testLeeway}}
 	claims := bearertest.Claims("alice", testAud, time.Now().Add(time.Hour))
 	claims["scope"] = "tools.read tools.call"
 	token := idp.Mint(b, claims, mintOpts...)

@@ -5,6 +5,8 @@ import (
 	"sync"
 	"time"
 	"unsafe"
+
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // cacheKey is the SHA-256 of a token. The token itself is never kept: a heap dump of the
@@ -62,7 +64,7 @@ func (c *tokenCache) shard(k cacheKey) *cacheShard {
 
 // get returns the cached Principal for k if it is still valid at now and was verified
 // by an issuer in issuers whose configuration has not changed since.
-func (c *tokenCache) get(k cacheKey, issuers []*Issuer, now time.Time) *Principal {
+func (c *tokenCache) get(k cacheKey, issuers []*policy.Issuer, now time.Time) *Principal {
 	s := c.shard(k)
 	s.mu.RLock()
 	e := s.m[k]

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 func TestTokenCacheCapacity(t *testing.T) {
@@ -32,7 +33,7 @@ func TestTokenCacheBounded(t *testing.T) {
 	idp := bearertest.NewIssuer(t)
 	now := time.Now()
 	v := NewVerifier(Options{CacheSize: size, Now: func() time.Time { return now }})
-	cfg := []*Issuer{{Name: "corp", Issuer: idp.URL(), JWKSURI: idp.JWKSURL(), Audiences: []string{"a"}}}
+	cfg := []*policy.Issuer{{Name: "corp", Issuer: idp.URL(), JWKSURI: idp.JWKSURL(), Audiences: []string{"a"}}}
 
 	for i := range 5 * size {
 		claims := bearertest.Claims("user", "a", now.Add(time.Hour))

@@ -10,6 +10,7 @@ import (
 
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // requireStats checks the verifier's cache counters.
@@ -50,7 +51,7 @@ func TestCacheHitAfterReloadWithSameConfig(t *testing.T) {
 
 	reloaded := *f.cfg
 	reloaded.Audiences = append([]string(nil), f.cfg.Audiences...)
-	p, err := f.v.Verify(context.Background(), token, []*bearer.Issuer{&reloaded})
+	p, err := f.v.Verify(context.Background(), token, []*policy.Issuer{&reloaded})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,15 +66,15 @@ func TestCacheRejectedWhenIssuerChanged(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
 		name    string
-		edit    func(*bearer.Issuer)
+		edit    func(*policy.Issuer)
 		wantErr error // of the full re-verification
 	}{
-		{"audience removed", func(is *bearer.Issuer) { is.Audiences = []string{"other"} }, bearer.ErrAudience},
-		{"audience added", func(is *bearer.Issuer) { is.Audiences = []string{testAud, "other"} }, nil},
-		{"leeway changed", func(is *bearer.Issuer) { is.Leeway = time.Second }, nil},
-		{"app id claim changed", func(is *bearer.Issuer) { is.AppIDClaim = "azp" }, nil},
-		{"renamed", func(is *bearer.Issuer) { is.Name = "corp2" }, nil},
-		{"jwks uri changed", func(is *bearer.Issuer) { is.JWKSURI += "?v=2" }, nil},
+		{"audience removed", func(is *policy.Issuer) { is.Audiences = []string{"other"} }, bearer.ErrAudience},
+		{"audience added", func(is *policy.Issuer) { is.Audiences = []string{testAud, "other"} }, nil},
+		{"leeway changed", func(is *policy.Issuer) { is.Leeway = time.Second }, nil},
+		{"app id claim changed", func(is *policy.Issuer) { is.AppIDClaim = "azp" }, nil},
+		{"renamed", func(is *policy.Issuer) { is.Name = "corp2" }, nil},
+		{"jwks uri changed", func(is *policy.Issuer) { is.JWKSURI += "?v=2" }, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -84,7 +85,7 @@ func TestCacheRejectedWhenIssuerChanged(t *testing.T) {
 
 			changed := *f.cfg
 			tt.edit(&changed)
-			p, err := f.v.Verify(context.Background(), token, []*bearer.Issuer{&changed})
+			p, err := f.v.Verify(context.Background(), token, []*policy.Issuer{&changed})
 			if !errors.Is(err, tt.wantErr) {
 				t.Fatalf("Verify with changed config: err = %v, want %v", err, tt.wantErr)
 			}
@@ -102,8 +103,8 @@ func TestCacheRejectedForOtherApp(t *testing.T) {
 	f := newFixture(t)
 	token := f.idp.Mint(t, f.claims())
 	requireVerified(t, f, token)
-	other := &bearer.Issuer{Name: "partner", Issuer: "https://partner.example", Audiences: []string{testAud}}
-	_, err := f.v.Verify(context.Background(), token, []*bearer.Issuer{other})
+	other := &policy.Issuer{Name: "partner", Issuer: "https://partner.example", Audiences: []string{testAud}}
+	_, err := f.v.Verify(context.Background(), token, []*policy.Issuer{other})
 	requireErr(t, err, bearer.ErrIssuer, token)
 	requireStats(t, f.v, 0, 2)
 }

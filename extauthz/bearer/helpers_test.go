@@ -10,6 +10,7 @@ import (
 
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // t0 is the fake clock's start; any fixed instant works.
@@ -45,7 +46,7 @@ type fixture struct {
 	idp   *bearertest.Issuer
 	clock *fakeClock
 	v     *bearer.Verifier
-	cfg   *bearer.Issuer
+	cfg   *policy.Issuer
 }
 
 type fixtureOption func(*fixtureSetup)
@@ -53,7 +54,7 @@ type fixtureOption func(*fixtureSetup)
 type fixtureSetup struct {
 	idpOpts []bearertest.IssuerOption
 	opts    bearer.Options
-	edit    func(*bearer.Issuer)
+	edit    func(*policy.Issuer)
 }
 
 func withIssuerOptions(o ...bearertest.IssuerOption) fixtureOption {
@@ -64,7 +65,7 @@ func withOptions(edit func(*bearer.Options)) fixtureOption {
 	return func(s *fixtureSetup) { edit(&s.opts) }
 }
 
-func withConfig(edit func(*bearer.Issuer)) fixtureOption {
+func withConfig(edit func(*policy.Issuer)) fixtureOption {
 	return func(s *fixtureSetup) { s.edit = edit }
 }
 
@@ -83,7 +84,7 @@ func newFixture(t testing.TB, opts ...fixtureOption) *fixture {
 	}
 	s.opts.Now = f.clock.Now
 	f.v = bearer.NewVerifier(s.opts)
-	f.cfg = &bearer.Issuer{
+	f.cfg = &policy.Issuer{
 		Name:      "corp",
 		Issuer:    f.idp.URL(),
 		JWKSURI:   f.idp.JWKSURL(),
@@ -115,7 +116,7 @@ func (f *fixture) claimsWith(edits map[string]any) map[string]any {
 }
 
 func (f *fixture) verify(token string) (*bearer.Principal, error) {
-	return f.v.Verify(context.Background(), token, []*bearer.Issuer{f.cfg})
+	return f.v.Verify(context.Background(), token, []*policy.Issuer{f.cfg})
 }
 
 // requireVerified verifies token and fails the test on error.

@@ -19,6 +19,8 @@ import (
 	"github.com/lestrrat-go/jwx/v3/jwa"
 	"github.com/lestrrat-go/jwx/v3/jwk"
 	"go.uber.org/zap"
+
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // MaxJWKSSize bounds discovery and JWKS response bodies: a compromised or broken
@@ -70,7 +72,7 @@ type keySource struct {
 
 // source returns the shared key source of is. Issuers with the same JWKS URI share one,
 // so a policy reload (which rebuilds Issuers) keeps the fetched keys.
-func (v *Verifier) source(is *Issuer) *keySource {
+func (v *Verifier) source(is *policy.Issuer) *keySource {
 	id := "jwks " + is.JWKSURI
 	if is.JWKSURI == "" {
 		id = "oidc " + is.Issuer
@@ -87,7 +89,7 @@ func (v *Verifier) source(is *Issuer) *keySource {
 
 // keyFor returns the key of is that verifies a token with this kid and alg, fetching or
 // refetching the JWKS as the rules allow.
-func (v *Verifier) keyFor(ctx context.Context, is *Issuer, kid, alg string) (*verifyKey, error) {
+func (v *Verifier) keyFor(ctx context.Context, is *policy.Issuer, kid, alg string) (*verifyKey, error) {
 	s := v.source(is)
 	ks, err := v.keys(ctx, s, is)
 	if err != nil {
@@ -104,7 +106,7 @@ func (v *Verifier) keyFor(ctx context.Context, is *Issuer, kid, alg string) (*ve
 	return k, wrapKeyErr(err, is)
 }
 
-func wrapKeyErr(err error, is *Issuer) error {
+func wrapKeyErr(err error, is *policy.Issuer) error {
 	if err == nil {
 		return nil
 	}
@@ -148,7 +150,7 @@ func (ks *keySet) lookup(kid, alg string) (k *verifyKey, refetch bool, err error
 // keys returns the cached key set of s, fetching it on first use. A stale set is
 // returned as is while a background refresh replaces it, so request latency never
 // includes a periodic refresh.
-func (v *Verifier) keys(ctx context.Context, s *keySource, is *Issuer) (*keySet, error) {
+func (v *Verifier) keys(ctx context.Context, s *keySource, is *policy.Issuer) (*keySet, error) {
 	now := v.now()
 	s.mu.Lock()
 	ks := s.keys

@@ -18,6 +18,7 @@ import (
 
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 func mustJSON(t testing.TB, v any) []byte {
@@ -177,7 +178,7 @@ func TestJWKSUnavailable(t *testing.T) {
 
 func TestDiscoveryUnavailable(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, withConfig(func(is *bearer.Issuer) { is.JWKSURI = "" }))
+	f := newFixture(t, withConfig(func(is *policy.Issuer) { is.JWKSURI = "" }))
 	f.idp.SetDown(true)
 	token := f.idp.Mint(t, f.claims())
 	_, err := f.verify(token)
@@ -194,9 +195,9 @@ func TestDiscoveryIssuerMismatch(t *testing.T) {
 	}))
 	t.Cleanup(srv.Close)
 	v := bearer.NewVerifier(bearer.Options{})
-	cfg := &bearer.Issuer{Name: "x", Issuer: srv.URL, Audiences: []string{testAud}}
+	cfg := &policy.Issuer{Name: "x", Issuer: srv.URL, Audiences: []string{testAud}}
 	token := idp.Mint(t, map[string]any{"iss": srv.URL, "aud": testAud, "exp": time.Now().Add(time.Hour).Unix()})
-	_, err := v.Verify(context.Background(), token, []*bearer.Issuer{cfg})
+	_, err := v.Verify(context.Background(), token, []*policy.Issuer{cfg})
 	requireErr(t, err, bearer.ErrJWKSUnavailable, token)
 }
 
@@ -222,16 +223,16 @@ func TestFirstFetchContextCancelled(t *testing.T) {
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
 
 	v := bearer.NewVerifier(bearer.Options{})
-	cfg := &bearer.Issuer{Name: "slow", Issuer: idp.URL(), JWKSURI: srv.URL, Audiences: []string{testAud}}
+	cfg := &policy.Issuer{Name: "slow", Issuer: idp.URL(), JWKSURI: srv.URL, Audiences: []string{testAud}}
 	token := idp.Mint(t, bearertest.Claims("alice", testAud, time.Now().Add(time.Hour)))
 
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	_, err := v.Verify(ctx, token, []*bearer.Issuer{cfg})
+	_, err := v.Verify(ctx, token, []*policy.Issuer{cfg})
 	requireErr(t, err, bearer.ErrJWKSUnavailable, token)
 
 	once.Do(func() { close(release) })
-	if _, err := v.Verify(context.Background(), token, []*bearer.Issuer{cfg}); err != nil {
+	if _, err := v.Verify(context.Background(), token, []*policy.Issuer{cfg}); err != nil {
 		t.Fatalf("Verify after the slow fetch finished: %v", err)
 	}
 	if idp.Fetches() != 1 {

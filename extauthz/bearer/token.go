@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jws"
+
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // MaxTokenSize is the largest token Verify accepts, in bytes. Real access tokens are a
@@ -158,7 +160,7 @@ var signatureAlgs = map[string]bool{
 
 // verify does full verification of a token that missed the cache. validUntil is when
 // the token stops being acceptable (exp plus leeway).
-func (v *Verifier) verify(ctx context.Context, token string, issuers []*Issuer, now time.Time) (p *Principal, validUntil time.Time, err error) {
+func (v *Verifier) verify(ctx context.Context, token string, issuers []*policy.Issuer, now time.Time) (p *Principal, validUntil time.Time, err error) {
 	t, err := parseToken(token)
 	if err != nil {
 		return nil, time.Time{}, err
@@ -193,7 +195,7 @@ func (v *Verifier) verify(ctx context.Context, token string, issuers []*Issuer, 
 	return nil, time.Time{}, fmt.Errorf("%w: %q is not trusted here", ErrIssuer, clip(iss))
 }
 
-func (v *Verifier) verifyWith(ctx context.Context, t *parsedToken, is *Issuer, now time.Time) (*Principal, time.Time, error) {
+func (v *Verifier) verifyWith(ctx context.Context, t *parsedToken, is *policy.Issuer, now time.Time) (*Principal, time.Time, error) {
 	key, err := v.keyFor(ctx, is, t.header.Kid, t.header.Alg)
 	if err != nil {
 		return nil, time.Time{}, err
@@ -212,7 +214,7 @@ func (v *Verifier) verifyWith(ctx context.Context, t *parsedToken, is *Issuer, n
 
 // checkClaims validates the registered claims of a token whose signature verified and
 // builds its Principal.
-func checkClaims(c map[string]any, is *Issuer, now time.Time) (*Principal, time.Time, error) {
+func checkClaims(c map[string]any, is *policy.Issuer, now time.Time) (*Principal, time.Time, error) {
 	fail := func(err error) (*Principal, time.Time, error) { return nil, time.Time{}, err }
 
 	// iss was matched before the signature check; checked again here so that this

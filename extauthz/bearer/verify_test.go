@@ -12,11 +12,12 @@ import (
 
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 func TestVerifyValid(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, withConfig(func(is *bearer.Issuer) { is.AppIDClaim = "azp" }))
+	f := newFixture(t, withConfig(func(is *policy.Issuer) { is.AppIDClaim = "azp" }))
 	exp := f.clock.Now().Add(time.Hour)
 
 	tests := []struct {
@@ -121,7 +122,7 @@ func TestVerifyValid(t *testing.T) {
 
 func TestVerifyDiscovery(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, withConfig(func(is *bearer.Issuer) { is.JWKSURI = "" }))
+	f := newFixture(t, withConfig(func(is *policy.Issuer) { is.JWKSURI = "" }))
 	requireVerified(t, f, f.idp.Mint(t, f.claims()))
 	if got := f.idp.DiscoveryFetches(); got != 1 {
 		t.Errorf("discovery fetches = %d, want 1", got)
@@ -295,7 +296,7 @@ func TestVerifySameIssuerTwice(t *testing.T) {
 	other := *f.cfg
 	other.Name = "corp-other"
 	other.Audiences = []string{"other"}
-	p, err := f.v.Verify(context.Background(), f.idp.Mint(t, f.claimsWith(map[string]any{"aud": "other"})), []*bearer.Issuer{f.cfg, &other})
+	p, err := f.v.Verify(context.Background(), f.idp.Mint(t, f.claimsWith(map[string]any{"aud": "other"})), []*policy.Issuer{f.cfg, &other})
 	if err != nil {
 		t.Fatalf("Verify: %v", err)
 	}
@@ -308,7 +309,7 @@ func TestVerifyIssuerNotConfiguredForApp(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
 	token := f.idp.Mint(t, f.claims())
-	for _, issuers := range [][]*bearer.Issuer{nil, {}, {nil}, {{Name: "x", Issuer: "https://other", Audiences: []string{testAud}}}} {
+	for _, issuers := range [][]*policy.Issuer{nil, {}, {nil}, {{Name: "x", Issuer: "https://other", Audiences: []string{testAud}}}} {
 		_, err := f.v.Verify(context.Background(), token, issuers)
 		requireErr(t, err, bearer.ErrIssuer, token)
 	}
@@ -317,7 +318,7 @@ func TestVerifyIssuerNotConfiguredForApp(t *testing.T) {
 
 func TestVerifyEmptyAudiencesRejects(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, withConfig(func(is *bearer.Issuer) { is.Audiences = nil }))
+	f := newFixture(t, withConfig(func(is *policy.Issuer) { is.Audiences = nil }))
 	token := f.idp.Mint(t, f.claims())
 	_, err := f.verify(token)
 	requireErr(t, err, bearer.ErrAudience, token)
