@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -20,8 +19,8 @@ import (
 
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
-	"github.com/mcpgate/mcpgate/extauthz/decisionlog"
 	"github.com/mcpgate/mcpgate/policy"
+	"github.com/mcpgate/mcpgate/policy/decisionlog"
 )
 
 // Options configure a Server.
@@ -43,7 +42,7 @@ type Server struct {
 	log      *zap.Logger
 	count    metric.Int64Counter
 	latency  metric.Float64Histogram
-	attrs    attrCache
+	attrs    *decisionlog.AttrSets[attrKey]
 	// principals and routes cache what each verified token, and each pair of target and
 	// caller, contribute to a response.
 	principals valueCache[*bearer.Principal, *principalValues]
@@ -60,41 +59,24 @@ type recordEntry struct {
 	elapsed time.Duration
 }
 
-// attrCache keeps one OpenTelemetry attribute set per label combination: building a set
-// sorts and copies its attributes, which profiling showed as the largest cost of a Check
-// after gRPC itself. Labels are bounded (targets and callers come from policy and verified
-// identities, reasons are constants), and the cache is capped all the same.
-type attrCache struct {
-	m sync.Map // attrKey → metric.MeasurementOption
-	n atomic.Int64
-}
-
+// attrKey is the label combination of one decision. Targets and callers come from policy
+// and verified identities, reasons are constants: the labels are bounded.
 type attrKey struct{ target, caller, decision, reason string }
 
-const maxAttrSets = 10000
-
-func (c *attrCache) get(k attrKey) metric.MeasurementOption {
-	if v, ok := c.m.Load(k); ok {
-		return v.(metric.MeasurementOption)
-	}
-	opt := metric.WithAttributeSet(attribute.NewSet(
+func attrSet(k attrKey) attribute.Set {
+	return attribute.NewSet(
 		attribute.String("target", k.target),
 		attribute.String("caller", k.caller),
 		attribute.String("decision", k.decision),
 		attribute.String("reason", k.reason),
-	))
-	if c.n.Load() < maxAttrSets {
-		if _, loaded := c.m.LoadOrStore(k, opt); !loaded {
-			c.n.Add(1)
-		}
-	}
-	return opt
+	)
 }
 
 // NewServer returns a Server reading policy from opts.Store.
 func NewServer(opts Options) (*Server, error) {
 	s := &Server{store: opts.Store, verifier: opts.Verifier, log: opts.DecisionLog}
 	s.principals.build, s.routes.build = newPrincipalValues, newRouteValues
+	s.attrs = decisionlog.NewAttrSets(10000, attrSet)
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
@@ -164,7 +146,7 @@ func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration,
 	if caller == "" {
 		caller = "unknown"
 	}
-	attrs := s.attrs.get(attrKey{target, caller, decision, d.Reason})
+	attrs := s.attrs.Get(attrKey{target, caller, decision, d.Reason})
 	s.count.Add(ctx, 1, attrs)
 	s.latency.Record(ctx, elapsed.Seconds(), attrs)
 

@@ -7,7 +7,6 @@ import (
 	"mime"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -23,8 +22,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/mcpgate/mcpgate/envoy/contract"
-	"github.com/mcpgate/mcpgate/extauthz/decisionlog"
 	"github.com/mcpgate/mcpgate/policy"
+	"github.com/mcpgate/mcpgate/policy/decisionlog"
 )
 
 // CodeHeaderMismatch is the JSON-RPC error for Mcp-Method/Mcp-Name headers that disagree
@@ -46,7 +45,10 @@ type Server struct {
 	log     *zap.Logger
 	count   metric.Int64Counter
 	latency metric.Float64Histogram
-	labels  toolLabels
+	// countAttrs caches the attribute sets of count; tools bounds its tool label (tool
+	// names come from callers: the first 200 per app of at most 128 bytes become labels).
+	countAttrs *decisionlog.AttrSets[countKey]
+	tools      *decisionlog.Labels
 	// listCache holds list-time decisions (see listFilter).
 	listCache decisionCache
 	// limits are the token buckets of limits.perCaller and limits.perTool.
@@ -59,7 +61,8 @@ type Server struct {
 
 // NewServer returns a Server reading policy from opts.Store.
 func NewServer(opts Options) (*Server, error) {
-	s := &Server{store: opts.Store, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize}}
+	s := &Server{store: opts.Store, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
+		countAttrs: decisionlog.NewAttrSets(10000, countSet), tools: decisionlog.NewLabels(200, 128)}
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
@@ -634,14 +637,10 @@ func (s *Server) record(r *procRecord) {
 	if caller == "" {
 		caller = "unknown"
 	}
-	s.count.Add(context.Background(), 1, metric.WithAttributes(
-		attribute.String("target", r.target),
-		attribute.String("caller", caller),
-		attribute.String("method", methodLabel(r.method)),
-		attribute.String("tool", s.labels.get(r.target, r.tool)),
-		attribute.String("decision", decision),
-		attribute.String("rule", r.rule),
-	))
+	s.count.Add(context.Background(), 1, s.countAttrs.Get(countKey{
+		target: r.target, caller: caller, method: methodLabel(r.method),
+		tool: s.tools.Get(r.target, r.tool), decision: decision, rule: r.rule,
+	}))
 	if ce := s.log.Check(zap.InfoLevel, "mcp decision"); ce != nil {
 		fields := []zap.Field{
 			zap.String("decision_id", r.decisionID),
@@ -690,35 +689,18 @@ func methodLabel(m string) string {
 	return "other"
 }
 
-// toolLabels bounds the tool label: tool names come from callers, so only the first
-// maxToolLabels names per app become labels; the rest are "other".
-type toolLabels struct {
-	mu   sync.Mutex
-	seen map[string]map[string]bool
-}
+// countKey is the label combination of one ext_proc decision. Targets and callers come
+// from policy and verified identities, methods from methodLabel, rules from policy; tool
+// names come from callers and are bounded by Server.tools.
+type countKey struct{ target, caller, method, tool, decision, rule string }
 
-const maxToolLabels = 200
-
-func (t *toolLabels) get(app, tool string) string {
-	if tool == "" {
-		return ""
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.seen == nil {
-		t.seen = map[string]map[string]bool{}
-	}
-	m := t.seen[app]
-	if m == nil {
-		m = map[string]bool{}
-		t.seen[app] = m
-	}
-	if m[tool] {
-		return tool
-	}
-	if len(m) >= maxToolLabels || len(tool) > 128 {
-		return "other"
-	}
-	m[tool] = true
-	return tool
+func countSet(k countKey) attribute.Set {
+	return attribute.NewSet(
+		attribute.String("target", k.target),
+		attribute.String("caller", k.caller),
+		attribute.String("method", k.method),
+		attribute.String("tool", k.tool),
+		attribute.String("decision", k.decision),
+		attribute.String("rule", k.rule),
+	)
 }

@@ -1,6 +1,8 @@
-// Package decisionlog hands decision records from request goroutines to one background
-// writer, for the decision logs and metrics of the ext_authz and ext_proc servers (it
-// lives under extauthz because the top-level layout is fixed; extproc imports it too).
+// Package decisionlog is what the ext_authz and ext_proc servers share about recording
+// decisions: a queue that hands decision records from request goroutines to one
+// background writer, and bounded caches for the metric attributes the writer records.
+// It sits beside the policy model because both servers depend on it and neither may
+// depend on the other.
 package decisionlog
 
 import (
