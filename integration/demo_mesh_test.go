@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/mcpgate/mcpgate/integration/mcpapp"
+	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 )
 
 var decisionInMessage = regexp.MustCompile(`\(decision ([0-9a-f]{12})[0-9a-f]*\)`)

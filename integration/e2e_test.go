@@ -18,9 +18,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
 	"github.com/mcpgate/mcpgate/integration/envoyemu"
-	"github.com/mcpgate/mcpgate/integration/mcpapp"
 )
 
 // mesh is the whole path on loopback: an MCP client → the agent's sidecar (Dapr-style
@@ -94,7 +94,7 @@ func (m *mesh) meshPolicy(t *testing.T, mtls string) {
 // policy copy before mcpgate reads it.
 func startMeshWith(t *testing.T, m *mesh, mtls string, fileRoots map[string]string, edit func()) {
 	t.Helper()
-	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
+	m.app = startMCPApp(t, mcpapp.Options{DisableLocalhostProtection: true})
 	m.meshPolicy(t, mtls)
 	if edit != nil {
 		edit()

@@ -26,6 +26,8 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 )
 
 var mcpgateBin string
@@ -281,4 +283,16 @@ func replaceInFile(t *testing.T, path, old, new string) {
 	if err := os.Rename(tmp, path); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// startMCPApp starts the demo MCP server App, recording what reached it, and closes it
+// when the test ends.
+func startMCPApp(t testing.TB, opts mcpapp.Options) *mcpapp.Server {
+	t.Helper()
+	s, err := mcpapp.Start(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
 }

@@ -34,10 +34,10 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz/bearer/bearertest"
 	"github.com/mcpgate/mcpgate/integration/envoyemu"
-	"github.com/mcpgate/mcpgate/integration/mcpapp"
 	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
@@ -297,7 +297,7 @@ const gateID = "spiffe://example.org/ns/mcpgate/mcpgate"
 func startSPIREMesh(t *testing.T, sp *spire) *mesh {
 	t.Helper()
 	m := &mesh{iss: bearertest.NewIssuer(t)}
-	m.app = mcpapp.StartServerWithOptions(t, mcpapp.Options{DisableLocalhostProtection: true})
+	m.app = startMCPApp(t, mcpapp.Options{DisableLocalhostProtection: true})
 	m.meshPolicy(t, "strict")
 	mesh := filepath.Join(m.dir, "mesh.yaml")
 	replaceInFile(t, mesh, "spireAgentSocket: /run/spire/agent.sock", "spireAgentSocket: "+sp.agentSock)

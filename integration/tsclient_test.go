@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mcpgate/mcpgate/integration/mcpapp"
+	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 )
 
 // tsStep is one line of integration/tsclient/client.mjs output.
@@ -69,7 +69,7 @@ func runTSClient(t *testing.T, url string, headers map[string]string, steps stri
 // TestTypeScriptClientAgainstGoSDKServer checks the two off-the-shelf peers talk to each
 // other directly, before mcpgate is put between them.
 func TestTypeScriptClientAgainstGoSDKServer(t *testing.T) {
-	srv := mcpapp.StartServer(t)
+	srv := startMCPApp(t, mcpapp.Options{})
 	steps := runTSClient(t, srv.Endpoint(), map[string]string{"X-Test": "1"},
 		`[{"op":"list"},{"op":"call","name":"get_inventory","arguments":{"product_id":"widget-1"}},{"op":"call","name":"slow_report","arguments":{"steps":3}}]`)
 	if len(steps) != 4 || !steps[0].OK {

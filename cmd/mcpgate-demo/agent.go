@@ -16,7 +16,7 @@ import (
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 	"github.com/spf13/cobra"
 
-	"github.com/mcpgate/mcpgate/integration/mcpapp"
+	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 )
 
 // The demo session's arguments.

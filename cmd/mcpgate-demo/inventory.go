@@ -7,7 +7,7 @@ import (
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
-	"github.com/mcpgate/mcpgate/integration/mcpapp"
+	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 )
 
 type inventoryFlags struct {
@@ -23,8 +23,8 @@ func newInventoryCmd() *cobra.Command {
 		Short: "Serve the demo inventory MCP server (Streamable HTTP at /mcp)",
 		Long: `Serve the demo policy's App "inventory": an MCP server (official Go SDK, Streamable
 HTTP at ` + mcpapp.Path + `) with the tools get_inventory, list_items, delete_product,
-get_customer (whose result carries an ssn field) and slow_report (with progress). It is the
-server the integration tests use (integration/mcpapp). The stock starts as
+get_customer (whose result carries an ssn field) and slow_report (with progress). It is also
+the server the integration tests use (package mcpapp). The stock starts as
 SKU-42: 42, SKU-7: 7, ... and lives in memory; delete_product really deletes.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

@@ -2,7 +2,7 @@
 // (docker-compose.yaml, deploy/README.md) that are not mcpgate, Envoy or SPIRE:
 //
 //   - inventory: the demo MCP server, the App "inventory" of the demo policy
-//     (integration/mcpapp's server: get_inventory, list_items, delete_product,
+//     (package mcpapp's server: get_inventory, list_items, delete_product,
 //     get_customer, slow_report);
 //   - issuer: a DEVELOPMENT-ONLY OAuth token issuer that signs a token for any client
 //     that asks, so that the demo policy's authentication can be exercised;

@@ -19,8 +19,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
-	"github.com/mcpgate/mcpgate/integration/mcpapp"
 	"github.com/mcpgate/mcpgate/policy"
 )
 

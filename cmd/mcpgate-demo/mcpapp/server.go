@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"slices"
 	"sync"
-	"testing"
 	"time"
 
 	"github.com/modelcontextprotocol/go-sdk/mcp"
@@ -113,33 +112,24 @@ type Server struct {
 	noRecord  bool // NewHandler: Calls stays empty
 }
 
-// StartServer starts the App with the SDK's default options and closes it
-// when the test ends.
-func StartServer(t testing.TB) *Server {
-	t.Helper()
-	return StartServerWithOptions(t, Options{})
-}
-
-// StartServerWithOptions starts the App with opts and closes it when the test
-// ends.
-func StartServerWithOptions(t testing.TB, opts Options) *Server {
-	t.Helper()
+// Start serves the App on 127.0.0.1:0 with opts, recording what it executed and what
+// reached it (see [Server.Calls], [Server.Requests]): it is the instrumented App the
+// integration tests and cmd/mcpgate-demo's tests run. The caller must Close it.
+func Start(opts Options) (*Server, error) {
 	s, mux := newServer(opts)
-
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatalf("mcpapp: listen: %v", err)
+		return nil, fmt.Errorf("mcpapp: listen: %w", err)
 	}
 	s.ln = ln
 	s.url = "http://" + ln.Addr().String()
 	s.httpSrv = &http.Server{Handler: s.record(mux), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = s.httpSrv.Serve(ln) }()
-	t.Cleanup(s.Close)
-	return s
+	return s, nil
 }
 
 // NewHandler returns the App as a plain http.Handler: the same MCP server, tools and
-// [DefaultInventory] as [StartServerWithOptions], served (Streamable HTTP) at [Path] and
+// [DefaultInventory] as [Start], served (Streamable HTTP) at [Path] and
 // nowhere else. It is for running the App outside tests (cmd/mcpgate-demo inventory), so
 // it records nothing: a long-running process must not keep every request and call.
 // Every handler returned has its own inventory.

@@ -1,17 +1,17 @@
-// Package mcpapp is test infrastructure: an MCP server App and client helpers
-// built on the official MCP Go SDK (github.com/modelcontextprotocol/go-sdk,
-// package mcp, v1.8.0). It is never linked into the mcpgate binary; the demo
-// binary cmd/mcpgate-demo serves the same App with [NewHandler] and uses the
-// client helpers for its agent.
+// Package mcpapp is the demo MCP server App and client helpers, built on the official MCP
+// Go SDK (github.com/modelcontextprotocol/go-sdk, package mcp, v1.8.0). The demo binary
+// cmd/mcpgate-demo serves the App with [NewHandler] and uses the client helpers for its
+// agent; the integration tests run the same App with [Start]. It is never linked into the
+// mcpgate binary, and it imports no test package: what ships is built from this tree only.
 //
 // # Server
 //
-// [StartServer] serves the SDK's Streamable HTTP handler at /mcp on
-// 127.0.0.1:0 with the tools get_inventory, list_items, delete_product,
-// get_customer and slow_report. The server records what it actually executed
-// ([Server.Calls], [Server.CallsTo]) and every HTTP request that reached it
-// ([Server.Requests], [Server.RequestsFor], [Server.LastHeader]), so tests can
-// assert that a denied call never reached it.
+// [Start] serves the SDK's Streamable HTTP handler at /mcp on 127.0.0.1:0 with the tools
+// get_inventory, list_items, delete_product, get_customer and slow_report. That server
+// records what it actually executed ([Server.Calls], [Server.CallsTo]) and every HTTP
+// request that reached it ([Server.Requests], [Server.RequestsFor], [Server.LastHeader]),
+// so tests can assert that a denied call never reached it. [NewHandler] records nothing: a
+// long-running process must not keep every request and call.
 //
 // # SDK behaviours relied on (read from the v1.8.0 sources)
 //

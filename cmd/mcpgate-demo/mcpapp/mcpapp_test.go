@@ -32,7 +32,7 @@ func connect(t *testing.T, ctx context.Context, o ConnectOptions) *ClientSession
 
 func TestTools(t *testing.T) {
 	ctx := testCtx(t)
-	s := StartServer(t)
+	s := startServer(t, Options{})
 	cs := connect(t, ctx, ConnectOptions{Endpoint: s.Endpoint()})
 
 	names, err := cs.ToolNames(ctx)
@@ -161,7 +161,7 @@ func TestTools(t *testing.T) {
 // Requests) but is not in Calls; a tool never called has no calls.
 func TestCallsOnlyWhatRan(t *testing.T) {
 	ctx := testCtx(t)
-	s := StartServer(t)
+	s := startServer(t, Options{})
 	cs := connect(t, ctx, ConnectOptions{Endpoint: s.Endpoint()})
 
 	res, err := cs.CallTool(ctx, ToolDeleteProduct, map[string]any{"product_id": "widget-1", "force": true})
@@ -190,7 +190,7 @@ func TestCallsOnlyWhatRan(t *testing.T) {
 
 func TestProgressArrivesBeforeResult(t *testing.T) {
 	ctx := testCtx(t)
-	s := StartServer(t)
+	s := startServer(t, Options{})
 	cs := connect(t, ctx, ConnectOptions{Endpoint: s.Endpoint()})
 
 	const steps = 5
@@ -224,7 +224,7 @@ func TestProgressArrivesBeforeResult(t *testing.T) {
 // buffered until the response ends. Bounded by the context, never by sleeps.
 func TestProgressIsStreamed(t *testing.T) {
 	ctx := testCtx(t)
-	s := StartServer(t)
+	s := startServer(t, Options{})
 	cs := connect(t, ctx, ConnectOptions{Endpoint: s.Endpoint()})
 
 	s.Hold()
@@ -258,7 +258,7 @@ func TestProgressIsStreamed(t *testing.T) {
 
 func TestHeadersReachServer(t *testing.T) {
 	ctx := testCtx(t)
-	s := StartServer(t)
+	s := startServer(t, Options{})
 	cs := connect(t, ctx, ConnectOptions{
 		Endpoint:        s.Endpoint(),
 		Headers:         map[string]string{"Authorization": "Bearer token-1", "dapr-app-id": "inventory"},
@@ -330,7 +330,7 @@ func TestHandshake(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := StartServer(t)
+			s := startServer(t, Options{})
 			cs, err := ConnectWith(ctx, ConnectOptions{Endpoint: s.Endpoint(), ProtocolVersion: tc.version, DisableStandaloneSSE: true})
 			if err != nil {
 				t.Fatal(err)
@@ -360,7 +360,7 @@ func TestHandshake(t *testing.T) {
 
 func TestStandaloneSSE(t *testing.T) {
 	ctx := testCtx(t)
-	s := StartServer(t)
+	s := startServer(t, Options{})
 	cs := connect(t, ctx, ConnectOptions{Endpoint: s.Endpoint(), ProtocolVersion: LegacyProtocolVersion})
 	if _, err := cs.ListTools(ctx); err != nil {
 		t.Fatal(err)
@@ -377,7 +377,7 @@ func TestStandaloneSSE(t *testing.T) {
 
 func TestJSONResponseOption(t *testing.T) {
 	ctx := testCtx(t)
-	s := StartServerWithOptions(t, Options{JSONResponse: true})
+	s := startServer(t, Options{JSONResponse: true})
 	cs := connect(t, ctx, ConnectOptions{Endpoint: s.Endpoint(), ProtocolVersion: LegacyProtocolVersion})
 	res, err := cs.CallTool(ctx, ToolGetInventory, map[string]any{"product_id": "gadget-2"})
 	if err != nil || res.IsError {
@@ -393,7 +393,7 @@ func TestJSONResponseOption(t *testing.T) {
 // protection is disabled (what a Host-rewriting proxy needs).
 func TestLocalhostProtection(t *testing.T) {
 	ctx := testCtx(t)
-	s := StartServer(t)
+	s := startServer(t, Options{})
 	_, err := ConnectWith(ctx, ConnectOptions{Endpoint: s.Endpoint(), Headers: map[string]string{"Host": "inventory"}, ProtocolVersion: LegacyProtocolVersion})
 	if err == nil {
 		t.Fatal("non-loopback Host accepted")
@@ -402,9 +402,20 @@ func TestLocalhostProtection(t *testing.T) {
 		t.Errorf("no 403 recorded: %+v", s.Requests())
 	}
 
-	s2 := StartServerWithOptions(t, Options{DisableLocalhostProtection: true})
+	s2 := startServer(t, Options{DisableLocalhostProtection: true})
 	cs := connect(t, ctx, ConnectOptions{Endpoint: s2.Endpoint(), Headers: map[string]string{"Host": "inventory"}, ProtocolVersion: LegacyProtocolVersion})
 	if _, err := cs.CallTool(ctx, ToolGetInventory, map[string]any{"product_id": "widget-1"}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// startServer starts the App and closes it when the test ends.
+func startServer(t testing.TB, opts Options) *Server {
+	t.Helper()
+	s, err := Start(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
 }
