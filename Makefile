@@ -67,7 +67,7 @@ demo: build tsclient ## Run the demo: mcpgate, emulated sidecars and SDK peers; 
 	else cat $$out; rm -f $$out; exit 1; fi
 
 testdata: ## Regenerate golden files (the xDS translation brings the first ones)
-	@if grep -rlq -- '-update' --include='*_test.go' . ; then go test ./xds -update; else echo "no golden files yet"; fi
+	@if grep -rlq -- '-update' --include='*_test.go' . ; then go test ./xds ./envoy/contract -update; else echo "no golden files yet"; fi
 
 tools: $(STATICCHECK) $(OPA) ## Install pinned tools into ./bin
 
