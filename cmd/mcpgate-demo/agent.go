@@ -194,15 +194,21 @@ func session(ctx context.Context, f *agentFlags, out, errOut io.Writer) bool {
 	v, detail := outcome(res, err)
 	tr.line(what, v, detail, expect(v == verdictAllowed, "want the call to succeed"))
 
-	// get_inventory with a malformed id: the demo Rego refuses it before the server sees it.
-	what = fmt.Sprintf("get_inventory {product_id: %q}", demoBadProduct)
-	res, err = call(mcpapp.ToolGetInventory, map[string]any{"product_id": demoBadProduct})
-	v, detail = outcome(res, err)
-	if f.expectPolicy {
-		tr.line(what, v, detail, expect(v == verdictDenied, "want mcpgate's JSON-RPC denial (rego/inventory.rego)"))
-	} else {
-		tr.line(what, v, detail, expect(v == verdictToolError, "want the server's tool error (unknown product)"))
+	// deniedByPolicy records a call the demo policy denies; without mcpgate the server
+	// answers it with verdict without.
+	deniedByPolicy := func(what, tool string, args map[string]any, rule, without, withoutWhy string) {
+		v, detail := outcome(call(tool, args))
+		if f.expectPolicy {
+			tr.line(what, v, detail, expect(v == verdictDenied, "want mcpgate's JSON-RPC denial (%s)", rule))
+		} else {
+			tr.line(what, v, detail, expect(v == without, "%s", withoutWhy))
+		}
 	}
+
+	// get_inventory with a malformed id: the demo Rego refuses it before the server sees it.
+	deniedByPolicy(fmt.Sprintf("get_inventory {product_id: %q}", demoBadProduct), mcpapp.ToolGetInventory,
+		map[string]any{"product_id": demoBadProduct}, "rego/inventory.rego",
+		verdictToolError, "want the server's tool error (unknown product)")
 
 	// get_customer: the demo policy redacts /structuredContent/ssn (and Rego the email).
 	what = fmt.Sprintf("get_customer {id: %s}", demoCustomer)
@@ -224,14 +230,9 @@ func session(ctx context.Context, f *agentFlags, out, errOut io.Writer) bool {
 	}
 
 	// delete_product: rule no-deletes.
-	what = fmt.Sprintf("delete_product {product_id: %s}", demoDeleted)
-	res, err = call(mcpapp.ToolDeleteProduct, map[string]any{"product_id": demoDeleted})
-	v, detail = outcome(res, err)
-	if f.expectPolicy {
-		tr.line(what, v, detail, expect(v == verdictDenied, "want mcpgate's JSON-RPC denial (rule no-deletes)"))
-	} else {
-		tr.line(what, v, detail, expect(v == verdictAllowed, "want success from a server without mcpgate"))
-	}
+	deniedByPolicy(fmt.Sprintf("delete_product {product_id: %s}", demoDeleted), mcpapp.ToolDeleteProduct,
+		map[string]any{"product_id": demoDeleted}, "rule no-deletes",
+		verdictAllowed, "want success from a server without mcpgate")
 
 	// slow_report: progress notifications stream through both sidecars before the result.
 	cctx, cancel := context.WithTimeout(ctx, f.callTimeout)

