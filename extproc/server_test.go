@@ -514,8 +514,18 @@ spec:
 		t.Fatalf("caller b limited by a's use: %s", ir.GetBody())
 	}
 
-	reload := func(app string) {
+	// reload rewrites the app with limits and loads it as mcpgate's watcher would.
+	reload := func(limits string) {
 		t.Helper()
+		app := `apiVersion: mcpgate.dev/v1alpha1
+kind: App
+metadata: {name: inventory}
+spec:
+  address: app:2
+  sidecar: {address: s, inboundPort: 1, outboundPort: 2}
+  mcp:
+    tools: {defaultAction: allow}
+    limits: ` + limits + "\n"
 		if err := os.WriteFile(filepath.Join(dir, "app.yaml"), []byte(app), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -530,28 +540,10 @@ spec:
 	}
 	// An edit that leaves the limits alone leaves what callers have spent: "a" stays
 	// limited (a reload must not hand out fresh allowances).
-	reload(`apiVersion: mcpgate.dev/v1alpha1
-kind: App
-metadata: {name: inventory}
-spec:
-  address: app:2
-  sidecar: {address: s, inboundPort: 1, outboundPort: 2}
-  mcp:
-    tools: {defaultAction: allow}
-    limits: {perCaller: 4/h, perTool: {"get_*": 2/h}}
-`)
+	reload(`{perCaller: 4/h, perTool: {"get_*": 2/h}}`)
 	requireJSONRPCError(t, post("a", call(32, "list_items", `{}`)), 429, 32, -32001, "limits.perCaller 4/h")
 	// An edited rate applies at once, with a fresh bucket.
-	reload(`apiVersion: mcpgate.dev/v1alpha1
-kind: App
-metadata: {name: inventory}
-spec:
-  address: app:2
-  sidecar: {address: s, inboundPort: 1, outboundPort: 2}
-  mcp:
-    tools: {defaultAction: allow}
-    limits: {perCaller: 5/h, perTool: {"get_*": 2/h}}
-`)
+	reload(`{perCaller: 5/h, perTool: {"get_*": 2/h}}`)
 	if ir := post("a", call(33, "list_items", `{}`)); ir != nil {
 		t.Fatalf("after raising the limit, caller a is still limited: %s", ir.GetBody())
 	}

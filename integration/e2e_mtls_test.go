@@ -69,15 +69,7 @@ func (m *mtlsMesh) direct(t *testing.T, auth string, certs ...tls.Certificate) (
 		},
 	}}
 	defer tr.CloseIdleConnections()
-	req, err := http.NewRequest("POST", "https://"+m.inventory.Listener("inbound")+"/mcp", strings.NewReader(initialize))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/json, text/event-stream")
-	if auth != "" {
-		req.Header.Set("Authorization", auth)
-	}
+	req := mcpPost(t, "https://"+m.inventory.Listener("inbound")+"/mcp", auth, initialize)
 	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Do(req)
 	if err != nil {
 		return nil, "", err

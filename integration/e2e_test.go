@@ -187,15 +187,7 @@ func (m *mesh) connect(t *testing.T, endpoint string, headers map[string]string)
 // post sends one raw MCP POST through the agent sidecar.
 func (m *mesh) post(t *testing.T, auth, body string) (*http.Response, string) {
 	t.Helper()
-	req, err := http.NewRequest("POST", m.invokeURL, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/json, text/event-stream")
-	if auth != "" {
-		req.Header.Set("Authorization", auth)
-	}
+	req := mcpPost(t, m.invokeURL, auth, body)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

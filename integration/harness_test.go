@@ -296,3 +296,19 @@ func startMCPApp(t testing.TB, opts mcpapp.Options) *mcpapp.Server {
 	t.Cleanup(s.Close)
 	return s
 }
+
+// mcpPost is a Streamable HTTP POST of body to url as an MCP client sends it, with auth as
+// its Authorization header unless empty.
+func mcpPost(t testing.TB, url, auth, body string) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest("POST", url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json, text/event-stream")
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	return req
+}
