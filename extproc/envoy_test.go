@@ -109,6 +109,8 @@ type envoyRequest struct {
 	method  string
 	headers []string // extra header key/value pairs
 	body    string
+	// contentType replaces the default application/json.
+	contentType string
 }
 
 // envoyUpstream is the MCP server's answer.
@@ -117,6 +119,7 @@ type envoyUpstream struct {
 	contentType string
 	chunks      []string // body chunks as Envoy would hand them over
 	trailers    bool
+	headers     []string // extra response header key/value pairs
 }
 
 // envoyResult is what the client would get.
@@ -124,6 +127,7 @@ type envoyResult struct {
 	immediate     *extprocv3.ImmediateResponse
 	forwardedBody string            // what reached the MCP server
 	requestSet    map[string]string // request header mutations
+	requestRemove []string          // request headers removed
 	responseSet   map[string]string // response header mutations
 	responseMode  extprocfilterv3.ProcessingMode_BodySendMode
 	clientBody    string // the response body the client receives
@@ -146,7 +150,10 @@ func runEnvoy(t *testing.T, s *Server, req envoyRequest, up envoyUpstream) envoy
 	if req.method == "" {
 		req.method = "POST"
 	}
-	hdrs := append([]string{":method", req.method, ":path", "/mcp", ":authority", "inventory", "content-type", "application/json",
+	if req.contentType == "" {
+		req.contentType = "application/json"
+	}
+	hdrs := append([]string{":method", req.method, ":path", "/mcp", ":authority", "inventory", "content-type", req.contentType,
 		"accept", "application/json, text/event-stream", "authorization", "Bearer secret-token"}, req.headers...)
 	if req.method == "POST" {
 		hdrs = append(hdrs, "content-length", strconv.Itoa(len(req.body)))
@@ -161,6 +168,7 @@ func runEnvoy(t *testing.T, s *Server, req envoyRequest, up envoyUpstream) envoy
 		return res
 	}
 	setHeaders(resp.GetRequestHeaders().GetResponse().GetHeaderMutation(), res.requestSet)
+	res.requestRemove = resp.GetRequestHeaders().GetResponse().GetHeaderMutation().GetRemoveHeaders()
 	if req.method == "POST" {
 		resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
 			RequestBody: &extprocv3.HttpBody{Body: []byte(req.body), EndOfStream: true},
@@ -186,6 +194,7 @@ func runEnvoy(t *testing.T, s *Server, req envoyRequest, up envoyUpstream) envoy
 	if up.contentType != "" {
 		rh = append(rh, "content-type", up.contentType)
 	}
+	rh = append(rh, up.headers...)
 	resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
 		ResponseHeaders: &extprocv3.HttpHeaders{Headers: headerMap(rh...), EndOfStream: len(up.chunks) == 0 && !up.trailers},
 	}})

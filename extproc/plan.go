@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -36,12 +37,13 @@ func errorResponse(id []byte, code int, msg string) []byte {
 	return mcp.ErrorResponse(id, code, msg)
 }
 
-func patchArguments(b *mcp.Body, raw []byte, i int, ops []PatchOp) ([]byte, error) {
+// mcpOps converts a decision's patch to the parser's operations.
+func mcpOps(ops []PatchOp) []mcp.PatchOp {
 	mops := make([]mcp.PatchOp, len(ops))
 	for j, op := range ops {
 		mops[j] = mcp.PatchOp{Op: op.Op, Path: op.Path, Value: op.Value}
 	}
-	return mcp.PatchArguments(b, raw, i, mops)
+	return mops
 }
 
 // rawID decodes a raw JSON-RPC id for the Rego input (a string or a json.Number).
@@ -88,17 +90,18 @@ var listResults = map[string]string{
 
 // planResponse decides, once the request is allowed, whether its response needs work.
 // Most calls need none: the response body mode then stays NONE and costs nothing.
-func (st *stream) planResponse(b *mcp.Body, ds []requestDecision) {
+func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDecision) {
 	m := st.app.MCP
 	for _, rd := range ds {
 		msg := b.Messages[rd.msgIndex]
 		if msg.Kind != kindRequest {
 			continue
 		}
+		st.answering = append(st.answering, msg.ID)
 		step := responseStep{id: msg.ID}
 		if key, ok := listResults[msg.Method]; ok && m.Responses.FilterToolsList {
 			step.listOf = key
-			step.keep = st.listFilter(msg.Method)
+			step.keep = st.listFilter(ctx, msg.Method)
 		}
 		if msg.Method == "tools/call" {
 			for _, red := range m.Responses.Redact {
@@ -121,8 +124,9 @@ func (st *stream) planResponse(b *mcp.Body, ds []requestDecision) {
 // listFilter is the list-time decision: an entry is kept if the caller could use it,
 // deciding rules and Rego as if it were called with no arguments. Decisions are cached
 // per identity; those not cached are made concurrently when there are many Rego
-// evaluations (listWorkers), since Envoy holds the response until it is filtered.
-func (st *stream) listFilter(listMethod string) func([]string) []bool {
+// evaluations (listWorkers), since Envoy holds the response until it is filtered. Rego
+// evaluations stop when ctx (the stream's) ends; their entries are then dropped.
+func (st *stream) listFilter(ctx context.Context, listMethod string) func([]string) []bool {
 	base := st.req
 	base.Arguments, base.ID, base.Listing = nil, nil, true
 	var callMethod string
@@ -152,8 +156,11 @@ func (st *stream) listFilter(listMethod string) func([]string) []bool {
 			r := base
 			r.Method, r.Tool, r.Prompt, r.URI = callMethod, "", "", ""
 			setTarget(&r, callMethod, names[i])
-			keep[i] = Decide(context.Background(), m, &r).Allow
-			cache.put(keys[i], keep[i])
+			d := Decide(ctx, m, &r)
+			keep[i] = d.Allow
+			if ctx.Err() == nil {
+				cache.put(keys[i], keep[i]) // a decision cut short is not the policy's answer
+			}
 		}
 		workers := 1
 		if m.Tools.Rego != nil {
@@ -255,17 +262,26 @@ func (st *stream) limits() mcp.Limits {
 	return mcp.Limits{MaxBytes: int(policy.MaxMaxRequestBytes)}
 }
 
-// rewriteJSON applies every step to a buffered application/json response body.
+// rewriteJSON applies every step to a buffered application/json response body. Every
+// response in it must answer a request of this exchange (see mcp.Rewriter.OnlyAnswering).
 func (st *stream) rewriteJSON(body []byte) ([]byte, error) {
+	rb, err := mcp.ParseResponseBody(body, st.limits())
+	if err != nil {
+		return nil, err
+	}
+	for _, r := range rb.Responses {
+		if !slices.ContainsFunc(st.answering, func(id json.RawMessage) bool { return mcp.SameID(r.ID, id) }) {
+			if len(st.answering) == 0 {
+				return nil, errResponseOnGET
+			}
+			return nil, fmt.Errorf("a response with id %s answers no request of this exchange", clip(string(r.ID), 24))
+		}
+	}
 	out := body
 	for _, step := range st.plan {
 		if step.noResponses {
-			if isResponse(out) {
-				return nil, errResponseOnGET
-			}
 			continue
 		}
-		var err error
 		if out, _, err = mcp.RewriteResponse(out, step.id, st.limits(), step.apply); err != nil {
 			return nil, err
 		}
@@ -279,63 +295,22 @@ type rewriter interface {
 }
 
 // newRewriters chains one SSE rewriter per step: each passes every event through as soon
-// as it is complete and rewrites only the response to its request.
+// as it is complete and rewrites only the response to its request. The first also fails
+// the stream on any response that answers no request of this exchange; on a GET stream
+// (noResponses) that is every response.
 func (st *stream) newRewriters() []rewriter {
 	out := make([]rewriter, 0, len(st.plan))
-	for _, step := range st.plan {
+	for i, step := range st.plan {
+		var rw *mcp.Rewriter
 		if step.noResponses {
-			out = append(out, &responseGuard{f: mcp.Framer{MaxEventBytes: st.limits().MaxBytes}})
-			continue
+			rw = mcp.NewRewriter(nil, st.limits(), nil) // matches nothing: only the guard acts
+		} else {
+			rw = mcp.NewRewriter(step.id, st.limits(), step.apply)
 		}
-		out = append(out, mcp.NewRewriter(step.id, st.limits(), step.apply))
+		if i == 0 {
+			rw.OnlyAnswering(st.answering)
+		}
+		out = append(out, rw)
 	}
 	return out
-}
-
-// responseGuard passes an event stream through unchanged but fails on any event whose
-// data is a JSON-RPC response (an object with an id and a result or error).
-type responseGuard struct {
-	f mcp.Framer
-}
-
-func (g *responseGuard) Feed(chunk []byte, endOfStream bool) ([]byte, error) {
-	events, err := g.f.Feed(chunk, endOfStream)
-	if err != nil {
-		return nil, err
-	}
-	for _, ev := range events {
-		if isResponse(ev.Data) {
-			return nil, errResponseOnGET
-		}
-	}
-	return chunk, nil
-}
-
-// isResponse reports whether data looks like a JSON-RPC response or a batch holding one.
-// It errs on the side of "yes": anything with both an "id" and a "result" or "error"
-// member.
-func isResponse(data []byte) bool {
-	var probe any
-	if json.Unmarshal(data, &probe) != nil {
-		return false
-	}
-	check := func(v any) bool {
-		m, ok := v.(map[string]any)
-		if !ok {
-			return false
-		}
-		_, id := m["id"]
-		_, res := m["result"]
-		_, er := m["error"]
-		return id && (res || er)
-	}
-	if list, ok := probe.([]any); ok {
-		for _, v := range list {
-			if check(v) {
-				return true
-			}
-		}
-		return false
-	}
-	return check(probe)
 }

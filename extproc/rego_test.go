@@ -165,7 +165,7 @@ func TestLargeListDecidedConcurrently(t *testing.T) {
 	for i := range names {
 		names[i] = fmt.Sprintf("tool_%d", i)
 	}
-	decide := st.listFilter("tools/list")
+	decide := st.listFilter(context.Background(), "tools/list")
 	for round := range 2 {
 		keep := decide(names)
 		kept := 0

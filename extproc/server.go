@@ -2,6 +2,7 @@ package extproc
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"mime"
@@ -22,6 +23,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/mcpgate/mcpgate/envoy/contract"
+	"github.com/mcpgate/mcpgate/extproc/mcp"
 	"github.com/mcpgate/mcpgate/policy"
 	"github.com/mcpgate/mcpgate/policy/decisionlog"
 )
@@ -141,6 +143,7 @@ type stream struct {
 	decisionID                     string
 	cancel                         topdown.Cancel // cancelled when the stream's context ends
 	plan                           []responseStep
+	answering                      []json.RawMessage // ids of the requests of the body
 	rewriters                      []rewriter
 }
 
@@ -216,6 +219,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		ClaimsJSON: ident.ClaimsJSON, Target: ident.Target, Headers: map[string]string{},
 	}
 	var contentType, contentLength, lastEventID string
+	contentTypes := 0
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		k, v := strings.ToLower(hv.GetKey()), contract.HeaderValue(hv)
 		switch k {
@@ -225,6 +229,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			st.req.Path, _, _ = strings.Cut(v, "?")
 		case "content-type":
 			contentType = v
+			contentTypes++
 		case "content-length":
 			contentLength = v
 		case contract.HeaderProtocolVersion:
@@ -268,13 +273,18 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			// stream may); for such apps any response on it ends the stream.
 			st.plan = []responseStep{{noResponses: true}}
 		}
-		return st.continueHeaders(nil)
+		return st.continueHeaders(st.upstreamHeaders())
 	default:
 		return st.httpError(405, "method_not_allowed", "MCP Streamable HTTP uses POST, GET and DELETE")
 	}
 
-	if mt, _, err := mime.ParseMediaType(contentType); err != nil || mt != "application/json" {
-		return st.jsonrpcHTTPError(415, nil, -32600, "Content-Type must be application/json")
+	if contentTypes > 1 {
+		// Servers keep the first or the last, or join them: which one is read is not ours
+		// to guess.
+		return st.jsonrpcHTTPError(415, nil, -32600, "more than one Content-Type header")
+	}
+	if msg := checkRequestContentType(contentType); msg != "" {
+		return st.jsonrpcHTTPError(415, nil, -32600, msg)
 	}
 	if n, err := strconv.ParseInt(contentLength, 10, 64); err == nil && n > st.maxLen {
 		return st.jsonrpcHTTPError(413, nil, -32600, "request body larger than "+strconv.FormatInt(st.maxLen, 10)+" bytes")
@@ -294,7 +304,49 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		}
 	}
 	st.phase = expectRequestBody
-	return st.continueHeaders(nil)
+	return st.continueHeaders(st.upstreamHeaders())
+}
+
+// upstreamHeaders is the request header mutation for the upstream. For apps whose
+// responses mcpgate may filter or redact, Accept-Encoding is removed: a compressed
+// response could not be read, so servers must answer uncompressed (an encoded response
+// to a filtered exchange is refused: see responseHeaders). Envoy's own compressor filter,
+// if a listener has one, still compresses for the client after ext_proc.
+func (st *stream) upstreamHeaders() *extprocv3.HeaderMutation {
+	if !filtersResponses(st.app.MCP) {
+		return nil
+	}
+	return &extprocv3.HeaderMutation{RemoveHeaders: []string{"accept-encoding"}}
+}
+
+// checkRequestContentType accepts application/json with, at most, charset=utf-8, and
+// says what is wrong otherwise. mcpgate decides on the body read as UTF-8 JSON; a server
+// honouring another charset (Express's JSON parser decodes any utf-*, UTF-7 included)
+// would read another document than the one decided on. Such requests are refused rather
+// than their header normalised: a body sent as UTF-7 is not UTF-8 JSON whatever the
+// header then says, and refusing leaves nothing for a server to interpret differently.
+func checkRequestContentType(contentType string) string {
+	mt, params, err := mime.ParseMediaType(contentType)
+	if err != nil || mt != "application/json" {
+		return "Content-Type must be application/json"
+	}
+	for k, v := range params {
+		if k != "charset" {
+			return "Content-Type parameter " + strconvQuote(k) + " is not supported: only charset=utf-8 is"
+		}
+		if !strings.EqualFold(v, "utf-8") {
+			return "Content-Type charset " + strconvQuote(clip(v, 32)) + " is not supported: MCP messages are UTF-8 JSON"
+		}
+	}
+	return ""
+}
+
+// clip shortens s to at most n bytes for a message.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
 }
 
 // setTarget fills the name a method targets, from an Mcp-Name header.
@@ -377,6 +429,11 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 	decisions := make([]requestDecision, 0, len(parsed.Messages))
 	denied := -1
 	for i, m := range parsed.Messages {
+		if ctx.Err() != nil {
+			// Envoy gave up on the request (timeout, client gone): deciding the rest of a
+			// batch would be work for nobody.
+			return st.jsonrpcHTTPError(503, nil, -32603, "the request ended before mcpgate decided it")
+		}
 		if m.Kind == kindResponse {
 			continue // the client answering a server request (sampling, elicitation)
 		}
@@ -404,22 +461,35 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 		return st.denyBody(parsed, decisions, denied)
 	}
 
-	// Apply Rego's argument patches; each patch re-parses its input, so offsets from the
-	// original parse are never reused on changed bytes.
+	// Apply Rego's argument patches, all in one pass over the body (a batch of patched
+	// calls costs one copy, not one per call), then check once that the result is a body
+	// mcpgate itself would accept.
 	out := body
+	var patches []mcp.Patch
 	for _, rd := range decisions {
-		if len(rd.d.Patch) == 0 {
-			continue
-		}
-		p, err := mcpParse(out, MaxPatchedBytes, true)
-		if err != nil {
-			return st.jsonrpcHTTPError(500, nil, -32603, "cannot re-parse the patched body")
-		}
-		if out, err = patchArguments(p, out, rd.msgIndex, rd.d.Patch); err != nil {
-			return st.deny(Decision{Rule: "rego", Reason: "rego patch failed: " + err.Error()}, parsed.Messages[rd.msgIndex].ID, false)
+		if len(rd.d.Patch) > 0 {
+			patches = append(patches, mcp.Patch{Message: rd.msgIndex, Ops: mcpOps(rd.d.Patch)})
 		}
 	}
-	st.planResponse(parsed, decisions)
+	if len(patches) > 0 {
+		var err error
+		if out, err = mcp.PatchBody(parsed, body, patches); err != nil {
+			// The message was logged as allowed; its patch cannot be applied, so it is
+			// denied after all, and the log says so.
+			msg := parsed.Messages[patches[0].Message]
+			var pe *mcp.PatchError
+			if errors.As(err, &pe) {
+				msg = parsed.Messages[pe.Message]
+			}
+			d := Decision{Rule: "rego", Reason: "rego patch failed: " + err.Error()}
+			st.logDecision(d, msg.ID, time.Since(start))
+			return st.deny(d, msg.ID, false)
+		}
+		if _, err := mcpParse(out, MaxPatchedBytes, true); err != nil {
+			return st.jsonrpcHTTPError(500, nil, -32603, "the patched body is not one mcpgate accepts: "+err.Error())
+		}
+	}
+	st.planResponse(ctx, parsed, decisions)
 	st.phase = expectResponseHeaders
 	st.s.latency.Record(ctx, time.Since(start).Seconds())
 
@@ -527,29 +597,45 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	if len(st.plan) == 0 || h.GetEndOfStream() {
 		return out // nothing to rewrite: the body mode stays NONE and costs nothing
 	}
-	var code, contentType string
+	var code, contentType, encoding string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		switch strings.ToLower(hv.GetKey()) {
 		case ":status":
 			code = contract.HeaderValue(hv)
 		case "content-type":
 			contentType = contract.HeaderValue(hv)
+		case "content-encoding":
+			encoding = contract.HeaderValue(hv)
 		}
 	}
-	if code != "200" {
+	// Every 2xx counts: clients read the body of any successful status as the answer.
+	if len(code) != 3 || code[0] != '2' {
 		return out
 	}
-	mt, _, _ := mime.ParseMediaType(contentType)
+	// From here the response answers a request whose response must be rewritten: what
+	// mcpgate cannot read must not reach the client.
+	if encoding != "" && !strings.EqualFold(encoding, "identity") {
+		return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate cannot filter a response with Content-Encoding "+strconvQuote(clip(encoding, 32))+": the server must not compress it")
+	}
+	mt, params, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate cannot filter a response with Content-Type "+strconvQuote(clip(contentType, 64)))
+	}
 	switch mt {
 	case "application/json":
+		if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
+			return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate cannot filter a JSON response in charset "+strconvQuote(clip(cs, 32)))
+		}
 		out.ModeOverride = &extprocfilterv3.ProcessingMode{ResponseBodyMode: extprocfilterv3.ProcessingMode_BUFFERED}
 	case "text/event-stream":
+		// Event streams are UTF-8 whatever their charset says (WHATWG HTML, server-sent
+		// events): clients decode them so, and so does the rewriter.
 		// Streamed chunk by chunk: progress notifications and server requests must reach
 		// the client as they happen, never held until the result.
 		out.ModeOverride = &extprocfilterv3.ProcessingMode{ResponseBodyMode: extprocfilterv3.ProcessingMode_STREAMED}
 		st.rewriters = st.newRewriters()
 	default:
-		return out
+		return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate cannot filter a response with Content-Type "+strconvQuote(clip(mt, 64)))
 	}
 	st.phase = expectResponseBody
 	return out
@@ -651,14 +737,14 @@ func (s *Server) record(r *procRecord) {
 			zap.String("target", r.target),
 			zap.String("caller", r.caller),
 			zap.String("subject", r.subject),
-			zap.String("method", r.method),
+			zap.String("method", clip(r.method, maxLogField)),
 			zap.Float64("latency_ms", float64(r.elapsed.Microseconds())/1000),
 		}
 		if len(r.id) > 0 {
-			fields = append(fields, zap.ByteString("id", r.id))
+			fields = append(fields, zap.String("id", clip(string(r.id), maxLogField)))
 		}
 		if r.name != "" {
-			fields = append(fields, zap.String("name", r.name))
+			fields = append(fields, zap.String("name", clip(r.name, maxLogField)))
 		}
 		if r.patches > 0 {
 			fields = append(fields, zap.Int("patches", r.patches))
@@ -667,17 +753,22 @@ func (s *Server) record(r *procRecord) {
 	}
 }
 
-// knownMethods are MCP methods used as metric labels; anything else is "other", so a
-// caller cannot mint label values.
+// knownMethods are the MCP methods (MCP 2025-11-25 and 2026-07-28) used as metric labels;
+// anything else is "other". Method names come from callers: a label per name would let a
+// caller mint series until the SDK's cardinality limit sends every later decision,
+// denials included, to the overflow series.
 var knownMethods = map[string]bool{
 	"server/discover": true, "initialize": true, "ping": true, "tools/list": true, "tools/call": true, "prompts/list": true,
 	"prompts/get": true, "resources/list": true, "resources/templates/list": true, "resources/read": true,
 	"resources/subscribe": true, "resources/unsubscribe": true, "completion/complete": true,
-	"logging/setLevel": true, "GET /mcp": true, "DELETE /mcp": true,
+	"logging/setLevel": true, "tasks/get": true, "tasks/result": true, "tasks/list": true, "tasks/cancel": true,
+	"notifications/initialized": true, "notifications/cancelled": true, "notifications/progress": true,
+	"notifications/roots/list_changed": true, "notifications/tasks/status": true,
+	"GET /mcp": true, "DELETE /mcp": true,
 }
 
 func methodLabel(m string) string {
-	if knownMethods[m] || strings.HasPrefix(m, "notifications/") && len(m) < 64 {
+	if knownMethods[m] {
 		return m
 	}
 	if strings.HasPrefix(m, "GET ") {
@@ -686,8 +777,12 @@ func methodLabel(m string) string {
 	if strings.HasPrefix(m, "DELETE ") {
 		return "DELETE"
 	}
-	return "other"
+	return decisionlog.Other
 }
+
+// Decision-log lines carry caller-chosen strings (method, name, id); each is cut at
+// maxLogField bytes so that junk input cannot make lines of megabytes.
+const maxLogField = 256
 
 // countKey is the label combination of one ext_proc decision. Targets and callers come
 // from policy and verified identities, methods from methodLabel, rules from policy; tool

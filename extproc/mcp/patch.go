@@ -27,48 +27,85 @@ type PatchOp struct {
 // arguments are re-serialized (keys sorted, numbers exactly as sent). b itself is not
 // changed: parse the result again if it must be inspected.
 func PatchArguments(b *Body, raw []byte, i int, ops []PatchOp) ([]byte, error) {
+	return PatchBody(b, raw, []Patch{{Message: i, Ops: ops}})
+}
+
+// PatchError is a PatchBody error about the operations of one message.
+type PatchError struct {
+	Message int // the index of the message in the body
+	Err     error
+}
+
+func (e *PatchError) Error() string { return e.Err.Error() }
+func (e *PatchError) Unwrap() error { return e.Err }
+
+// Patch is the argument patch of one message of a body.
+type Patch struct {
+	Message int
+	Ops     []PatchOp
+}
+
+// PatchBody applies every patch as PatchArguments does, in one pass over raw: the work is
+// linear in the body and the operations, however many messages of a batch are patched.
+// Patches name distinct messages in ascending order. Any failing patch fails the whole.
+func PatchBody(b *Body, raw []byte, patches []Patch) ([]byte, error) {
 	if len(raw) != b.size {
 		return nil, errors.New("mcp: PatchArguments: raw is not the body b was parsed from")
 	}
-	if i < 0 || i >= len(b.Messages) {
-		return nil, fmt.Errorf("mcp: PatchArguments: no message %d", i)
+	type edit struct {
+		start, end int // raw[start:end] is replaced by repl
+		repl       []byte
 	}
-	m := b.Messages[i]
-	if m.Method != "tools/call" || !m.params.ok() {
-		return nil, fmt.Errorf("mcp: PatchArguments: message %d is not a tools/call", i)
-	}
-	// Work on a fresh decoding so that m.Arguments, which a policy may still hold, is
-	// never mutated.
-	var doc any = map[string]any{}
-	if m.args.ok() {
-		doc, _ = decodeValue(raw, m.args.start)
-	}
-	for k, op := range ops {
-		var err error
-		if doc, err = applyOp(doc, op); err != nil {
-			return nil, fmt.Errorf("%w: operation %d (%s %q): %v", ErrPatch, k, op.Op, op.Path, err)
+	edits := make([]edit, 0, len(patches))
+	grow := 0
+	for k, p := range patches {
+		i := p.Message
+		if i < 0 || i >= len(b.Messages) {
+			return nil, fmt.Errorf("mcp: PatchArguments: no message %d", i)
 		}
+		if k > 0 && i <= patches[k-1].Message {
+			return nil, fmt.Errorf("mcp: PatchBody: patches must name distinct messages in ascending order")
+		}
+		m := b.Messages[i]
+		if m.Method != "tools/call" || !m.params.ok() {
+			return nil, fmt.Errorf("mcp: PatchArguments: message %d is not a tools/call", i)
+		}
+		// Work on a fresh decoding so that m.Arguments, which a policy may still hold, is
+		// never mutated.
+		var doc any = map[string]any{}
+		if m.args.ok() {
+			doc, _ = decodeValue(raw, m.args.start)
+		}
+		for n, op := range p.Ops {
+			var err error
+			if doc, err = applyOp(doc, op); err != nil {
+				return nil, &PatchError{Message: i, Err: fmt.Errorf("%w: operation %d (%s %q): %v", ErrPatch, n, op.Op, op.Path, err)}
+			}
+		}
+		args, err := marshalCompact(doc)
+		if err != nil {
+			return nil, &PatchError{Message: i, Err: fmt.Errorf("%w: %v", ErrPatch, err)}
+		}
+		e := edit{start: m.args.start, end: m.args.end, repl: args}
+		if !m.args.ok() {
+			// No arguments yet: add the member just before the closing brace of params.
+			closing := m.params.end - 1
+			member := []byte(`"arguments":`)
+			if skipWS(raw, m.params.start+1) != closing {
+				member = []byte(`,"arguments":`)
+			}
+			e = edit{start: closing, end: closing, repl: append(member, args...)}
+		}
+		edits = append(edits, e)
+		grow += len(e.repl) - (e.end - e.start)
 	}
-	args, err := marshalCompact(doc)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrPatch, err)
+	out := make([]byte, 0, len(raw)+max(grow, 0))
+	prev := 0
+	for _, e := range edits {
+		out = append(append(out, raw[prev:e.start]...), e.repl...)
+		prev = e.end
 	}
-	out := make([]byte, 0, len(raw)+len(args)+16)
-	if m.args.ok() {
-		out = append(out, raw[:m.args.start]...)
-		out = append(out, args...)
-		return append(out, raw[m.args.end:]...), nil
-	}
-	// No arguments yet: add the member just before the closing brace of params.
-	closing := m.params.end - 1
-	empty := skipWS(raw, m.params.start+1) == closing
-	out = append(out, raw[:closing]...)
-	if !empty {
-		out = append(out, ',')
-	}
-	out = append(out, `"arguments":`...)
-	out = append(out, args...)
-	return append(out, raw[closing:]...), nil
+	return append(out, raw[prev:]...), nil
 }
 
 // marshalCompact marshals v without HTML escaping (which would change the bytes a server

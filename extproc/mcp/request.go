@@ -22,6 +22,7 @@ const (
 const (
 	DefaultMaxBytes = 1 << 20
 	DefaultMaxDepth = 64
+	DefaultMaxBatch = 100
 	MaxDepthCeiling = 10000
 )
 
@@ -29,7 +30,8 @@ const (
 // caller answers HTTP 413 for requests, or aborts a response stream.
 var ErrTooLarge = errors.New("mcp: message larger than the limit")
 
-// Limits bound parsing. Zero values mean defaults: MaxBytes 1 MiB, MaxDepth 64.
+// Limits bound parsing. Zero values mean defaults: MaxBytes 1 MiB, MaxDepth 64, MaxBatch
+// 100.
 type Limits struct {
 	// MaxBytes bounds a request body, a JSON response body, or one server-sent event.
 	MaxBytes int
@@ -39,6 +41,9 @@ type Limits struct {
 	// AllowBatch accepts JSON-RPC batches (arrays of messages). MCP 2025-03-26 allows them
 	// in POST bodies; 2025-06-18 removed them.
 	AllowBatch bool
+	// MaxBatch bounds the messages of a batch (default DefaultMaxBatch): every message
+	// costs a decision, and possibly a Rego evaluation and a patch.
+	MaxBatch int
 }
 
 func (l Limits) withDefaults() Limits {
@@ -47,6 +52,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxDepth <= 0 {
 		l.MaxDepth = DefaultMaxDepth
+	}
+	if l.MaxBatch <= 0 {
+		l.MaxBatch = DefaultMaxBatch
 	}
 	l.MaxDepth = min(l.MaxDepth, MaxDepthCeiling)
 	return l
@@ -192,6 +200,9 @@ func ParseBody(body []byte, lim Limits) (*Body, error) {
 				break
 			}
 			n := len(b.Messages)
+			if n == lim.MaxBatch {
+				return nil, newError(CodeInvalidRequest, nil, "a JSON-RPC batch may hold at most %d messages", lim.MaxBatch)
+			}
 			if body[start] != '{' {
 				return nil, newError(CodeInvalidRequest, nil, "batch element %d is not an object", n)
 			}
@@ -283,23 +294,50 @@ func parseMessage(body []byte, i int, x spanIndex) (*Message, *Error) {
 	return m, nil
 }
 
+// MaxSafeID is the largest integer id mcpgate accepts, 2^53-1: every JSON-RPC peer reads
+// integers up to it exactly, JavaScript's doubles included. Above it, SDKs that convert ids
+// through float64 (or int64, past 2^63) answer with a different id than the one asked.
+const MaxSafeID = 1<<53 - 1
+
+const maxSafeIDText = "9007199254740991"
+
 // checkID accepts the ids MCP allows: a string or an integer. MCP forbids null ids (unlike
 // plain JSON-RPC); fractions and exponents are refused so that every client and server
-// reads the same integer.
+// reads the same integer, and so are integers beyond ±MaxSafeID: a server that answers
+// with another id than the one decided on would have its response skip filtering and
+// redaction.
 func checkID(id []byte) error {
 	switch c := id[0]; {
 	case c == '"':
 		return nil
 	case c == '-' || isDigit(c):
-		for _, c := range id[1:] {
+		digits := id
+		if c == '-' {
+			digits = id[1:]
+		}
+		for _, c := range digits {
 			if !isDigit(c) {
 				return errors.New(`"id" must be a string or an integer`)
 			}
+		}
+		if len(digits) > len(maxSafeIDText) || len(digits) == len(maxSafeIDText) && string(digits) > maxSafeIDText {
+			return fmt.Errorf(`"id" %s is outside the integers every peer reads exactly (-%d to %d): use a smaller integer or a string`, clipID(id), MaxSafeID, MaxSafeID)
 		}
 		return nil
 	default:
 		return errors.New(`"id" must be a string or an integer`)
 	}
+}
+
+// clipID shortens a long numeric id for an error message.
+func clipID(id []byte) string {
+	if len(id) == 0 {
+		return "(none)"
+	}
+	if len(id) > 24 {
+		return string(id[:20]) + "..."
+	}
+	return string(id)
 }
 
 func raw(body []byte, s span) json.RawMessage { return json.RawMessage(body[s.start:s.end:s.end]) }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 )
 
 // Rewriter rewrites the response to one request inside a text/event-stream body that
@@ -29,6 +30,8 @@ import (
 type Rewriter struct {
 	f             Framer
 	id            json.RawMessage
+	answering     []json.RawMessage // with strict: the ids a response may have
+	strict        bool
 	maxDepth      int
 	fn            func(resp []byte) ([]byte, error)
 	prevRewritten bool
@@ -42,6 +45,16 @@ type Rewriter struct {
 func NewRewriter(id json.RawMessage, lim Limits, fn func(resp []byte) ([]byte, error)) *Rewriter {
 	lim = lim.withDefaults()
 	return &Rewriter{f: Framer{MaxEventBytes: lim.MaxBytes}, id: id, maxDepth: lim.MaxDepth, fn: fn}
+}
+
+// OnlyAnswering makes the Rewriter fail on any response whose id is not one of ids (as
+// SameID compares them), and returns it. An exchange whose responses must be rewritten
+// fails closed when the server answers with an id nobody asked for: that response would
+// otherwise pass unrewritten to a client that may match it to a request anyway. With no
+// ids, every response is an error (a stream that must carry none).
+func (r *Rewriter) OnlyAnswering(ids []json.RawMessage) *Rewriter {
+	r.answering, r.strict = ids, true
+	return r
 }
 
 // Rewritten returns how many responses the Rewriter has passed through its callback.
@@ -117,8 +130,8 @@ func (r *Rewriter) rewriteEvent(ev *Event) ([]byte, error) {
 	}
 	var data []byte
 	if d[j] == '{' {
-		if !r.matches(d, j) {
-			return nil, nil
+		if ok, err := r.matches(d, j); err != nil || !ok {
+			return nil, err
 		}
 		var err error
 		if data, err = r.call(d[j:skipValue(d, j)]); err != nil {
@@ -132,7 +145,12 @@ func (r *Rewriter) rewriteEvent(ev *Event) ([]byte, error) {
 			if !ok {
 				break
 			}
-			if d[start] != '{' || !r.matches(d, start) {
+			if d[start] != '{' {
+				continue
+			}
+			if ok, err := r.matches(d, start); err != nil {
+				return nil, err
+			} else if !ok {
 				continue
 			}
 			repl, err := r.call(d[start:end])
@@ -151,19 +169,27 @@ func (r *Rewriter) rewriteEvent(ev *Event) ([]byte, error) {
 }
 
 // matches reports whether the validated object at d[i] is a response (result or error)
-// with the Rewriter's id. A "method" member does not exempt it: fail closed.
-func (r *Rewriter) matches(d []byte, i int) bool {
-	idOK, resp := false, false
+// with the Rewriter's id. A "method" member does not exempt it: fail closed. With
+// OnlyAnswering, a response with any other id is an error.
+func (r *Rewriter) matches(d []byte, i int) (bool, error) {
+	var id []byte
+	resp := false
 	var mb member
 	for it := newMembers(d, i, nil); it.next(&mb); {
 		switch {
 		case mb.is("id"):
-			idOK = SameID(d[mb.start:mb.end], r.id)
+			id = d[mb.start:mb.end]
 		case mb.is("result"), mb.is("error"):
 			resp = true
 		}
 	}
-	return idOK && resp
+	if !resp {
+		return false, nil
+	}
+	if r.strict && !slices.ContainsFunc(r.answering, func(a json.RawMessage) bool { return SameID(id, a) }) {
+		return false, fmt.Errorf("mcp: server-sent event %d: a response with id %s answers no request of this exchange", r.events, clipID(id))
+	}
+	return id != nil && SameID(id, r.id), nil
 }
 
 func (r *Rewriter) call(resp []byte) ([]byte, error) {

@@ -1,0 +1,242 @@
+package extproc
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"go.opentelemetry.io/otel/attribute"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+
+	"github.com/mcpgate/mcpgate"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// The tests of this file pin what the adversarial review of issue 18 found, one class per
+// test; the end-to-end versions, through emulated sidecars and real SDK servers, are in
+// integration/security_test.go.
+
+const customerSSN = `{"jsonrpc":"2.0","id":%s,"result":{"structuredContent":{"name":"Ann","ssn":"123-45-6789"},"content":[{"type":"text","text":"Ann"}]}}`
+
+// Finding 1: a body is decided on as UTF-8 JSON; any other reading must not reach a server.
+func TestRequestCharsetRefused(t *testing.T) {
+	s := newDemoServer(t)
+	body := call(1, "get_inventory", `{"product_id":"SKU-1"}`)
+	for _, ct := range []string{
+		"application/json; charset=utf-7",
+		"application/json; charset=utf-16",
+		"application/json; charset=iso-8859-1",
+		"application/json; boundary=x",
+		"application/json; charset=utf-8; charset=utf-7",
+	} {
+		t.Run(ct, func(t *testing.T) {
+			res := runEnvoy(t, s, envoyRequest{md: agentMD, contentType: ct, body: body}, envoyUpstream{})
+			requireJSONRPCError(t, res.immediate, 415, nil, -32600, "Content-Type")
+		})
+	}
+	for _, ct := range []string{"application/json", "application/json; charset=utf-8", "Application/JSON; Charset=\"UTF-8\""} {
+		t.Run(ct, func(t *testing.T) {
+			if res := runEnvoy(t, s, envoyRequest{md: agentMD, contentType: ct, body: body}, envoyUpstream{}); res.immediate != nil {
+				t.Fatalf("refused: %s", res.immediate.GetBody())
+			}
+		})
+	}
+	t.Run("two Content-Type headers", func(t *testing.T) {
+		res := runEnvoy(t, s, envoyRequest{md: agentMD, headers: []string{"content-type", "application/json; charset=utf-7"}, body: body}, envoyUpstream{})
+		requireJSONRPCError(t, res.immediate, 415, nil, -32600, "more than one Content-Type")
+	})
+}
+
+// Finding 2: ids every peer reads alike, and no response on a rewritten exchange that
+// answers a request nobody made.
+func TestRequestIDsEveryPeerReadsAlike(t *testing.T) {
+	s := newDemoServer(t)
+	msg := func(id string) string {
+		return `{"jsonrpc":"2.0","id":` + id + `,"method":"tools/call","params":{"name":"get_customer","arguments":{"id":"c1"}}}`
+	}
+	for _, id := range []string{"9007199254740992", "-9007199254740992", "18446744073709551617", "1e3", "1.0", "12345678901234567890123"} {
+		t.Run("refused "+id, func(t *testing.T) {
+			res := runEnvoy(t, s, envoyRequest{md: agentMD, body: msg(id)}, envoyUpstream{})
+			requireJSONRPCError(t, res.immediate, 400, nil, -32600, `"id"`)
+		})
+	}
+	for _, id := range []string{"9007199254740991", "-9007199254740991", "0", `"9007199254740993"`} {
+		t.Run("accepted "+id, func(t *testing.T) {
+			res := runEnvoy(t, s, envoyRequest{md: agentMD, body: msg(id)},
+				envoyUpstream{contentType: "application/json", chunks: []string{fmt.Sprintf(customerSSN, id)}})
+			if res.immediate != nil {
+				t.Fatalf("refused: %s", res.immediate.GetBody())
+			}
+			if strings.Contains(res.clientBody, "123-45-6789") {
+				t.Fatalf("the ssn reached the client: %s", res.clientBody)
+			}
+		})
+	}
+}
+
+func TestResponseToAnotherIDFailsClosed(t *testing.T) {
+	s := newDemoServer(t)
+	req := envoyRequest{md: agentMD, body: call(7, "get_customer", `{"id":"c1"}`)}
+	for name, up := range map[string]envoyUpstream{
+		"json":           {contentType: "application/json", chunks: []string{fmt.Sprintf(customerSSN, "8")}},
+		"json, rounded":  {contentType: "application/json", chunks: []string{fmt.Sprintf(customerSSN, "7.000001")}},
+		"json, no id":    {contentType: "application/json", chunks: []string{`{"jsonrpc":"2.0","result":{"structuredContent":{"ssn":"123-45-6789"}}}`}},
+		"sse":            {contentType: "text/event-stream", chunks: []string{"event: message\ndata: " + fmt.Sprintf(customerSSN, "8") + "\n\n"}},
+		"sse, in batch":  {contentType: "text/event-stream", chunks: []string{"data: [" + fmt.Sprintf(customerSSN, "7") + "," + fmt.Sprintf(customerSSN, `"7"`) + "]\n\n"}},
+		"sse, 2nd event": {contentType: "text/event-stream", chunks: []string{"data: " + fmt.Sprintf(customerSSN, "7") + "\n\n", "data: " + fmt.Sprintf(customerSSN, "70") + "\n\n"}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			res := runEnvoy(t, s, req, up)
+			if res.immediate == nil {
+				t.Fatalf("the response reached the client: %s", res.clientBody)
+			}
+			requireJSONRPCError(t, res.immediate, 502, nil, -32603, "")
+		})
+	}
+	// The response to the request itself still passes, redacted.
+	res := runEnvoy(t, s, req, envoyUpstream{contentType: "application/json", chunks: []string{fmt.Sprintf(customerSSN, "7")}})
+	if res.immediate != nil || strings.Contains(res.clientBody, "123-45-6789") || !strings.Contains(res.clientBody, "Ann") {
+		t.Fatalf("immediate %v, client body %s", res.immediate, res.clientBody)
+	}
+}
+
+// Finding 3: a response mcpgate must rewrite is one it can read.
+func TestUnreadableResponsesFailClosed(t *testing.T) {
+	s := newDemoServer(t)
+	req := envoyRequest{md: agentMD, body: call(4, "get_customer", `{"id":"c1"}`), headers: []string{"accept-encoding", "gzip, br"}}
+	res := runEnvoy(t, s, req, envoyUpstream{contentType: "application/json", chunks: []string{fmt.Sprintf(customerSSN, "4")}})
+	if res.immediate != nil {
+		t.Fatal(res.immediate)
+	}
+	if !strings.Contains(strings.Join(res.requestRemove, ","), "accept-encoding") {
+		t.Errorf("Accept-Encoding not removed for an app whose responses are redacted: removed %v", res.requestRemove)
+	}
+	for name, up := range map[string]envoyUpstream{
+		"gzip json":          {contentType: "application/json", headers: []string{"content-encoding", "gzip"}, chunks: []string{"\x1f\x8b..."}},
+		"br event stream":    {contentType: "text/event-stream", headers: []string{"content-encoding", "br"}, chunks: []string{"..."}},
+		"utf-16 json":        {contentType: "application/json; charset=utf-16", chunks: []string{"{}"}},
+		"text/plain":         {contentType: "text/plain", chunks: []string{fmt.Sprintf(customerSSN, "4")}},
+		"no content type":    {chunks: []string{fmt.Sprintf(customerSSN, "4")}},
+		"201, gzip":          {status: 201, contentType: "application/json", headers: []string{"content-encoding", "gzip"}, chunks: []string{"x"}},
+		"unparseable header": {contentType: "application/json; =", chunks: []string{fmt.Sprintf(customerSSN, "4")}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			res := runEnvoy(t, s, req, up)
+			if res.immediate == nil {
+				t.Fatalf("the response reached the client: %q", res.clientBody)
+			}
+			requireJSONRPCError(t, res.immediate, 502, nil, -32603, "cannot filter")
+		})
+	}
+	// Any 2xx is read by clients as the answer, so any 2xx is redacted.
+	res = runEnvoy(t, s, req, envoyUpstream{status: 203, contentType: "application/json", chunks: []string{fmt.Sprintf(customerSSN, "4")}})
+	if res.immediate != nil || strings.Contains(res.clientBody, "123-45-6789") {
+		t.Fatalf("203: immediate %v, client body %s", res.immediate, res.clientBody)
+	}
+	// identity is no encoding.
+	res = runEnvoy(t, s, req, envoyUpstream{contentType: "application/json", headers: []string{"content-encoding", "identity"}, chunks: []string{fmt.Sprintf(customerSSN, "4")}})
+	if res.immediate != nil || strings.Contains(res.clientBody, "123-45-6789") {
+		t.Fatalf("identity: immediate %v, client body %s", res.immediate, res.clientBody)
+	}
+}
+
+// Finding 5: batches are bounded, patched in one pass, and not decided for nobody.
+func TestBatchBounded(t *testing.T) {
+	s := newDemoServer(t)
+	var msgs []string
+	for i := range 101 {
+		msgs = append(msgs, fmt.Sprintf(`{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":%d,"progress":1}}`, i))
+	}
+	res := runEnvoy(t, s, envoyRequest{md: agentMD, body: "[" + strings.Join(msgs, ",") + "]"}, envoyUpstream{})
+	requireJSONRPCError(t, res.immediate, 400, nil, -32600, "at most 100 messages")
+	if res := runEnvoy(t, s, envoyRequest{md: agentMD, body: "[" + strings.Join(msgs[:100], ",") + "]"}, envoyUpstream{}); res.immediate != nil {
+		t.Fatalf("a batch of 100 refused: %s", res.immediate.GetBody())
+	}
+}
+
+func TestBatchPatchedInOnePass(t *testing.T) {
+	s := newDemoServer(t)
+	// rego/inventory.rego caps list_items' limit at 100.
+	body := "[" + call(1, "list_items", `{"limit":500}`) + "," + call(2, "get_inventory", `{"product_id":"SKU-1"}`) + "," + call(3, "list_items", `{"limit":900,"cursor":"c"}`) + "]"
+	res := runEnvoy(t, s, envoyRequest{md: agentMD, body: body}, envoyUpstream{})
+	if res.immediate != nil {
+		t.Fatalf("refused: %s", res.immediate.GetBody())
+	}
+	want := "[" + call(1, "list_items", `{"limit":100}`) + "," + call(2, "get_inventory", `{"product_id":"SKU-1"}`) + "," + call(3, "list_items", `{"cursor":"c","limit":100}`) + "]"
+	if res.forwardedBody != want {
+		t.Fatalf("forwarded\n%s\nwant\n%s", res.forwardedBody, want)
+	}
+	if res.requestSet["content-length"] != fmt.Sprint(len(want)) {
+		t.Errorf("content-length %q, want %d", res.requestSet["content-length"], len(want))
+	}
+}
+
+func TestAbandonedRequestIsNotDecided(t *testing.T) {
+	s := newDemoServer(t)
+	st := &stream{s: s, cancel: nil}
+	hdr := &extprocv3.HttpHeaders{Headers: headerMap(":method", "POST", ":path", "/mcp", "content-type", "application/json")}
+	if r := st.requestHeaders(context.Background(), &extprocv3.ProcessingRequest{MetadataContext: agentMD}, hdr); r.GetImmediateResponse() != nil {
+		t.Fatal(r.GetImmediateResponse())
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	r := st.requestBody(ctx, &extprocv3.HttpBody{Body: []byte(call(1, "get_inventory", `{"product_id":"SKU-1"}`)), EndOfStream: true})
+	requireJSONRPCError(t, r.GetImmediateResponse(), 503, nil, -32603, "ended before")
+	s.Flush()
+}
+
+// Finding 6: callers cannot mint metric series; a flood of junk methods leaves every
+// later decision in its own series.
+func TestMetricLabelsBounded(t *testing.T) {
+	snap, err := policy.Load(context.Background(), mcpgate.DemoPolicy(), "demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := sdkmetric.NewManualReader()
+	s, err := NewServer(Options{Store: policy.NewStore(snap), Meter: sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)).Meter("t")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	const junk = 2500 // above the SDK's default cardinality limit of 2000
+	for i := range junk {
+		runEnvoy(t, s, envoyRequest{md: agentMD, body: fmt.Sprintf(`{"jsonrpc":"2.0","method":"notifications/x%d"}`, i)}, envoyUpstream{})
+	}
+	runEnvoy(t, s, envoyRequest{md: agentMD, body: call(1, "delete_product", `{"product_id":"SKU-1"}`)}, envoyUpstream{})
+	s.Flush()
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	var points []metricdata.DataPoint[int64]
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name == "mcpgate.mcp.decisions" {
+				points = m.Data.(metricdata.Sum[int64]).DataPoints
+			}
+		}
+	}
+	if len(points) == 0 || len(points) > 10 {
+		t.Fatalf("%d decision series after %d junk methods, want a handful", len(points), junk)
+	}
+	var junkCount, denial int64
+	for _, p := range points {
+		if _, overflow := p.Attributes.Value(attribute.Key("otel.metric.overflow")); overflow {
+			t.Errorf("overflow series: %v", p.Attributes)
+		}
+		method, _ := p.Attributes.Value("method")
+		tool, _ := p.Attributes.Value("tool")
+		switch {
+		case method.AsString() == "other":
+			junkCount += p.Value
+		case method.AsString() == "tools/call" && tool.AsString() == "delete_product":
+			denial += p.Value
+		}
+	}
+	if junkCount != junk || denial != 1 {
+		t.Errorf("junk methods counted %d times under method=other (want %d); the denial %d times (want 1): %v", junkCount, junk, denial, points)
+	}
+}
