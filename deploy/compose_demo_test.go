@@ -2,7 +2,6 @@ package deploy
 
 import (
 	"context"
-	"io/fs"
 	"net"
 	"net/url"
 	"os"
@@ -122,15 +121,7 @@ func TestComposePolicy(t *testing.T) {
 			}
 		}
 	}
-	got := map[string]string{}
-	err := filepath.WalkDir(composePolicyDir, func(p string, e fs.DirEntry, err error) error {
-		if err != nil || e.IsDir() {
-			return err
-		}
-		rel, _ := filepath.Rel(composePolicyDir, p)
-		got[filepath.ToSlash(rel)] = string(readFile(t, p))
-		return nil
-	})
+	got, err := filesUnder(t, composePolicyDir)
 	if err != nil {
 		t.Fatalf("%v (go test ./deploy -run TestComposePolicy -update)", err)
 	}
@@ -241,9 +232,21 @@ func TestComposeDemoPrograms(t *testing.T) {
 	} else if h := u.Hostname(); h != issuerService && h != authzHost || h == issuerService && !slices.Contains(c.Services[authzHost].aliases(), issuerService) {
 		t.Errorf("service %s: --token-url host %q does not reach the issuer (mcpgate's netns: %s, or its alias %s)", ahost, h, authzHost, issuerService)
 	}
+	checkAgentAuthorized(t, "service "+ahost+":", aargs, snap, server, agent)
+	if v, _ := flagValue(aargs, "expect-policy"); !slices.Contains(aargs, "--expect-policy=true") && v != "true" {
+		t.Errorf("service %s must run with --expect-policy=true: it runs through mcpgate", ahost)
+	}
+}
+
+// checkAgentAuthorized checks the agent's flags aargs (who names the agent in errors)
+// against server's policy in snap: --client-id is agent's App ID, which server's
+// accessControl allows; --scope has the scopes server's authentication requires and
+// those of some allow rule that names the agent.
+func checkAgentAuthorized(t *testing.T, who string, aargs []string, snap *policy.Snapshot, server, agent *policy.App) {
+	t.Helper()
 	clientID, _ := flagValue(aargs, "client-id")
 	if clientID != agent.ID {
-		t.Errorf("service %s: --client-id %q, want its App ID %q (the token's azp)", ahost, clientID, agent.ID)
+		t.Errorf("%s --client-id %q, want its App ID %q (the token's azp)", who, clientID, agent.ID)
 	}
 	caller := policy.Caller{AppID: clientID, Namespace: agent.Namespace, TrustDomain: snap.Mesh.TrustDomain}
 	if a, why := server.MCP.AccessControl.Decide(caller, "POST", server.MCP.Path); a != policy.Allow {
@@ -253,7 +256,7 @@ func TestComposeDemoPrograms(t *testing.T) {
 	scopes := strings.Fields(scope)
 	for _, s := range server.MCP.Authentication.Scopes {
 		if !slices.Contains(scopes, s) {
-			t.Errorf("service %s: --scope %q lacks %s, which App %s's authentication requires", ahost, scope, s, server.ID)
+			t.Errorf("%s --scope %q lacks %s, which App %s's authentication requires", who, scope, s, server.ID)
 		}
 	}
 	// Some allow rule names the agent and is satisfied by its scopes (rule readers).
@@ -269,9 +272,6 @@ func TestComposeDemoPrograms(t *testing.T) {
 	}
 	if !ruled {
 		t.Errorf("no allow rule of App %s names %s with scopes within %q: the agent could call no tool", server.ID, clientID, scope)
-	}
-	if v, _ := flagValue(aargs, "expect-policy"); !slices.Contains(aargs, "--expect-policy=true") && v != "true" {
-		t.Errorf("service %s must run with --expect-policy=true: it runs through mcpgate", ahost)
 	}
 }
 

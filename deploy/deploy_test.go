@@ -858,15 +858,10 @@ func k8sDocs(t *testing.T) []k8sDoc {
 	return out
 }
 
+// find is findIn with k8sDir as where it looked.
 func find(t *testing.T, docs []k8sDoc, kind, name string) k8sDoc {
 	t.Helper()
-	for _, d := range docs {
-		if d.kind() == kind && d.name() == name {
-			return d
-		}
-	}
-	t.Fatalf("no %s %q in %s", kind, name, k8sDir)
-	return k8sDoc{}
+	return findIn(t, docs, k8sDir, kind, name)
 }
 
 func container(t *testing.T, d k8sDoc, name string) map[string]any {
@@ -1157,19 +1152,27 @@ func TestKubernetesInventorySidecar(t *testing.T) {
 // demoFiles maps testdata/demo's files (slash paths) to their contents.
 func demoFiles(t *testing.T) map[string]string {
 	t.Helper()
-	out := map[string]string{}
-	err := filepath.WalkDir(demoDir, func(p string, e fs.DirEntry, err error) error {
-		if err != nil || e.IsDir() {
-			return err
-		}
-		rel, _ := filepath.Rel(demoDir, p)
-		out[filepath.ToSlash(rel)] = string(readFile(t, p))
-		return nil
-	})
+	out, err := filesUnder(t, demoDir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// filesUnder maps the files below dir (slash paths relative to it) to their contents;
+// the error is the walk's.
+func filesUnder(t *testing.T, dir string) (map[string]string, error) {
+	t.Helper()
+	out := map[string]string{}
+	err := filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil || e.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		out[filepath.ToSlash(rel)] = string(readFile(t, p))
+		return nil
+	})
+	return out, err
 }
 
 // configMapKey flattens a relative path into a ConfigMap key (rego/x.rego -> rego.x.rego).

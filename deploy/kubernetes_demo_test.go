@@ -20,8 +20,6 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
-
-	"github.com/mcpgate/mcpgate/policy"
 )
 
 // The Kubernetes demo overlay (deploy/kubernetes/demo): the base plus the compose demo's
@@ -289,15 +287,7 @@ func TestKubernetesDemoPolicyConfigMap(t *testing.T) {
 	if len(g.Literals) > 0 || len(g.Envs) > 0 {
 		t.Errorf("configMapGenerator %s: only files of %s, no literals or envs", policyCMName, composePolicyDir)
 	}
-	files := map[string]string{} // relative path -> content
-	err := filepath.WalkDir(composePolicyDir, func(p string, e fs.DirEntry, err error) error {
-		if err != nil || e.IsDir() {
-			return err
-		}
-		rel, _ := filepath.Rel(composePolicyDir, p)
-		files[filepath.ToSlash(rel)] = string(readFile(t, p))
-		return nil
-	})
+	files, err := filesUnder(t, composePolicyDir) // relative path -> content
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -535,34 +525,7 @@ func TestKubernetesDemoAgent(t *testing.T) {
 		!slices.Contains(svcPorts, atoi(u.Port())) || u.Path != path.Join(iu.Path, issuerTokenPath) {
 		t.Errorf("agent --token-url %q, want http://%s:%v%s (Service %s)", tu, svc.name(), svcPorts, path.Join(iu.Path, issuerTokenPath), svc.name())
 	}
-	clientID, _ := flagValue(aargs, "client-id")
-	if clientID != id {
-		t.Errorf("agent --client-id %q, want its App ID %q (the token's azp)", clientID, id)
-	}
-	caller := policy.Caller{AppID: clientID, Namespace: agent.Namespace, TrustDomain: snap.Mesh.TrustDomain}
-	if a, why := server.MCP.AccessControl.Decide(caller, "POST", server.MCP.Path); a != policy.Allow {
-		t.Errorf("App %s's accessControl does not allow %s: %s", server.ID, clientID, why)
-	}
-	scope, _ := flagValue(aargs, "scope")
-	scopes := strings.Fields(scope)
-	for _, s := range server.MCP.Authentication.Scopes {
-		if !slices.Contains(scopes, s) {
-			t.Errorf("agent --scope %q lacks %s, which App %s's authentication requires", scope, s, server.ID)
-		}
-	}
-	ruled := false
-	for _, r := range server.MCP.Tools.Rules {
-		if r.Action == policy.Allow && slices.Contains(r.Callers, clientID) && len(r.Tools) > 0 {
-			ok := true
-			for _, s := range r.Scopes {
-				ok = ok && slices.Contains(scopes, s)
-			}
-			ruled = ruled || ok
-		}
-	}
-	if !ruled {
-		t.Errorf("no allow rule of App %s names %s with scopes within %q: the agent could call no tool", server.ID, clientID, scope)
-	}
+	checkAgentAuthorized(t, "agent", aargs, snap, server, agent)
 	if !slices.Contains(aargs, "--expect-policy=true") {
 		t.Error("the agent must run with --expect-policy=true: it runs through mcpgate")
 	}

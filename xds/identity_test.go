@@ -3,7 +3,6 @@ package xds
 import (
 	"context"
 	"crypto/tls"
-	"net"
 	"testing"
 	"time"
 
@@ -17,39 +16,21 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/mcpgate/mcpgate/integration/testpki"
-	"github.com/mcpgate/mcpgate/policy"
 )
 
 // TestADSAuthorizesNodeByIdentity: over TLS, an Envoy may fetch only the configuration of
 // the App its certificate names.
 func TestADSAuthorizesNodeByIdentity(t *testing.T) {
 	ca := testpki.NewCA(t, "example.org")
-	dir := t.TempDir()
-	requireCopyDir(t, "../testdata/demo", dir)
-	store := policy.NewStore(requireLoad(t, dir))
-	ctx, cancel := context.WithCancel(context.Background())
-	srv, err := NewServer(ctx, Options{Store: store, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
 	creds := credentials.NewTLS(&tls.Config{
 		Certificates: []tls.Certificate{ca.TLSCert(t, "spiffe://example.org/ns/default/mcpgate", testpki.WithIP("127.0.0.1"))},
 		ClientAuth:   tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool, MinVersion: tls.VersionTLS12,
 	})
-	g := grpc.NewServer(append(ServerOptions(), grpc.Creds(creds))...)
-	srv.Register(g)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = g.Serve(lis) }()
-	done := make(chan struct{})
-	go func() { _ = srv.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); g.Stop(); <-done })
+	addr := startADS(t, zap.NewNop(), grpc.Creds(creds)).addr
 
 	fetch := func(t *testing.T, cert tls.Certificate, cluster string) (*discoveryv3.DiscoveryResponse, error) {
 		t.Helper()
-		conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
 			Certificates: []tls.Certificate{cert}, RootCAs: ca.Pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12,
 		})))
 		if err != nil {

@@ -34,16 +34,25 @@ type testEnv struct {
 
 func requireADSServer(t testing.TB) *testEnv {
 	t.Helper()
+	core, logs := observer.New(zap.DebugLevel)
+	env := startADS(t, zap.New(core))
+	env.logs = logs
+	return env
+}
+
+// startADS copies testdata/demo to a new directory and serves its policy over ADS on
+// loopback, logging to logger, with ServerOptions and opts, until the test ends.
+func startADS(t testing.TB, logger *zap.Logger, opts ...grpc.ServerOption) *testEnv {
+	t.Helper()
 	dir := t.TempDir()
 	requireCopyDir(t, "../testdata/demo", dir)
 	store := policy.NewStore(requireLoad(t, dir))
-	core, logs := observer.New(zap.DebugLevel)
 	ctx, cancel := context.WithCancel(context.Background())
-	srv, err := NewServer(ctx, Options{Store: store, Logger: zap.New(core)})
+	srv, err := NewServer(ctx, Options{Store: store, Logger: logger})
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer(ServerOptions()...)
+	g := grpc.NewServer(append(ServerOptions(), opts...)...)
 	srv.Register(g)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -57,7 +66,7 @@ func requireADSServer(t testing.TB) *testEnv {
 		g.Stop()
 		<-done
 	})
-	return &testEnv{dir: dir, store: store, server: srv, addr: lis.Addr().String(), logs: logs}
+	return &testEnv{dir: dir, store: store, server: srv, addr: lis.Addr().String()}
 }
 
 // edit rewrites a policy file and publishes the result through the Store, as the

@@ -258,23 +258,17 @@ func FuzzFramer(f *testing.F) {
 	})
 }
 
+// rewriteChunksID runs a new Rewriter for id 1, with small limits, over stream cut at
+// cuts.
 func rewriteChunksID(stream []byte, cuts []int, fn func([]byte) ([]byte, error)) ([]byte, int, error) {
 	r := NewRewriter(json.RawMessage(`1`), Limits{MaxBytes: 256, MaxDepth: 16}, fn)
 	var out []byte
-	prev := 0
-	for k := 0; k <= len(cuts); k++ {
-		end := len(stream)
-		if k < len(cuts) {
-			end = cuts[k]
-		}
-		got, err := r.Feed(append([]byte(nil), stream[prev:end]...), k == len(cuts))
+	err := feedChunks(stream, cuts, false, func(chunk []byte, last bool) error {
+		got, err := r.Feed(chunk, last)
 		out = append(out, got...)
-		if err != nil {
-			return out, r.Rewritten(), err
-		}
-		prev = end
-	}
-	return out, r.Rewritten(), nil
+		return err
+	})
+	return out, r.Rewritten(), err
 }
 
 // FuzzResponse checks the response rewriters on hostile input: no panics, and whatever they

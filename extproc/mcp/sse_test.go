@@ -31,6 +31,31 @@ func fieldsOf(evs []Event) []evFields {
 	return out
 }
 
+// feedChunks cuts stream at cuts and hands feed each piece, a fresh copy, and whether it
+// is the last, up to the first error, which it returns. With scrub, each piece is then
+// overwritten with 'X', as a caller that reuses its buffer would.
+func feedChunks(stream []byte, cuts []int, scrub bool, feed func(chunk []byte, last bool) error) error {
+	prev := 0
+	for k := 0; k <= len(cuts); k++ {
+		end := len(stream)
+		if k < len(cuts) {
+			end = cuts[k]
+		}
+		chunk := append([]byte(nil), stream[prev:end]...)
+		err := feed(chunk, k == len(cuts))
+		if scrub {
+			for i := range chunk {
+				chunk[i] = 'X'
+			}
+		}
+		if err != nil {
+			return err
+		}
+		prev = end
+	}
+	return nil
+}
+
 // frame feeds stream to a new Framer in the given chunks and returns the events and the
 // concatenation of their Raw.
 func frame(t *testing.T, stream []byte, cuts []int, max int) ([]Event, []byte, error) {
@@ -38,31 +63,19 @@ func frame(t *testing.T, stream []byte, cuts []int, max int) ([]Event, []byte, e
 	f := &Framer{MaxEventBytes: max}
 	var evs []Event
 	var raw []byte
-	prev := 0
-	for k := 0; k <= len(cuts); k++ {
-		end := len(stream)
-		if k < len(cuts) {
-			end = cuts[k]
-		}
-		// A fresh copy per chunk, overwritten after use, proves no event aliases a chunk
-		// the caller reuses... except documented aliasing, which we then must copy.
-		chunk := append([]byte(nil), stream[prev:end]...)
-		got, err := f.Feed(chunk, k == len(cuts))
+	// A fresh, scrubbed copy per chunk proves no event aliases a chunk the caller
+	// reuses... except documented aliasing, which we then must copy.
+	err := feedChunks(stream, cuts, true, func(chunk []byte, last bool) error {
+		got, err := f.Feed(chunk, last)
 		for _, e := range got {
 			raw = append(raw, e.Raw...)
 			e.Raw = append([]byte(nil), e.Raw...)
 			e.Data = append([]byte(nil), e.Data...)
 			evs = append(evs, e)
 		}
-		for i := range chunk {
-			chunk[i] = 'X'
-		}
-		if err != nil {
-			return evs, raw, err
-		}
-		prev = end
-	}
-	return evs, raw, nil
+		return err
+	})
+	return evs, raw, err
 }
 
 func TestFramerFields(t *testing.T) {
@@ -212,10 +225,9 @@ func rewriteFn(resp []byte) ([]byte, error) {
 }
 
 // expectRewritten is the independent expectation for a rewritten event: its non-data lines
-// with LF, then the callback's output as data lines at the place of the first data line.
-func expectRewritten(lines []string, data string, complete bool) string {
-	out, _ := rewriteFn([]byte(data))
-	repl := strings.NewReplacer("\r\n", "\n", "\r", "\n").Replace(string(out))
+// with LF, then rewritten (the new data) as data lines at the place of the first data line.
+func expectRewritten(lines []string, rewritten string, complete bool) string {
+	repl := strings.NewReplacer("\r\n", "\n", "\r", "\n").Replace(rewritten)
 	var sb strings.Builder
 	wrote := false
 	for _, l := range lines {
@@ -354,56 +366,29 @@ func (g *streamGen) event(last bool) {
 	}
 	g.rewrites++
 	joined := strings.Join(data, "\n")
+	var rewritten string
 	if strings.HasPrefix(joined, "[") {
 		// Batch: only the matching element is replaced.
 		elem := `{"jsonrpc":"2.0","id":7,"result":{}}`
 		out, _ := rewriteFn([]byte(elem))
-		joined = strings.Replace(joined, elem, string(out), 1)
-		var sb strings.Builder
-		wrote := false
-		for _, l := range lines {
-			if strings.HasPrefix(l, "data") {
-				if !wrote {
-					for _, dl := range strings.Split(strings.NewReplacer("\r\n", "\n", "\r", "\n").Replace(joined), "\n") {
-						sb.WriteString("data: " + dl + "\n")
-					}
-					wrote = true
-				}
-				continue
-			}
-			sb.WriteString(l + "\n")
-		}
-		if complete {
-			sb.WriteString("\n")
-		}
-		g.want.WriteString(sb.String())
-		return
+		rewritten = strings.Replace(joined, elem, string(out), 1)
+	} else {
+		out, _ := rewriteFn([]byte(joined))
+		rewritten = string(out)
 	}
-	g.want.WriteString(expectRewritten(lines, joined, complete))
+	g.want.WriteString(expectRewritten(lines, rewritten, complete))
 }
 
 // rewriteChunks runs a new Rewriter over stream cut at cuts.
 func rewriteChunks(stream []byte, cuts []int, fn func([]byte) ([]byte, error)) ([]byte, int, error) {
 	r := NewRewriter(json.RawMessage(targetID), Limits{}, fn)
 	var out []byte
-	prev := 0
-	for k := 0; k <= len(cuts); k++ {
-		end := len(stream)
-		if k < len(cuts) {
-			end = cuts[k]
-		}
-		chunk := append([]byte(nil), stream[prev:end]...)
-		got, err := r.Feed(chunk, k == len(cuts))
+	err := feedChunks(stream, cuts, true, func(chunk []byte, last bool) error { // the caller reuses its buffer
+		got, err := r.Feed(chunk, last)
 		out = append(out, got...)
-		for i := range chunk {
-			chunk[i] = 'X' // the caller reuses its buffer
-		}
-		if err != nil {
-			return out, r.Rewritten(), err
-		}
-		prev = end
-	}
-	return out, r.Rewritten(), nil
+		return err
+	})
+	return out, r.Rewritten(), err
 }
 
 // chunkings returns cut lists for stream: 1-byte chunks, cuts right after every CR (inside

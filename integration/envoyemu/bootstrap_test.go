@@ -4,9 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
@@ -16,10 +14,6 @@ import (
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -100,24 +94,8 @@ func requireTLSControlPlane(t *testing.T, ca *testpki.CA) *tlsControlPlane {
 // cluster.
 func TestBootstrapMTLSToControlPlane(t *testing.T) {
 	ca := testpki.NewCA(t, trustDomain)
-	spire := &fakeSPIRE{secrets: map[string]*tlsv3.Secret{}, changed: make(chan struct{})}
-	spire.set(spireCert(t, ca, inventoryID), spireBundle(t, ca))
-	sock := requireFakeSPIRE(t, spire)
+	_, sock := requireFakeSPIRE(t, spireCert(t, ca, inventoryID), spireBundle(t, ca))
 
-	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "hello") }))
-	t.Cleanup(app.Close)
-	authzFilter := must(t, func() (*hcmv3.HttpFilter, error) { return envoy.ExtAuthzFilter("mcpgate") })
-	router := must(t, envoy.RouterFilter)
-	chain := must(t, func() (*listenerv3.FilterChain, error) {
-		return envoy.HTTPFilterChain("inbound", envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "inbound", RouteConfig: "inbound",
-			Filters: []*hcmv3.HttpFilter{authzFilter, router}}), nil)
-	})
-	inbound := envoy.Listener(envoy.ListenerOptions{Name: "inbound", Address: "0.0.0.0", Port: 15006, Chains: []*listenerv3.FilterChain{chain}})
-	appHost, appPort := splitHostPort(t, app.Listener.Addr().String())
-	appCluster, appCLA := mustCluster(t, envoy.ClusterOptions{Name: "app", Host: appHost, Port: appPort})
-	routes := envoy.RouteConfiguration("inbound", envoy.VirtualHost("inbound", []string{"*"}, []*routev3.Route{
-		envoy.Forward("all", envoy.Prefix("/"), envoy.ForwardOptions{Cluster: "app", Timeout: 10 * time.Second}),
-	}))
 	cp := requireTLSControlPlane(t, ca)
 	host, port := splitHostPort(t, cp.addr)
 	toGate := must(t, func() (*corev3.TransportSocket, error) {
@@ -125,10 +103,7 @@ func TestBootstrapMTLSToControlPlane(t *testing.T) {
 	})
 	gateCluster, gateCLA := mustCluster(t, envoy.ClusterOptions{Name: "mcpgate", Host: host, Port: port, Protocol: envoy.HTTP2, TransportSocket: toGate})
 	clash, _ := mustCluster(t, envoy.ClusterOptions{Name: envoy.XDSCluster, Host: host, Port: port, Protocol: envoy.HTTP2, Static: true})
-	cp.set(t, "inventory", map[resource.Type][]types.Resource{
-		resource.ListenerType: {inbound}, resource.RouteType: {routes},
-		resource.ClusterType: {appCluster, gateCluster}, resource.EndpointType: {appCLA, gateCLA},
-	})
+	cp.set(t, "inventory", inboundNode(t, requireHelloApp(t), nil, gateCluster, gateCLA))
 	cp.set(t, "clash", map[resource.Type][]types.Resource{resource.ClusterType: {clash}})
 	boot := func(t *testing.T, node, serverID string) *bootstrapv3.Bootstrap {
 		t.Helper()
@@ -142,13 +117,8 @@ func TestBootstrapMTLSToControlPlane(t *testing.T) {
 
 	t.Run("ADS and ext_authz over SPIFFE mTLS from the bootstrap", func(t *testing.T) {
 		e := requireEmulator(t, Options{Bootstrap: boot(t, "inventory", mcpgateID)})
-		resp, err := http.Get("http://" + e.Listener("inbound") + "/")
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 || string(b) != "hello" || len(cp.authz.all()) != 1 {
+		resp, b := getBody(t, http.DefaultClient, "http://"+e.Listener("inbound")+"/")
+		if resp.StatusCode != 200 || b != "hello" || len(cp.authz.all()) != 1 {
 			t.Fatalf("%d %s, %d checks", resp.StatusCode, b, len(cp.authz.all()))
 		}
 		// Both connections, ADS and ext_authz, presented inventory's SVID.
@@ -171,17 +141,7 @@ func TestBootstrapMTLSToControlPlane(t *testing.T) {
 	})
 
 	t.Run("CDS cannot replace a static cluster", func(t *testing.T) {
-		e, err := Start(context.Background(), Options{Bootstrap: boot(t, "clash", mcpgateID), Logf: t.Logf})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer e.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := e.Wait(ctx, func(e *Emulator) bool { return len(e.NACKs()) > 0 }); err != nil {
-			t.Fatal(err)
-		}
-		if n := e.NACKs()[0]; !strings.Contains(n, "static cluster") {
+		if _, n := startUntilNACK(t, Options{Bootstrap: boot(t, "clash", mcpgateID)}, 10*time.Second); !strings.Contains(n, "static cluster") {
 			t.Fatalf("NACK %q", n)
 		}
 	})

@@ -1,14 +1,11 @@
 package envoyemu
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
 
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -60,24 +57,10 @@ func TestNACKUnsupported(t *testing.T) {
 	r := envoy.Forward("re", &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: ".*"}}},
 		envoy.ForwardOptions{Cluster: "c"})
 	rc := envoy.RouteConfiguration("main", envoy.VirtualHost("main", []string{"*"}, []*routev3.Route{r}))
-	router := must(t, envoy.RouterFilter)
-	chain := must(t, func() (*listenerv3.FilterChain, error) {
-		return envoy.HTTPFilterChain("main", envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "main", RouteConfig: "main",
-			Filters: []*hcmv3.HttpFilter{router}}), nil)
-	})
-	lis := envoy.Listener(envoy.ListenerOptions{Name: "main", Address: "0.0.0.0", Port: 10000, Chains: []*listenerv3.FilterChain{chain}})
+	lis := httpListener(t, "main", "0.0.0.0", 10000, nil)
 	addr := requireADS(t, map[resource.Type][]types.Resource{resource.ListenerType: {lis}, resource.RouteType: {rc}})
-	e, err := Start(context.Background(), Options{XDSAddress: addr, NodeCluster: "test", Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := e.Wait(ctx, func(e *Emulator) bool { return len(e.NACKs()) > 0 }); err != nil {
-		t.Fatal(err)
-	}
-	if n := e.NACKs()[0]; !strings.Contains(n, "SafeRegex") || !strings.Contains(n, `route "re"`) {
+	e, n := startUntilNACK(t, Options{XDSAddress: addr, NodeCluster: "test"}, 5*time.Second)
+	if !strings.Contains(n, "SafeRegex") || !strings.Contains(n, `route "re"`) {
 		t.Fatalf("NACK %q", n)
 	}
 	if e.Version(resource.RouteType) != "" {

@@ -21,6 +21,7 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -204,12 +205,7 @@ func requireRig(t *testing.T, o rigOptions) *rig {
 		a, err := envoy.Any(pc)
 		return &hcmv3.HttpFilter{Name: envoy.FilterExtProc, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: a}}, err
 	})
-	router := must(t, envoy.RouterFilter)
-	chain := must(t, func() (*listenerv3.FilterChain, error) {
-		return envoy.HTTPFilterChain("main", envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "main", RouteConfig: "main",
-			Filters: []*hcmv3.HttpFilter{procFilter, router}}), nil)
-	})
-	lis := envoy.Listener(envoy.ListenerOptions{Name: "main", Address: "0.0.0.0", Port: 10000, Chains: []*listenerv3.FilterChain{chain}})
+	lis := httpListener(t, "main", "0.0.0.0", 10000, nil, procFilter)
 	upHost, upPort := splitHostPort(t, rg.upstream.Listener.Addr().String())
 	upCluster, upCLA := mustCluster(t, envoy.ClusterOptions{Name: "upstream", Host: upHost, Port: upPort})
 	procHost, procPort := splitHostPort(t, procAddr)
@@ -289,4 +285,109 @@ func (rg *rig) requireMessages(t *testing.T, want ...string) {
 	if strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Fatalf("ext_proc messages:\n  %s\nwant:\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
 	}
+}
+
+// httpListener is a listener name on address:port (over ts; nil for plaintext) with one
+// HTTP filter chain, its stat prefix and route configuration also name, that runs
+// filters and then the router.
+func httpListener(t testing.TB, name, address string, port uint32, ts *corev3.TransportSocket, filters ...*hcmv3.HttpFilter) *listenerv3.Listener {
+	t.Helper()
+	router := must(t, envoy.RouterFilter)
+	chain := must(t, func() (*listenerv3.FilterChain, error) {
+		return envoy.HTTPFilterChain(name, envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: name, RouteConfig: name,
+			Filters: append(filters, router)}), ts)
+	})
+	return envoy.Listener(envoy.ListenerOptions{Name: name, Address: address, Port: port, Chains: []*listenerv3.FilterChain{chain}})
+}
+
+// requireHelloApp serves "hello" on loopback until the test ends and returns its address.
+func requireHelloApp(t testing.TB) string {
+	t.Helper()
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "hello") }))
+	t.Cleanup(app.Close)
+	return app.Listener.Addr().String()
+}
+
+// requireAuthzCluster serves a over gRPC on loopback until the test ends and returns the
+// HTTP/2 cluster "authz" that reaches it.
+func requireAuthzCluster(t testing.TB, a *recordingAuthz) (*clusterv3.Cluster, *endpointv3.ClusterLoadAssignment) {
+	t.Helper()
+	g := grpc.NewServer()
+	authv3.RegisterAuthorizationServer(g, a)
+	host, port := splitHostPort(t, requireGRPC(t, g))
+	return mustCluster(t, envoy.ClusterOptions{Name: "authz", Host: host, Port: port, Protocol: envoy.HTTP2})
+}
+
+// inboundNode is the snapshot of a node whose "inbound" listener (0.0.0.0:15006 over
+// downstream; nil for plaintext) runs ext_authz on the cluster authz and then forwards
+// everything to the app at appAddr.
+func inboundNode(t testing.TB, appAddr string, downstream *corev3.TransportSocket,
+	authz *clusterv3.Cluster, authzCLA *endpointv3.ClusterLoadAssignment,
+) map[resource.Type][]types.Resource {
+	t.Helper()
+	authzFilter := must(t, func() (*hcmv3.HttpFilter, error) { return envoy.ExtAuthzFilter(authz.GetName()) })
+	inbound := httpListener(t, "inbound", "0.0.0.0", 15006, downstream, authzFilter)
+	appHost, appPort := splitHostPort(t, appAddr)
+	appCluster, appCLA := mustCluster(t, envoy.ClusterOptions{Name: "app", Host: appHost, Port: appPort})
+	routes := envoy.RouteConfiguration("inbound", envoy.VirtualHost("inbound", []string{"*"}, []*routev3.Route{
+		envoy.Forward("all", envoy.Prefix("/"), envoy.ForwardOptions{Cluster: "app", Timeout: 10 * time.Second}),
+	}))
+	return map[resource.Type][]types.Resource{
+		resource.ListenerType: {inbound}, resource.RouteType: {routes},
+		resource.ClusterType: {appCluster, authz}, resource.EndpointType: {appCLA, authzCLA},
+	}
+}
+
+// outboundNode is the snapshot of a node whose plaintext "outbound" listener
+// (127.0.0.1:3500) routes by routes to clusters.
+func outboundNode(t testing.TB, routes []*routev3.Route, clusters ...*clusterv3.Cluster) map[resource.Type][]types.Resource {
+	t.Helper()
+	outbound := httpListener(t, "outbound", "127.0.0.1", 3500, nil)
+	rc := envoy.RouteConfiguration("outbound", envoy.VirtualHost("outbound", []string{"*"}, routes))
+	res := map[resource.Type][]types.Resource{resource.ListenerType: {outbound}, resource.RouteType: {rc}}
+	for _, c := range clusters {
+		res[resource.ClusterType] = append(res[resource.ClusterType], c)
+	}
+	return res
+}
+
+// sidecarCluster is the cluster name to inventory's sidecar (inventory-envoy:15006) over
+// upstream mTLS that presents mesh and accepts only the SPIFFE ID peer.
+func sidecarCluster(t testing.TB, name string, mesh envoy.MeshTLS, peer string) *clusterv3.Cluster {
+	t.Helper()
+	upstream := must(t, func() (*corev3.TransportSocket, error) { return envoy.UpstreamMTLS(mesh, peer) })
+	c, _ := mustCluster(t, envoy.ClusterOptions{Name: name, Host: "inventory-envoy", Port: 15006,
+		Protocol: envoy.HTTPAuto, TransportSocket: upstream})
+	return c
+}
+
+// startUntilNACK starts an emulator on o (logging to t, closed when the test ends),
+// waits up to within for its first NACK and returns it.
+func startUntilNACK(t testing.TB, o Options, within time.Duration) (*Emulator, string) {
+	t.Helper()
+	o.Logf = t.Logf
+	e, err := Start(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	if err := e.Wait(ctx, func(e *Emulator) bool { return len(e.NACKs()) > 0 }); err != nil {
+		t.Fatal(err)
+	}
+	return e, e.NACKs()[0]
+}
+
+// getBody GETs url with c, fails the test if that fails, and returns the response with
+// its body (read to the end, errors ignored, and closed).
+func getBody(t testing.TB, c *http.Client, url string) (*http.Response, string) {
+	t.Helper()
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp, string(b)
 }

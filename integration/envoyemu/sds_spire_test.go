@@ -1,13 +1,11 @@
 package envoyemu
 
 import (
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -15,11 +13,8 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -122,8 +117,12 @@ func spireBundle(t testing.TB, ca *testpki.CA) *tlsv3.Secret {
 	}}}
 }
 
-func requireFakeSPIRE(t *testing.T, f *fakeSPIRE) string {
+// requireFakeSPIRE serves a fakeSPIRE holding secrets on a Unix socket until the test
+// ends and returns it with the socket's path.
+func requireFakeSPIRE(t *testing.T, secrets ...*tlsv3.Secret) (*fakeSPIRE, string) {
 	t.Helper()
+	f := &fakeSPIRE{secrets: map[string]*tlsv3.Secret{}, changed: make(chan struct{})}
+	f.set(secrets...)
 	sock := filepath.Join(t.TempDir(), "a.sock")
 	lis, err := net.Listen("unix", sock)
 	if err != nil {
@@ -133,7 +132,7 @@ func requireFakeSPIRE(t *testing.T, f *fakeSPIRE) string {
 	secretv3.RegisterSecretDiscoveryServiceServer(g, f)
 	go func() { _ = g.Serve(lis) }()
 	t.Cleanup(g.Stop)
-	return sock
+	return f, sock
 }
 
 func spireMeshTLS(id string) envoy.MeshTLS {
@@ -145,65 +144,22 @@ func spireMeshTLS(id string) envoy.MeshTLS {
 // the SPIFFE validator checks peers; a rotated SVID applies to new handshakes.
 func TestSPIRESDS(t *testing.T) {
 	ca := testpki.NewCA(t, trustDomain)
-	spire := &fakeSPIRE{secrets: map[string]*tlsv3.Secret{}, changed: make(chan struct{})}
-	spire.set(spireCert(t, ca, inventoryID), spireCert(t, ca, agentID), spireBundle(t, ca))
-	sock := requireFakeSPIRE(t, spire)
+	spire, sock := requireFakeSPIRE(t, spireCert(t, ca, inventoryID), spireCert(t, ca, agentID), spireBundle(t, ca))
 
 	authz := &recordingAuthz{}
-	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "hello") }))
-	t.Cleanup(app.Close)
-	g := grpc.NewServer()
-	authv3.RegisterAuthorizationServer(g, authz)
-	authzAddr := requireGRPC(t, g)
-
-	authzFilter := must(t, func() (*hcmv3.HttpFilter, error) { return envoy.ExtAuthzFilter("authz") })
-	router := must(t, envoy.RouterFilter)
+	authzCluster, authzCLA := requireAuthzCluster(t, authz)
 	downstream := must(t, func() (*corev3.TransportSocket, error) {
 		return envoy.DownstreamMTLS(spireMeshTLS(inventoryID), trustDomain, true)
 	})
-	chain := must(t, func() (*listenerv3.FilterChain, error) {
-		return envoy.HTTPFilterChain("inbound", envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "inbound", RouteConfig: "inbound",
-			Filters: []*hcmv3.HttpFilter{authzFilter, router}}), downstream)
-	})
-	inbound := envoy.Listener(envoy.ListenerOptions{Name: "inbound", Address: "0.0.0.0", Port: 15006, Chains: []*listenerv3.FilterChain{chain}})
-	appHost, appPort := splitHostPort(t, app.Listener.Addr().String())
-	appCluster, appCLA := mustCluster(t, envoy.ClusterOptions{Name: "app", Host: appHost, Port: appPort})
-	authzHost, authzPort := splitHostPort(t, authzAddr)
-	authzCluster, authzCLA := mustCluster(t, envoy.ClusterOptions{Name: "authz", Host: authzHost, Port: authzPort, Protocol: envoy.HTTP2})
-	inRoutes := envoy.RouteConfiguration("inbound", envoy.VirtualHost("inbound", []string{"*"}, []*routev3.Route{
-		envoy.Forward("all", envoy.Prefix("/"), envoy.ForwardOptions{Cluster: "app", Timeout: 10 * time.Second}),
-	}))
-	upstream := must(t, func() (*corev3.TransportSocket, error) { return envoy.UpstreamMTLS(spireMeshTLS(agentID), inventoryID) })
-	sidecar, _ := mustCluster(t, envoy.ClusterOptions{Name: "sidecar|inventory", Host: "inventory-envoy", Port: 15006,
-		Protocol: envoy.HTTPAuto, TransportSocket: upstream})
-	outChain := must(t, func() (*listenerv3.FilterChain, error) {
-		return envoy.HTTPFilterChain("outbound", envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "outbound", RouteConfig: "outbound",
-			Filters: []*hcmv3.HttpFilter{router}}), nil)
-	})
-	outbound := envoy.Listener(envoy.ListenerOptions{Name: "outbound", Address: "127.0.0.1", Port: 3500, Chains: []*listenerv3.FilterChain{outChain}})
-	outRoutes := envoy.RouteConfiguration("outbound", envoy.VirtualHost("outbound", []string{"*"}, []*routev3.Route{
-		envoy.Forward("ok", envoy.Prefix("/"), envoy.ForwardOptions{Cluster: "sidecar|inventory", Timeout: 10 * time.Second}),
-	}))
 	xdsAddr := requireADSNodes(t, map[string]map[resource.Type][]types.Resource{
-		"inventory": {
-			resource.ListenerType: {inbound}, resource.RouteType: {inRoutes},
-			resource.ClusterType: {appCluster, authzCluster}, resource.EndpointType: {appCLA, authzCLA},
-		},
-		"agent": {resource.ListenerType: {outbound}, resource.RouteType: {outRoutes}, resource.ClusterType: {sidecar}},
+		"inventory": inboundNode(t, requireHelloApp(t), downstream, authzCluster, authzCLA),
+		"agent": outboundNode(t, []*routev3.Route{
+			envoy.Forward("ok", envoy.Prefix("/"), envoy.ForwardOptions{Cluster: "sidecar|inventory", Timeout: 10 * time.Second}),
+		}, sidecarCluster(t, "sidecar|inventory", spireMeshTLS(agentID), inventoryID)),
 	})
 
 	t.Run("without SDSSocket the SPIRE secrets are NACKed", func(t *testing.T) {
-		e, err := Start(context.Background(), Options{XDSAddress: xdsAddr, NodeCluster: "inventory", Logf: t.Logf})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer e.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := e.Wait(ctx, func(e *Emulator) bool { return len(e.NACKs()) > 0 }); err != nil {
-			t.Fatal(err)
-		}
-		if n := e.NACKs()[0]; !strings.Contains(n, "SDSSocket") {
+		if _, n := startUntilNACK(t, Options{XDSAddress: xdsAddr, NodeCluster: "inventory"}, 5*time.Second); !strings.Contains(n, "SDSSocket") {
 			t.Fatalf("NACK %q", n)
 		}
 	})
@@ -216,13 +172,8 @@ func TestSPIRESDS(t *testing.T) {
 
 	get := func(t *testing.T) {
 		t.Helper()
-		resp, err := http.Get(out)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 || string(b) != "hello" {
+		resp, b := getBody(t, http.DefaultClient, out)
+		if resp.StatusCode != 200 || b != "hello" {
 			t.Fatalf("%d %s", resp.StatusCode, b)
 		}
 	}

@@ -13,9 +13,7 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -111,62 +109,26 @@ func requireMTLS(t *testing.T, requireClient bool) *mtlsEnv {
 		_, _ = io.WriteString(w, "hello from the app")
 	}))
 	t.Cleanup(app.Close)
-	g := grpc.NewServer()
-	authv3.RegisterAuthorizationServer(g, env.authz)
-	authzAddr := requireGRPC(t, g)
+	authzCluster, authzCLA := requireAuthzCluster(t, env.authz)
 
 	// inventory: inbound mTLS listener.
-	authzFilter := must(t, func() (*hcmv3.HttpFilter, error) { return envoy.ExtAuthzFilter("authz") })
-	router := must(t, envoy.RouterFilter)
 	downstream := must(t, func() (*corev3.TransportSocket, error) {
 		return envoy.DownstreamMTLS(meshTLS(inventoryID), trustDomain, requireClient)
 	})
-	chain := must(t, func() (*listenerv3.FilterChain, error) {
-		return envoy.HTTPFilterChain("inbound", envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "inbound", RouteConfig: "inbound",
-			Filters: []*hcmv3.HttpFilter{authzFilter, router}}), downstream)
-	})
-	inbound := envoy.Listener(envoy.ListenerOptions{Name: "inbound", Address: "0.0.0.0", Port: 15006, Chains: []*listenerv3.FilterChain{chain}})
-	appHost, appPort := splitHostPort(t, app.Listener.Addr().String())
-	appCluster, appCLA := mustCluster(t, envoy.ClusterOptions{Name: "app", Host: appHost, Port: appPort})
-	authzHost, authzPort := splitHostPort(t, authzAddr)
-	authzCluster, authzCLA := mustCluster(t, envoy.ClusterOptions{Name: "authz", Host: authzHost, Port: authzPort, Protocol: envoy.HTTP2})
-	inRoutes := envoy.RouteConfiguration("inbound", envoy.VirtualHost("inbound", []string{"*"}, []*routev3.Route{
-		envoy.Forward("all", envoy.Prefix("/"), envoy.ForwardOptions{Cluster: "app", Timeout: 10 * time.Second}),
-	}))
+	inventory := inboundNode(t, app.Listener.Addr().String(), downstream, authzCluster, authzCLA)
+	inventory[resource.SecretType] = certDirSecrets(inventoryID)
 
 	// agent: plaintext outbound listener, mTLS clusters to inventory's sidecar.
-	upstream := func(peer string) *corev3.TransportSocket {
-		return must(t, func() (*corev3.TransportSocket, error) { return envoy.UpstreamMTLS(meshTLS(agentID), peer) })
-	}
-	okCluster, _ := mustCluster(t, envoy.ClusterOptions{Name: "sidecar|inventory", Host: "inventory-envoy", Port: 15006,
-		Protocol: envoy.HTTPAuto, TransportSocket: upstream(inventoryID)})
-	wrongCluster, _ := mustCluster(t, envoy.ClusterOptions{Name: "sidecar|wrong", Host: "inventory-envoy", Port: 15006,
-		Protocol: envoy.HTTPAuto, TransportSocket: upstream("spiffe://example.org/ns/default/somebody-else")})
-	outChain := must(t, func() (*listenerv3.FilterChain, error) {
-		return envoy.HTTPFilterChain("outbound", envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "outbound", RouteConfig: "outbound",
-			Filters: []*hcmv3.HttpFilter{router}}), nil)
-	})
-	outbound := envoy.Listener(envoy.ListenerOptions{Name: "outbound", Address: "127.0.0.1", Port: 3500, Chains: []*listenerv3.FilterChain{outChain}})
-	outRoutes := envoy.RouteConfiguration("outbound", envoy.VirtualHost("outbound", []string{"*"}, []*routev3.Route{
+	agent := outboundNode(t, []*routev3.Route{
 		envoy.Forward("wrong", envoy.Prefix("/wrong"), envoy.ForwardOptions{Cluster: "sidecar|wrong", Timeout: 10 * time.Second}),
 		envoy.Forward("ok", envoy.Prefix("/"), envoy.ForwardOptions{Cluster: "sidecar|inventory", Timeout: 10 * time.Second}),
-	}))
+	},
+		sidecarCluster(t, "sidecar|inventory", meshTLS(agentID), inventoryID),
+		sidecarCluster(t, "sidecar|wrong", meshTLS(agentID), "spiffe://example.org/ns/default/somebody-else"),
+	)
+	agent[resource.SecretType] = certDirSecrets(agentID)
 
-	xdsAddr := requireADSNodes(t, map[string]map[resource.Type][]types.Resource{
-		"inventory": {
-			resource.ListenerType: {inbound},
-			resource.RouteType:    {inRoutes},
-			resource.ClusterType:  {appCluster, authzCluster},
-			resource.EndpointType: {appCLA, authzCLA},
-			resource.SecretType:   certDirSecrets(inventoryID),
-		},
-		"agent": {
-			resource.ListenerType: {outbound},
-			resource.RouteType:    {outRoutes},
-			resource.ClusterType:  {okCluster, wrongCluster},
-			resource.SecretType:   certDirSecrets(agentID),
-		},
-	})
+	xdsAddr := requireADSNodes(t, map[string]map[resource.Type][]types.Resource{"inventory": inventory, "agent": agent})
 	env.inventory = requireEmulator(t, Options{XDSAddress: xdsAddr, NodeCluster: "inventory", FileRoot: env.ca.CertDir(t, inventoryID)})
 	env.inbound = env.inventory.Listener("inbound")
 	if env.inbound == "" {
@@ -224,13 +186,8 @@ func TestTLSStrictRejectsClientWithoutCertificate(t *testing.T) {
 // as destination.principal, over h2 negotiated by ALPN, with :scheme https.
 func TestTLSPrincipalReachesExtAuthz(t *testing.T) {
 	env := requireMTLS(t, true)
-	resp, err := env.client(t, env.ca.TLSCert(t, agentID)).Get("https://" + env.inbound + "/mcp")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || string(b) != "hello from the app" {
+	resp, b := getBody(t, env.client(t, env.ca.TLSCert(t, agentID)), "https://"+env.inbound+"/mcp")
+	if resp.StatusCode != 200 || b != "hello from the app" {
 		t.Fatalf("got %d %q", resp.StatusCode, b)
 	}
 	if resp.ProtoMajor != 2 {
@@ -317,31 +274,17 @@ func TestUpstreamMTLS(t *testing.T) {
 // Secrets whose files are missing are NACKed (sds_api.cc rejects the update) and the
 // listener never binds.
 func TestSDSMissingFilesNACK(t *testing.T) {
-	router := must(t, envoy.RouterFilter)
 	downstream := must(t, func() (*corev3.TransportSocket, error) {
 		return envoy.DownstreamMTLS(meshTLS(inventoryID), trustDomain, true)
 	})
-	chain := must(t, func() (*listenerv3.FilterChain, error) {
-		return envoy.HTTPFilterChain("inbound", envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "inbound", RouteConfig: "inbound",
-			Filters: []*hcmv3.HttpFilter{router}}), downstream)
-	})
-	lis := envoy.Listener(envoy.ListenerOptions{Name: "inbound", Address: "0.0.0.0", Port: 15006, Chains: []*listenerv3.FilterChain{chain}})
+	lis := httpListener(t, "inbound", "0.0.0.0", 15006, downstream)
 	rc := envoy.RouteConfiguration("inbound", envoy.VirtualHost("inbound", []string{"*"}, []*routev3.Route{
 		envoy.DirectResponse("ok", envoy.Prefix("/"), 200, "", "ok", nil)}))
 	addr := requireADSNodes(t, map[string]map[resource.Type][]types.Resource{"test": {
 		resource.ListenerType: {lis}, resource.RouteType: {rc}, resource.SecretType: certDirSecrets(inventoryID),
 	}})
-	e, err := Start(context.Background(), Options{XDSAddress: addr, NodeCluster: "test", FileRoot: t.TempDir(), Logf: t.Logf})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := e.Wait(ctx, func(e *Emulator) bool { return len(e.NACKs()) > 0 }); err != nil {
-		t.Fatal(err)
-	}
-	if n := e.NACKs()[0]; !strings.Contains(n, "secret") || !strings.Contains(n, "no such file") {
+	e, n := startUntilNACK(t, Options{XDSAddress: addr, NodeCluster: "test", FileRoot: t.TempDir()}, 5*time.Second)
+	if !strings.Contains(n, "secret") || !strings.Contains(n, "no such file") {
 		t.Fatalf("NACK %q", n)
 	}
 	if e.Listener("inbound") != "" {
