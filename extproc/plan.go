@@ -77,6 +77,20 @@ func filtersResponses(m *policy.MCP) bool {
 	return m.Responses.FilterToolsList || len(m.Responses.Redact) > 0 || m.Tools.Rego != nil
 }
 
+// redactsResult reports whether a tools/call of tool, decided d, has its result redacted
+// (by responses.redact or by the Rego decision).
+func (st *stream) redactsResult(tool string, d Decision) bool {
+	if len(d.Redact) > 0 {
+		return true
+	}
+	for _, red := range st.app.MCP.Responses.Redact {
+		if policy.MatchAny(red.Tools, tool) {
+			return true
+		}
+	}
+	return false
+}
+
 // errResponseOnGET ends a GET stream that carries a JSON-RPC response.
 var errResponseOnGET = fmt.Errorf("a JSON-RPC response on a GET event stream cannot be filtered")
 

@@ -450,6 +450,12 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 				rawHeader("retry-after", retryAfter(wait)))
 		}
 		d := Decide(ctx, st.app.MCP, &r)
+		if d.Allow && m.Task && m.Method == "tools/call" && st.redactsResult(m.Tool, d) {
+			// The result of a task-augmented call comes later, on tasks/result, from a
+			// stream that does not know which tool it came from: it would escape
+			// redaction. Such calls are refused; plain calls of the tool still work.
+			d = Decision{Rule: "protocol", Reason: "task-augmented tools/call is not available for tools whose results are redacted"}
+		}
 		st.req = r // the last message is what the response phase logs about
 		decisions = append(decisions, requestDecision{i, d})
 		st.logDecision(d, m.ID, time.Since(start))

@@ -140,6 +140,10 @@ type Message struct {
 	URI string
 	// ProgressToken is params._meta.progressToken, raw, if any.
 	ProgressToken json.RawMessage
+	// Task is true when params has a "task" member: the request is task-augmented (MCP
+	// 2025-11-25 tasks), answered with a task handle, its result fetched later with
+	// tasks/result.
+	Task bool
 
 	start, end int // the message object in the body
 	params     span
@@ -359,6 +363,8 @@ func (m *Message) extract(body []byte, x spanIndex) *Error {
 				args = s
 			case mb.is("_meta"):
 				meta = s
+			case mb.is("task"):
+				m.Task = true // whatever its value: a server may take any as a request for a task
 			}
 		}
 	}
