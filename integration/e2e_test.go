@@ -36,6 +36,9 @@ type mesh struct {
 	inventory sidecar
 	agent     sidecar
 	invokeURL string // the agent sidecar's /v1.0/invoke/inventory/method/mcp
+	// appAddr, if set, is where the policy sends inventory's traffic instead of app (an
+	// MCP server on another SDK).
+	appAddr string
 	// stranger, if set, is the mTLS certificate of a workload that inventory does not
 	// allow (mtls: strict names callers by certificate); nil: callers are named by their
 	// token, and the stranger is a token's azp.
@@ -82,7 +85,11 @@ func (m *mesh) meshPolicy(t *testing.T, mtls string) {
 	replaceInFile(t, mesh, "mtls: strict", "mtls: "+mtls)
 	replaceInFile(t, mesh, "address: mcpgate:9001", "address: "+m.addrs.grpc)
 	apps := filepath.Join(m.dir, "inventory.yaml")
-	replaceInFile(t, apps, "address: inventory:8000", "address: "+m.app.Addr())
+	appAddr := m.appAddr
+	if appAddr == "" {
+		appAddr = m.app.Addr()
+	}
+	replaceInFile(t, apps, "address: inventory:8000", "address: "+appAddr)
 	replaceInFile(t, apps, "sidecar:\n    address: inventory-envoy\n    inboundPort: 15006\n    outboundPort: 3500",
 		fmt.Sprintf("sidecar:\n    address: 127.0.0.1\n    inboundPort: %d\n    outboundPort: %d", m.addrs.inventoryIn, m.addrs.inventoryOut))
 	replaceInFile(t, apps, "sidecar:\n    address: my-agent-envoy\n    inboundPort: 15006\n    outboundPort: 3500",
@@ -92,9 +99,12 @@ func (m *mesh) meshPolicy(t *testing.T, mtls string) {
 // startMeshWith starts mcpgate and the two sidecars. fileRoots give each emulated
 // sidecar its own certificate files (mTLS); nil for plaintext. edit, if set, changes the
 // policy copy before mcpgate reads it.
+// m.app, if already set, is the App to use.
 func startMeshWith(t *testing.T, m *mesh, mtls string, fileRoots map[string]string, edit func()) {
 	t.Helper()
-	m.app = startMCPApp(t, mcpapp.Options{DisableLocalhostProtection: true})
+	if m.app == nil {
+		m.app = startMCPApp(t, mcpapp.Options{DisableLocalhostProtection: true})
+	}
 	m.meshPolicy(t, mtls)
 	if edit != nil {
 		edit()

@@ -55,6 +55,10 @@ type Options struct {
 	// DisableLocalhostProtection turns off the SDK's DNS-rebinding check
 	// (403 for a non-loopback Host header on a loopback listener).
 	DisableLocalhostProtection bool
+	// Middleware, if set, wraps the App's HTTP handler in Start (what a server's
+	// framework adds in front of the SDK: compression, say). Requests are recorded as
+	// they reach the middleware.
+	Middleware func(http.Handler) http.Handler
 }
 
 // Call is one tool call the App executed.
@@ -123,7 +127,11 @@ func Start(opts Options) (*Server, error) {
 	}
 	s.ln = ln
 	s.url = "http://" + ln.Addr().String()
-	s.httpSrv = &http.Server{Handler: s.record(mux), ReadHeaderTimeout: 10 * time.Second}
+	var h http.Handler = mux
+	if opts.Middleware != nil {
+		h = opts.Middleware(h)
+	}
+	s.httpSrv = &http.Server{Handler: s.record(h), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = s.httpSrv.Serve(ln) }()
 	return s, nil
 }
