@@ -1,6 +1,7 @@
 package extproc
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"strings"
@@ -255,5 +256,64 @@ func TestTaskAugmentedCallsOfRedactedTools(t *testing.T) {
 	}
 	if res := runEnvoy(t, s, envoyRequest{md: agentMD, body: call(5, "get_customer", `{"id":"c1"}`)}, envoyUpstream{}); res.immediate != nil {
 		t.Fatalf("a plain call of get_customer was refused: %s", res.immediate.GetBody())
+	}
+}
+
+// Mcp-Session-Id is bound to the caller that opened the session: the client sees the
+// server's id with a tag, and only the same identity can present it.
+func TestSessionBoundToCaller(t *testing.T) {
+	key := bytes.Repeat([]byte{7}, SessionKeyBytes)
+	newServer := func(key []byte) *Server {
+		snap, err := policy.Load(context.Background(), mcpgate.DemoPolicy(), "demo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := NewServer(Options{Store: policy.NewStore(snap), SessionKey: key})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	s := newServer(key)
+	init := `{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}`
+	res := runEnvoy(t, s, envoyRequest{md: agentMD, body: init}, envoyUpstream{
+		contentType: "application/json", headers: []string{"mcp-session-id", "server-session-1"},
+		chunks: []string{`{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-06-18","capabilities":{},"serverInfo":{"name":"s","version":"1"}}}`},
+	})
+	bound := res.responseSet["mcp-session-id"]
+	if !strings.HasPrefix(bound, "server-session-1.") || len(bound) < len("server-session-1.")+16 {
+		t.Fatalf("the client got session id %q, want the server's bound to the caller", bound)
+	}
+	ping := `{"jsonrpc":"2.0","id":1,"method":"ping"}`
+	res = runEnvoy(t, s, envoyRequest{md: agentMD, body: ping, headers: []string{"mcp-session-id", bound}}, envoyUpstream{})
+	if res.immediate != nil || res.requestSet["mcp-session-id"] != "server-session-1" {
+		t.Fatalf("the opener's request: immediate %v, upstream session %q", res.immediate, res.requestSet["mcp-session-id"])
+	}
+	// A replica with the same key accepts it too.
+	if res := runEnvoy(t, newServer(key), envoyRequest{md: agentMD, body: ping, headers: []string{"mcp-session-id", bound}}, envoyUpstream{}); res.immediate != nil {
+		t.Fatalf("a replica with the same key refused the session: %s", res.immediate.GetBody())
+	}
+	for name, req := range map[string]envoyRequest{
+		"another caller":      {md: metadata("inventory", "other-agent", "mcp:tools", "inventory:read"), body: ping, headers: []string{"mcp-session-id", bound}},
+		"the server's raw id": {md: agentMD, body: ping, headers: []string{"mcp-session-id", "server-session-1"}},
+		"a forged tag":        {md: agentMD, body: ping, headers: []string{"mcp-session-id", "server-session-1.AAAAAAAAAAAAAAAAAAAAAA"}},
+		"a GET stream":        {md: metadata("inventory", "other-agent"), method: "GET", headers: []string{"mcp-session-id", bound}},
+		"another key":         {md: agentMD, body: ping, headers: []string{"mcp-session-id", bound}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			srv := s
+			if name == "another key" {
+				srv = newServer(bytes.Repeat([]byte{8}, SessionKeyBytes))
+			}
+			res := runEnvoy(t, srv, req, envoyUpstream{})
+			requireJSONRPCError(t, res.immediate, 404, nil, -32001, "session not found")
+		})
+	}
+	t.Run("two session headers", func(t *testing.T) {
+		res := runEnvoy(t, s, envoyRequest{md: agentMD, body: ping, headers: []string{"mcp-session-id", bound, "mcp-session-id", bound}}, envoyUpstream{})
+		requireJSONRPCError(t, res.immediate, 400, nil, -32600, "more than one Mcp-Session-Id")
+	})
+	if _, err := NewServer(Options{Store: s.store, SessionKey: []byte("short")}); err == nil {
+		t.Error("a 5-byte session key was accepted")
 	}
 }

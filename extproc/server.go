@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"mime"
 	"strconv"
@@ -37,16 +38,22 @@ type Options struct {
 	Store       *policy.Store
 	DecisionLog *zap.Logger
 	Meter       metric.Meter
+	// SessionKey binds the Mcp-Session-Id values clients see to the caller that opened
+	// the session (see session.go): SessionKeyBytes of secret. Replicas behind the same
+	// Envoys need the same key. Empty: a random key for this process, so sessions do not
+	// survive a restart and every replica binds its own (clients re-initialize on 404).
+	SessionKey []byte
 }
 
 // Server implements envoy.service.ext_proc.v3.ExternalProcessor.
 type Server struct {
 	extprocv3.UnimplementedExternalProcessorServer
 
-	store   *policy.Store
-	log     *zap.Logger
-	count   metric.Int64Counter
-	latency metric.Float64Histogram
+	store      *policy.Store
+	sessionKey []byte
+	log        *zap.Logger
+	count      metric.Int64Counter
+	latency    metric.Float64Histogram
 	// countAttrs caches the attribute sets of count; tools bounds its tool label (tool
 	// names come from callers: the first 200 per app of at most 128 bytes become labels).
 	countAttrs *decisionlog.AttrSets[countKey]
@@ -63,7 +70,16 @@ type Server struct {
 
 // NewServer returns a Server reading policy from opts.Store.
 func NewServer(opts Options) (*Server, error) {
-	s := &Server{store: opts.Store, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
+	key := opts.SessionKey
+	if len(key) == 0 {
+		var err error
+		if key, err = NewSessionKey(); err != nil {
+			return nil, err
+		}
+	} else if len(key) < SessionKeyBytes {
+		return nil, fmt.Errorf("session key: %d bytes, want at least %d", len(key), SessionKeyBytes)
+	}
+	s := &Server{store: opts.Store, sessionKey: key, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
 		countAttrs: decisionlog.NewAttrSets(10000, countSet), tools: decisionlog.NewLabels(200, 128)}
 	if s.log == nil {
 		s.log = zap.NewNop()
@@ -143,6 +159,7 @@ type stream struct {
 	decisionID                     string
 	cancel                         topdown.Cancel // cancelled when the stream's context ends
 	plan                           []responseStep
+	upstreamSession                string            // the server's session id, when one was presented
 	answering                      []json.RawMessage // ids of the requests of the body
 	rewriters                      []rewriter
 }
@@ -219,7 +236,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		ClaimsJSON: ident.ClaimsJSON, Target: ident.Target, Headers: map[string]string{},
 	}
 	var contentType, contentLength, lastEventID string
-	contentTypes := 0
+	contentTypes, sessions := 0, 0
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		k, v := strings.ToLower(hv.GetKey()), contract.HeaderValue(hv)
 		switch k {
@@ -236,6 +253,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			st.req.ProtocolVersion = v
 		case contract.HeaderSessionID:
 			st.req.SessionID = v
+			sessions++
 		case contract.HeaderMCPMethod:
 			st.mcpMethodHeader = v
 		case contract.HeaderMCPName:
@@ -245,6 +263,22 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		}
 		if regoHeaders[k] {
 			st.req.Headers[k] = v
+		}
+	}
+
+	if sessions > 1 {
+		return st.jsonrpcHTTPError(400, nil, -32600, "more than one Mcp-Session-Id header")
+	}
+	if sessions == 1 {
+		sid, err := st.s.unbindSession(st.req.SessionID, identityOf(st.ident))
+		if err != nil {
+			st.req.SessionID = ""
+			st.logDecision(Decision{Rule: "session", Reason: err.Error()}, nil, 0)
+			return st.jsonrpcHTTPError(404, nil, -32001, err.Error())
+		}
+		st.req.SessionID, st.upstreamSession = sid, sid
+		if _, ok := st.req.Headers[contract.HeaderSessionID]; ok {
+			st.req.Headers[contract.HeaderSessionID] = sid
 		}
 	}
 
@@ -312,11 +346,20 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 // response could not be read, so servers must answer uncompressed (an encoded response
 // to a filtered exchange is refused: see responseHeaders). Envoy's own compressor filter,
 // if a listener has one, still compresses for the client after ext_proc.
+//
+// A bound session id goes upstream as the server's own id.
 func (st *stream) upstreamHeaders() *extprocv3.HeaderMutation {
-	if !filtersResponses(st.app.MCP) {
-		return nil
+	var mut *extprocv3.HeaderMutation
+	if filtersResponses(st.app.MCP) {
+		mut = &extprocv3.HeaderMutation{RemoveHeaders: []string{"accept-encoding"}}
 	}
-	return &extprocv3.HeaderMutation{RemoveHeaders: []string{"accept-encoding"}}
+	if st.upstreamSession != "" {
+		if mut == nil {
+			mut = &extprocv3.HeaderMutation{}
+		}
+		mut.SetHeaders = append(mut.SetHeaders, rawHeader(contract.HeaderSessionID, st.upstreamSession))
+	}
+	return mut
 }
 
 // checkRequestContentType accepts application/json with, at most, charset=utf-8, and
@@ -600,9 +643,6 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	mut := &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader(contract.HeaderDecisionID, st.decisionID)}}
 	resp := &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: mut}}
 	out := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: resp}}
-	if len(st.plan) == 0 || h.GetEndOfStream() {
-		return out // nothing to rewrite: the body mode stays NONE and costs nothing
-	}
 	var code, contentType, encoding string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		switch strings.ToLower(hv.GetKey()) {
@@ -612,7 +652,13 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 			contentType = contract.HeaderValue(hv)
 		case "content-encoding":
 			encoding = contract.HeaderValue(hv)
+		case contract.HeaderSessionID:
+			// The client gets the server's session id bound to this caller.
+			mut.SetHeaders = append(mut.SetHeaders, rawHeader(contract.HeaderSessionID, st.s.bindSession(contract.HeaderValue(hv), identityOf(st.ident))))
 		}
+	}
+	if len(st.plan) == 0 || h.GetEndOfStream() {
+		return out // nothing to rewrite: the body mode stays NONE and costs nothing
 	}
 	// Every 2xx counts: clients read the body of any successful status as the answer.
 	if len(code) != 3 || code[0] != '2' {

@@ -350,3 +350,38 @@ func TestSecurityMetricLabels(t *testing.T) {
 		t.Errorf("%d decision series after %d junk method names, want a handful", series, junk)
 	}
 }
+
+// From the review, decided: an Mcp-Session-Id works only for the identity that opened the
+// session. The SDK client never notices (it echoes what it got); another subject
+// presenting the id is answered as for an unknown session.
+func TestSecuritySessionBinding(t *testing.T) {
+	m := startMesh(t)
+	s := m.connect(t, m.invokeURL, map[string]string{"Authorization": m.token(t, nil)})
+	if res, err := s.CallTool(callCtx(t), mcpapp.ToolGetInventory, map[string]any{"product_id": "SKU-42"}); err != nil || res.IsError {
+		t.Fatalf("get_inventory in the bound session: %v %v", err, res)
+	}
+	calls := m.app.Calls()
+	serverID := calls[len(calls)-1].SessionID
+	if serverID == "" || s.ID() == serverID || !strings.HasPrefix(s.ID(), serverID+".") {
+		t.Fatalf("client session %q, server session %q: want the server's id bound to the caller", s.ID(), serverID)
+	}
+	before := len(m.app.Calls())
+	ping := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_inventory","arguments":{"product_id":"SKU-42"}}}`
+	for name, sid := range map[string]string{"the client's id": s.ID(), "the server's id": serverID} {
+		req := mcpPost(t, m.invokeURL, m.token(t, map[string]any{"sub": "mallory@example.com"}), ping)
+		req.Header.Set("Mcp-Session-Id", sid)
+		req.Header.Set("Mcp-Protocol-Version", s.ProtocolVersion())
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 404 || !strings.Contains(string(b), "session not found") {
+			t.Errorf("another subject with %s: HTTP %d %s, want 404", name, resp.StatusCode, b)
+		}
+	}
+	if n := len(m.app.Calls()) - before; n != 0 {
+		t.Errorf("the server ran %d calls for another subject", n)
+	}
+}
