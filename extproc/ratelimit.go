@@ -1,6 +1,7 @@
 package extproc
 
 import (
+	"container/list"
 	"math"
 	"strconv"
 	"sync"
@@ -15,10 +16,23 @@ import (
 // mcpgate replica: replicas share no state, so N replicas admit up to N times the rate.
 // Buckets are keyed by app, limit and rate: an edited rate takes effect at once with a
 // fresh bucket, while an unrelated policy edit leaves every caller's spent allowance as it
-// was. The map is bounded and simply reset when full (a reset only refills buckets).
+// was.
+//
+// Memory is bounded (maxLimiters buckets) without handing out allowances: when full, the
+// buckets that have refilled completely go first (dropping one loses nothing: a new
+// bucket is full too), then the least recently used. A caller who has spent its allowance
+// and keeps calling stays in use and so stays limited, however many other keys arrive.
 type limiters struct {
-	mu sync.Mutex
-	m  map[string]*rate.Limiter
+	mu  sync.Mutex
+	m   map[string]*list.Element // of *bucket
+	lru list.List                // front: most recently used
+	max int                      // 0: maxLimiters
+}
+
+type bucket struct {
+	key string
+	lim *rate.Limiter
+	n   int // the burst: a bucket holding n tokens is as good as a new one
 }
 
 const maxLimiters = 100000
@@ -27,15 +41,19 @@ const maxLimiters = 100000
 // returns false and how long until a token is available when the bucket is empty.
 func (l *limiters) allow(key string, rl policy.RateLimit, now time.Time) (bool, time.Duration) {
 	l.mu.Lock()
-	if l.m == nil || len(l.m) >= maxLimiters {
-		l.m = make(map[string]*rate.Limiter, 256)
+	if l.m == nil {
+		l.m = make(map[string]*list.Element, 256)
 	}
-	lim := l.m[key]
-	if lim == nil {
+	var lim *rate.Limiter
+	if e := l.m[key]; e != nil {
+		l.lru.MoveToFront(e)
+		lim = e.Value.(*bucket).lim
+	} else {
+		l.makeRoom(now)
 		// N per period, with a burst of N: a caller may spend its whole allowance at once,
 		// as "100/m" reads, but not more.
 		lim = rate.NewLimiter(rate.Limit(float64(rl.N)/rl.Per.Seconds()), rl.N)
-		l.m[key] = lim
+		l.m[key] = l.lru.PushFront(&bucket{key: key, lim: lim, n: rl.N})
 	}
 	l.mu.Unlock()
 	r := lim.ReserveN(now, 1)
@@ -47,6 +65,41 @@ func (l *limiters) allow(key string, rl policy.RateLimit, now time.Time) (bool, 
 		return false, d
 	}
 	return true, 0
+}
+
+// makeRoom frees places when the map is full: every bucket that has refilled, then least
+// recently used ones until a tenth of the map is free, so that one sweep of the map pays
+// for many inserts. l.mu is held.
+func (l *limiters) makeRoom(now time.Time) {
+	limit := l.max
+	if limit <= 0 {
+		limit = maxLimiters
+	}
+	if len(l.m) < limit {
+		return
+	}
+	for e := l.lru.Back(); e != nil; {
+		prev := e.Prev()
+		if b := e.Value.(*bucket); b.lim.TokensAt(now) >= float64(b.n) {
+			l.remove(e)
+		}
+		e = prev
+	}
+	for len(l.m) > limit-max(1, limit/10) && l.lru.Len() > 0 {
+		l.remove(l.lru.Back())
+	}
+}
+
+func (l *limiters) remove(e *list.Element) {
+	delete(l.m, e.Value.(*bucket).key)
+	l.lru.Remove(e)
+}
+
+// len is the number of buckets held.
+func (l *limiters) len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.m)
 }
 
 // rateLimit checks the app's limits for one message. It returns a reason and a retry
