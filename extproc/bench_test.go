@@ -147,7 +147,7 @@ func BenchmarkRegoDecision(b *testing.B) {
 		ClaimsJSON: `{"sub":"alice","tier":"gold"}`, Target: "inventory", Method: "tools/call", Tool: "get_inventory",
 		Arguments: map[string]any{"product_id": "SKU-42"}, HTTPMethod: "POST", Path: "/mcp",
 	}
-	r.base = newRegoBase(r) // as the stream does once per request
+	r.base = newRegoBase(r, newRegoCaches()) // as the stream does once per request
 	ctx := context.Background()
 	lat := make([]time.Duration, 0, 1<<16)
 	b.ReportAllocs()
@@ -187,7 +187,7 @@ func BenchmarkFilterToolsList500(b *testing.B) {
 	st.app = st.snap.App("inventory")
 	st.ident = contract.Identity{Target: "inventory", CallerAppID: "my-agent", CallerNamespace: "default", Scopes: []string{"mcp:tools", "inventory:read"}}
 	st.req = Request{Caller: policy.Caller{AppID: "my-agent", Namespace: "default"}, Scopes: st.ident.Scopes, Target: "inventory", Method: "tools/list"}
-	st.req.base = newRegoBase(&st.req)
+	st.req.base = newRegoBase(&st.req, s.rego)
 	body, err := mcpParse([]byte(`{"jsonrpc":"2.0","id":2,"method":"tools/list"}`), 1<<20, false)
 	if err != nil {
 		b.Fatal(err)

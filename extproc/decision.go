@@ -62,8 +62,10 @@ type regoBase struct {
 	cancel topdown.Cancel
 }
 
-func newRegoBase(r *Request) *regoBase {
-	id := identityTerms(r)
+// newRegoBase builds the per-request part of the Rego input, with c's cached identity
+// and target terms (nil: nothing cached).
+func newRegoBase(r *Request, c *regoCaches) *regoBase {
+	id := c.identityTerms(r)
 	items := make([][2]*ast.Term, 0, len(r.Headers))
 	for k, v := range r.Headers {
 		kt := regoHeaderKeys[k]
@@ -75,7 +77,7 @@ func newRegoBase(r *Request) *regoBase {
 	return &regoBase{
 		caller:  id.caller,
 		subject: id.subject,
-		target:  targetTerm(r.Target),
+		target:  c.targetTerm(r.Target),
 		http: ast.ObjectTerm(
 			ast.Item(keyMethod, methodTerm(r.HTTPMethod)),
 			ast.Item(keyPath, ast.StringTerm(r.Path)),
@@ -113,15 +115,62 @@ func methodTerm(m string) *ast.Term {
 	return ast.StringTerm(m)
 }
 
-// targetTerms caches input.target per App ID (bounded by the policy's apps).
-var targetTerms sync.Map // string → *ast.Term
+// regoCaches hold the parts of the Rego input that depend only on who calls what: one
+// set per Server, bounded, their sizes in metrics (mcpgate.mcp.cache.entries).
+type regoCaches struct {
+	targets    boundedCache[*ast.Term] // input.target by App ID
+	identities boundedCache[idTerms]   // by everything an identity's terms are built from
+}
 
-func targetTerm(app string) *ast.Term {
-	if t, ok := targetTerms.Load(app); ok {
-		return t.(*ast.Term)
+const (
+	targetCacheSize   = 1000
+	identityCacheSize = 10000
+)
+
+// boundedCache is a map of immutable values that is cleared when it reaches max entries:
+// a cache miss only costs rebuilding a value.
+type boundedCache[V any] struct {
+	mu  sync.RWMutex
+	m   map[string]V
+	max int
+}
+
+func (c *boundedCache[V]) get(k string) (V, bool) {
+	c.mu.RLock()
+	v, ok := c.m[k]
+	c.mu.RUnlock()
+	return v, ok
+}
+
+func (c *boundedCache[V]) put(k string, v V) {
+	c.mu.Lock()
+	if c.m == nil || len(c.m) >= c.max {
+		c.m = make(map[string]V, 64)
+	}
+	c.m[k] = v
+	c.mu.Unlock()
+}
+
+func (c *boundedCache[V]) len() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.m)
+}
+
+func newRegoCaches() *regoCaches {
+	return &regoCaches{targets: boundedCache[*ast.Term]{max: targetCacheSize}, identities: boundedCache[idTerms]{max: identityCacheSize}}
+}
+
+func (c *regoCaches) targetTerm(app string) *ast.Term {
+	if c != nil {
+		if t, ok := c.targets.get(app); ok {
+			return t
+		}
 	}
 	t := ast.ObjectTerm(ast.Item(keyAppID, ast.StringTerm(app)))
-	targetTerms.Store(app, t)
+	if c != nil {
+		c.targets.put(app, t)
+	}
 	return t
 }
 
@@ -132,20 +181,12 @@ type idTerms struct {
 	caller, subject *ast.Term
 }
 
-var identityCache = struct {
-	sync.RWMutex
-	m map[string]idTerms
-}{}
-
-const identityCacheSize = 10000
-
-func identityTerms(r *Request) idTerms {
+func (c *regoCaches) identityTerms(r *Request) idTerms {
 	key := lengthPrefixed(r.Caller.AppID, r.Caller.Namespace, r.SpiffeID, r.Subject, strings.Join(r.Scopes, " "), r.ClaimsJSON)
-	identityCache.RLock()
-	t, ok := identityCache.m[key]
-	identityCache.RUnlock()
-	if ok {
-		return t
+	if c != nil {
+		if t, ok := c.identities.get(key); ok {
+			return t
+		}
 	}
 	claims := map[string]any{}
 	if r.ClaimsJSON != "" {
@@ -161,7 +202,7 @@ func identityTerms(r *Request) idTerms {
 	for i, sc := range r.Scopes {
 		scopes[i] = ast.StringTerm(sc)
 	}
-	t = idTerms{
+	t := idTerms{
 		caller: ast.ObjectTerm(
 			ast.Item(ast.StringTerm("app_id"), ast.StringTerm(r.Caller.AppID)),
 			ast.Item(ast.StringTerm("namespace"), ast.StringTerm(r.Caller.Namespace)),
@@ -173,12 +214,9 @@ func identityTerms(r *Request) idTerms {
 			ast.Item(ast.StringTerm("claims"), ast.NewTerm(claimsVal)),
 		),
 	}
-	identityCache.Lock()
-	if identityCache.m == nil || len(identityCache.m) >= identityCacheSize {
-		identityCache.m = make(map[string]idTerms, 64)
+	if c != nil {
+		c.identities.put(key, t)
 	}
-	identityCache.m[key] = t
-	identityCache.Unlock()
 	return t
 }
 
@@ -203,7 +241,7 @@ func lengthPrefixed(fields ...string) string {
 func regoInputValue(r *Request) (ast.Value, error) {
 	base := r.base
 	if base == nil {
-		base = newRegoBase(r)
+		base = newRegoBase(r, nil)
 	}
 	args := ast.NewObject()
 	if len(r.Arguments) > 0 {
@@ -426,13 +464,9 @@ func evalRego(ctx context.Context, rg *policy.Rego, r *Request, rules Decision) 
 	if err != nil {
 		return deny("rego evaluation failed: " + firstLine(err.Error()))
 	}
-	if len(rs) == 0 || len(rs[0].Expressions) == 0 {
-		return deny("rego: data.mcpgate.decision is undefined")
-	}
-	term, _ := rs[0].Expressions[0].Value.(*ast.Term)
-	obj, ok := term.Value.(ast.Object)
-	if term == nil || !ok {
-		return deny("rego: data.mcpgate.decision is not an object")
+	obj, why := decisionObject(rs)
+	if obj == nil {
+		return deny(why)
 	}
 	var reason string
 	if r, ok := objGet(obj, "reason").(ast.String); ok {
@@ -460,6 +494,22 @@ func evalRego(ctx context.Context, rg *policy.Rego, r *Request, rules Decision) 
 		d.Redact = ptrs
 	}
 	return d
+}
+
+// decisionObject is the object data.mcpgate.decision evaluated to, or nil and why not.
+func decisionObject(rs rego.ResultSet) (ast.Object, string) {
+	if len(rs) == 0 || len(rs[0].Expressions) == 0 {
+		return nil, "rego: data.mcpgate.decision is undefined"
+	}
+	term, _ := rs[0].Expressions[0].Value.(*ast.Term)
+	if term == nil {
+		return nil, "rego: data.mcpgate.decision is not an object"
+	}
+	obj, ok := term.Value.(ast.Object)
+	if !ok {
+		return nil, "rego: data.mcpgate.decision is not an object"
+	}
+	return obj, ""
 }
 
 // Evaluation options for every decision: no per-evaluation metrics (nobody reads them),

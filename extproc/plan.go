@@ -243,6 +243,12 @@ func (c *decisionCache) get(k string) (allow, ok bool) {
 	return allow, ok
 }
 
+func (c *decisionCache) len() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.m)
+}
+
 func (c *decisionCache) put(k string, allow bool) {
 	if c.max <= 0 {
 		return

@@ -12,9 +12,13 @@ import (
 	"testing"
 
 	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/rego"
 	"github.com/open-policy-agent/opa/v1/tester"
 	"github.com/open-policy-agent/opa/v1/topdown"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
+	"github.com/mcpgate/mcpgate"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -211,7 +215,7 @@ func TestRegoInputValueMatchesDocument(t *testing.T) {
 func TestRegoEvaluationCancelledWithStream(t *testing.T) {
 	m := loadWithRego(t, "package mcpgate\n\ndecision := {\"allow\": true}\n")
 	r := &Request{Caller: policy.Caller{AppID: "a"}, Method: "tools/call", Tool: "t"}
-	r.base = newRegoBase(r)
+	r.base = newRegoBase(r, nil)
 	r.base.cancel = topdown.NewCancel()
 	if d := Decide(context.Background(), m, r); !d.Allow {
 		t.Fatalf("before the stream ended: %+v", d)
@@ -220,5 +224,65 @@ func TestRegoEvaluationCancelledWithStream(t *testing.T) {
 	d := Decide(context.Background(), m, r)
 	if d.Allow || !strings.Contains(d.Reason, "cancel") {
 		t.Fatalf("after the stream ended: %+v", d)
+	}
+}
+
+// A result that is not the term OPA returns with EvalRuleTerms-style options (a plain Go
+// value, a nil term) is a denial, never a panic.
+func TestDecisionObjectOfOddResults(t *testing.T) {
+	for name, rs := range map[string]rego.ResultSet{
+		"empty":      nil,
+		"no exprs":   {{}},
+		"nil term":   {{Expressions: []*rego.ExpressionValue{{Value: (*ast.Term)(nil)}}}},
+		"go value":   {{Expressions: []*rego.ExpressionValue{{Value: map[string]any{"allow": true}}}}},
+		"not object": {{Expressions: []*rego.ExpressionValue{{Value: ast.BooleanTerm(true)}}}},
+		"nil value":  {{Expressions: []*rego.ExpressionValue{{Value: nil}}}},
+	} {
+		if obj, why := decisionObject(rs); obj != nil || why == "" {
+			t.Errorf("%s: object %v, reason %q", name, obj, why)
+		}
+	}
+	obj, why := decisionObject(rego.ResultSet{{Expressions: []*rego.ExpressionValue{{Value: ast.ObjectTerm(ast.Item(ast.StringTerm("allow"), ast.BooleanTerm(true)))}}}})
+	if obj == nil || why != "" {
+		t.Errorf("an object: %v %q", obj, why)
+	}
+}
+
+// Rego input caches belong to their Server, and their sizes are in metrics.
+func TestRegoCachesPerServer(t *testing.T) {
+	snap, err := policy.Load(context.Background(), mcpgate.DemoPolicy(), "demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := sdkmetric.NewManualReader()
+	a, err := NewServer(Options{Store: policy.NewStore(snap), Meter: sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)).Meter("t")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newDemoServer(t)
+	runEnvoy(t, a, envoyRequest{md: agentMD, body: call(1, "get_inventory", `{"product_id":"SKU-1"}`)}, envoyUpstream{})
+	if a.rego.identities.len() != 1 || a.rego.targets.len() != 1 {
+		t.Fatalf("server a caches %d identities, %d targets; want 1 each", a.rego.identities.len(), a.rego.targets.len())
+	}
+	if b.rego.identities.len() != 0 || b.rego.targets.len() != 0 {
+		t.Fatalf("server b shares server a's caches")
+	}
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int64{}
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name == "mcpgate.mcp.cache.entries" {
+				for _, p := range m.Data.(metricdata.Gauge[int64]).DataPoints {
+					c, _ := p.Attributes.Value("cache")
+					got[c.AsString()] = p.Value
+				}
+			}
+		}
+	}
+	if got["rego_identities"] != 1 || got["rego_targets"] != 1 || got["ratelimit_buckets"] < 1 {
+		t.Errorf("cache entries in metrics: %v", got)
 	}
 }

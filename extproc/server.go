@@ -58,8 +58,10 @@ type Server struct {
 	// names come from callers: the first 200 per app of at most 128 bytes become labels).
 	countAttrs *decisionlog.AttrSets[countKey]
 	tools      *decisionlog.Labels
-	// listCache holds list-time decisions (see listFilter).
+	// listCache holds list-time decisions (see listFilter); rego the cached parts of
+	// Rego inputs.
 	listCache decisionCache
+	rego      *regoCaches
 	// limits are the token buckets of limits.perCaller and limits.perTool.
 	limits limiters
 
@@ -80,7 +82,8 @@ func NewServer(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("session key: %d bytes, want at least %d", len(key), SessionKeyBytes)
 	}
 	s := &Server{store: opts.Store, sessionKey: key, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
-		countAttrs: decisionlog.NewAttrSets(10000, countSet), tools: decisionlog.NewLabels(200, 128)}
+		countAttrs: decisionlog.NewAttrSets(10000, countSet), tools: decisionlog.NewLabels(200, 128),
+		rego: newRegoCaches()}
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
@@ -98,12 +101,32 @@ func NewServer(opts Options) (*Server, error) {
 		metric.WithExplicitBucketBoundaries(.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .05, .25, 1)); err != nil {
 		return nil, err
 	}
+	if _, err = meter.Int64ObservableGauge("mcpgate.mcp.cache.entries",
+		metric.WithDescription("entries of ext_proc's bounded caches: list-time decisions, Rego identity and target terms, rate-limit buckets"),
+		metric.WithInt64Callback(s.observeCaches)); err != nil {
+		return nil, err
+	}
 	s.records = decisionlog.New(func(batch []procRecord) {
 		for i := range batch {
 			s.record(&batch[i])
 		}
 	})
 	return s, nil
+}
+
+var (
+	cacheList       = metric.WithAttributeSet(attribute.NewSet(attribute.String("cache", "list_decisions")))
+	cacheIdentities = metric.WithAttributeSet(attribute.NewSet(attribute.String("cache", "rego_identities")))
+	cacheTargets    = metric.WithAttributeSet(attribute.NewSet(attribute.String("cache", "rego_targets")))
+	cacheBuckets    = metric.WithAttributeSet(attribute.NewSet(attribute.String("cache", "ratelimit_buckets")))
+)
+
+func (s *Server) observeCaches(_ context.Context, o metric.Int64Observer) error {
+	o.Observe(int64(s.listCache.len()), cacheList)
+	o.Observe(int64(s.rego.identities.len()), cacheIdentities)
+	o.Observe(int64(s.rego.targets.len()), cacheTargets)
+	o.Observe(int64(s.limits.len()), cacheBuckets)
+	return nil
 }
 
 // Process handles one HTTP request's stream: Envoy opens one per request and sends its
@@ -283,7 +306,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 	}
 
 	if st.app.MCP.Tools.Rego != nil {
-		st.req.base = newRegoBase(&st.req)
+		st.req.base = newRegoBase(&st.req, st.s.rego)
 		st.req.base.cancel = st.cancel
 	}
 	switch st.req.HTTPMethod {
