@@ -56,6 +56,8 @@ fuzz: ## Run each fuzz target briefly (FUZZTIME=15s); seeds live in testdata/fuz
 	go test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZTIME) ./extauthz
 	go test -run '^$$' -fuzz '^FuzzParseBody$$' -fuzztime $(FUZZTIME) ./extproc/mcp
 	go test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./extproc/mcp
+	go test -run '^$$' -fuzz '^FuzzResponse$$' -fuzztime $(FUZZTIME) ./extproc/mcp
+	go test -run '^$$' -fuzz '^FuzzErrorBodies$$' -fuzztime $(FUZZTIME) ./extproc
 
 opa-test: $(OPA) ## The demo Rego policy's tests with the opa CLI
 	$(OPA) test -v testdata/demo/rego
@@ -84,12 +86,16 @@ $(OPA):
 clean: ## Remove build outputs
 	rm -rf $(BIN) integration/tsclient/node_modules
 
+# The bootstraps come from the shipped policy, which names mcpgate's SPIFFE ID
+# (authz.spiffeId), so their xds_cluster is SPIFFE mTLS; the issuer, the only other change
+# in deploy/compose/policy, is not part of a bootstrap.
 .PHONY: bootstraps
-bootstraps: ## Regenerate envoy/bootstrap/*.yaml (mcpgate bootstrap), the Kubernetes ConfigMaps and deploy/compose/policy copied from them and testdata/demo
+bootstraps: ## Regenerate deploy/compose/policy and the Kubernetes ConfigMaps (testdata/demo plus mcpgate's SPIFFE ID) and envoy/bootstrap/*.yaml (mcpgate bootstrap: xDS over SPIFFE mTLS)
+	go test -count=1 -run '^TestComposePolicy$$' ./deploy -update
 	@mkdir -p envoy/bootstrap
-	go run ./cmd/mcpgate bootstrap --config testdata/demo --app inventory --xds-address mcpgate:18000 > envoy/bootstrap/inventory.yaml
-	go run ./cmd/mcpgate bootstrap --config testdata/demo --app my-agent --xds-address mcpgate:18000 > envoy/bootstrap/my-agent.yaml
-	go test -count=1 -run '^(TestKubernetesConfigMaps|TestComposePolicy)$$' ./deploy -update
+	go run ./cmd/mcpgate bootstrap --config deploy/compose/policy --app inventory --xds-address mcpgate:18000 > envoy/bootstrap/inventory.yaml
+	go run ./cmd/mcpgate bootstrap --config deploy/compose/policy --app my-agent --xds-address mcpgate:18000 > envoy/bootstrap/my-agent.yaml
+	go test -count=1 -run '^TestKubernetesConfigMaps$$' ./deploy -update
 
 # SPIRE server and agent for the integration suite (issue 6), built from the pinned tools
 # module integration/tools/spire (its own go.mod; see ../shared/TOOLING.md). Skipped when

@@ -5,7 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"io/fs"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -153,5 +157,43 @@ func goList(tags string) ([]listedPackage, error) {
 			return nil, err
 		}
 		pkgs = append(pkgs, p)
+	}
+}
+
+// TestMakeFuzzRunsEveryTarget: every fuzz target of the module is in `make fuzz`.
+func TestMakeFuzzRunsEveryTarget(t *testing.T) {
+	makefile, err := os.ReadFile("Makefile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	targets := 0
+	err = filepath.WalkDir(".", func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (d.Name() == "node_modules" || d.Name() == ".git" || d.Name() == "bin") {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(p, "_test.go") {
+			return nil
+		}
+		src, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		for _, m := range regexp.MustCompile(`(?m)^func (Fuzz\w+)\(`).FindAllSubmatch(src, -1) {
+			targets++
+			want := "-fuzz '^" + string(m[1]) + "$$'"
+			if !strings.Contains(string(makefile), want) {
+				t.Errorf("%s: %s is not run by make fuzz (want %s in the Makefile)", p, m[1], want)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if targets < 5 {
+		t.Fatalf("found %d fuzz targets: the walk no longer sees the tests", targets)
 	}
 }

@@ -192,7 +192,7 @@ func BenchmarkFilterToolsList500(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	st.planResponse(context.Background(), body, []requestDecision{{0, Decision{Allow: true}}})
+	st.planResponse(context.Background(), body, []requestDecision{{msgIndex: 0, d: Decision{Allow: true}}})
 	// cold: every entry decided (first tools/list of a caller after a policy change);
 	// warm: the same caller lists again (list-time decisions cached).
 	for _, warm := range []bool{false, true} {

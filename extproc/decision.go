@@ -17,6 +17,7 @@ import (
 	"github.com/open-policy-agent/opa/v1/rego"
 	"github.com/open-policy-agent/opa/v1/topdown"
 
+	"github.com/mcpgate/mcpgate/extproc/mcp"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -284,11 +285,7 @@ func regoInputValue(r *Request) (ast.Value, error) {
 }
 
 // PatchOp is one RFC 6902 operation a Rego policy asks for on the call's arguments.
-type PatchOp struct {
-	Op    string `json:"op"`
-	Path  string `json:"path"`
-	Value any    `json:"value,omitempty"`
-}
+type PatchOp = mcp.PatchOp
 
 // Decision is the outcome of layers 4 and 5 for one MCP message.
 type Decision struct {

@@ -37,15 +37,6 @@ func errorResponse(id []byte, code int, msg string) []byte {
 	return mcp.ErrorResponse(id, code, msg)
 }
 
-// mcpOps converts a decision's patch to the parser's operations.
-func mcpOps(ops []PatchOp) []mcp.PatchOp {
-	mops := make([]mcp.PatchOp, len(ops))
-	for j, op := range ops {
-		mops[j] = mcp.PatchOp{Op: op.Op, Path: op.Path, Value: op.Value}
-	}
-	return mops
-}
-
 // rawID decodes a raw JSON-RPC id for the Rego input (a string or a json.Number).
 func rawID(id json.RawMessage) any {
 	if len(id) == 0 {

@@ -180,6 +180,7 @@ type stream struct {
 
 	mcpMethodHeader, mcpNameHeader string
 	decisionID                     string
+	start                          time.Time      // when deciding began
 	cancel                         topdown.Cancel // cancelled when the stream's context ends
 	plan                           []responseStep
 	upstreamSession                string            // the server's session id, when one was presented
@@ -237,19 +238,20 @@ var regoHeaders = map[string]bool{
 
 func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingRequest, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
 	st.decisionID = contract.NewDecisionID()
+	st.start = time.Now()
 	ident, err := contract.FromMetadata(req.GetMetadataContext())
 	if err != nil {
 		// Without ext_authz's verdict there is no caller to decide for: fail closed.
-		return st.httpError(403, "access_denied", err.Error())
+		return st.refuse(refusal{status: 403, rule: ruleIdentity, errName: "access_denied", reason: err.Error()})
 	}
 	st.ident = ident
 	st.snap = st.s.store.Current()
 	if st.snap == nil {
-		return st.httpError(503, "unavailable", "mcpgate has no policy loaded yet")
+		return st.refuse(refusal{status: 503, rule: ruleUnavailable, errName: "unavailable", reason: "mcpgate has no policy loaded yet"})
 	}
 	st.app = st.snap.App(ident.Target)
 	if st.app == nil || st.app.MCP == nil {
-		return st.httpError(403, "access_denied", "target app "+strconvQuote(ident.Target)+" has no mcp policy")
+		return st.refuse(refusal{status: 403, rule: ruleIdentity, errName: "access_denied", reason: "target app " + strconvQuote(ident.Target) + " has no mcp policy"})
 	}
 	st.maxLen = st.app.MCP.Limits.MaxRequestBytes
 
@@ -290,14 +292,13 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 	}
 
 	if sessions > 1 {
-		return st.jsonrpcHTTPError(400, nil, -32600, "more than one Mcp-Session-Id header")
+		return st.refuse(refusal{status: 400, rule: ruleSession, code: -32600, reason: "more than one Mcp-Session-Id header"})
 	}
 	if sessions == 1 {
 		sid, err := st.s.unbindSession(st.req.SessionID, identityOf(st.ident))
 		if err != nil {
 			st.req.SessionID = ""
-			st.logDecision(Decision{Rule: "session", Reason: err.Error()}, nil, 0)
-			return st.jsonrpcHTTPError(404, nil, -32001, err.Error())
+			return st.refuse(refusal{status: 404, rule: ruleSession, code: -32001, reason: err.Error()})
 		}
 		st.req.SessionID, st.upstreamSession = sid, sid
 		if _, ok := st.req.Headers[contract.HeaderSessionID]; ok {
@@ -319,11 +320,10 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			// Resuming replays responses to earlier POSTs on this GET stream, where they
 			// could no longer be matched to their request: a caller could cut a call short
 			// and resume to read its unredacted result. Refuse rather than leak.
-			d := Decision{Rule: "protocol", Reason: "stream resumption (Last-Event-ID) is not available for apps whose responses are filtered or redacted"}
-			st.logDecision(d, nil, 0)
-			return st.httpError(403, "access_denied", d.Reason)
+			return st.refuse(refusal{status: 403, rule: ruleProtocol, errName: "access_denied",
+				reason: "stream resumption (Last-Event-ID) is not available for apps whose responses are filtered or redacted"})
 		}
-		st.logDecision(Decision{Allow: true, Rule: "protocol"}, nil, 0)
+		st.admit([]requestDecision{{d: Decision{Allow: true, Rule: ruleProtocol}, r: st.req}})
 		st.phase = expectResponseHeaders
 		if st.req.HTTPMethod == "GET" && filtersResponses(st.app.MCP) {
 			// A GET stream must carry no responses (MCP Streamable HTTP: only a resumed
@@ -332,22 +332,22 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		}
 		return st.continueHeaders(st.upstreamHeaders())
 	default:
-		return st.httpError(405, "method_not_allowed", "MCP Streamable HTTP uses POST, GET and DELETE")
+		return st.refuse(refusal{status: 405, rule: ruleProtocol, errName: "method_not_allowed", reason: "MCP Streamable HTTP uses POST, GET and DELETE"})
 	}
 
 	if contentTypes > 1 {
 		// Servers keep the first or the last, or join them: which one is read is not ours
 		// to guess.
-		return st.jsonrpcHTTPError(415, nil, -32600, "more than one Content-Type header")
+		return st.refuse(refusal{status: 415, rule: ruleContentType, code: -32600, reason: "more than one Content-Type header"})
 	}
 	if msg := checkRequestContentType(contentType); msg != "" {
-		return st.jsonrpcHTTPError(415, nil, -32600, msg)
+		return st.refuse(refusal{status: 415, rule: ruleContentType, code: -32600, reason: msg})
 	}
 	if n, err := strconv.ParseInt(contentLength, 10, 64); err == nil && n > st.maxLen {
-		return st.jsonrpcHTTPError(413, nil, -32600, "request body larger than "+strconv.FormatInt(st.maxLen, 10)+" bytes")
+		return st.refuse(st.tooLarge())
 	}
 	if h.GetEndOfStream() {
-		return st.jsonrpcHTTPError(400, nil, -32700, "empty request body")
+		return st.refuse(refusal{status: 400, rule: ruleParse, code: -32700, reason: "empty request body"})
 	}
 	// Decide early on the MCP 2026-07-28 headers: a denied call need not be buffered.
 	if st.mcpMethodHeader != "" {
@@ -356,8 +356,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		setTarget(&early, st.mcpMethodHeader, st.mcpNameHeader)
 		if d := decideRules(st.app.MCP, &early); !d.Allow {
 			st.req = early
-			st.logDecision(d, nil, 0)
-			return st.deny(d, nil, true)
+			return st.refuse(st.denial(d, nil))
 		}
 	}
 	st.phase = expectRequestBody
@@ -459,37 +458,38 @@ func (st *stream) immediate(code int, contentType string, body []byte, extra ...
 	}}
 }
 
-// httpError answers with a small JSON body, like ext_authz denials.
-func (st *stream) httpError(code int, errName, reason string) *extprocv3.ProcessingResponse {
-	body := `{"error":` + strconv.Quote(errName) + `,"reason":` + strconv.Quote(reason) + `,"decision_id":"` + st.decisionID + `"}`
-	st.s.log.Info("mcp decision", zap.String("decision_id", st.decisionID), zap.String("decision", "deny"),
-		zap.Int("status", code), zap.String("reason", reason), zap.String("target", st.ident.Target))
-	return st.immediate(code, "application/json", []byte(body))
+// tooLarge refuses a body over limits.maxRequestBytes.
+func (st *stream) tooLarge() refusal {
+	return refusal{status: 413, rule: ruleTooLarge, code: -32600, reason: "request body larger than " + strconv.FormatInt(st.maxLen, 10) + " bytes"}
 }
 
+// requestDecision is the decision on one message of a body.
 type requestDecision struct {
 	msgIndex int
 	d        Decision
+	r        Request         // the request as decided
+	id       json.RawMessage // the message's id
 }
 
 func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
 	start := time.Now()
+	st.start = start
 	body := b.GetBody()
 	if !b.GetEndOfStream() {
 		// The filter must buffer the whole body (processing mode BUFFERED): deciding on a
 		// prefix of it would be deciding on something else.
-		return st.jsonrpcHTTPError(500, nil, -32603, "mcpgate needs the whole request body (ext_proc request_body_mode BUFFERED)")
+		return st.refuse(refusal{status: 500, rule: ruleProtocol, code: -32603, reason: "mcpgate needs the whole request body (ext_proc request_body_mode BUFFERED)"})
 	}
 	if int64(len(body)) > st.maxLen {
-		return st.jsonrpcHTTPError(413, nil, -32600, "request body larger than "+strconv.FormatInt(st.maxLen, 10)+" bytes")
+		return st.refuse(st.tooLarge())
 	}
 	v := st.req.ProtocolVersion
 	parsed, err := mcpParse(body, int(st.maxLen), v == "" || v == "2025-03-26")
 	if err != nil {
-		return st.parseError(err)
+		return st.refuse(st.parseError(err))
 	}
-	if resp := st.checkHeaders(parsed); resp != nil {
-		return resp
+	if r, ok := st.checkHeaders(parsed); !ok {
+		return st.refuse(r)
 	}
 
 	decisions := make([]requestDecision, 0, len(parsed.Messages))
@@ -498,7 +498,7 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 		if ctx.Err() != nil {
 			// Envoy gave up on the request (timeout, client gone): deciding the rest of a
 			// batch would be work for nobody.
-			return st.jsonrpcHTTPError(503, nil, -32603, "the request ended before mcpgate decided it")
+			return st.refuse(refusal{status: 503, rule: ruleAbandoned, code: -32603, reason: "the request ended before mcpgate decided it"})
 		}
 		if m.Kind == kindResponse {
 			continue // the client answering a server request (sampling, elicitation)
@@ -508,29 +508,27 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 		r.ID = rawID(m.ID)
 		// Limits come before the decision: a flood of calls that would be denied must
 		// not be able to spend mcpgate's CPU on Rego either.
+		st.req = r // the last message is what the response phase logs about
 		if reason, wait := st.rateLimit(&r, start); reason != "" {
-			st.req = r
-			st.logDecision(Decision{Rule: "ratelimit", Reason: reason}, m.ID, time.Since(start))
-			return st.immediate(429, "application/json",
-				errorResponse(m.ID, st.app.MCP.Tools.ErrorCode, reason+" (decision "+st.decisionID+")"),
-				rawHeader("retry-after", retryAfter(wait)))
+			decisions = append(decisions, requestDecision{msgIndex: i, r: r, id: m.ID})
+			return st.refuseBody(parsed, decisions, len(decisions)-1, refusal{status: 429, rule: ruleRateLimit, reason: reason,
+				code: st.app.MCP.Tools.ErrorCode, id: m.ID, headers: []*corev3.HeaderValueOption{rawHeader("retry-after", retryAfter(wait))}})
 		}
 		d := Decide(ctx, st.app.MCP, &r)
 		if d.Allow && m.Task && m.Method == "tools/call" && st.redactsResult(m.Tool, d) {
 			// The result of a task-augmented call comes later, on tasks/result, from a
 			// stream that does not know which tool it came from: it would escape
 			// redaction. Such calls are refused; plain calls of the tool still work.
-			d = Decision{Rule: "protocol", Reason: "task-augmented tools/call is not available for tools whose results are redacted"}
+			d = Decision{Rule: ruleTask, Reason: "task-augmented tools/call is not available for tools whose results are redacted"}
 		}
-		st.req = r // the last message is what the response phase logs about
-		decisions = append(decisions, requestDecision{i, d})
-		st.logDecision(d, m.ID, time.Since(start))
+		decisions = append(decisions, requestDecision{msgIndex: i, d: d, r: r, id: m.ID})
 		if !d.Allow && denied < 0 {
 			denied = len(decisions) - 1
 		}
 	}
 	if denied >= 0 {
-		return st.denyBody(parsed, decisions, denied)
+		d := decisions[denied]
+		return st.refuseBody(parsed, decisions, denied, st.denial(d.d, d.id))
 	}
 
 	// Apply Rego's argument patches, all in one pass over the body (a batch of patched
@@ -540,27 +538,30 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 	var patches []mcp.Patch
 	for _, rd := range decisions {
 		if len(rd.d.Patch) > 0 {
-			patches = append(patches, mcp.Patch{Message: rd.msgIndex, Ops: mcpOps(rd.d.Patch)})
+			patches = append(patches, mcp.Patch{Message: rd.msgIndex, Ops: rd.d.Patch})
 		}
 	}
 	if len(patches) > 0 {
 		var err error
 		if out, err = mcp.PatchBody(parsed, body, patches); err != nil {
-			// The message was logged as allowed; its patch cannot be applied, so it is
-			// denied after all, and the log says so.
-			msg := parsed.Messages[patches[0].Message]
+			// Rego allowed the message, but its patch cannot be applied: it is denied after
+			// all, and recorded so.
+			k := 0
 			var pe *mcp.PatchError
 			if errors.As(err, &pe) {
-				msg = parsed.Messages[pe.Message]
+				for i, rd := range decisions {
+					if rd.msgIndex == pe.Message {
+						k = i
+					}
+				}
 			}
-			d := Decision{Rule: "rego", Reason: "rego patch failed: " + err.Error()}
-			st.logDecision(d, msg.ID, time.Since(start))
-			return st.deny(d, msg.ID, false)
+			return st.refuseBody(parsed, decisions, k, st.denial(Decision{Rule: ruleRego, Reason: "rego patch failed: " + err.Error()}, decisions[k].id))
 		}
 		if _, err := mcpParse(out, MaxPatchedBytes, true); err != nil {
-			return st.jsonrpcHTTPError(500, nil, -32603, "the patched body is not one mcpgate accepts: "+err.Error())
+			return st.refuseBody(parsed, decisions, 0, refusal{status: 500, rule: ruleRego, code: -32603, reason: "the patched body is not one mcpgate accepts: " + err.Error()})
 		}
 	}
+	st.admit(decisions)
 	st.planResponse(ctx, parsed, decisions)
 	st.phase = expectResponseHeaders
 	st.s.latency.Record(ctx, time.Since(start).Seconds())
@@ -585,81 +586,36 @@ const MaxPatchedBytes = policy.MaxMaxRequestBytes
 // checkHeaders enforces that Mcp-Method and Mcp-Name, when sent, say what the body says
 // (MCP 2026-07-28): a proxy deciding on headers and a server acting on the body must
 // never disagree.
-func (st *stream) checkHeaders(b *parsedBody) *extprocv3.ProcessingResponse {
+func (st *stream) checkHeaders(b *parsedBody) (refusal, bool) {
 	if st.mcpMethodHeader == "" && st.mcpNameHeader == "" {
-		return nil
+		return refusal{}, true
 	}
 	if b.Batch || len(b.Messages) != 1 {
-		return st.jsonrpcHTTPError(400, nil, CodeHeaderMismatch, "Mcp-Method/Mcp-Name headers cannot describe a batch")
+		return refusal{status: 400, rule: ruleHeaders, code: CodeHeaderMismatch, reason: "Mcp-Method/Mcp-Name headers cannot describe a batch"}, false
 	}
 	m := b.Messages[0]
 	name := m.Tool + m.Prompt + m.URI
 	if st.mcpMethodHeader != m.Method || st.mcpNameHeader != name {
-		return st.jsonrpcHTTPError(400, m.ID, CodeHeaderMismatch, "Mcp-Method/Mcp-Name headers do not match the body")
+		return refusal{status: 400, rule: ruleHeaders, code: CodeHeaderMismatch, id: m.ID, reason: "Mcp-Method/Mcp-Name headers do not match the body"}, false
 	}
-	return nil
+	return refusal{}, true
 }
 
-func (st *stream) parseError(err error) *extprocv3.ProcessingResponse {
+func (st *stream) parseError(err error) refusal {
 	if errors.Is(err, errTooLarge) {
-		return st.jsonrpcHTTPError(413, nil, -32600, "request body larger than "+strconv.FormatInt(st.maxLen, 10)+" bytes")
+		return st.tooLarge()
 	}
 	var je *jsonrpcError
 	if errors.As(err, &je) {
-		st.logDecision(Decision{Rule: "parse", Reason: je.Message}, je.ID, 0)
-		return st.jsonrpcHTTPError(400, je.ID, je.Code, je.Message)
+		return refusal{status: 400, rule: ruleParse, code: je.Code, id: je.ID, reason: je.Message}
 	}
-	return st.jsonrpcHTTPError(400, nil, -32700, "unreadable request body")
+	return refusal{status: 400, rule: ruleParse, code: -32700, reason: "unreadable request body"}
 }
 
-// jsonrpcHTTPError answers a request that could not be decided with a JSON-RPC error.
-func (st *stream) jsonrpcHTTPError(httpCode int, id []byte, code int, msg string) *extprocv3.ProcessingResponse {
-	return st.immediate(httpCode, "application/json", errorResponse(id, code, msg+" (decision "+st.decisionID+")"))
-}
-
-// deny answers one denied message. A request gets HTTP 200 with a JSON-RPC error for its
-// id (the MCP client reports it to the model as a failed call). Without an id to answer
-// (a notification, or a decision made on the Mcp-Method header before the body was read)
-// the answer is HTTP 403 with a JSON-RPC error whose id is null.
-func (st *stream) deny(d Decision, id []byte, noID bool) *extprocv3.ProcessingResponse {
-	msg := "denied by mcpgate: " + d.Reason + " (decision " + st.decisionID + ")"
-	code := st.app.MCP.Tools.ErrorCode
-	if noID || len(id) == 0 {
-		return st.immediate(403, "application/json", errorResponse(nil, code, msg))
-	}
-	return st.immediate(200, "application/json", errorResponse(id, code, msg))
-}
-
-// denyBody answers a body with a denied message. Any denial denies a whole batch: each
-// request in it gets an error, the denied one its reason.
-func (st *stream) denyBody(b *parsedBody, ds []requestDecision, denied int) *extprocv3.ProcessingResponse {
-	d := ds[denied]
-	m := b.Messages[d.msgIndex]
-	if !b.Batch {
-		return st.deny(d.d, m.ID, m.Kind == kindNotification)
-	}
-	code := st.app.MCP.Tools.ErrorCode
-	var out []byte
-	for _, rd := range ds {
-		msg := b.Messages[rd.msgIndex]
-		if msg.Kind != kindRequest {
-			continue
-		}
-		reason := "not processed: another message of the batch was denied"
-		if !rd.d.Allow {
-			reason = "denied by mcpgate: " + rd.d.Reason
-		}
-		if out == nil {
-			out = []byte{'['}
-		} else {
-			out = append(out, ',')
-		}
-		out = append(out, errorResponse(msg.ID, code, reason+" (decision "+st.decisionID+")")...)
-	}
-	if out == nil {
-		return st.immediate(403, "application/json", errorResponse(nil, code, "denied by mcpgate: "+d.d.Reason+" (decision "+st.decisionID+")"))
-	}
-	return st.immediate(200, "application/json", append(out, ']'))
+// responseRefusal refuses a server's answer that mcpgate cannot filter: it must not reach
+// the client.
+func (st *stream) responseRefusal(reason string) *extprocv3.ProcessingResponse {
+	return st.refuse(refusal{status: 502, rule: ruleResponse, code: -32603, reason: reason})
 }
 
 func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
@@ -690,16 +646,16 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	// From here the response answers a request whose response must be rewritten: what
 	// mcpgate cannot read must not reach the client.
 	if encoding != "" && !strings.EqualFold(encoding, "identity") {
-		return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate cannot filter a response with Content-Encoding "+strconvQuote(clip(encoding, 32))+": the server must not compress it")
+		return st.responseRefusal("mcpgate cannot filter a response with Content-Encoding " + strconvQuote(clip(encoding, 32)) + ": the server must not compress it")
 	}
 	mt, params, err := mime.ParseMediaType(contentType)
 	if err != nil {
-		return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate cannot filter a response with Content-Type "+strconvQuote(clip(contentType, 64)))
+		return st.responseRefusal("mcpgate cannot filter a response with Content-Type " + strconvQuote(clip(contentType, 64)))
 	}
 	switch mt {
 	case "application/json":
 		if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
-			return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate cannot filter a JSON response in charset "+strconvQuote(clip(cs, 32)))
+			return st.responseRefusal("mcpgate cannot filter a JSON response in charset " + strconvQuote(clip(cs, 32)))
 		}
 		out.ModeOverride = &extprocfilterv3.ProcessingMode{ResponseBodyMode: extprocfilterv3.ProcessingMode_BUFFERED}
 	case "text/event-stream":
@@ -710,7 +666,7 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 		out.ModeOverride = &extprocfilterv3.ProcessingMode{ResponseBodyMode: extprocfilterv3.ProcessingMode_STREAMED}
 		st.rewriters = st.newRewriters()
 	default:
-		return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate cannot filter a response with Content-Type "+strconvQuote(clip(mt, 64)))
+		return st.responseRefusal("mcpgate cannot filter a response with Content-Type " + strconvQuote(clip(mt, 64)))
 	}
 	st.phase = expectResponseBody
 	return out
@@ -725,7 +681,7 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 		out, err := st.rewriteJSON(chunk)
 		if err != nil {
 			// A response we cannot read cannot be filtered: it must not reach the client.
-			return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate could not filter the server's response: "+err.Error())
+			return st.responseRefusal("mcpgate could not filter the server's response: " + err.Error())
 		}
 		if string(out) == string(chunk) {
 			return wrap(&extprocv3.CommonResponse{})
@@ -741,7 +697,7 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 		if out, err = rw.Feed(out, b.GetEndOfStream()); err != nil {
 			// Headers are gone; an immediate response makes Envoy reset the stream, which
 			// is the only fail-closed move left mid-stream.
-			return st.jsonrpcHTTPError(502, nil, -32603, "mcpgate could not filter the server's event stream: "+err.Error())
+			return st.responseRefusal("mcpgate could not filter the server's event stream: " + err.Error())
 		}
 	}
 	if string(out) == string(chunk) {
@@ -753,22 +709,10 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 	return wrap(&extprocv3.CommonResponse{BodyMutation: &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}}})
 }
 
-// logDecision queues one decision for the decision log and the metrics. They are
-// written by one background goroutine, off the request path, as ext_authz does.
-func (st *stream) logDecision(d Decision, id []byte, elapsed time.Duration) {
-	st.s.records.Add(procRecord{
-		allow: d.Allow, rule: d.Rule, reason: d.Reason, patches: len(d.Patch),
-		id:         append([]byte(nil), id...),
-		decisionID: st.decisionID, authzID: st.ident.DecisionID,
-		target: st.ident.Target, caller: st.ident.CallerAppID, subject: st.ident.Subject,
-		method: st.req.Method, tool: st.req.Tool, name: st.req.Tool + st.req.Prompt + st.req.URI,
-		elapsed: elapsed,
-	})
-}
-
 // procRecord is what the recorder needs of one decision, copied out of the stream.
 type procRecord struct {
 	allow                                 bool
+	status                                int // of mcpgate's own answer; 0 when forwarded
 	rule, reason                          string
 	patches                               int
 	id                                    []byte
@@ -814,6 +758,9 @@ func (s *Server) record(r *procRecord) {
 			zap.String("subject", r.subject),
 			zap.String("method", clip(r.method, maxLogField)),
 			zap.Float64("latency_ms", float64(r.elapsed.Microseconds())/1000),
+		}
+		if r.status != 0 {
+			fields = append(fields, zap.Int("status", r.status))
 		}
 		if len(r.id) > 0 {
 			fields = append(fields, zap.String("id", clip(string(r.id), maxLogField)))

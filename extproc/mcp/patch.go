@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // ErrPatch is wrapped by every PatchArguments error about the operations themselves (bad
@@ -134,26 +136,17 @@ func normalize(v any) (any, error) {
 	return out, nil
 }
 
-// parsePointer splits an RFC 6901 pointer into unescaped reference tokens.
+// parsePointer splits an RFC 6901 pointer into unescaped reference tokens, with the
+// policy's parser (one parser for patches and redaction); "" is the whole document.
 func parsePointer(p string) ([]string, error) {
 	if p == "" {
 		return nil, nil
 	}
-	if p[0] != '/' {
-		return nil, fmt.Errorf("JSON pointer %q does not start with \"/\"", p)
+	ptr, err := policy.ParsePointer(p)
+	if err != nil {
+		return nil, err
 	}
-	toks := strings.Split(p[1:], "/")
-	for i, t := range toks {
-		for j := 0; j < len(t); j++ {
-			if t[j] == '~' && (j+1 == len(t) || (t[j+1] != '0' && t[j+1] != '1')) {
-				return nil, fmt.Errorf("JSON pointer %q: \"~\" must be followed by 0 or 1", p)
-			}
-		}
-		if strings.IndexByte(t, '~') >= 0 {
-			toks[i] = strings.ReplaceAll(strings.ReplaceAll(t, "~1", "/"), "~0", "~")
-		}
-	}
-	return toks, nil
+	return ptr.Tokens, nil
 }
 
 // arrayIndex parses an RFC 6901 array index: "0" or digits without a leading zero. With

@@ -76,6 +76,13 @@ func newError(code int, id json.RawMessage, format string, args ...any) *Error {
 	return &Error{Code: code, Message: fmt.Sprintf(format, args...), ID: id}
 }
 
+// AppendJSONString appends s to dst as a JSON string. Invalid UTF-8 becomes U+FFFD;
+// control characters, quotes, backslashes, U+2028 and U+2029 are escaped, so the result
+// is read alike by every JSON and JavaScript parser.
+func AppendJSONString(dst []byte, s string) []byte {
+	return appendQuoted(dst, []byte(strings.ToValidUTF8(s, "\uFFFD")))
+}
+
 // ErrorResponse returns the JSON-RPC error response {"jsonrpc":"2.0","id":id,"error":{...}};
 // a nil id is written as null (JSON-RPC 2.0 section 5).
 func ErrorResponse(id json.RawMessage, code int, message string) []byte {
@@ -89,7 +96,7 @@ func ErrorResponse(id json.RawMessage, code int, message string) []byte {
 	b = append(b, `,"error":{"code":`...)
 	b = strconv.AppendInt(b, int64(code), 10)
 	b = append(b, `,"message":`...)
-	b = appendQuoted(b, []byte(strings.ToValidUTF8(message, "\uFFFD")))
+	b = AppendJSONString(b, message)
 	return append(b, "}}"...)
 }
 
