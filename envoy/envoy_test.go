@@ -31,6 +31,18 @@ func TestFilterOrder(t *testing.T) {
 	}
 }
 
+// Every HCM refuses header names with underscores: servers that fold '_' into '-' would
+// otherwise read x_mcpgate_caller_app_id as the identity header ext_authz sets.
+func TestHCMRejectsUnderscoreHeaders(t *testing.T) {
+	for _, edge := range []bool{false, true} {
+		h := HTTPConnectionManager(HCMOptions{StatPrefix: "s", RouteConfig: "r", Edge: edge})
+		requireValid(t, h)
+		if got := h.GetCommonHttpProtocolOptions().GetHeadersWithUnderscoresAction(); got != corev3.HttpProtocolOptions_REJECT_REQUEST {
+			t.Errorf("edge=%v: headers_with_underscores_action %v, want REJECT_REQUEST", edge, got)
+		}
+	}
+}
+
 func TestFailClosed(t *testing.T) {
 	if ExtAuthz("c").FailureModeAllow || ExtProc("c").FailureModeAllow {
 		t.Fatal("ext_authz and ext_proc must fail closed")

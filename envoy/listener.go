@@ -114,6 +114,14 @@ func HTTPConnectionManager(o HCMOptions) *hcmv3.HttpConnectionManager {
 		StreamIdleTimeout: duration(StreamIdleTimeout),
 		CommonHttpProtocolOptions: &corev3.HttpProtocolOptions{
 			IdleTimeout: duration(ConnectionIdleTimeout),
+			// Many servers read "x_mcpgate_caller_app_id" as "x-mcpgate-caller-app-id"
+			// (CGI-style environment variables, frameworks that fold '_' into '-'), so a
+			// caller could forge an identity header under its underscore spelling. Envoy
+			// refuses such requests in the codec, before any filter: 400 on HTTP/1, a
+			// stream reset on HTTP/2 (api/envoy/config/core/v3/protocol.proto
+			// HeadersWithUnderscoresAction). ext_authz strips both spellings as well
+			// (contract.IsInternalHeader), in case an Envoy is configured otherwise.
+			HeadersWithUnderscoresAction: corev3.HttpProtocolOptions_REJECT_REQUEST,
 		},
 		// Routes match exact paths and carry the target App ID for ext_authz: normalize
 		// "/a/../mcp" and "//mcp" first so that no spelling of a path escapes its route.

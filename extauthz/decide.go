@@ -59,7 +59,8 @@ type Decision struct {
 	Principal *bearer.Principal
 	// WWWAuthenticate is set on 401 and insufficient-scope 403 answers.
 	WWWAuthenticate string
-	// Strip lists incoming headers that only mcpgate may set.
+	// Strip lists incoming headers that only mcpgate may set, in every spelling
+	// contract.IsInternalHeader matches ("x_mcpgate_caller_app_id" too).
 	Strip []string
 	// Method and Path are the request's, the path without its query (queries can hold
 	// secrets and are never logged).

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -393,6 +394,12 @@ func TestCheckAllowedResponse(t *testing.T) {
 		"x-mcpgate-caller-app-id": "admin",
 		"dapr-caller-app-id":      "admin",
 		"x-mcpgate-role":          "root",
+		// The same identity under spellings a server may fold into the ones above
+		// (issue 18, finding 8): never overwritten, so always removed.
+		"x_mcpgate_caller_app_id": "admin",
+		"dapr_caller_app_id":      "admin",
+		"X-MCPGATE_SUBJECT":       "root@example.com",
+		"x_mcpgate_decision_id":   "00000000000000000000000000000000",
 	}}
 	resp, err := f.server.Check(context.Background(), r.build())
 	if err != nil {
@@ -413,8 +420,10 @@ func TestCheckAllowedResponse(t *testing.T) {
 	if set[contract.HeaderCallerAppID] != "my-agent" || set[contract.HeaderDaprCallerAppID] != "my-agent" || set[contract.HeaderSubject] != "alice@example.com" || len(set[contract.HeaderDecisionID]) != 32 {
 		t.Errorf("headers set = %v", set)
 	}
-	if got := ok.GetHeadersToRemove(); len(got) != 1 || got[0] != "x-mcpgate-role" {
-		t.Errorf("headers to remove = %v, want the spoofed x-mcpgate-role only (the others are overwritten)", got)
+	got := slices.Sorted(slices.Values(ok.GetHeadersToRemove()))
+	removed := []string{"dapr_caller_app_id", "x-mcpgate-role", "x-mcpgate_subject", "x_mcpgate_caller_app_id", "x_mcpgate_decision_id"}
+	if !slices.Equal(got, removed) {
+		t.Errorf("headers to remove = %v, want %v (the spoofed headers mcpgate does not overwrite)", got, removed)
 	}
 	md := resp.GetDynamicMetadata().AsMap()
 	want := map[string]any{

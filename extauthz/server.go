@@ -230,7 +230,8 @@ func (d *Decision) okResponse() *authv3.CheckResponse {
 	}
 	// Spoofed identity headers are removed. The ones set above are left out of the
 	// removal list: they are overwritten anyway, and Envoy's order of set and remove
-	// must not decide whether our own header survives.
+	// must not decide whether our own header survives. Other spellings of them
+	// ("x_mcpgate_caller_app_id") are not overwritten, so they are always removed.
 	for _, h := range d.Strip {
 		switch {
 		case h == contract.HeaderDecisionID,

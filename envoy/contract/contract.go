@@ -11,8 +11,6 @@
 // writer and reader; testdata/contract.golden pins it, so any change is a visible diff.
 package contract
 
-import "strings"
-
 // Context extensions. Envoy sends a route's ExtAuthzPerRoute.check_settings
 // .context_extensions in CheckRequest.attributes.context_extensions. They come from
 // mcpgate's own configuration of Envoy, never from the caller.
@@ -91,7 +89,8 @@ const (
 	HeaderDecisionID = "x-mcpgate-decision-id"
 	// InternalHeaderPrefix starts the name of every header mcpgate sets but
 	// HeaderDaprCallerAppID. Written by extauthz and extproc only: extauthz strips
-	// caller-sent headers with it; read by no one as a value.
+	// caller-sent headers with it, also spelt with '_' (see [IsInternalHeader]); read by
+	// no one as a value.
 	InternalHeaderPrefix = "x-mcpgate-"
 )
 
@@ -116,8 +115,36 @@ const (
 	HeaderMCPName = "mcp-name"
 )
 
-// IsInternalHeader reports whether a request header (lower case) is one only mcpgate may
-// set: extauthz removes any the caller sent.
+// IsInternalHeader reports whether a request header is one only mcpgate may set:
+// extauthz removes any the caller sent. Names match in any ASCII case and with '_' for
+// any '-' ("x_mcpgate_caller_app_id", "X-MCPGATE_subject"): many servers read them as
+// the same header (CGI-style environment variables such as HTTP_X_MCPGATE_CALLER_APP_ID,
+// frameworks that fold '_' into '-'), so a caller could otherwise forge an identity
+// under another spelling. The Envoy listeners refuse such names first
+// (headers_with_underscores_action: REJECT_REQUEST); this holds even where one does not.
 func IsInternalHeader(key string) bool {
-	return key == HeaderDaprCallerAppID || strings.HasPrefix(key, InternalHeaderPrefix)
+	return sameHeaderName(key, HeaderDaprCallerAppID) ||
+		len(key) >= len(InternalHeaderPrefix) && sameHeaderName(key[:len(InternalHeaderPrefix)], InternalHeaderPrefix)
+}
+
+// sameHeaderName reports whether key spells name (lower case, '-' separated) in any
+// ASCII case and with '_' for any '-'. It allocates nothing: extauthz calls it for
+// every header of every request.
+func sameHeaderName(key, name string) bool {
+	if len(key) != len(name) {
+		return false
+	}
+	for i := 0; i < len(key); i++ {
+		c := key[i]
+		switch {
+		case c == '_':
+			c = '-'
+		case 'A' <= c && c <= 'Z':
+			c += 'a' - 'A'
+		}
+		if c != name[i] {
+			return false
+		}
+	}
+	return true
 }

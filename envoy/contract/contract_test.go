@@ -135,14 +135,51 @@ func kindOf(constName string) string {
 
 func TestInternalHeaders(t *testing.T) {
 	for _, e := range Spec {
-		if e.Kind == KindHeader && strings.Contains(e.Writer, "ext") && !IsInternalHeader(e.Name) {
-			t.Errorf("%s is written by %s but a caller's copy would not be stripped", e.Name, e.Writer)
+		internal := e.Kind == KindHeader && strings.Contains(e.Writer, "ext") || e.Kind == KindHeaderPrefix
+		if !internal {
+			continue
+		}
+		// Every spelling a server may read as the same header: '_' for '-' (all or some,
+		// as CGI-style environment variables and frameworks that fold '_' into '-' do),
+		// in any case.
+		name := e.Name
+		if e.Kind == KindHeaderPrefix {
+			name += "role"
+		}
+		for _, name := range spellings(name) {
+			if !IsInternalHeader(name) {
+				t.Errorf("%s (%s) is written by %s but a caller's copy %q would not be stripped", e.Const, e.Name, e.Writer, name)
+			}
 		}
 	}
-	for _, h := range []string{HeaderDaprAppID, HeaderMCPMethod, "authorization", "x-mcpgate", "dapr-caller-app-i"} {
+	for _, h := range []string{
+		HeaderDaprAppID, HeaderMCPMethod, "authorization", "x-mcpgate", "dapr-caller-app-i",
+		"dapr_app_id", "mcp_method", "x_mcpgate", "x.mcpgate-subject", "dapr-caller-app-id-x", "xx-mcpgate-subject", "",
+	} {
 		if IsInternalHeader(h) {
 			t.Errorf("IsInternalHeader(%q) = true", h)
 		}
+	}
+}
+
+// spellings are name, name with every '-' as '_', with each single '-' as '_', and the
+// upper-case forms of those.
+func spellings(name string) []string {
+	out := []string{name, strings.ReplaceAll(name, "-", "_")}
+	for i := range len(name) {
+		if name[i] == '-' {
+			out = append(out, name[:i]+"_"+name[i+1:])
+		}
+	}
+	for _, s := range out {
+		out = append(out, strings.ToUpper(s))
+	}
+	return out
+}
+
+func TestIsInternalHeaderAllocatesNothing(t *testing.T) {
+	if n := testing.AllocsPerRun(100, func() { _ = IsInternalHeader("x_mcpgate_caller_app_id") }); n != 0 {
+		t.Fatalf("IsInternalHeader allocates %v times per call", n)
 	}
 }
 

@@ -66,6 +66,8 @@ type listenerCfg struct {
 	bufferLimit uint64
 	normalize   bool
 	merge       bool
+	// underscores is common_http_protocol_options.headers_with_underscores_action.
+	underscores corev3.HttpProtocolOptions_HeadersWithUnderscoresAction
 }
 
 type filterCfg struct {
@@ -313,6 +315,12 @@ func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
 		}
 	default:
 		return nil, errors.New("scoped routes are not emulated")
+	}
+	lc.underscores = hcm.GetCommonHttpProtocolOptions().GetHeadersWithUnderscoresAction()
+	if _, ok := corev3.HttpProtocolOptions_HeadersWithUnderscoresAction_name[int32(lc.underscores)]; !ok {
+		// Envoy's config validation accepts defined values only (protocol.proto,
+		// enum defined_only).
+		return nil, fmt.Errorf("headers_with_underscores_action %d is not defined", lc.underscores)
 	}
 	lc.normalize = hcm.GetNormalizePath().GetValue()
 	lc.merge = hcm.GetMergeSlashes()

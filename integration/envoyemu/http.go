@@ -114,6 +114,9 @@ func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request
 		}
 	}()
 	s.req = requestHeaders(r)
+	if !s.underscores(w) {
+		return
+	}
 	if r.ContentLength != 0 || len(r.TransferEncoding) > 0 {
 		s.body = r.Body
 	}
@@ -139,6 +142,45 @@ func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request
 		return
 	}
 	s.write(w, resp)
+}
+
+// underscores applies the HCM's headers_with_underscores_action to the request header
+// names, as Envoy's server codecs do while parsing, before path normalization and any
+// filter (source/common/http/http1/codec_impl.cc and source/common/http/http2/
+// codec_impl.cc, ServerConnectionImpl::checkHeaderNameForUnderscores, with
+// HeaderUtility::headerNameContainsUnderscore). ALLOW passes them; DROP_HEADER removes
+// them; REJECT_REQUEST answers HTTP/1 with 400 "Bad Request" (details
+// http1.unexpected_underscore) and closes the connection, as after every codec error
+// (source/common/http/conn_manager_impl.cc ActiveStream::onLocalReply: a 400 on HTTP/1
+// sets connection: close), and resets an HTTP/2 stream
+// (NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE). No filter sees the request, so neither does
+// its local reply. It reports whether the request goes on.
+func (s *stream) underscores(w http.ResponseWriter) bool {
+	if s.l.underscores == corev3.HttpProtocolOptions_ALLOW {
+		return true
+	}
+	var bad []string
+	for _, e := range s.req.h {
+		if e.k[0] != ':' && strings.Contains(e.k, "_") {
+			bad = append(bad, e.k)
+		}
+	}
+	if len(bad) == 0 {
+		return true
+	}
+	if s.l.underscores == corev3.HttpProtocolOptions_DROP_HEADER {
+		for _, k := range bad {
+			s.req.del(k)
+		}
+		return true
+	}
+	s.e.opts.Logf("envoyemu: %s rejected: header name with underscores %q", s, bad[0])
+	if s.r.ProtoMajor >= 2 {
+		panic(http.ErrAbortHandler) // RST_STREAM
+	}
+	w.Header().Set("connection", "close")
+	s.write(w, (&localReply{status: http.StatusBadRequest, body: []byte("Bad Request"), details: "http1.unexpected_underscore"}).response())
+	return false
 }
 
 // decode runs the decoder filters and the router. It returns the router's response (from
