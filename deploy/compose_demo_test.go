@@ -62,15 +62,16 @@ func jwksURLOf(issuerURL string) string {
 	return strings.TrimSuffix(issuerURL, "/") + "/" + issuerKeysPath
 }
 
-// wantComposePolicy is what deploy/compose/policy must hold: every file of testdata/demo
-// byte for byte, except that the issuer inventory requires has the compose issuer's
-// issuer and jwksUri (and a header saying so).
+// wantComposePolicy is what deploy/compose/policy must hold: the shipped demo policy
+// (deployedFiles: testdata/demo with mcpgate's SPIFFE ID in the Mesh) byte for byte,
+// except that the issuer inventory requires has the compose issuer's issuer and jwksUri,
+// and a header saying what differs.
 func wantComposePolicy(t *testing.T) map[string]string {
 	t.Helper()
 	snap := loadDemo(t)
 	is := composeIssuer(t, snap)
 	newIss := issuerURL(t, loadCompose(t))
-	files := demoFiles(t)
+	files, reasons := deployedEdits(t, snap)
 	replaced := map[string]int{}
 	for name, content := range files {
 		lines := strings.SplitAfter(content, "\n")
@@ -90,21 +91,23 @@ func wantComposePolicy(t *testing.T) map[string]string {
 			changed = true
 		}
 		if changed {
-			files[name] = "# Generated from testdata/" + "demo/" + name + " by `go test ./deploy -run TestComposePolicy -update`:\n" +
-				"# the issuer " + is.Name + " is docker-compose.yaml's development issuer (service " + issuerService + ", in mcpgate's\n" +
-				"# network namespace, hence a loopback URL), because " + is.Issuer + " does not exist there.\n" +
-				"# Nothing else differs. Lasting changes belong in testdata/demo; live edits here (deploy/README.md)\n" +
-				"# make `go test ./deploy` fail until reverted.\n" + strings.Join(lines, "")
+			files[name] = strings.Join(lines, "")
+			reasons[name] = append(reasons[name], "the issuer "+is.Name+" is docker-compose.yaml's development issuer (service "+issuerService+", in\n"+
+				"mcpgate's network namespace, hence a loopback URL), because "+is.Issuer+"\ndoes not exist there.")
 		}
 	}
 	if replaced["issuer"] != 1 || (is.JWKSURI != "" && replaced["jwksUri"] != 1) {
 		t.Fatalf("testdata/demo: found the issuer %s's issuer %d times and jwksUri %d times, want once each", is.Name, replaced["issuer"], replaced["jwksUri"])
 	}
+	for name, why := range reasons {
+		files[name] = generatedHeader(name, "go test ./deploy -run TestComposePolicy -update", why,
+			"Lasting changes belong in testdata/demo; live edits here (deploy/README.md)\nmake `go test ./deploy` fail until reverted.") + files[name]
+	}
 	return files
 }
 
-// TestComposePolicy keeps deploy/compose/policy equal to testdata/demo except for the
-// issuer block; -update rewrites it.
+// TestComposePolicy keeps deploy/compose/policy equal to testdata/demo except for
+// mcpgate's SPIFFE ID and the issuer block; -update rewrites it.
 func TestComposePolicy(t *testing.T) {
 	want := wantComposePolicy(t)
 	if *update {
@@ -129,7 +132,7 @@ func TestComposePolicy(t *testing.T) {
 		if g, ok := got[name]; !ok {
 			t.Errorf("deploy/%s lacks %s of testdata/demo (go test ./deploy -run TestComposePolicy -update)", composePolicyDir, name)
 		} else if g != w {
-			t.Errorf("deploy/%s/%s differs from testdata/demo/%s beyond the issuer (go test ./deploy -run TestComposePolicy -update)", composePolicyDir, name, name)
+			t.Errorf("deploy/%s/%s differs from testdata/demo/%s beyond mcpgate's SPIFFE ID and the issuer (go test ./deploy -run TestComposePolicy -update)", composePolicyDir, name, name)
 		}
 	}
 	for name := range got {

@@ -20,6 +20,7 @@ import (
 	"strings"
 	"testing"
 
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"go.yaml.in/yaml/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -47,6 +48,10 @@ const (
 	xdsAddress    = "mcpgate:18000" // what `make bootstraps` passes as --xds-address
 	composeSocket = "spire-agent-socket"
 	appIDLabel    = "dev.mcpgate.app-id"
+	// workloadLabel=mcpgateWorkload selects mcpgate's SPIRE registration entry in compose;
+	// mcpgateWorkload is also the name of its Kubernetes ClusterSPIFFEID.
+	workloadLabel   = "dev.mcpgate.workload"
+	mcpgateWorkload = "mcpgate"
 	// composePolicyDir is testdata/demo with only the issuer changed, mounted into the
 	// compose mcpgate (TestComposePolicy).
 	composePolicyDir = "compose/policy"
@@ -200,14 +205,18 @@ func checkPinned(t *testing.T, where, image string) {
 // ---------------------------------------------------------------------------------------
 // Bootstraps
 
-// bootstrapYAML is exactly what `mcpgate bootstrap --config testdata/demo --app ID
-// --xds-address mcpgate:18000` prints (cmd/mcpgate/xds.go: envoy.Bootstrap, protojson
-// with proto names, xds.JSONToYAML).
+// bootstrapYAML is exactly what `mcpgate bootstrap --config deploy/compose/policy --app
+// ID --xds-address mcpgate:18000` prints (cmd/mcpgate/xds.go: envoy.Bootstrap, with the
+// xds_cluster over SPIFFE mTLS when the Mesh names mcpgate's SPIFFE ID and certificates
+// come from SPIRE; protojson with proto names, xds.JSONToYAML).
 func bootstrapYAML(t *testing.T, snap *policy.Snapshot, app string) []byte {
 	t.Helper()
 	o := envoy.BootstrapOptions{NodeCluster: app, XDSAddress: xdsAddress, AdminPort: envoy.DefaultAdminPort}
 	if snap.Mesh.MTLS != policy.MTLSDisabled {
 		o.SpireAgentSocket = snap.Mesh.SDS.SpireAgentSocket
+	}
+	if id := snap.Mesh.AuthzSpiffeID; id != "" && o.SpireAgentSocket != "" {
+		o.XDSTLS = &envoy.XDSTLS{SVID: snap.App(app).SpiffeID, Bundle: "spiffe://" + snap.Mesh.TrustDomain, ServerID: id}
 	}
 	b, err := envoy.Bootstrap(o)
 	if err != nil {
@@ -236,8 +245,11 @@ func sameYAML(t *testing.T, a, b []byte) bool {
 	return reflect.DeepEqual(x, y)
 }
 
+// The bootstraps are generated from the shipped policy (mcpgate's SPIFFE ID in the Mesh):
+// deploy/compose/policy and the Kubernetes ConfigMap agree on everything a bootstrap
+// holds (the Mesh's trust domain, SPIRE socket and authz.spiffeId; the Apps' IDs).
 func TestBootstrapsAreFresh(t *testing.T) {
-	snap := loadDemo(t)
+	snap := loadDeployed(t)
 	files, _ := filepath.Glob(filepath.Join(bootstrapDir, "*.yaml"))
 	var have []string
 	for _, f := range files {
@@ -386,6 +398,9 @@ func TestDockerfile(t *testing.T) {
 	if v, _ := flagValue(d.cmd, "config"); v != policyMount {
 		t.Errorf("CMD --config %q, want %s", v, policyMount)
 	}
+	// The default is SPIFFE mTLS from the conventional SPIRE agent socket, with the
+	// bundled demo policy's sidecars allowed: serve refuses plaintext beyond loopback.
+	checkServeTLS(t, "Dockerfile CMD", d.cmd, snap)
 	_, authzPort := hostPort(t, "authz.address", snap.Mesh.AuthzAddress)
 	_, xdsPort := hostPort(t, "xds address", xdsAddress)
 	want := map[string]int{"grpc-addr": authzPort, "xds-addr": xdsPort, "admin-addr": 9902}
@@ -593,7 +608,7 @@ func TestComposeMcpgate(t *testing.T) {
 		}
 	}
 	// The compose command must not drift from the Dockerfile's CMD: it may only add flags.
-	for _, f := range []string{"config", "grpc-addr", "xds-addr", "admin-addr"} {
+	for _, f := range serveFlagsShared {
 		a, _ := flagValue(args, f)
 		b, _ := flagValue(d.cmd, f)
 		if a != b {
@@ -605,20 +620,79 @@ func TestComposeMcpgate(t *testing.T) {
 			t.Errorf("mcpgate does not expose %d (expose: %v)", p, s.Expose)
 		}
 	}
-	// Every bootstrap's xds_cluster reaches this service.
+	// SPIFFE mTLS: the SPIRE agent's socket (the sidecars' volume), its own registration
+	// entry's selector (TestComposeSpire), the sidecars of the policy it serves allowed.
+	composeSnap, _, _ := composeApps(t)
+	checkServeTLS(t, "compose mcpgate", args, composeSnap)
+	socketDir := path.Dir(composeSnap.Mesh.SDS.SpireAgentSocket)
+	if m, ok := s.mountAt(socketDir); !ok || m.source != composeSocket {
+		t.Errorf("mcpgate must mount the %s volume at %s (--spiffe-socket), has %v", composeSocket, socketDir, s.Volumes)
+	}
+	if s.Labels[workloadLabel] != mcpgateWorkload {
+		t.Errorf("mcpgate: label %s=%q, want %q (the selector of its SPIRE registration entry)", workloadLabel, s.Labels[workloadLabel], mcpgateWorkload)
+	}
+	if deps := dependsOn(s); !slices.Contains(deps, "spire-agent") {
+		t.Errorf("mcpgate depends_on %v, want spire-agent (it waits for its SVID)", deps)
+	}
+	// Every bootstrap's xds_cluster reaches this service, over SPIFFE mTLS with the
+	// sidecar's SVID, accepting only mcpgate's.
 	files, _ := filepath.Glob(filepath.Join(bootstrapDir, "*.yaml"))
 	for _, f := range files {
+		app := composeSnap.App(strings.TrimSuffix(filepath.Base(f), ".yaml"))
+		if app == nil {
+			t.Errorf("%s: no App %s in the compose policy", f, filepath.Base(f))
+			continue
+		}
 		docs := yamlDocs(t, f)
+		found := false
 		for _, cl := range get(docs[0], "static_resources", "clusters").([]any) {
 			if str(get(cl, "name")) != envoy.XDSCluster {
 				continue
 			}
+			found = true
 			sa := get(cl, "load_assignment", "endpoints", 0, "lb_endpoints", 0, "endpoint", "address", "socket_address")
 			if h, p := str(get(sa, "address")), str(get(sa, "port_value")); h != authzHost || p != strconv.Itoa(xdsPort) {
 				t.Errorf("%s: xds_cluster reaches %s:%s, want %s:%d", f, h, p, authzHost, xdsPort)
 			}
+			tc := get(cl, "transport_socket", "typed_config")
+			if !strings.HasSuffix(str(get(tc, "@type")), ".UpstreamTlsContext") {
+				t.Errorf("%s: xds_cluster is plaintext (transport_socket %v): mcpgate serves xDS over SPIFFE mTLS only", f, get(cl, "transport_socket"))
+				continue
+			}
+			js, err := json.Marshal(tc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var utc tlsv3.UpstreamTlsContext
+			if err := (protojson.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(js, &utc); err != nil {
+				t.Fatalf("%s: xds_cluster transport socket: %v", f, err)
+			}
+			checkUpstreamMTLS(t, f+": xds_cluster", &utc, app.SpiffeID, mcpgateSpiffeID(composeSnap))
+		}
+		if !found {
+			t.Errorf("%s has no %s", f, envoy.XDSCluster)
 		}
 	}
+}
+
+// serveFlagsShared are the serve flags whose values the compose command and the
+// Kubernetes Deployment share with the Dockerfile's CMD (they may only add flags).
+var serveFlagsShared = []string{"config", "grpc-addr", "xds-addr", "admin-addr", "spiffe-socket", "allowed-client-ids"}
+
+// dependsOn lists a compose service's depends_on, in either of its forms.
+func dependsOn(s service) []string {
+	switch d := s.DependsOn.(type) {
+	case []any:
+		return strs(d)
+	case map[string]any:
+		var out []string
+		for k := range d {
+			out = append(out, k)
+		}
+		sort.Strings(out)
+		return out
+	}
+	return nil
 }
 
 func TestComposeSidecarsAndApps(t *testing.T) {
@@ -751,7 +825,7 @@ func TestComposeSpire(t *testing.T) {
 	agentID := "spiffe://" + snap.Mesh.TrustDomain + "/spire/agent/http_challenge/" + agentHost
 
 	// Registration entries: exactly one per App with a sidecar, SPIFFE ID = App.SpiffeID,
-	// selected by the label its sidecar carries.
+	// selected by the label its sidecar carries, and mcpgate's (below).
 	reg := c.Services["spire-register"]
 	var dataPath string
 	for i, a := range reg.Command {
@@ -797,6 +871,16 @@ func TestComposeSpire(t *testing.T) {
 			if l := c.Services[app.Sidecar.Address].Labels[appIDLabel]; l != id {
 				t.Errorf("the entry for %s selects label %s=%s, the sidecar %s has %q", app.SpiffeID, appIDLabel, id, app.Sidecar.Address, l)
 			}
+		}
+	}
+	// And mcpgate's own, for its SPIFFE mTLS listeners: the ID the compose policy's Mesh
+	// names (authz.spiffeId), selected by a label only the mcpgate service carries.
+	composeSnap, _, _ := composeApps(t)
+	authzHost, _ := hostPort(t, "authz.address", composeSnap.Mesh.AuthzAddress)
+	want[composeSnap.Mesh.AuthzSpiffeID] = "label:" + workloadLabel + ":" + mcpgateWorkload
+	for name, s := range c.Services {
+		if l, ok := s.Labels[workloadLabel]; ok && (name != authzHost || l != mcpgateWorkload) {
+			t.Errorf("service %s carries %s=%s: only %s may hold mcpgate's SVID", name, workloadLabel, l, authzHost)
 		}
 	}
 	if !reflect.DeepEqual(got, want) {
@@ -980,13 +1064,60 @@ func TestKubernetesMcpgate(t *testing.T) {
 	c := container(t, dep, "mcpgate")
 	args := strs(c["args"])
 	d := parseDockerfile(t)
-	for _, f := range []string{"config", "grpc-addr", "xds-addr", "admin-addr"} {
+	for _, f := range serveFlagsShared {
 		a, _ := flagValue(args, f)
 		b, _ := flagValue(d.cmd, f)
 		if a != b {
 			t.Errorf("Deployment mcpgate --%s %q, Dockerfile CMD %q", f, a, b)
 		}
 	}
+	// SPIFFE mTLS: the SVID from the SPIFFE CSI driver's socket, as the sidecars get theirs,
+	// and exactly the sidecars of the policy it serves (the ConfigMap) allowed.
+	deployed := loadDeployed(t)
+	checkServeTLS(t, "Deployment mcpgate", args, deployed)
+	if sv := volumeAt(t, dep, c, path.Dir(deployed.Mesh.SDS.SpireAgentSocket)); str(get(sv, "csi", "driver")) != "csi.spiffe.io" {
+		t.Errorf("mcpgate's SPIRE socket volume is %v, want the SPIFFE CSI driver csi.spiffe.io", sv)
+	}
+	// Its SPIFFE ID: the ClusterSPIFFEID mcpgate renders the Mesh's authz.spiffeId for
+	// these pods (their namespace, their service account), and the apps' does not select them.
+	sa := str(get(dep.doc, "spec", "template", "spec", "serviceAccountName"))
+	if sa == "" || sa == "default" {
+		t.Errorf("Deployment mcpgate serviceAccountName %q: want its own (its SPIFFE ID is derived from it)", sa)
+	} else {
+		find(t, docs, "ServiceAccount", sa)
+	}
+	ns := loadKustomization(t, k8sBaseKust).Namespace
+	cs := find(t, docs, "ClusterSPIFFEID", mcpgateWorkload)
+	tmpl := str(get(cs.doc, "spec", "spiffeIDTemplate"))
+	rendered := strings.NewReplacer("{{ .TrustDomain }}", deployed.Mesh.TrustDomain,
+		"{{ .PodMeta.Namespace }}", ns, "{{ .PodSpec.ServiceAccountName }}", sa).Replace(tmpl)
+	if rendered != deployed.Mesh.AuthzSpiffeID {
+		t.Errorf("ClusterSPIFFEID %s template %q gives %q, want the Mesh's authz.spiffeId %q", mcpgateWorkload, tmpl, rendered, deployed.Mesh.AuthzSpiffeID)
+	}
+	podLabels, _ := get(dep.doc, "spec", "template", "metadata", "labels").(map[string]any)
+	sel, _ := get(cs.doc, "spec", "podSelector", "matchLabels").(map[string]any)
+	for k, v := range sel {
+		if str(podLabels[k]) != str(v) {
+			t.Errorf("ClusterSPIFFEID %s selects %s=%v, the mcpgate pods have %v", mcpgateWorkload, k, v, podLabels)
+		}
+	}
+	if len(sel) == 0 || get(cs.doc, "spec", "podSelector", "matchExpressions") != nil {
+		t.Errorf("ClusterSPIFFEID %s podSelector %v: want matchLabels only", mcpgateWorkload, get(cs.doc, "spec", "podSelector"))
+	}
+	if got := str(get(cs.doc, "spec", "namespaceSelector", "matchLabels", "kubernetes.io/metadata.name")); got != ns {
+		t.Errorf("ClusterSPIFFEID %s namespaceSelector %v: want only namespace %s, where mcpgate runs", mcpgateWorkload, get(cs.doc, "spec", "namespaceSelector"), ns)
+	}
+	// No App can be issued mcpgate's ID: the apps' ClusterSPIFFEID renders
+	// ns/<namespace>/..., so it must skip a namespace named like mcpgate's ID's.
+	mcpgateNS := strings.Split(strings.TrimPrefix(mcpgateIDPath, "/"), "/")[1]
+	excl := get(find(t, docs, "ClusterSPIFFEID", "mcpgate-apps").doc, "spec", "namespaceSelector", "matchExpressions", 0)
+	if str(get(excl, "key")) != "kubernetes.io/metadata.name" || str(get(excl, "operator")) != "NotIn" || !slices.Contains(strs(get(excl, "values")), mcpgateNS) {
+		t.Errorf("ClusterSPIFFEID mcpgate-apps namespaceSelector %v: want namespace %s excluded (its pods would get mcpgate's ID)", excl, mcpgateNS)
+	}
+	if _, ok := podLabels[appIDPodLabel]; ok {
+		t.Errorf("the mcpgate pods carry %s: ClusterSPIFFEID mcpgate-apps would give them an App's identity", appIDPodLabel)
+	}
+
 	grpc, xdsP, admin := listenPort(t, args, "grpc-addr"), listenPort(t, args, "xds-addr"), listenPort(t, args, "admin-addr")
 	if grpc != authzPort || xdsP != xdsPort {
 		t.Errorf("Deployment mcpgate ports grpc %d xds %d, want %d and %d", grpc, xdsP, authzPort, xdsPort)
@@ -1021,7 +1152,7 @@ func TestKubernetesMcpgate(t *testing.T) {
 	if str(get(v, "configMap", "name")) != policyCMName {
 		t.Errorf("the policy volume is %v, want ConfigMap %s", v, policyCMName)
 	}
-	// ConfigMap keys are flat: the volume's items must rebuild testdata/demo exactly.
+	// ConfigMap keys are flat: the volume's items must rebuild the shipped policy exactly.
 	cm := find(t, docs, "ConfigMap", policyCMName)
 	data, _ := cm.doc["data"].(map[string]any)
 	got := map[string]string{}
@@ -1032,12 +1163,12 @@ func TestKubernetesMcpgate(t *testing.T) {
 	if len(items) != len(data) {
 		t.Errorf("ConfigMap %s has %d keys, the volume projects %d", policyCMName, len(data), len(items))
 	}
-	wantFiles := demoFiles(t)
+	wantFiles := deployedFiles(t)
 	for p, content := range wantFiles {
 		if g, ok := got[p]; !ok {
 			t.Errorf("the policy volume lacks %s (make bootstraps)", p)
 		} else if g != content {
-			t.Errorf("%s in ConfigMap %s differs from testdata/demo (make bootstraps)", p, policyCMName)
+			t.Errorf("%s in ConfigMap %s differs from testdata/demo with mcpgate's SPIFFE ID (make bootstraps)", p, policyCMName)
 		}
 	}
 	for p := range got {
@@ -1179,15 +1310,18 @@ func filesUnder(t *testing.T, dir string) (map[string]string, error) {
 func configMapKey(p string) string { return strings.ReplaceAll(p, "/", ".") }
 
 // TestKubernetesConfigMaps checks that the generated ConfigMaps are present; with -update
-// it writes them from testdata/demo and envoy/bootstrap (make bootstraps runs that).
+// it writes them from testdata/demo (with mcpgate's SPIFFE ID) and envoy/bootstrap (make
+// bootstraps runs that).
 func TestKubernetesConfigMaps(t *testing.T) {
 	policyCM := configMap(policyCMName,
 		"# Generated from testdata/demo by `make bootstraps` (go test ./deploy -update); do not edit.\n"+
-			"# Keys are flat; the mcpgate Deployment's volume items restore rego/. Edit the policy here\n"+
-			"# (or regenerate) and apply: mcpgate picks it up through the kubelet's symlink swap.\n",
+			"# The same policy, plus mcpgate's SPIFFE ID in the Mesh (authz.spiffeId) so that every Envoy\n"+
+			"# reaches mcpgate over SPIFFE mTLS. Keys are flat; the mcpgate Deployment's volume items\n"+
+			"# restore rego/. Edit the policy here (or regenerate) and apply: mcpgate picks it up through\n"+
+			"# the kubelet's symlink swap.\n",
 		func() map[string]string {
 			m := map[string]string{}
-			for p, c := range demoFiles(t) {
+			for p, c := range deployedFiles(t) {
 				m[configMapKey(p)] = c
 			}
 			return m

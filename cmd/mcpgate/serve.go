@@ -43,6 +43,8 @@ type serveFlags struct {
 	// spiffeSocket and allowedClientIDs switch the gRPC listeners to SPIFFE mTLS (tls.go).
 	spiffeSocket     string
 	allowedClientIDs string
+	// insecureListen accepts plaintext gRPC listeners beyond loopback (checkListenSecurity).
+	insecureListen bool
 }
 
 func newServeCmd() *cobra.Command {
@@ -54,15 +56,21 @@ func newServeCmd() *cobra.Command {
 Without --config the embedded demo policy (testdata/demo) is served.
 
 Transport security of the gRPC listeners (--grpc-addr for ext_authz/ext_proc, --xds-addr
-for ADS): plaintext by default, meant for loopback (a warning is logged when either is bound
-beyond it). With --spiffe-socket both use SPIFFE mTLS: mcpgate takes its X.509 SVID and
+for ADS): plaintext by default, which serve accepts only on loopback (127.0.0.1, [::1],
+localhost). With --spiffe-socket both use SPIFFE mTLS: mcpgate takes its X.509 SVID and
 trust bundles from the Workload API (rotated without restart), requires a client
 certificate that chains to the bundle of the client's trust domain, and admits only the
 identities in --allowed-client-ids, which is then required:
 
   mcpgate serve --grpc-addr 0.0.0.0:9001 --xds-addr 0.0.0.0:18000 \
     --spiffe-socket unix:///run/spire/agent.sock \
-    --allowed-client-ids spiffe://example.org/ns/default/inventory,spiffe://example.org/ns/default/my-agent`,
+    --allowed-client-ids spiffe://example.org/ns/default/inventory,spiffe://example.org/ns/default/my-agent
+
+A plaintext gRPC listener beyond loopback (0.0.0.0, ::, ":9001", a host name, any other
+IP) makes serve refuse to start: whoever reaches xDS reads every Envoy's configuration
+(secrets in HTTPEndpoint headers included), and whoever reaches ext_authz/ext_proc can ask
+for decisions and drive ext_proc streams in other callers' names. --insecure-listen
+accepts it anyway, with a warning: for a throwaway local try only.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -81,6 +89,7 @@ identities in --allowed-client-ids, which is then required:
 	fl.DurationVar(&f.shutdownWait, "shutdown-timeout", 10*time.Second, "how long SIGTERM waits for in-flight requests")
 	fl.StringVar(&f.spiffeSocket, "spiffe-socket", "", "SPIFFE Workload API address (unix:///path, a bare /path, or tcp://ip:port); set: the gRPC listeners use SPIFFE mTLS (empty: plaintext)")
 	fl.StringVar(&f.allowedClientIDs, "allowed-client-ids", "", "comma-separated SPIFFE IDs of the Envoys that may connect; an ID without a path (spiffe://example.org) admits its whole trust domain; required with --spiffe-socket")
+	fl.BoolVar(&f.insecureListen, "insecure-listen", false, "accept plaintext --grpc-addr/--xds-addr beyond loopback (anyone who reaches them reads every Envoy's configuration and asks for decisions); a local try only, never a deployment")
 	return cmd
 }
 
@@ -107,8 +116,14 @@ func serve(ctx context.Context, f *serveFlags) error {
 	if err != nil {
 		return err
 	}
-	warnIfPlaintextBeyondLoopback(log, ts, "--grpc-addr", f.grpcAddr)
-	warnIfPlaintextBeyondLoopback(log, ts, "--xds-addr", f.xdsAddr)
+	exposed, err := checkListenSecurity(f, ts)
+	if err != nil {
+		return err
+	}
+	for _, l := range exposed {
+		log.Warn("plaintext gRPC listener beyond loopback (--insecure-listen): "+l.exposes,
+			zap.String("flag", l.flag), zap.String("addr", l.addr))
+	}
 
 	tel, err := newTelemetry()
 	if err != nil {
@@ -139,6 +154,9 @@ func serve(ctx context.Context, f *serveFlags) error {
 	store.Set(snap)
 	reloads.Add(ctx, 1, metric.WithAttributes(attribute.String("result", "applied")))
 	log.Info("policy loaded", zap.String("version", snap.Version), zap.String("summary", summary(snap)))
+	if msg := authzTLSMismatch(snap, ts, f.grpcAddr); msg != "" {
+		log.Warn(msg, zap.String("authz_spiffe_id", snap.Mesh.AuthzSpiffeID))
+	}
 
 	// One Workload API source for both listeners, closed after they have stopped.
 	var grpcOpts []grpc.ServerOption
@@ -234,6 +252,71 @@ func serve(ctx context.Context, f *serveFlags) error {
 		return nil
 	}
 	return err
+}
+
+// errPlaintextBeyondLoopback is why serve refuses a gRPC listener: no TLS, and bound
+// where other hosts can reach it.
+var errPlaintextBeyondLoopback = errors.New("plaintext gRPC listener beyond loopback")
+
+// grpcListener is one of serve's gRPC listeners as its flag names it, with what a
+// plaintext one gives away to whoever reaches it.
+type grpcListener struct {
+	flag, addr, exposes string
+}
+
+// checkListenSecurity enforces that a gRPC listener without TLS binds only loopback: a
+// plaintext xDS server hands every node's configuration (secrets in HTTPEndpoint headers
+// included) to anyone who asks for it by node.cluster, and a plaintext ext_authz/ext_proc
+// server answers anyone, who can then open ext_proc streams that spend another caller's
+// rate limit. With SPIFFE mTLS (--spiffe-socket) both check the client's identity. The
+// address is judged as written, before anything is bound: a host name other than
+// localhost may resolve beyond loopback, and ":port" binds every interface. It returns
+// the exposed listeners, which are an error unless --insecure-listen accepts them.
+//
+// The admin server (--admin-addr) is not covered: it serves health, metrics and a
+// summary of the policy (names, never header values or secrets: describeSnapshot), and
+// Kubernetes probes need it on the pod IP.
+func checkListenSecurity(f *serveFlags, ts transportSecurity) ([]grpcListener, error) {
+	if ts.workloadAPI != "" {
+		return nil, nil
+	}
+	var exposed []grpcListener
+	var errs []error
+	for _, l := range []grpcListener{
+		{"--grpc-addr", f.grpcAddr, "any host that reaches it can ask for authorization decisions and open ext_proc streams that spend other callers' rate limits"},
+		{"--xds-addr", f.xdsAddr, "any host that reaches it can read every Envoy's configuration, secrets in HTTPEndpoint headers included"},
+	} {
+		if l.addr == "" || isLoopbackAddr(l.addr) {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(l.addr); err != nil {
+			continue // not an address: net.Listen reports it
+		}
+		exposed = append(exposed, l)
+		errs = append(errs, fmt.Errorf("%s %s: %w: %s; serve SPIFFE mTLS (--spiffe-socket and --allowed-client-ids), bind a loopback address (127.0.0.1, [::1], localhost), or pass --insecure-listen to accept plaintext",
+			l.flag, l.addr, errPlaintextBeyondLoopback, l.exposes))
+	}
+	if f.insecureListen {
+		return exposed, nil
+	}
+	return exposed, errors.Join(errs...)
+}
+
+// authzTLSMismatch says why the Envoys the policy programs cannot reach this server's
+// ext_authz/ext_proc listener, or "": the Mesh's authz.spiffeId is what makes their
+// mcpgate cluster use mTLS, so it must be set exactly when the listener serves mTLS.
+// Either mismatch fails closed (every request is denied), hence a warning, not an error:
+// another replica may be the one the Envoys reach.
+func authzTLSMismatch(snap *policy.Snapshot, ts transportSecurity, grpcAddr string) string {
+	switch {
+	case grpcAddr == "" || snap == nil || snap.Mesh == nil:
+		return ""
+	case ts.workloadAPI != "" && snap.Mesh.AuthzSpiffeID == "":
+		return "the gRPC listeners use SPIFFE mTLS but the Mesh names no authz.spiffeId: the Envoys it programs reach ext_authz/ext_proc in plaintext and are refused; set authz.spiffeId to mcpgate's SPIFFE ID"
+	case ts.workloadAPI == "" && snap.Mesh.AuthzSpiffeID != "":
+		return "the Mesh names authz.spiffeId but the gRPC listeners are plaintext: the Envoys it programs reach ext_authz/ext_proc over mTLS and fail; start serve with --spiffe-socket and --allowed-client-ids"
+	}
+	return ""
 }
 
 // newGRPCServer builds the gRPC server Envoy talks to; the health service lets Envoy

@@ -174,25 +174,16 @@ func (a *clientAllowList) strings() []string {
 	return out
 }
 
-// warnIfPlaintextBeyondLoopback logs a warning when a gRPC listener without TLS is bound
-// to anything but loopback: Envoy's requests then cross the network in clear text and
-// any host that can reach the port can ask for decisions or configuration.
-func warnIfPlaintextBeyondLoopback(log *zap.Logger, ts transportSecurity, flag, addr string) {
-	if ts.workloadAPI != "" || addr == "" || isLoopbackAddr(addr) {
-		return
-	}
-	log.Warn("plaintext gRPC listener beyond loopback; set --spiffe-socket and --allowed-client-ids for SPIFFE mTLS",
-		zap.String("flag", flag), zap.String("addr", addr))
-}
-
 // isLoopbackAddr reports whether host:port names only loopback: "localhost" or a
-// loopback IP. An empty host (":9001") listens on every interface.
+// loopback IP (127.0.0.0/8, ::1, ::ffff:127.x). An empty host (":9001") listens on every
+// interface, and any other host name may resolve beyond loopback: both are not loopback,
+// nor is an address that does not parse.
 func isLoopbackAddr(addr string) bool {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return false
 	}
-	if host == "localhost" {
+	if strings.EqualFold(host, "localhost") {
 		return true
 	}
 	ip := net.ParseIP(host)

@@ -16,8 +16,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"go.uber.org/zap"
-	"go.uber.org/zap/zaptest/observer"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -253,32 +251,5 @@ func TestServeFailsClosedWithoutAllowList(t *testing.T) {
 		"--spiffe-socket", "unix:///nonexistent/agent.sock")
 	if code != 1 || !strings.Contains(errOut, "--spiffe-socket requires --allowed-client-ids") {
 		t.Fatalf("code %d, stderr %q", code, errOut)
-	}
-}
-
-func TestWarnIfPlaintextBeyondLoopback(t *testing.T) {
-	core, logs := observer.New(zap.WarnLevel)
-	log := zap.New(core)
-	tlsOn := transportSecurity{workloadAPI: "unix:///run/spire/agent.sock"}
-	for _, tc := range []struct {
-		addr string
-		ts   transportSecurity
-		warn bool
-	}{
-		{"127.0.0.1:9001", transportSecurity{}, false},
-		{"[::1]:9001", transportSecurity{}, false},
-		{"localhost:9001", transportSecurity{}, false},
-		{"", transportSecurity{}, false},
-		{"0.0.0.0:9001", transportSecurity{}, true},
-		{":9001", transportSecurity{}, true},
-		{"10.0.0.5:9001", transportSecurity{}, true},
-		{"mcpgate:9001", transportSecurity{}, true},
-		{"0.0.0.0:9001", tlsOn, false},
-	} {
-		before := logs.Len()
-		warnIfPlaintextBeyondLoopback(log, tc.ts, "--grpc-addr", tc.addr)
-		if got := logs.Len() > before; got != tc.warn {
-			t.Errorf("%q (tls %v): warned %v, want %v", tc.addr, tc.ts.workloadAPI != "", got, tc.warn)
-		}
 	}
 }
