@@ -45,6 +45,8 @@ type serveFlags struct {
 	allowedClientIDs string
 	// insecureListen accepts plaintext gRPC listeners beyond loopback (checkListenSecurity).
 	insecureListen bool
+	// sessionKeyFile holds the key Mcp-Session-Id values are bound with (sessionkey.go).
+	sessionKeyFile string
 }
 
 func newServeCmd() *cobra.Command {
@@ -89,6 +91,7 @@ accepts it anyway, with a warning: for a throwaway local try only.`,
 	fl.DurationVar(&f.shutdownWait, "shutdown-timeout", 10*time.Second, "how long SIGTERM waits for in-flight requests")
 	fl.StringVar(&f.spiffeSocket, "spiffe-socket", "", "SPIFFE Workload API address (unix:///path, a bare /path, or tcp://ip:port); set: the gRPC listeners use SPIFFE mTLS (empty: plaintext)")
 	fl.StringVar(&f.allowedClientIDs, "allowed-client-ids", "", "comma-separated SPIFFE IDs of the Envoys that may connect; an ID without a path (spiffe://example.org) admits its whole trust domain; required with --spiffe-socket")
+	fl.StringVar(&f.sessionKeyFile, "session-key-file", "", "file with the key (at least 32 bytes) that binds Mcp-Session-Id values to the caller that opened the session; the same for every replica (empty: a random key per process)")
 	fl.BoolVar(&f.insecureListen, "insecure-listen", false, "accept plaintext --grpc-addr/--xds-addr beyond loopback (anyone who reaches them reads every Envoy's configuration and asks for decisions); a local try only, never a deployment")
 	return cmd
 }
@@ -117,6 +120,10 @@ func serve(ctx context.Context, f *serveFlags) error {
 		return err
 	}
 	exposed, err := checkListenSecurity(f, ts)
+	if err != nil {
+		return err
+	}
+	sessionKey, err := readSessionKey(f.sessionKeyFile)
 	if err != nil {
 		return err
 	}
@@ -198,7 +205,10 @@ func serve(ctx context.Context, f *serveFlags) error {
 		if err != nil {
 			return err
 		}
-		proc, err := extproc.NewServer(extproc.Options{Store: store, DecisionLog: log.Named("decision"), Meter: tel.meter})
+		if sessionKey == nil {
+			log.Info("Mcp-Session-Id values are bound with a key of this process: sessions end with it, and replicas need a shared --session-key-file")
+		}
+		proc, err := extproc.NewServer(extproc.Options{Store: store, DecisionLog: log.Named("decision"), Meter: tel.meter, SessionKey: sessionKey})
 		if err != nil {
 			return err
 		}
