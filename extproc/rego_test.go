@@ -15,10 +15,8 @@ import (
 	"github.com/open-policy-agent/opa/v1/rego"
 	"github.com/open-policy-agent/opa/v1/tester"
 	"github.com/open-policy-agent/opa/v1/topdown"
-	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
-	"github.com/mcpgate/mcpgate"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -250,15 +248,7 @@ func TestDecisionObjectOfOddResults(t *testing.T) {
 
 // Rego input caches belong to their Server, and their sizes are in metrics.
 func TestRegoCachesPerServer(t *testing.T) {
-	snap, err := policy.Load(context.Background(), mcpgate.DemoPolicy(), "demo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	reader := sdkmetric.NewManualReader()
-	a, err := NewServer(Options{Store: policy.NewStore(snap), Meter: sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)).Meter("t")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, reader := newMeteredDemoServer(t)
 	b := newDemoServer(t)
 	runEnvoy(t, a, envoyRequest{md: agentMD, body: call(1, "get_inventory", `{"product_id":"SKU-1"}`)}, envoyUpstream{})
 	if a.rego.identities.len() != 1 || a.rego.targets.len() != 1 {
@@ -267,20 +257,11 @@ func TestRegoCachesPerServer(t *testing.T) {
 	if b.rego.identities.len() != 0 || b.rego.targets.len() != 0 {
 		t.Fatalf("server b shares server a's caches")
 	}
-	var rm metricdata.ResourceMetrics
-	if err := reader.Collect(context.Background(), &rm); err != nil {
-		t.Fatal(err)
-	}
 	got := map[string]int64{}
-	for _, sm := range rm.ScopeMetrics {
-		for _, m := range sm.Metrics {
-			if m.Name == "mcpgate.mcp.cache.entries" {
-				for _, p := range m.Data.(metricdata.Gauge[int64]).DataPoints {
-					c, _ := p.Attributes.Value("cache")
-					got[c.AsString()] = p.Value
-				}
-			}
-		}
+	gauge, _ := collectMetric(t, reader, "mcpgate.mcp.cache.entries").(metricdata.Gauge[int64])
+	for _, p := range gauge.DataPoints {
+		c, _ := p.Attributes.Value("cache")
+		got[c.AsString()] = p.Value
 	}
 	if got["rego_identities"] != 1 || got["rego_targets"] != 1 || got["ratelimit_buckets"] < 1 {
 		t.Errorf("cache entries in metrics: %v", got)

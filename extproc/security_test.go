@@ -9,7 +9,6 @@ import (
 
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"go.opentelemetry.io/otel/attribute"
-	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/mcpgate/mcpgate"
@@ -192,34 +191,15 @@ func TestAbandonedRequestIsNotDecided(t *testing.T) {
 // Finding 6: callers cannot mint metric series; a flood of junk methods leaves every
 // later decision in its own series.
 func TestMetricLabelsBounded(t *testing.T) {
-	snap, err := policy.Load(context.Background(), mcpgate.DemoPolicy(), "demo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	reader := sdkmetric.NewManualReader()
-	s, err := NewServer(Options{Store: policy.NewStore(snap), Meter: sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)).Meter("t")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
+	s, reader := newMeteredDemoServer(t)
 	const junk = 2500 // above the SDK's default cardinality limit of 2000
 	for i := range junk {
 		runEnvoy(t, s, envoyRequest{md: agentMD, body: fmt.Sprintf(`{"jsonrpc":"2.0","method":"notifications/x%d"}`, i)}, envoyUpstream{})
 	}
 	runEnvoy(t, s, envoyRequest{md: agentMD, body: call(1, "delete_product", `{"product_id":"SKU-1"}`)}, envoyUpstream{})
 	s.Flush()
-	var rm metricdata.ResourceMetrics
-	if err := reader.Collect(context.Background(), &rm); err != nil {
-		t.Fatal(err)
-	}
-	var points []metricdata.DataPoint[int64]
-	for _, sm := range rm.ScopeMetrics {
-		for _, m := range sm.Metrics {
-			if m.Name == "mcpgate.mcp.decisions" {
-				points = m.Data.(metricdata.Sum[int64]).DataPoints
-			}
-		}
-	}
+	sum, _ := collectMetric(t, reader, "mcpgate.mcp.decisions").(metricdata.Sum[int64])
+	points := sum.DataPoints
 	if len(points) == 0 || len(points) > 10 {
 		t.Fatalf("%d decision series after %d junk methods, want a handful", len(points), junk)
 	}

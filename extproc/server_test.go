@@ -18,6 +18,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+
 	"github.com/mcpgate/mcpgate"
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/policy"
@@ -36,6 +39,39 @@ func newDemoServer(t testing.TB) *Server {
 		t.Fatal(err)
 	}
 	return s
+}
+
+// newMeteredDemoServer is newDemoServer with its metrics read by the returned reader.
+func newMeteredDemoServer(t testing.TB) (*Server, *sdkmetric.ManualReader) {
+	t.Helper()
+	snap, err := policy.Load(context.Background(), mcpgate.DemoPolicy(), "demo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := sdkmetric.NewManualReader()
+	s, err := NewServer(Options{Store: policy.NewStore(snap), Meter: sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)).Meter("t")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s, reader
+}
+
+// collectMetric returns the data of the metric named name, or nil.
+func collectMetric(t testing.TB, reader *sdkmetric.ManualReader, name string) metricdata.Aggregation {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name == name {
+				return m.Data
+			}
+		}
+	}
+	return nil
 }
 
 var agentMD = metadata("inventory", "my-agent", "mcp:tools", "inventory:read")
