@@ -11,13 +11,20 @@ BIN     := $(CURDIR)/bin
 # Pinned tool versions (see ../shared/TOOLING.md); installed into ./bin on first use.
 STATICCHECK_VERSION := v0.8.2
 OPA_VERSION         := v1.22.2
+BUF_VERSION         := v1.75.0
+# The protoc plugins of buf.gen.yaml: protoc-gen-go matches google.golang.org/protobuf in
+# go.mod, so generated code and runtime agree.
+PROTOC_GEN_GO_VERSION      := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 STATICCHECK := $(BIN)/staticcheck-$(STATICCHECK_VERSION)
 OPA         := $(BIN)/opa-$(OPA_VERSION)
+BUF         := $(BIN)/buf-$(BUF_VERSION)
+PROTOC_GEN  := $(BIN)/protoc-gen-go-$(PROTOC_GEN_GO_VERSION)-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)
 
 FUZZTIME ?= 15s
 BENCHTIME ?= 2s
 
-.PHONY: help build test test-integration tsclient lint fmt bench fuzz opa-test demo testdata tools clean
+.PHONY: help build test test-integration tsclient lint proto-lint proto fmt bench fuzz opa-test demo testdata tools clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,12 +45,32 @@ tsclient: integration/tsclient/node_modules/.package-lock.json ## The official T
 integration/tsclient/node_modules/.package-lock.json: integration/tsclient/package-lock.json
 	cd integration/tsclient && npm ci --no-audit --no-fund --ignore-scripts
 
-lint: $(STATICCHECK) ## gofmt, go vet, staticcheck
+lint: $(STATICCHECK) proto-lint ## gofmt, go vet, staticcheck, buf lint and breaking, generated code fresh
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	go vet ./...
 	go vet -tags integration ./...
 	$(STATICCHECK) ./...
+
+# buf breaking compares with main's proto/ (a change that breaks wire or JSON
+# compatibility of a published message fails); before main has any proto there is nothing
+# to break. The generated Go must be what buf.gen.yaml makes of the .proto files now.
+proto-lint: $(BUF) $(PROTOC_GEN)
+	cd proto && $(BUF) lint
+	@if git cat-file -e main:proto/buf.yaml 2>/dev/null; then \
+	  echo "buf breaking proto --against .git#branch=main,subdir=proto"; \
+	  $(BUF) breaking proto --against '.git#branch=main,subdir=proto'; \
+	else echo "buf breaking: main has no proto/ yet"; fi
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	  (cd proto && PATH=$(PROTOC_GEN):$$PATH $(BUF) generate --output $$tmp); \
+	  for f in $$(cd $$tmp && find . -name '*.go'); do \
+	    if ! cmp -s $$tmp/$$f proto/$$f; then echo "proto/$$f is stale: run make proto"; exit 1; fi; \
+	  done; \
+	  if [ "$$(cd proto && find . -name '*.pb.go' | sort)" != "$$(cd $$tmp && find . -name '*.pb.go' | sort)" ]; then \
+	    echo "proto/ holds generated files no .proto makes: run make proto"; exit 1; fi
+
+proto: $(BUF) $(PROTOC_GEN) ## Regenerate the Go of proto/ (buf generate with the pinned plugins)
+	cd proto && PATH=$(PROTOC_GEN):$$PATH $(BUF) generate
 
 fmt: ## Format the code
 	gofmt -w $$(git ls-files '*.go')
@@ -71,7 +98,7 @@ demo: build tsclient ## Run the demo: mcpgate, emulated sidecars and SDK peers; 
 testdata: ## Regenerate golden files (the xDS translation brings the first ones)
 	@if grep -rlq -- '-update' --include='*_test.go' . ; then go test ./xds ./envoy/contract -update; else echo "no golden files yet"; fi
 
-tools: $(STATICCHECK) $(OPA) ## Install pinned tools into ./bin
+tools: $(STATICCHECK) $(OPA) $(BUF) $(PROTOC_GEN) ## Install pinned tools into ./bin
 
 $(STATICCHECK):
 	@mkdir -p $(BIN)
@@ -82,6 +109,16 @@ $(OPA):
 	@mkdir -p $(BIN)
 	GOBIN=$(BIN) go install github.com/open-policy-agent/opa@$(OPA_VERSION)
 	mv $(BIN)/opa $@
+
+$(BUF):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+	mv $(BIN)/buf $@
+
+$(PROTOC_GEN):
+	@mkdir -p $@
+	GOBIN=$@ go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$@ go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 
 clean: ## Remove build outputs
 	rm -rf $(BIN) integration/tsclient/node_modules
