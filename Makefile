@@ -85,6 +85,7 @@ fuzz: ## Run each fuzz target briefly (FUZZTIME=15s); seeds live in testdata/fuz
 	go test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./extproc/mcp
 	go test -run '^$$' -fuzz '^FuzzResponse$$' -fuzztime $(FUZZTIME) ./extproc/mcp
 	go test -run '^$$' -fuzz '^FuzzErrorBodies$$' -fuzztime $(FUZZTIME) ./extproc
+	go test -run '^$$' -fuzz '^FuzzGRPCFramer$$' -fuzztime $(FUZZTIME) ./extproc/grpcframe
 
 opa-test: $(OPA) ## The demo Rego policy's tests with the opa CLI
 	$(OPA) test -v testdata/demo/rego
