@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -12,10 +13,14 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/extproc/grpcframe"
 	"github.com/mcpgate/mcpgate/policy"
+	mcpv1 "github.com/mcpgate/mcpgate/proto/mcpgate/mcp/v1"
 )
 
 // passThrough answers every message with an empty reply: the floor of an ext_proc
@@ -99,10 +104,15 @@ func BenchmarkExchange(b *testing.B) {
 	lim.PerCaller, lim.PerTool = &policy.RateLimit{N: 1 << 30, Per: time.Second}, nil
 	gate, floor := startProcessor(b, s), startProcessor(b, passThrough{})
 	body := call(1, "get_inventory", `{"product_id":"SKU-42"}`)
+	ident, err := contract.FromMetadata(agentMD)
+	if err != nil {
+		b.Fatal(err)
+	}
+	session := s.bindSession("s1", identityOf(ident)) // as the client got it from initialize
 	msgs := []*extprocv3.ProcessingRequest{
 		{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
 			Headers: headerMap(":method", "POST", ":path", "/mcp", "content-type", "application/json", "content-length", fmt.Sprint(len(body)),
-				"mcp-protocol-version", "2025-06-18", "mcp-session-id", "s1", "accept", "application/json, text/event-stream")}}},
+				"mcp-protocol-version", "2025-06-18", "mcp-session-id", session, "accept", "application/json, text/event-stream")}}},
 		{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: []byte(body), EndOfStream: true}}},
 		{Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
 			Headers: headerMap(":status", "200", "content-type", "application/json")}}},
@@ -216,4 +226,69 @@ func BenchmarkFilterToolsList500(b *testing.B) {
 			b.ReportMetric(float64(p99.Microseconds())/1e3, "p99-ms")
 		})
 	}
+}
+
+// BenchmarkGRPCStreamMessage is the per-message cost on an open gRPC Session stream: each
+// iteration sends one request body chunk holding one tools/call message and waits for the
+// reply, on mcpgate (framing, decoding, limits, rules, Rego) and on a pass-through
+// processor in the same run, alternating.
+func BenchmarkGRPCStreamMessage(b *testing.B) {
+	s := newDemoServer(b)
+	lim := &s.store.Current().App("inventory").MCP.Limits
+	lim.PerCaller, lim.PerTool = &policy.RateLimit{N: 1 << 30, Per: time.Second}, nil
+	open := func(c extprocv3.ExternalProcessorClient) extprocv3.ExternalProcessor_ProcessClient {
+		stream, err := c.Process(context.Background())
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := stream.Send(&extprocv3.ProcessingRequest{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+			Headers: headerMap(":method", "POST", ":path", GRPCService+"Session", "content-type", "application/grpc", "te", "trailers")}}}); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := stream.Recv(); err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { _ = stream.CloseSend() })
+		return stream
+	}
+	gate, floor := open(startProcessor(b, s)), open(startProcessor(b, passThrough{}))
+	args, _ := structpb.NewStruct(map[string]any{"product_id": "SKU-42"})
+	n := 0
+	message := func() *extprocv3.ProcessingRequest {
+		n++
+		data, _ := proto.Marshal(&mcpv1.SessionRequest{RequestId: strconv.Itoa(n), Request: &mcpv1.SessionRequest_CallTool{
+			CallTool: &mcpv1.CallToolRequest{Name: "get_inventory", Arguments: args}}})
+		return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: grpcframe.Append(nil, data)}}}
+	}
+	timed := func(stream extprocv3.ExternalProcessor_ProcessClient) time.Duration {
+		m := message()
+		t0 := time.Now()
+		if err := stream.Send(m); err != nil {
+			b.Fatal(err)
+		}
+		resp, err := stream.Recv()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if resp.GetImmediateResponse() != nil {
+			b.Fatalf("refused: %s", resp.GetImmediateResponse().GetBody())
+		}
+		return time.Since(t0)
+	}
+	var lg, lf []time.Duration
+	i := 0
+	for b.Loop() {
+		if i%2 == 0 {
+			lg, lf = append(lg, timed(gate)), append(lf, timed(floor))
+		} else {
+			lf, lg = append(lf, timed(floor)), append(lg, timed(gate))
+		}
+		i++
+	}
+	g50, g99 := pct(lg)
+	f50, _ := pct(lf)
+	b.ReportMetric(float64(g50.Microseconds()), "mcpgate-p50-µs")
+	b.ReportMetric(float64(g99.Microseconds()), "mcpgate-p99-µs")
+	b.ReportMetric(float64(f50.Microseconds()), "passthrough-p50-µs")
+	b.ReportMetric(float64(g50)/float64(f50), "p50-ratio")
 }

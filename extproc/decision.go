@@ -45,6 +45,11 @@ type Request struct {
 	// headers.
 	ProtocolVersion string
 	SessionID       string
+	// Transport is "grpc" for gRPC MCP (GRPCMethod is the RPC, MessageIndex the message's
+	// place on its stream), "" for Streamable HTTP.
+	Transport    string
+	GRPCMethod   string
+	MessageIndex int
 
 	HTTPMethod string
 	Path       string
@@ -96,6 +101,8 @@ var (
 	keyTool, keyArguments, keyID                      = ast.StringTerm("tool"), ast.StringTerm("arguments"), ast.StringTerm("id")
 	keyProtocolVersion, keySessionID                  = ast.StringTerm("protocol_version"), ast.StringTerm("session_id")
 	keyPrompt, keyURI, keyListing, keyAppID           = ast.StringTerm("prompt"), ast.StringTerm("uri"), ast.StringTerm("listing"), ast.StringTerm("app_id")
+	keyTransport, keyGRPCMethod                       = ast.StringTerm("transport"), ast.StringTerm("grpc_method")
+	keyStream, keyMessageIndex                        = ast.StringTerm("stream"), ast.StringTerm("message_index")
 	trueTerm                                          = ast.BooleanTerm(true)
 
 	// regoHeaderKeys are the names of the headers Rego sees (regoHeaders), as terms.
@@ -275,6 +282,17 @@ func regoInputValue(r *Request) (ast.Value, error) {
 	if r.Listing {
 		items = append(items, ast.Item(keyListing, trueTerm))
 	}
+	if r.Transport != "" {
+		items = append(items, ast.Item(keyTransport, ast.StringTerm(r.Transport)), ast.Item(keyGRPCMethod, ast.StringTerm(r.GRPCMethod)))
+		return ast.NewObject(
+			ast.Item(keyCaller, base.caller),
+			ast.Item(keySubject, base.subject),
+			ast.Item(keyTarget, base.target),
+			ast.Item(keyMCP, ast.ObjectTerm(items...)),
+			ast.Item(keyHTTP, base.http),
+			ast.Item(keyStream, ast.ObjectTerm(ast.Item(keyMessageIndex, ast.IntNumberTerm(r.MessageIndex)))),
+		), nil
+	}
 	return ast.NewObject(
 		ast.Item(keyCaller, base.caller),
 		ast.Item(keySubject, base.subject),
@@ -435,13 +453,18 @@ func RegoInput(r *Request) map[string]any {
 	for k, v := range r.Headers {
 		headers[k] = v
 	}
-	return map[string]any{
+	in := map[string]any{
 		"caller":  map[string]any{"app_id": r.Caller.AppID, "namespace": r.Caller.Namespace, "spiffe_id": r.SpiffeID},
 		"subject": map[string]any{"sub": r.Subject, "scopes": scopes, "claims": claims},
 		"target":  map[string]any{"app_id": r.Target},
 		"mcp":     mcp,
 		"http":    map[string]any{"method": r.HTTPMethod, "path": r.Path, "headers": headers},
 	}
+	if r.Transport != "" {
+		mcp["transport"], mcp["grpc_method"] = r.Transport, r.GRPCMethod
+		in["stream"] = map[string]any{"message_index": json.Number(strconv.Itoa(r.MessageIndex))}
+	}
+	return in
 }
 
 // evalRego evaluates data.mcpgate.decision. Anything but an object with allow: true is a

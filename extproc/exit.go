@@ -6,6 +6,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/codes"
 
 	"github.com/mcpgate/mcpgate/extproc/mcp"
 )
@@ -33,13 +34,16 @@ const (
 	ruleAbandoned   = "abandoned"    // the stream ended before the decision
 	ruleResponse    = "response"     // the server's answer could not be filtered
 	ruleRego        = "rego"         // Rego's decision, or a patch of it that failed
+	ruleExpired     = "expired"      // the token expired (checked again on every gRPC message)
 )
 
 // refusal is an answer mcpgate gives instead of the server.
 type refusal struct {
-	status int    // HTTP status
-	rule   string // what refused: a rule name or one of the rule* constants
-	reason string // why, shown to the caller and logged
+	status int // HTTP status
+	// grpcCode is the gRPC status of the answer to a gRPC request (0: from status).
+	grpcCode codes.Code
+	rule     string // what refused: a rule name or one of the rule* constants
+	reason   string // why, shown to the caller and logged
 	// The body, by default a JSON-RPC error with code for id (nil: null). With errName
 	// the body is {"error","reason","decision_id"} instead, for refusals before any
 	// JSON-RPC was read (like ext_authz's). With body set, it is the whole answer (the
@@ -63,6 +67,17 @@ func (st *stream) refuse(r refusal) *extprocv3.ProcessingResponse {
 		r.records[i].status = r.status
 		st.s.records.Add(r.records[i])
 	}
+	if st.isGRPC {
+		// A gRPC client reads the status, not a body: Envoy answers trailers-only, with
+		// the body as grpc-message (ext_proc sendImmediateResponse, sendLocalReply).
+		code := r.grpcCode
+		if code == codes.OK {
+			code = grpcCodeOf(r.status)
+		}
+		resp := st.immediate(200, "application/grpc", []byte(r.reason+" (decision "+st.decisionID+")"), r.headers...)
+		resp.GetImmediateResponse().GrpcStatus = &extprocv3.GrpcStatus{Status: uint32(code)}
+		return resp
+	}
 	body := r.body
 	switch {
 	case body != nil:
@@ -72,6 +87,27 @@ func (st *stream) refuse(r refusal) *extprocv3.ProcessingResponse {
 		body = errorResponse(r.id, r.code, r.reason+" (decision "+st.decisionID+")")
 	}
 	return st.immediate(r.status, "application/json", body, r.headers...)
+}
+
+// grpcCodeOf is the gRPC status for an HTTP status of a refusal (as Envoy maps them,
+// source/common/grpc/status.cc httpToGrpcStatus, with mcpgate's denials as
+// PERMISSION_DENIED).
+func grpcCodeOf(status int) codes.Code {
+	switch status {
+	case 400, 413, 415:
+		return codes.InvalidArgument
+	case 401:
+		return codes.Unauthenticated
+	case 200, 403:
+		return codes.PermissionDenied
+	case 404:
+		return codes.Unimplemented
+	case 429:
+		return codes.ResourceExhausted
+	case 502, 503:
+		return codes.Unavailable
+	}
+	return codes.Internal
 }
 
 // admit records the decisions of messages that go on to the server.

@@ -51,6 +51,7 @@ type Server struct {
 
 	store      *policy.Store
 	sessionKey []byte
+	now        func() time.Time // the clock token expiry is checked with
 	log        *zap.Logger
 	count      metric.Int64Counter
 	latency    metric.Float64Histogram
@@ -81,7 +82,7 @@ func NewServer(opts Options) (*Server, error) {
 	} else if len(key) < SessionKeyBytes {
 		return nil, fmt.Errorf("session key: %d bytes, want at least %d", len(key), SessionKeyBytes)
 	}
-	s := &Server{store: opts.Store, sessionKey: key, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
+	s := &Server{store: opts.Store, sessionKey: key, now: time.Now, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
 		countAttrs: decisionlog.NewAttrSets(10000, countSet), tools: decisionlog.NewLabels(200, 128),
 		rego: newRegoCaches()}
 	if s.log == nil {
@@ -183,7 +184,9 @@ type stream struct {
 	start                          time.Time      // when deciding began
 	cancel                         topdown.Cancel // cancelled when the stream's context ends
 	plan                           []responseStep
-	upstreamSession                string            // the server's session id, when one was presented
+	upstreamSession                string // the server's session id, when one was presented
+	isGRPC                         bool   // the request is gRPC MCP (grpc.go)
+	grpc                           *grpcStream
 	answering                      []json.RawMessage // ids of the requests of the body
 	rewriters                      []rewriter
 }
@@ -260,7 +263,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		SpiffeID: ident.SpiffeID, Subject: ident.Subject, Scopes: ident.Scopes,
 		ClaimsJSON: ident.ClaimsJSON, Target: ident.Target, Headers: map[string]string{},
 	}
-	var contentType, contentLength, lastEventID string
+	var contentType, contentLength, lastEventID, grpcEncoding string
 	contentTypes, sessions := 0, 0
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		k, v := strings.ToLower(hv.GetKey()), contract.HeaderValue(hv)
@@ -285,6 +288,8 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			st.mcpNameHeader = v
 		case "last-event-id":
 			lastEventID = v
+		case "grpc-encoding":
+			grpcEncoding = v
 		}
 		if regoHeaders[k] {
 			st.req.Headers[k] = v
@@ -309,6 +314,15 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 	if st.app.MCP.Tools.Rego != nil {
 		st.req.base = newRegoBase(&st.req, st.s.rego)
 		st.req.base.cancel = st.cancel
+	}
+	if contentTypes > 1 {
+		// Servers keep the first or the last, or join them: which one is read is not ours
+		// to guess.
+		return st.refuse(refusal{status: 415, rule: ruleContentType, code: -32600, reason: "more than one Content-Type header"})
+	}
+	if isGRPC(contentType) {
+		st.isGRPC = true
+		return st.grpcHeaders(grpcEncoding, h.GetEndOfStream())
 	}
 	switch st.req.HTTPMethod {
 	case "POST":
@@ -335,11 +349,6 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		return st.refuse(refusal{status: 405, rule: ruleProtocol, errName: "method_not_allowed", reason: "MCP Streamable HTTP uses POST, GET and DELETE"})
 	}
 
-	if contentTypes > 1 {
-		// Servers keep the first or the last, or join them: which one is read is not ours
-		// to guess.
-		return st.refuse(refusal{status: 415, rule: ruleContentType, code: -32600, reason: "more than one Content-Type header"})
-	}
 	if msg := checkRequestContentType(contentType); msg != "" {
 		return st.refuse(refusal{status: 415, rule: ruleContentType, code: -32600, reason: msg})
 	}
@@ -472,6 +481,9 @@ type requestDecision struct {
 }
 
 func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
+	if st.grpc != nil {
+		return st.grpcBody(ctx, b)
+	}
 	start := time.Now()
 	st.start = start
 	body := b.GetBody()
@@ -622,7 +634,7 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	mut := &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader(contract.HeaderDecisionID, st.decisionID)}}
 	resp := &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: mut}}
 	out := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: resp}}
-	var code, contentType, encoding string
+	var code, contentType, encoding, grpcEncoding string
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		switch strings.ToLower(hv.GetKey()) {
 		case ":status":
@@ -631,10 +643,18 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 			contentType = contract.HeaderValue(hv)
 		case "content-encoding":
 			encoding = contract.HeaderValue(hv)
+		case "grpc-encoding":
+			grpcEncoding = contract.HeaderValue(hv)
 		case contract.HeaderSessionID:
 			// The client gets the server's session id bound to this caller.
 			mut.SetHeaders = append(mut.SetHeaders, rawHeader(contract.HeaderSessionID, st.s.bindSession(contract.HeaderValue(hv), identityOf(st.ident))))
 		}
+	}
+	if st.grpc != nil {
+		if code != "200" || h.GetEndOfStream() {
+			return out // gRPC answers 200; a trailers-only answer carries no message
+		}
+		return st.grpcResponseHeaders(out, contentType, grpcEncoding)
 	}
 	if len(st.plan) == 0 || h.GetEndOfStream() {
 		return out // nothing to rewrite: the body mode stays NONE and costs nothing
@@ -675,6 +695,9 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
 	wrap := func(c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
 		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{ResponseBody: &extprocv3.BodyResponse{Response: c}}}
+	}
+	if st.grpc != nil {
+		return st.grpcResponseBody(b)
 	}
 	chunk := b.GetBody()
 	if st.rewriters == nil { // BUFFERED JSON

@@ -1,0 +1,328 @@
+package extproc
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/mcpgate/mcpgate/envoy/contract"
+	"github.com/mcpgate/mcpgate/extproc/grpcframe"
+	mcpv1 "github.com/mcpgate/mcpgate/proto/mcpgate/mcp/v1"
+)
+
+// grpcRequest is one gRPC RPC as the ext_proc filter sees it on a gRPC MCP route: request
+// headers, then the request body STREAMED in chunks.
+type grpcCall struct {
+	md       *corev3.Metadata
+	method   string   // e.g. "CallTool"
+	chunks   [][]byte // request body chunks
+	encoding string   // grpc-encoding
+}
+
+// grpcUpstream is the server's answer: response messages, in chunks.
+type grpcUpstream struct {
+	chunks [][]byte
+}
+
+type grpcResult struct {
+	immediate *extprocv3.ImmediateResponse
+	forwarded []byte // the request bytes that reached the server
+	// sentChunks is how many request chunks were answered before the stream ended.
+	sentChunks int
+	client     []byte // the response bytes the client got
+}
+
+func frames(t *testing.T, msgs ...proto.Message) []byte {
+	t.Helper()
+	var b []byte
+	for _, m := range msgs {
+		data, err := proto.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b = grpcframe.Append(b, data)
+	}
+	return b
+}
+
+// runGRPC plays the ext_proc filter for one gRPC RPC: request headers SEND, request body
+// STREAMED (as the gRPC route's per-filter processing mode says), response headers SEND,
+// response body as overridden.
+func runGRPC(t *testing.T, s *Server, c grpcCall, up grpcUpstream) grpcResult {
+	t.Helper()
+	f, _ := openStream(t, s)
+	var res grpcResult
+	hdrs := []string{":method", "POST", ":path", GRPCService + c.method, ":authority", "inventory", "content-type", "application/grpc", "te", "trailers", "authorization", "Bearer secret-token"}
+	if c.encoding != "" {
+		hdrs = append(hdrs, "grpc-encoding", c.encoding)
+	}
+	resp := f.exchange(t, &extprocv3.ProcessingRequest{
+		MetadataContext: c.md,
+		Request:         &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{Headers: headerMap(hdrs...)}},
+	})
+	if res.immediate = resp.GetImmediateResponse(); res.immediate != nil {
+		return res
+	}
+	for i, chunk := range c.chunks {
+		resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
+			RequestBody: &extprocv3.HttpBody{Body: chunk, EndOfStream: i == len(c.chunks)-1},
+		}})
+		if res.immediate = resp.GetImmediateResponse(); res.immediate != nil {
+			return res
+		}
+		res.sentChunks++
+		switch bm := resp.GetRequestBody().GetResponse().GetBodyMutation(); {
+		case bm == nil:
+			res.forwarded = append(res.forwarded, chunk...)
+		case bm.GetClearBody():
+		default:
+			res.forwarded = append(res.forwarded, bm.GetBody()...)
+		}
+	}
+	resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{
+		ResponseHeaders: &extprocv3.HttpHeaders{Headers: headerMap(":status", "200", "content-type", "application/grpc")},
+	}})
+	if res.immediate = resp.GetImmediateResponse(); res.immediate != nil {
+		return res
+	}
+	if resp.GetModeOverride().GetResponseBodyMode() != extprocfilterv3.ProcessingMode_STREAMED {
+		for _, c := range up.chunks {
+			res.client = append(res.client, c...)
+		}
+		close(f.in)
+		return res
+	}
+	for i, chunk := range up.chunks {
+		resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseBody{
+			ResponseBody: &extprocv3.HttpBody{Body: chunk, EndOfStream: i == len(up.chunks)-1},
+		}})
+		if res.immediate = resp.GetImmediateResponse(); res.immediate != nil {
+			return res
+		}
+		switch bm := resp.GetResponseBody().GetResponse().GetBodyMutation(); {
+		case bm == nil:
+			res.client = append(res.client, chunk...)
+		case bm.GetClearBody():
+		default:
+			res.client = append(res.client, bm.GetBody()...)
+		}
+	}
+	close(f.in)
+	select {
+	case err := <-f.done:
+		if err != nil && !errors.Is(err, context.Canceled) {
+			t.Fatalf("Process ended with %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Process did not end after the stream closed")
+	}
+	return res
+}
+
+func requireGRPCStatus(t *testing.T, ir *extprocv3.ImmediateResponse, code codes.Code, msgPart string) {
+	t.Helper()
+	if ir == nil {
+		t.Fatal("the RPC was not answered by mcpgate")
+	}
+	if got := codes.Code(ir.GetGrpcStatus().GetStatus()); got != code || ir.GetGrpcStatus() == nil {
+		t.Fatalf("gRPC status %v, want %v (%s)", got, code, ir.GetBody())
+	}
+	if !strings.Contains(string(ir.GetBody()), msgPart) || !strings.Contains(string(ir.GetBody()), "(decision ") {
+		t.Fatalf("grpc-message %q, want it to contain %q and the decision id", ir.GetBody(), msgPart)
+	}
+}
+
+func callTool(t *testing.T, name string, args map[string]any) *mcpv1.CallToolRequest {
+	t.Helper()
+	a, err := structpb.NewStruct(args)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &mcpv1.CallToolRequest{Name: name, Arguments: a}
+}
+
+func TestGRPCUnaryDecisions(t *testing.T) {
+	s := newDemoServer(t)
+	allowed := frames(t, callTool(t, "get_inventory", map[string]any{"product_id": "SKU-42"}))
+	res := runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{allowed}}, grpcUpstream{})
+	if res.immediate != nil || string(res.forwarded) != string(allowed) {
+		t.Fatalf("allowed call: immediate %v, forwarded %x", res.immediate, res.forwarded)
+	}
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{frames(t, callTool(t, "delete_product", map[string]any{"product_id": "SKU-42"}))}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.PermissionDenied, `rule "no-deletes"`)
+	// Rego on arguments applies on gRPC too.
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{frames(t, callTool(t, "get_inventory", map[string]any{"product_id": "42; drop"}))}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.PermissionDenied, "SKU-")
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "DropTables", chunks: [][]byte{allowed}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.Unimplemented, "not a method")
+	// ListTools is allowed (rule protocol) and filtered per caller: one without the
+	// readers scope sees none of the tools.
+	res = runGRPC(t, s, grpcCall{md: metadata("inventory", "my-agent"), method: "ListTools", chunks: [][]byte{frames(t, &mcpv1.ListToolsRequest{})}},
+		grpcUpstream{chunks: [][]byte{frames(t, &mcpv1.ListToolsResponse{Tools: []*mcpv1.Tool{{Name: "get_inventory"}, {Name: "get_customer"}}})}})
+	if res.immediate != nil {
+		t.Fatalf("ListTools refused: %s", res.immediate.GetBody())
+	}
+	var lt mcpv1.ListToolsResponse
+	readOne(t, res.client, &lt)
+	if len(lt.GetTools()) != 0 {
+		t.Fatalf("a caller without inventory:read sees %v", lt.GetTools())
+	}
+}
+
+// The body of a message split over chunks is decided once complete; nothing of it goes on
+// before.
+func TestGRPCFrameAcrossChunks(t *testing.T) {
+	s := newDemoServer(t)
+	b := frames(t, callTool(t, "get_inventory", map[string]any{"product_id": "SKU-42"}))
+	res := runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{b[:3], b[3:9], b[9:]}}, grpcUpstream{})
+	if res.immediate != nil || string(res.forwarded) != string(b) {
+		t.Fatalf("immediate %v, forwarded %x want %x", res.immediate, res.forwarded, b)
+	}
+	// A denied message split over chunks: its first bytes were held, not forwarded.
+	d := frames(t, callTool(t, "delete_product", map[string]any{"product_id": "SKU-42"}))
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{d[:7], d[7:]}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.PermissionDenied, "no-deletes")
+	if len(res.forwarded) != 0 {
+		t.Fatalf("%d bytes of the denied message reached the server", len(res.forwarded))
+	}
+}
+
+func TestGRPCSessionDecidesEveryMessage(t *testing.T) {
+	s := newDemoServer(t)
+	msg := func(id string, c *mcpv1.CallToolRequest) proto.Message {
+		return &mcpv1.SessionRequest{RequestId: id, Request: &mcpv1.SessionRequest_CallTool{CallTool: c}}
+	}
+	first := frames(t, msg("a", callTool(t, "get_inventory", map[string]any{"product_id": "SKU-42"})))
+	second := frames(t, msg("b", callTool(t, "delete_product", map[string]any{"product_id": "SKU-42"})))
+	res := runGRPC(t, s, grpcCall{md: agentMD, method: "Session", chunks: [][]byte{first, second}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.PermissionDenied, "no-deletes")
+	if res.sentChunks != 1 || string(res.forwarded) != string(first) {
+		t.Fatalf("forwarded %x in %d chunks, want only the allowed call", res.forwarded, res.sentChunks)
+	}
+	// A reused request_id is refused.
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "Session", chunks: [][]byte{first, first}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.InvalidArgument, "already in use")
+}
+
+func TestGRPCRateLimitPerMessage(t *testing.T) {
+	s := newDemoServer(t) // perTool get_inventory: 10/s
+	var chunk []byte
+	for i := range 11 {
+		chunk = append(chunk, frames(t, &mcpv1.SessionRequest{RequestId: string(rune('a' + i)),
+			Request: &mcpv1.SessionRequest_CallTool{CallTool: callTool(t, "get_inventory", map[string]any{"product_id": "SKU-42"})}})...)
+	}
+	res := runGRPC(t, s, grpcCall{md: agentMD, method: "Session", chunks: [][]byte{chunk}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.ResourceExhausted, "limits.perTool get_inventory 10/s")
+}
+
+func TestGRPCTokenExpiresMidStream(t *testing.T) {
+	s := newDemoServer(t)
+	now := time.Unix(1_800_000_000, 0)
+	s.now = func() time.Time { return now }
+	md := metadata("inventory", "my-agent", "mcp:tools", "inventory:read")
+	md.FilterMetadata[contract.MetadataNamespace].Fields[contract.MetaTokenExpiry] = structpb.NewNumberValue(float64(now.Unix() + 60))
+	call := func(id string) []byte {
+		return frames(t, &mcpv1.SessionRequest{RequestId: id, Request: &mcpv1.SessionRequest_CallTool{CallTool: callTool(t, "get_inventory", map[string]any{"product_id": "SKU-42"})}})
+	}
+	f, _ := openStream(t, s)
+	resp := f.exchange(t, &extprocv3.ProcessingRequest{MetadataContext: md, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+		Headers: headerMap(":method", "POST", ":path", GRPCService+"Session", "content-type", "application/grpc"),
+	}}})
+	if resp.GetImmediateResponse() != nil {
+		t.Fatal(resp.GetImmediateResponse())
+	}
+	resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: call("a")}}})
+	if resp.GetImmediateResponse() != nil {
+		t.Fatalf("a message before expiry: %s", resp.GetImmediateResponse().GetBody())
+	}
+	now = now.Add(61 * time.Second)
+	resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: call("b")}}})
+	requireGRPCStatus(t, resp.GetImmediateResponse(), codes.Unauthenticated, "expired")
+}
+
+func TestGRPCMalformedAndCompressed(t *testing.T) {
+	s := newDemoServer(t)
+	good := frames(t, callTool(t, "get_inventory", map[string]any{"product_id": "SKU-42"}))
+	bad := append([]byte{2}, good[1:]...) // reserved flag bit
+	res := runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{bad}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.InvalidArgument, "reserved")
+	compressed := append([]byte{1}, good[1:]...)
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{compressed}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.InvalidArgument, "compressed")
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{good}, encoding: "snappy"}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.Unimplemented, "grpc-encoding")
+	garbage := grpcframe.Append(nil, []byte{0xff, 0xff, 0xff})
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{garbage}}, grpcUpstream{})
+	requireGRPCStatus(t, res.immediate, codes.InvalidArgument, "message 0")
+	if len(res.forwarded) != 0 {
+		t.Fatal("a malformed message reached the server")
+	}
+}
+
+func TestGRPCResponsesFiltered(t *testing.T) {
+	s := newDemoServer(t)
+	var tools []*mcpv1.Tool
+	for _, n := range []string{"get_inventory", "list_items", "delete_product", "get_customer"} {
+		tools = append(tools, &mcpv1.Tool{Name: n})
+	}
+	res := runGRPC(t, s, grpcCall{md: agentMD, method: "ListTools", chunks: [][]byte{frames(t, &mcpv1.ListToolsRequest{})}},
+		grpcUpstream{chunks: [][]byte{frames(t, &mcpv1.ListToolsResponse{Tools: tools})}})
+	if res.immediate != nil {
+		t.Fatal(res.immediate)
+	}
+	var lt mcpv1.ListToolsResponse
+	readOne(t, res.client, &lt)
+	var names []string
+	for _, tl := range lt.GetTools() {
+		names = append(names, tl.GetName())
+	}
+	if strings.Join(names, ",") != "get_inventory,list_items,get_customer" {
+		t.Fatalf("the client sees tools %v", names)
+	}
+
+	sc, _ := structpb.NewStruct(map[string]any{"name": "Ann", "ssn": "123-45-6789"})
+	result := &mcpv1.CallToolResponse{Content: []*mcpv1.Content{{Type: "text", Text: `{"name":"Ann","ssn":"123-45-6789"}`}, {Type: "text", Text: "hi"}}, StructuredContent: sc}
+	whole := frames(t, result)
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{frames(t, callTool(t, "get_customer", map[string]any{"id": "c1"}))}},
+		grpcUpstream{chunks: [][]byte{whole[:4], whole[4:]}})
+	if res.immediate != nil {
+		t.Fatal(res.immediate)
+	}
+	if strings.Contains(string(res.client), "123-45-6789") {
+		t.Fatalf("the ssn reached the client: %q", res.client)
+	}
+	var got mcpv1.CallToolResponse
+	readOne(t, res.client, &got)
+	if got.GetStructuredContent().AsMap()["name"] != "Ann" {
+		t.Fatalf("result %v", &got)
+	}
+	// A stream's result is redacted; its progress passes.
+	stream := frames(t, &mcpv1.CallToolStreamResponse{Event: &mcpv1.CallToolStreamResponse_Progress{Progress: &mcpv1.Progress{Progress: 1}}},
+		&mcpv1.CallToolStreamResponse{Event: &mcpv1.CallToolStreamResponse_Result{Result: result}})
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "CallToolStream", chunks: [][]byte{frames(t, &mcpv1.CallToolStreamRequest{Call: callTool(t, "get_customer", map[string]any{"id": "c1"})})}},
+		grpcUpstream{chunks: [][]byte{stream}})
+	if res.immediate != nil || strings.Contains(string(res.client), "123-45-6789") || !strings.Contains(string(res.client), "Ann") {
+		t.Fatalf("stream: immediate %v, client %q", res.immediate, res.client)
+	}
+}
+
+func readOne(t *testing.T, b []byte, m proto.Message) {
+	t.Helper()
+	var f grpcframe.Framer
+	msgs, err := f.Feed(b, true)
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("%d messages, %v", len(msgs), err)
+	}
+	if err := proto.Unmarshal(msgs[0].Data, m); err != nil {
+		t.Fatal(err)
+	}
+}
