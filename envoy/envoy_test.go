@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"google.golang.org/protobuf/proto"
 )
@@ -123,5 +124,61 @@ func TestBootstrapXDSTLS(t *testing.T) {
 	}
 	if plain.StaticResources.Clusters[0].TransportSocket != nil {
 		t.Error("plaintext stays the default")
+	}
+}
+
+// TestExtProcGRPC pins the per-route processing mode of gRPC MCP routes and that the
+// filter lets mcpgate override the response body mode to STREAMED.
+func TestExtProcGRPC(t *testing.T) {
+	a, err := ExtProcGRPC()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var per extprocv3.ExtProcPerRoute
+	if err := a.UnmarshalTo(&per); err != nil {
+		t.Fatal(err)
+	}
+	requireValid(t, &per)
+	pm := per.GetOverrides().GetProcessingMode()
+	if pm.GetRequestHeaderMode() != extprocv3.ProcessingMode_SEND || pm.GetRequestBodyMode() != extprocv3.ProcessingMode_STREAMED ||
+		pm.GetResponseHeaderMode() != extprocv3.ProcessingMode_SEND || pm.GetResponseBodyMode() != extprocv3.ProcessingMode_NONE ||
+		pm.GetRequestTrailerMode() != extprocv3.ProcessingMode_SKIP || pm.GetResponseTrailerMode() != extprocv3.ProcessingMode_SKIP {
+		t.Errorf("gRPC processing mode %v", pm)
+	}
+	if f := ExtProc("c"); !f.AllowModeOverride || len(f.AllowedOverrideModes) != 0 {
+		t.Errorf("the filter must allow any mode_override (STREAMED responses): %v", f)
+	}
+}
+
+func TestGRPCPrefix(t *testing.T) {
+	m := GRPCPrefix("/pkg.Svc/")
+	requireValid(t, m)
+	if m.GetPrefix() != "/pkg.Svc/" || len(m.Headers) != 1 || m.Headers[0].Name != "content-type" ||
+		m.Headers[0].GetStringMatch().GetPrefix() != "application/grpc" || !m.Headers[0].GetStringMatch().GetIgnoreCase() {
+		t.Errorf("match %v", m)
+	}
+}
+
+func TestUpstreamMTLSHTTP2(t *testing.T) {
+	m := MeshTLS{Cert: SecretRef("spiffe://example.org/ns/default/a", SpireSDS()), Bundle: SecretRef("spiffe://example.org", SpireSDS())}
+	for _, tc := range []struct {
+		build func(MeshTLS, string) (*corev3.TransportSocket, error)
+		alpn  string
+	}{{UpstreamMTLSHTTP2, "h2"}, {UpstreamMTLS, "h2,http/1.1"}} {
+		ts, err := tc.build(m, "spiffe://example.org/ns/default/b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		up := &tlsv3.UpstreamTlsContext{}
+		if err := ts.GetTypedConfig().UnmarshalTo(up); err != nil {
+			t.Fatal(err)
+		}
+		c := up.CommonTlsContext
+		if got := strings.Join(c.AlpnProtocols, ","); got != tc.alpn {
+			t.Errorf("ALPN %s, want %s", got, tc.alpn)
+		}
+		if san := c.GetCombinedValidationContext().DefaultValidationContext.MatchTypedSubjectAltNames[0].Matcher.GetExact(); san != "spiffe://example.org/ns/default/b" {
+			t.Errorf("peer SAN %q", san)
+		}
 	}
 }

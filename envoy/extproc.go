@@ -49,6 +49,47 @@ func ExtProc(cluster string) *extprocv3.ExternalProcessor {
 	}
 }
 
+// GRPCProcessingMode is the processing mode of routes to apps serving gRPC MCP
+// (mcp.transport grpc), set per route by [ExtProcGRPC]:
+//   - request headers (the method is the path) and the request body STREAMED: a gRPC
+//     call is a stream of length-prefixed messages, a Session one that never ends, so it
+//     cannot be buffered. In STREAMED mode Envoy sends each body chunk to the processor
+//     as it arrives and forwards it only after the processor's reply, the reply's
+//     body_mutation replacing that chunk (ext_proc.proto ProcessingMode.BodySendMode
+//     STREAMED, "Stream the body to the server in pieces as they are seen";
+//     external_processor.proto CommonResponse.body_mutation, "simply replace or clear the
+//     body chunk that was sent with that request"; ext_proc.cc onData/handleBodyResponse).
+//     mcpgate reassembles messages across chunks and forwards only those it allowed, so
+//     nothing reaches the app before it is decided, and a message's size is bounded by
+//     ext_proc (limits.maxRequestBytes), not by Envoy's buffer: a full chunk queue pauses
+//     the client (flow control) rather than failing the call.
+//   - response headers, and no response body: mcpgate asks for it STREAMED with a
+//     mode_override when it must filter ListTools or redact a result, as on Streamable
+//     HTTP routes. The filter allows the override (allow_mode_override, with no
+//     allowed_override_modes list, so any mode including STREAMED).
+//   - no trailers either way: grpc-status travels in them, and mcpgate has nothing to
+//     decide on them.
+func GRPCProcessingMode() *extprocv3.ProcessingMode {
+	return &extprocv3.ProcessingMode{
+		RequestHeaderMode:   extprocv3.ProcessingMode_SEND,
+		RequestBodyMode:     extprocv3.ProcessingMode_STREAMED,
+		ResponseHeaderMode:  extprocv3.ProcessingMode_SEND,
+		ResponseBodyMode:    extprocv3.ProcessingMode_NONE,
+		RequestTrailerMode:  extprocv3.ProcessingMode_SKIP,
+		ResponseTrailerMode: extprocv3.ProcessingMode_SKIP,
+	}
+}
+
+// ExtProcGRPC is the per-route ext_proc config of gRPC MCP routes: the filter's
+// processing mode replaced by [GRPCProcessingMode] (ExtProcPerRoute.overrides
+// .processing_mode); everything else (cluster, timeouts, metadata forwarding, failing
+// closed) stays the filter's.
+func ExtProcGRPC() (*anypb.Any, error) {
+	return Any(&extprocv3.ExtProcPerRoute{Override: &extprocv3.ExtProcPerRoute_Overrides{
+		Overrides: &extprocv3.ExtProcOverrides{ProcessingMode: GRPCProcessingMode()},
+	}})
+}
+
 // ExtProcFilter is the ext_proc HTTP filter with a validated typed_config.
 func ExtProcFilter(cluster string) (*hcmv3.HttpFilter, error) {
 	return httpFilter(FilterExtProc, ExtProc(cluster))

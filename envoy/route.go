@@ -46,6 +46,25 @@ func PathSeparatedPrefix(p string) *routev3.RouteMatch {
 	return &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{PathSeparatedPrefix: p}}
 }
 
+// GRPCPrefix matches the gRPC requests whose path starts with p (a service's methods,
+// "/<package>.<service>/"): Content-Type application/grpc or application/grpc+<codec>, in
+// any case, as ext_proc reads it. Other requests on those paths fall through (to the 404
+// route) instead of reaching a gRPC server as something else. Envoy's RouteMatch.grpc
+// makes the same test case-sensitively (source/common/grpc/common.cc
+// hasGrpcContentType); the prefix also admits application/grpc-web, which ext_proc then
+// refuses as a POST that is neither gRPC nor JSON.
+func GRPCPrefix(p string) *routev3.RouteMatch {
+	m := Prefix(p)
+	m.Headers = append(m.Headers, &routev3.HeaderMatcher{
+		Name: "content-type",
+		HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{
+			MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: "application/grpc"},
+			IgnoreCase:   true,
+		}},
+	})
+	return m
+}
+
 // WithHeader adds an exact header match to m and returns it.
 func WithHeader(m *routev3.RouteMatch, name, value string) *routev3.RouteMatch {
 	m.Headers = append(m.Headers, &routev3.HeaderMatcher{

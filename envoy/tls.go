@@ -97,15 +97,26 @@ func DownstreamMTLS(m MeshTLS, trustDomain string, requireClient bool) (*corev3.
 // Envoy's SVID and accepts only the peer whose URI SAN is exactly peerID, so a
 // certificate of another app of the same trust domain cannot stand in for the target.
 func UpstreamMTLS(m MeshTLS, peerID string) (*corev3.TransportSocket, error) {
+	return upstreamMTLS(m, peerID, alpn)
+}
+
+func upstreamMTLS(m MeshTLS, peerID string, protocols []string) (*corev3.TransportSocket, error) {
 	return transportSocket(&tlsv3.UpstreamTlsContext{
 		CommonTlsContext: &tlsv3.CommonTlsContext{
-			AlpnProtocols:                  alpn,
+			AlpnProtocols:                  protocols,
 			TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{m.Cert},
 			ValidationContextType: combined(m.Bundle, &matcherv3.StringMatcher{
 				MatchPattern: &matcherv3.StringMatcher_Exact{Exact: peerID},
 			}),
 		},
 	})
+}
+
+// UpstreamMTLSHTTP2 is [UpstreamMTLS] offering only h2 in ALPN, for clusters that must
+// speak HTTP/2 (gRPC to another sidecar): the peer cannot settle on http/1.1 under an
+// explicit HTTP/2 codec.
+func UpstreamMTLSHTTP2(m MeshTLS, peerID string) (*corev3.TransportSocket, error) {
+	return upstreamMTLS(m, peerID, []string{"h2"})
 }
 
 // UpstreamPublicTLS is the transport socket of a cluster to a server on the internet

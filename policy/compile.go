@@ -271,11 +271,27 @@ func (l *loader) compileApp(d *document, mesh *Mesh) *App {
 }
 
 func (l *loader) compileMCP(d *document, spec *MCPSpec, mesh *Mesh) *MCP {
-	m := &MCP{Path: spec.Path, Resource: spec.Resource}
+	m := &MCP{Transport: spec.Transport, Path: spec.Path, Resource: spec.Resource}
 	const p = "spec.mcp"
-	if m.Path == "" {
+	switch m.Transport {
+	case "":
+		m.Transport = TransportStreamableHTTP
+	case TransportStreamableHTTP, TransportGRPC:
+	default:
+		l.errf(d, p+".transport", "must be %s or %s, got %q", TransportStreamableHTTP, TransportGRPC, spec.Transport)
+	}
+	switch {
+	case m.Transport == TransportGRPC:
+		// gRPC clients cannot put a method under another path: the routes are the
+		// service's own. The RFC 9728 document still lives at the path derived from
+		// resource, which does not depend on this one.
+		if m.Path != "" {
+			l.errf(d, p+".path", "must not be set with transport grpc: the service path %s is fixed", grpcServicePath)
+		}
+		m.Path = grpcServicePath
+	case m.Path == "":
 		m.Path = "/mcp"
-	} else if !strings.HasPrefix(m.Path, "/") || strings.ContainsAny(m.Path, "?# \t") {
+	case !strings.HasPrefix(m.Path, "/") || strings.ContainsAny(m.Path, "?# \t"):
 		l.errf(d, p+".path", "must be a path starting with \"/\" without query or fragment, got %q", m.Path)
 	}
 
@@ -685,6 +701,7 @@ func (l *loader) compileGateway(d *document, s *Snapshot) *Gateway {
 	if len(spec.Routes) == 0 {
 		l.errf(d, "spec.routes", "at least one route is required")
 	}
+	grpcHosts := map[string]string{} // host → the gRPC App it routes to
 	for i, rs := range spec.Routes {
 		rp := fmt.Sprintf("spec.routes[%d]", i)
 		r := GatewayRoute{Host: rs.Host, Path: rs.Path}
@@ -708,6 +725,20 @@ func (l *loader) compileGateway(d *document, s *Snapshot) *Gateway {
 				l.errf(d, rp+".app", "no App %q", rs.App)
 			case r.App.MCP == nil:
 				l.errf(d, rp+".app", "App %q does not serve MCP (it has no mcp block)", rs.App)
+			case r.App.MCP.Transport == TransportGRPC:
+				// A gRPC method's path is /<service>/<method> and clients cannot prefix
+				// it, so the route is the service path on its host, once per host.
+				if rs.Path != "" {
+					l.errf(d, rp+".path", "must not be set for App %q, which serves gRPC MCP at the fixed service path %s", rs.App, grpcServicePath)
+				}
+				host := rs.Host
+				if host == "" {
+					host = "*"
+				}
+				if other, dup := grpcHosts[host]; dup {
+					l.errf(d, rp+".app", "host %q already routes gRPC MCP (%s) to App %q", host, grpcServicePath, other)
+				}
+				grpcHosts[host] = rs.App
 			}
 		default:
 			r.Endpoint = s.Endpoints[rs.Endpoint]

@@ -13,7 +13,8 @@ import (
 // never panic, must answer with either a snapshot or a LoadError of file:line problems,
 // and a snapshot it returns must hold the invariants the servers rely on.
 func FuzzLoad(f *testing.F) {
-	for _, seed := range []string{appYAML, meshYAML, "", "---\n---\n", "kind: App\n", "a: &x [*x]\n", "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: a}\nspec: {mcp: {}}\n"} {
+	for _, seed := range []string{appYAML, meshYAML, "", "---\n---\n", "kind: App\n", "a: &x [*x]\n", "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: a}\nspec: {mcp: {}}\n",
+		strings.Replace(appYAML, "  mcp:\n", "  mcp:\n    transport: grpc\n", 1)} {
 		f.Add([]byte(seed))
 	}
 	if b, err := os.ReadFile("../testdata/demo/inventory.yaml"); err == nil {
@@ -48,6 +49,9 @@ func FuzzLoad(f *testing.F) {
 			if m := app.MCP; m != nil {
 				if !strings.HasPrefix(m.Path, "/") {
 					t.Fatalf("mcp path %q", m.Path)
+				}
+				if m.Transport != TransportStreamableHTTP && m.Transport != TransportGRPC {
+					t.Fatalf("mcp transport %q", m.Transport)
 				}
 				if m.Tools.DefaultAction != Allow && m.Tools.DefaultAction != Deny {
 					t.Fatalf("tools default %q", m.Tools.DefaultAction)

@@ -301,6 +301,33 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			want:  []string{`spec.mcp.responses.redact[0].pointers[0]: "ssn" is not a JSON pointer`, `pointers[1]: "/a~2" is not a JSON pointer`},
 		},
 		{
+			name:  "unknown mcp transport",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "  mcp:\n", "  mcp:\n    transport: http2\n", 1)},
+			want:  []string{`app.yaml:9: spec.mcp.transport: must be streamable-http or grpc, got "http2"`},
+		},
+		{
+			name:  "mcp path with transport grpc",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "  mcp:\n", "  mcp:\n    transport: grpc\n    path: /mcp\n", 1)},
+			want:  []string{`app.yaml:10: spec.mcp.path: must not be set with transport grpc: the service path /mcpgate.mcp.v1.McpService/ is fixed`},
+		},
+		{
+			name: "gateway routes to a gRPC app",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "  mcp:\n", "  mcp:\n    transport: grpc\n", 1), "gw.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  listener: {port: 8443}
+  routes:
+    - {host: a.example.com, path: /mcp, app: inventory}
+    - {host: b.example.com, app: inventory}
+    - {host: b.example.com, app: inventory}
+`},
+			want: []string{
+				`gw.yaml:7: spec.routes[0].path: must not be set for App "inventory", which serves gRPC MCP at the fixed service path /mcpgate.mcp.v1.McpService/`,
+				`gw.yaml:9: spec.routes[2].app: host "b.example.com" already routes gRPC MCP (/mcpgate.mcp.v1.McpService/) to App "inventory"`,
+			},
+		},
+		{
 			name:  "operation wildcard misuse",
 			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "{appId: my-agent, defaultAction: allow}", "{appId: my-agent, defaultAction: allow, operations: [{name: /a/**/b, httpVerb: [POST], action: deny}, {name: /c, httpVerb: [FETCH], action: allow}]}", 1)},
 			want:  []string{`operations[0].name: "/a/**/b": "**" may only be the last segment`, `operations[1].httpVerb[0]: "FETCH" is not an HTTP verb`},
@@ -368,6 +395,31 @@ func TestLoadFileTooLarge(t *testing.T) {
 	_, err := LoadDir(context.Background(), writePolicy(t, map[string]string{"mesh.yaml": big}))
 	if err == nil || !strings.Contains(err.Error(), "larger than") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestLoadGRPCApp pins a gRPC MCP app: the transport is kept, the path is the service's,
+// and the rest of the MCP policy (and the RFC 9728 metadata URL) compiles as for
+// Streamable HTTP.
+func TestLoadGRPCApp(t *testing.T) {
+	app := strings.Replace(appYAML, "  mcp:\n", "  mcp:\n    transport: grpc\n", 1) +
+		"    resiliency: {timeout: 30s, retries: 2}\n    responses: {filterToolsList: true}\n"
+	snap := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": app})
+	m := snap.App("inventory").MCP
+	if m.Transport != TransportGRPC || m.Path != "/mcpgate.mcp.v1.McpService/" {
+		t.Errorf("transport %q path %q, want grpc at the service path", m.Transport, m.Path)
+	}
+	if got, want := m.MetadataURL, "https://inventory.example.com/.well-known/oauth-protected-resource/mcp"; got != want {
+		t.Errorf("MetadataURL = %q, want %q", got, want)
+	}
+	if len(m.Tools.Rules) != 1 || !m.Authentication.Required || m.Resiliency.Timeout != 30*time.Second || !m.Responses.FilterToolsList {
+		t.Errorf("the MCP policy must compile as for streamable-http: %+v", m)
+	}
+	explicit := strings.Replace(appYAML, "  mcp:\n", "  mcp:\n    transport: streamable-http\n", 1)
+	for _, files := range []map[string]string{{"mesh.yaml": meshYAML, "app.yaml": appYAML}, {"mesh.yaml": meshYAML, "app.yaml": explicit}} {
+		if m := requireLoad(t, files).App("inventory").MCP; m.Transport != TransportStreamableHTTP || m.Path != "/mcp" {
+			t.Errorf("transport %q path %q, want streamable-http at /mcp", m.Transport, m.Path)
+		}
 	}
 }
 

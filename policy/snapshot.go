@@ -56,8 +56,30 @@ type App struct {
 	Source string
 }
 
+// MCP transports (spec.mcp.transport).
+const (
+	// TransportStreamableHTTP is MCP's Streamable HTTP: JSON-RPC over POST (and GET event
+	// streams) at MCP.Path. The default.
+	TransportStreamableHTTP = "streamable-http"
+	// TransportGRPC is the gRPC MCP service mcpgate.mcp.v1.McpService
+	// (proto/mcpgate/mcp/v1/mcp.proto), served over HTTP/2 at its fixed service path.
+	TransportGRPC = "grpc"
+)
+
+// grpcServicePath is the path prefix of the gRPC MCP service's methods, for messages. The
+// wire name is envoy/contract.GRPCServicePrefix, which policy may not import; a test in
+// xds keeps the two equal.
+const grpcServicePath = "/mcpgate.mcp.v1.McpService/"
+
 // MCP is the compiled MCP policy of an app.
 type MCP struct {
+	// Transport is TransportStreamableHTTP or TransportGRPC; everything else in MCP
+	// (authentication, access control, tool rules, Rego, responses, limits, resiliency)
+	// applies to both alike.
+	Transport string
+	// Path is the Streamable HTTP endpoint (an exact path). With TransportGRPC it is the
+	// service's path prefix, /mcpgate.mcp.v1.McpService/, under which every method is
+	// (/mcpgate.mcp.v1.McpService/CallTool): a prefix, not a path to route exactly.
 	Path     string
 	Resource string
 	// MetadataURL is the RFC 9728 protected resource metadata URL derived from Resource.

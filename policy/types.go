@@ -95,6 +95,11 @@ type SidecarSpec struct {
 
 // MCPSpec is present when the app serves MCP; it holds every MCP policy of the app.
 type MCPSpec struct {
+	// Transport is how the app serves MCP: "streamable-http" (the default) or "grpc"
+	// (mcpgate.mcp.v1.McpService, proto/mcpgate/mcp/v1/mcp.proto).
+	Transport string `yaml:"transport"`
+	// Path is the Streamable HTTP endpoint (default /mcp); not set with transport grpc,
+	// whose service path is fixed.
 	Path           string             `yaml:"path"`
 	Resource       string             `yaml:"resource"`
 	Authentication AuthenticationSpec `yaml:"authentication"`

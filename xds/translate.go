@@ -176,7 +176,17 @@ func (t *translator) appCluster(app *policy.App) {
 	if app.MCP != nil {
 		o.MaxRequests = app.MCP.Resiliency.MaxRequests
 	}
+	if isGRPC(app) {
+		// gRPC needs HTTP/2 end to end: to the app process in cleartext (h2c, prior
+		// knowledge), as gRPC servers listen without TLS behind a sidecar.
+		o.Protocol = envoy.HTTP2
+	}
 	t.addCluster(o)
+}
+
+// isGRPC reports whether app serves gRPC MCP (mcp.transport grpc).
+func isGRPC(app *policy.App) bool {
+	return app.MCP != nil && app.MCP.Transport == policy.TransportGRPC
 }
 
 // meshTLS returns the secrets of app's identity, or ok=false when mTLS is disabled. With
@@ -219,7 +229,12 @@ func (t *translator) inbound(app *policy.App) {
 	t.authzCluster(app.SpiffeID)
 	t.appCluster(app)
 	ext := map[string]string{contract.ContextAppID: app.ID}
-	routes := append(t.prmRoutes(app), t.mcpRoutes(app, app.MCP.Path, ext)...)
+	routes := t.prmRoutes(app)
+	if isGRPC(app) {
+		routes = append(routes, t.grpcRoutes(app, ext)...)
+	} else {
+		routes = append(routes, t.mcpRoutes(app, app.MCP.Path, ext)...)
+	}
 	routes = append(routes, t.notFound())
 	t.routes = append(t.routes, envoy.RouteConfiguration(RouteInbound,
 		envoy.VirtualHost(RouteInbound, []string{"*"}, routes)))
@@ -294,6 +309,41 @@ func (t *translator) mcpRoutes(app *policy.App, path string, ext map[string]stri
 		BodyLimit: uint64(maxBody(m)),
 	}))
 	return routes
+}
+
+// grpcRoutes are the routes of an app serving gRPC MCP: every method of
+// mcpgate.mcp.v1.McpService (contract.GRPCServicePrefix), to the app over HTTP/2, with
+// ext_authz on every call (the same context_extensions as Streamable HTTP routes) and
+// ext_proc streaming the request messages (envoy.ExtProcGRPC).
+//
+// Session and CallToolStream are long-lived streams, so the route has no response
+// timeout; resiliency.timeout, if set, bounds silence on the stream instead (the route's
+// idle_timeout, in place of the listener's stream_idle_timeout). Retries are only for
+// calls that never reached the app (connect-failure, refused-stream,
+// reset-before-request), as for a tools/call POST: the request stream is replayed from
+// Envoy's buffer of messages ext_proc already allowed, and a long stream outgrows that
+// buffer and is simply not retried. An UNAVAILABLE status from the app itself is not
+// retried: the call may have run (the gRPC status code doc: "it is not always safe to
+// retry non-idempotent operations"), and Envoy's own UNAVAILABLE for a failed
+// connection is connect-failure. No request_body_buffer_limit either: STREAMED bodies
+// are not buffered whole, and ext_proc bounds each message (limits.maxRequestBytes).
+func (t *translator) grpcRoutes(app *policy.App, ext map[string]string) []*routev3.Route {
+	authz, err := envoy.ExtAuthzContext(ext)
+	if err != nil {
+		t.errf("app %s: %w", app.ID, err)
+		return nil
+	}
+	proc, err := envoy.ExtProcGRPC()
+	if err != nil {
+		t.errf("app %s: %w", app.ID, err)
+		return nil
+	}
+	res := app.MCP.Resiliency
+	return []*routev3.Route{envoy.Forward(app.ID+"/grpc", envoy.GRPCPrefix(contract.GRPCServicePrefix), envoy.ForwardOptions{
+		Cluster: ClusterApp(app.ID), Timeout: 0, IdleTimeout: res.Timeout,
+		Retries: res.Retries, RetryOn: envoy.RetryOnUnsent,
+		PerFilter: map[string]*anypb.Any{envoy.FilterExtAuthz: authz, envoy.FilterExtProc: proc},
+	})}
 }
 
 func maxBody(m *policy.MCP) int64 {
@@ -373,6 +423,12 @@ func (t *translator) notFound() *routev3.Route {
 // /v1.0/invoke/<app-id>/method/<rest>, or any path with dapr-app-id: <app-id>, and its
 // sidecar forwards to the target's sidecar over mTLS (or to an HTTPEndpoint). Policy is
 // enforced by the target's sidecar, so this listener runs the router only.
+//
+// A target serving gRPC MCP is reached as Dapr's gRPC proxying reaches apps: the client
+// dials the outbound port (HTTP/2 cleartext on loopback) with metadata dapr-app-id:
+// <app-id>, and its method paths go on unchanged to the target's sidecar over HTTP/2.
+// The /v1.0/invoke/ form does not apply: gRPC clients cannot put a method path under a
+// prefix, and gRPC does not run over HTTP/1.1.
 func (t *translator) outbound(app *policy.App) {
 	if app.Sidecar.OutboundPort == 0 {
 		return
@@ -391,18 +447,34 @@ func (t *translator) outbound(app *policy.App) {
 			MaxRequests: target.MCP.Resiliency.MaxRequests, OutlierDetection: true,
 		}
 		o.Host, o.Port = target.Sidecar.Address, uint32(target.Sidecar.InboundPort)
+		grpc := isGRPC(target)
+		if grpc {
+			o.Protocol = envoy.HTTP2 // gRPC needs HTTP/2 end to end
+		}
 		if mtls {
-			ts, err := envoy.UpstreamMTLS(own, target.SpiffeID)
+			var ts *corev3.TransportSocket
+			var err error
+			if grpc {
+				ts, err = envoy.UpstreamMTLSHTTP2(own, target.SpiffeID)
+			} else {
+				ts, err = envoy.UpstreamMTLS(own, target.SpiffeID)
+				o.Protocol = envoy.HTTPAuto
+			}
 			if err != nil {
 				t.errf("cluster %s: %w", o.Name, err)
 				continue
 			}
-			o.TransportSocket, o.Protocol = ts, envoy.HTTPAuto
+			o.TransportSocket = ts
 		}
 		t.addCluster(o)
 		fo := envoy.ForwardOptions{
 			Cluster: o.Name, Timeout: 0, // the target's sidecar enforces the app's timeout
 			Retries: target.MCP.Resiliency.Retries, RetryOn: envoy.RetryOnUnsent,
+		}
+		if grpc {
+			byHeader = append(byHeader, envoy.Forward("header/"+id,
+				envoy.WithHeader(envoy.Prefix(contract.GRPCServicePrefix), contract.HeaderDaprAppID, id), fo))
+			continue
 		}
 		invoke = append(invoke, t.invokeRoute(id, "/", fo))
 		byHeader = append(byHeader, t.headerRoute(id, "", fo))
@@ -504,6 +576,13 @@ func (t *translator) gateway(gw *policy.Gateway) {
 			if !vh.prm[r.App.ID] { // once per host, however many paths reach the app
 				vh.prm[r.App.ID] = true
 				vh.routes = append(vh.routes, t.prmRoutes(r.App)...)
+			}
+			if isGRPC(r.App) {
+				// The service path, unprefixed (policy allows no route path and one gRPC
+				// app per host), to the app over HTTP/2: the edge listener negotiates h2
+				// by ALPN, or takes h2c on a plaintext port.
+				vh.routes = append(vh.routes, t.grpcRoutes(r.App, ext)...)
+				continue
 			}
 			vh.routes = append(vh.routes, t.mcpRoutes(r.App, r.Path, ext)...)
 		case r.Endpoint != nil:

@@ -42,6 +42,7 @@ var goldenCases = map[string]string{
 	"resiliency":     "../testdata/xds/resiliency",
 	"many-apps":      "../testdata/xds/many-apps",
 	"authz-mtls":     "../testdata/xds/authz-mtls",
+	"grpc":           "../testdata/xds/grpc",
 }
 
 // goldenNodes limits the nodes pinned for large cases (every node is still translated

@@ -115,6 +115,14 @@ const (
 	HeaderMCPName = "mcp-name"
 )
 
+// GRPCServicePrefix is the path prefix of every method of the gRPC MCP service
+// (proto/mcpgate/mcp/v1/mcp.proto): a gRPC request's :path is /<package>.<service>/<method>
+// (gRPC over HTTP/2, "Path"), so "/mcpgate.mcp.v1.McpService/CallTool" is one call.
+// Written by gRPC MCP clients (as the request path) and by xds (the route prefix of apps
+// with mcp.transport grpc); read by Envoy, matching those routes, and by extproc, which
+// names the method from the rest of the path (extproc.GRPCService has the same value).
+const GRPCServicePrefix = "/mcpgate.mcp.v1.McpService/"
+
 // IsInternalHeader reports whether a request header is one only mcpgate may set:
 // extauthz removes any the caller sent. Names match in any ASCII case and with '_' for
 // any '-' ("x_mcpgate_caller_app_id", "X-MCPGATE_subject"): many servers read them as

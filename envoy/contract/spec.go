@@ -11,6 +11,7 @@ const (
 	KindHeader            Kind = "header"
 	KindHeaderPrefix      Kind = "header_prefix"
 	KindFormat            Kind = "format"
+	KindPathPrefix        Kind = "path_prefix"
 )
 
 // Type is the type of an entry's value on the wire.
@@ -61,6 +62,7 @@ var Spec = []Entry{
 	{KindMetadata, "MetaScopes", MetaScopes, TypeStringList, "extauthz (with a token)", "extproc"},
 	{KindMetadata, "MetaTokenExpiry", MetaTokenExpiry, TypeNumber, "extauthz (with a token)", "extproc"},
 	{KindMetadata, "MetaClaimsJSON", MetaClaimsJSON, TypeJSONObject, "extauthz (with a token, Rego targets)", "extproc"},
+	{KindPathPrefix, "GRPCServicePrefix", GRPCServicePrefix, TypeString, "gRPC MCP clients, xds (route prefix)", "Envoy routes built by xds, extproc"},
 	{KindHeader, "HeaderProtocolVersion", HeaderProtocolVersion, TypeString, "MCP clients", "extproc"},
 	{KindHeader, "HeaderSessionID", HeaderSessionID, TypeString, "MCP servers, echoed by clients", "extproc"},
 	{KindHeader, "HeaderMCPMethod", HeaderMCPMethod, TypeString, "MCP clients", "extproc"},
