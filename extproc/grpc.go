@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extproc/grpcframe"
 	"github.com/mcpgate/mcpgate/extproc/mcp"
 	"github.com/mcpgate/mcpgate/policy"
@@ -32,7 +33,7 @@ import (
 // answer that never comes. Messages before it went on and stay answered.
 
 // GRPCService is the path prefix of the gRPC MCP service's methods.
-const GRPCService = "/mcpgate.mcp.v1.McpService/"
+const GRPCService = contract.GRPCServicePrefix
 
 // grpcMethod is what mcpgate knows of one method of the service.
 type grpcMethod struct {
@@ -68,6 +69,57 @@ type grpcStream struct {
 	// one call of the other methods.
 	steps map[string]responseStep
 	seen  map[string]bool // Session request_ids used so far
+	// The two directions of a stream interleave: the server may answer (response
+	// headers, messages) while the client still sends.
+	requestDone, responseStarted, responseBody bool
+}
+
+// handleGRPC is handle for a gRPC stream, whose request body and response overlap.
+func (st *stream) handleGRPC(ctx context.Context, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
+	g := st.grpc
+	switch r := req.GetRequest().(type) {
+	case *extprocv3.ProcessingRequest_RequestBody:
+		if g.requestDone {
+			return nil, errProtocol("request body after its end")
+		}
+		return st.grpcBody(ctx, r.RequestBody), nil
+	case *extprocv3.ProcessingRequest_RequestTrailers:
+		g.requestDone = true
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{RequestTrailers: &extprocv3.TrailersResponse{}}}, nil
+	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		if g.responseStarted {
+			return nil, errProtocol("response headers twice")
+		}
+		g.responseStarted = true
+		return st.responseHeaders(r.ResponseHeaders), nil
+	case *extprocv3.ProcessingRequest_ResponseBody:
+		if !g.responseBody {
+			return nil, errProtocol("response body not requested")
+		}
+		return st.grpcResponseBody(r.ResponseBody), nil
+	case *extprocv3.ProcessingRequest_ResponseTrailers:
+		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseTrailers{ResponseTrailers: &extprocv3.TrailersResponse{}}}, nil
+	case *extprocv3.ProcessingRequest_RequestHeaders:
+		return nil, errProtocol("request headers twice")
+	default:
+		return nil, errProtocol("unknown message %T", r)
+	}
+}
+
+// grpcMode is the processing mode of a gRPC MCP route (envoy.GRPCProcessingMode), with
+// the response body as given. A mode_override replaces the whole mode, the request side
+// included (ext_proc.cc onReceiveMessage: both states take it), so it must keep the
+// request body STREAMED: messages a client sends after the response began are still
+// decided.
+func grpcMode(responseBody extprocfilterv3.ProcessingMode_BodySendMode) *extprocfilterv3.ProcessingMode {
+	return &extprocfilterv3.ProcessingMode{
+		RequestHeaderMode:   extprocfilterv3.ProcessingMode_SEND,
+		ResponseHeaderMode:  extprocfilterv3.ProcessingMode_SEND,
+		RequestBodyMode:     extprocfilterv3.ProcessingMode_STREAMED,
+		ResponseBodyMode:    responseBody,
+		RequestTrailerMode:  extprocfilterv3.ProcessingMode_SKIP,
+		ResponseTrailerMode: extprocfilterv3.ProcessingMode_SKIP,
+	}
 }
 
 // isGRPC reports whether a Content-Type names gRPC (application/grpc, +proto, ...).
@@ -103,7 +155,6 @@ func (st *stream) grpcHeaders(encoding string, endOfStream bool) *extprocv3.Proc
 	if endOfStream {
 		return st.refuse(refusal{status: 400, grpcCode: codes.InvalidArgument, rule: ruleParse, reason: "a gRPC request without a message"})
 	}
-	st.phase = expectRequestBody
 	return st.continueHeaders(st.upstreamHeaders())
 }
 
@@ -177,7 +228,7 @@ func (st *stream) grpcBody(ctx context.Context, b *extprocv3.HttpBody) *extprocv
 	}
 	st.admit(pending)
 	if b.GetEndOfStream() {
-		st.phase = expectResponseHeaders
+		g.requestDone = true
 	}
 	common := &extprocv3.CommonResponse{}
 	if string(out) != string(b.GetBody()) {
@@ -308,8 +359,8 @@ func (st *stream) grpcResponseHeaders(out *extprocv3.ProcessingResponse, content
 	default:
 		return st.responseRefusal("mcpgate cannot filter a gRPC response with grpc-encoding " + strconvQuote(clip(encoding, 32)))
 	}
-	out.ModeOverride = &extprocfilterv3.ProcessingMode{ResponseBodyMode: extprocfilterv3.ProcessingMode_STREAMED}
-	st.phase = expectResponseBody
+	out.ModeOverride = grpcMode(extprocfilterv3.ProcessingMode_STREAMED)
+	st.grpc.responseBody = true
 	return out
 }
 

@@ -326,3 +326,39 @@ func readOne(t *testing.T, b []byte, m proto.Message) {
 		t.Fatal(err)
 	}
 }
+
+// On a bidirectional stream the server answers while the client still sends: response
+// headers and messages interleave with request messages, every one of which is still
+// decided, and a mode_override keeps the request body STREAMED (it replaces the whole
+// processing mode in Envoy).
+func TestGRPCInterleavedStream(t *testing.T) {
+	s := newDemoServer(t)
+	f, _ := openStream(t, s)
+	resp := f.exchange(t, &extprocv3.ProcessingRequest{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+		Headers: headerMap(":method", "POST", ":path", GRPCService+"Session", "content-type", "application/grpc"),
+	}}})
+	if resp.GetImmediateResponse() != nil {
+		t.Fatal(resp.GetImmediateResponse())
+	}
+	call := func(id, tool string) []byte {
+		return frames(t, &mcpv1.SessionRequest{RequestId: id, Request: &mcpv1.SessionRequest_CallTool{CallTool: callTool(t, tool, map[string]any{"id": "c1", "product_id": "SKU-42"})}})
+	}
+	body := func(b []byte) *extprocv3.ProcessingResponse {
+		return f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: b}}})
+	}
+	if r := body(call("a", "get_customer")); r.GetImmediateResponse() != nil {
+		t.Fatal(r.GetImmediateResponse())
+	}
+	resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
+		Headers: headerMap(":status", "200", "content-type", "application/grpc"),
+	}}})
+	mo := resp.GetModeOverride()
+	if mo.GetResponseBodyMode() != extprocfilterv3.ProcessingMode_STREAMED || mo.GetRequestBodyMode() != extprocfilterv3.ProcessingMode_STREAMED {
+		t.Fatalf("mode_override %v: want request and response bodies STREAMED", mo)
+	}
+	if r := body(call("b", "get_inventory")); r.GetImmediateResponse() != nil {
+		t.Fatalf("an allowed message after the response began: %s", r.GetImmediateResponse().GetBody())
+	}
+	r := body(call("c", "delete_product"))
+	requireGRPCStatus(t, r.GetImmediateResponse(), codes.PermissionDenied, "no-deletes")
+}

@@ -201,6 +201,9 @@ func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) 
 	if st.phase == answered {
 		return nil, errProtocol("message after an immediate response")
 	}
+	if st.grpc != nil {
+		return st.handleGRPC(ctx, req)
+	}
 	switch r := req.GetRequest().(type) {
 	case *extprocv3.ProcessingRequest_RequestHeaders:
 		if st.phase != expectRequestHeaders {
