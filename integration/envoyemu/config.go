@@ -93,6 +93,23 @@ type routeEntry struct {
 	r         *routev3.Route
 	vh        *vhostCfg
 	perFilter map[string]proto.Message // route over virtual host (most specific wins)
+	own       map[string]proto.Message // the route's own typed_per_filter_config
+}
+
+// extProcLevels are the ExtProcPerRoute configs of a filter, least specific first: the
+// virtual host's, then the route's (source/common/http/utility.cc
+// traversePerFilterConfigGeneric, as ext_proc.cc mergePerRouteConfig walks them).
+func (r *routeEntry) extProcLevels(filter string) []*extprocfilterv3.ExtProcPerRoute {
+	if r == nil {
+		return nil
+	}
+	var out []*extprocfilterv3.ExtProcPerRoute
+	for _, m := range []map[string]proto.Message{r.vh.perFilter, r.own} {
+		if pr, ok := m[filter].(*extprocfilterv3.ExtProcPerRoute); ok {
+			out = append(out, pr)
+		}
+	}
+	return out
 }
 
 type clusterCfg struct {
@@ -347,15 +364,8 @@ func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
 			if m.GetGrpcService().GetEnvoyGrpc().GetClusterName() == "" {
 				return nil, fmt.Errorf("http filter %q: only grpc_service.envoy_grpc is emulated", f.GetName())
 			}
-			pm := m.GetProcessingMode()
-			if b := pm.GetRequestBodyMode(); b != extprocfilterv3.ProcessingMode_NONE && b != extprocfilterv3.ProcessingMode_BUFFERED && b != extprocfilterv3.ProcessingMode_STREAMED {
-				return nil, fmt.Errorf("http filter %q: request_body_mode %s is not emulated", f.GetName(), b)
-			}
-			if b := pm.GetResponseBodyMode(); b != extprocfilterv3.ProcessingMode_NONE && b != extprocfilterv3.ProcessingMode_BUFFERED && b != extprocfilterv3.ProcessingMode_STREAMED {
-				return nil, fmt.Errorf("http filter %q: response_body_mode %s is not emulated", f.GetName(), b)
-			}
-			if pm.GetRequestTrailerMode() == extprocfilterv3.ProcessingMode_SEND || pm.GetResponseTrailerMode() == extprocfilterv3.ProcessingMode_SEND {
-				return nil, fmt.Errorf("http filter %q: trailers are not emulated", f.GetName())
+			if err := checkProcessingMode(m.GetProcessingMode()); err != nil {
+				return nil, fmt.Errorf("http filter %q: %w", f.GetName(), err)
 			}
 			fcfg.proc = m
 		case *routerv3.Router:
@@ -375,6 +385,22 @@ func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
 	return lc, nil
 }
 
+// checkProcessingMode accepts the ext_proc processing modes the emulator implements:
+// body modes NONE, BUFFERED and STREAMED, and no trailers sent to the processor (they
+// pass through).
+func checkProcessingMode(pm *extprocfilterv3.ProcessingMode) error {
+	if b := pm.GetRequestBodyMode(); b != extprocfilterv3.ProcessingMode_NONE && b != extprocfilterv3.ProcessingMode_BUFFERED && b != extprocfilterv3.ProcessingMode_STREAMED {
+		return fmt.Errorf("request_body_mode %s is not emulated", b)
+	}
+	if b := pm.GetResponseBodyMode(); b != extprocfilterv3.ProcessingMode_NONE && b != extprocfilterv3.ProcessingMode_BUFFERED && b != extprocfilterv3.ProcessingMode_STREAMED {
+		return fmt.Errorf("response_body_mode %s is not emulated", b)
+	}
+	if pm.GetRequestTrailerMode() == extprocfilterv3.ProcessingMode_SEND || pm.GetResponseTrailerMode() == extprocfilterv3.ProcessingMode_SEND {
+		return errors.New("trailers are not emulated")
+	}
+	return nil
+}
+
 func parsePerFilter(m map[string]*anypb.Any) (map[string]proto.Message, error) {
 	out := map[string]proto.Message{}
 	for name, a := range m {
@@ -382,8 +408,20 @@ func parsePerFilter(m map[string]*anypb.Any) (map[string]proto.Message, error) {
 		if err != nil {
 			return nil, fmt.Errorf("typed_per_filter_config %q: %w", name, err)
 		}
-		switch msg.(type) {
-		case *extauthzv3.ExtAuthzPerRoute, *extprocfilterv3.ExtProcPerRoute, *routev3.FilterConfig:
+		switch msg := msg.(type) {
+		case *extauthzv3.ExtAuthzPerRoute, *routev3.FilterConfig:
+		case *extprocfilterv3.ExtProcPerRoute:
+			// ExtProcOverrides: processing_mode, failure_mode_allow and the forwarding
+			// namespaces are emulated (ext_proc.cc FilterConfigPerRoute).
+			o := msg.GetOverrides()
+			if err := checkProcessingMode(o.GetProcessingMode()); err != nil {
+				return nil, fmt.Errorf("typed_per_filter_config %q: overrides: %w", name, err)
+			}
+			if o.GetGrpcService() != nil || len(o.GetRequestAttributes()) > 0 || len(o.GetResponseAttributes()) > 0 ||
+				len(o.GetGrpcInitialMetadata()) > 0 || o.GetProcessingRequestModifier() != nil ||
+				len(o.GetMetadataOptions().GetForwardingNamespaces().GetTyped()) > 0 || o.GetMetadataOptions().GetReceivingNamespaces() != nil {
+				return nil, fmt.Errorf("typed_per_filter_config %q: only overrides of processing_mode, failure_mode_allow and untyped forwarding_namespaces are emulated", name)
+			}
 		default:
 			return nil, fmt.Errorf("typed_per_filter_config %q: %s is not emulated", name, a.GetTypeUrl())
 		}
@@ -412,7 +450,7 @@ func parseRoutes(rc *routev3.RouteConfiguration) (*routeCfg, error) {
 			// (source/common/router/config_impl.cc, perFilterConfig lookup order).
 			merged := maps.Clone(pf)
 			maps.Copy(merged, rpf)
-			vh.routes = append(vh.routes, &routeEntry{r: r, vh: vh, perFilter: merged})
+			vh.routes = append(vh.routes, &routeEntry{r: r, vh: vh, perFilter: merged, own: rpf})
 		}
 		out.vhosts = append(out.vhosts, vh)
 	}
@@ -481,6 +519,15 @@ func parseCluster(cl *clusterv3.Cluster) (*clusterCfg, error) {
 		}
 		cc.h2 = po.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil
 		cc.auto = po.GetAutoConfig() != nil
+		if po.GetUseDownstreamProtocolConfig() != nil {
+			return nil, errors.New("use_downstream_protocol_config is not emulated")
+		}
+	} else {
+		// The deprecated Cluster.http2_protocol_options, still honoured without
+		// typed_extension_protocol_options (source/common/upstream/upstream_impl.cc
+		// createOptions: legacy options are translated to explicit HTTP/2).
+		//lint:ignore SA1019 Envoy still honours the deprecated field, so must we
+		cc.h2 = cl.GetHttp2ProtocolOptions() != nil
 	}
 	var err error
 	if cc.tls, err = parseTransportSocket(cl.GetTransportSocket(), true); err != nil {

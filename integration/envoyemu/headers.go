@@ -120,9 +120,10 @@ func modifiable(k string) bool {
 }
 
 // hopByHop are the connection-specific headers the codecs strip
-// (source/common/http/conn_manager_utility.cc, HTTP/1 and HTTP/2 codecs).
+// (source/common/http/conn_manager_utility.cc, HTTP/1 and HTTP/2 codecs). TE is
+// sanitized instead: kept as "trailers" (requestHeaders).
 var hopByHop = map[string]bool{"connection": true, "keep-alive": true, "proxy-connection": true,
-	"transfer-encoding": true, "upgrade": true, "te": true}
+	"transfer-encoding": true, "upgrade": true}
 
 // newRequestID is a random UUIDv4, as Envoy's default request ID extension generates
 // (source/extensions/request_id/uuid/config.cc).

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -17,6 +18,7 @@ import (
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
@@ -40,11 +42,126 @@ type stream struct {
 	body       io.Reader // request body still to forward (nil: none)
 	buffered   []byte    // the whole request body once a filter buffered it
 	isBuffered bool
+	// isGRPC: the request as received is gRPC, so local replies are gRPC trailers-only
+	// responses (filter_manager.cc decodeHeaders: is_grpc_request_ from
+	// Grpc::Common::isGrpcRequestHeaders).
+	isGRPC bool
 	// dynMeta is the stream's dynamic metadata by filter namespace (StreamInfo).
 	dynMeta map[string]*structpb.Struct
 	// respAdd are response headers ext_authz asked for (OkHttpResponse.response_headers_to_add).
 	respAdd []*corev3.HeaderValueOption
 	procs   []*procFilter // ext_proc filters that took part in decoding
+
+	// The response state, shared with the goroutine that streams the request body
+	// upstream (a streamed body's processor may end the stream at any time).
+	mu       sync.Mutex
+	pending  *localReply        // a local reply to send instead of the response
+	sent     bool               // response headers went downstream
+	reset    bool               // the stream is to be reset
+	ended    bool               // the handler returned
+	cancelUp context.CancelFunc // resets the upstream request
+	upBody   io.Closer          // the upstream response body, once its headers came
+	idle     *time.Timer        // the route's idle_timeout, reset on stream activity
+	idleFor  time.Duration
+	// reqEnded: the downstream request body was read to its end (remote decode complete).
+	reqEnded bool
+}
+
+// startIdle arms the route's idle_timeout: each request or response headers or data
+// event on the stream resets it; when it fires the stream ends with a local reply,
+// "stream timeout", 408 while the request is still arriving, 504 once it is complete
+// (source/common/http/conn_manager_impl.cc onIdleTimeout, Utility::maybeRequestTimeoutCode),
+// or a reset once response headers went downstream (sendLocalReply).
+// api/envoy/config/route/v3/route_components.proto RouteAction.idle_timeout.
+func (s *stream) startIdle(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.idleFor = d
+	s.idle = time.AfterFunc(d, func() {
+		s.mu.Lock()
+		code := http.StatusRequestTimeout
+		if s.reqEnded {
+			code = http.StatusGatewayTimeout
+		}
+		s.mu.Unlock()
+		s.e.opts.Logf("envoyemu: %s idle for %s", s, d)
+		s.sendLocalReply(&localReply{status: code, body: []byte("stream timeout"), details: "stream_idle_timeout"})
+	})
+}
+
+// touch records activity on the stream (ActiveStream::resetIdleTimer).
+func (s *stream) touch() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.idle != nil && !s.ended {
+		s.idle.Reset(s.idleFor)
+	}
+}
+
+// downstreamBody is the downstream request body: reading it is stream activity, and its
+// end is the end of the request.
+type downstreamBody struct {
+	s *stream
+	r io.ReadCloser
+}
+
+func (b *downstreamBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if n > 0 || err != nil {
+		b.s.touch()
+	}
+	if errors.Is(err, io.EOF) {
+		b.s.mu.Lock()
+		b.s.reqEnded = true
+		b.s.mu.Unlock()
+	}
+	return n, err
+}
+
+func (b *downstreamBody) Close() error { return b.r.Close() }
+
+// requestTrailers are the downstream request's trailers (complete once its body was
+// read to the end; Go's server keeps those the request declared).
+func (s *stream) requestTrailers() http.Header { return s.r.Trailer }
+
+// sendLocalReply is DownstreamFilterManager::sendLocalReply for a reply that arises off
+// the handler's straight path (a processor answering a streamed body chunk, a processor
+// failing): while no response headers went downstream the reply replaces the response
+// (through the filter chain, or straight to the codec when the upstream's headers are in
+// the chain already: both leave the encoder filters out here); once they went, all that
+// is left is to reset the stream ("Resetting stream due to ... Prior headers have
+// already been sent"). Either way the upstream request is reset (the router's
+// onDestroy). Only the first reply counts.
+func (s *stream) sendLocalReply(lr *localReply) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended || s.reset || s.pending != nil {
+		return
+	}
+	if s.sent {
+		s.e.opts.Logf("envoyemu: %s reset (%s): prior headers have already been sent", s, lr.details)
+		s.reset = true
+	} else {
+		s.pending = lr
+	}
+	// Reset the upstream request, and unblock whoever waits on it: the handler reading
+	// the upstream's body, the transport reading the downstream's (the HTTP/2 transport
+	// does not watch the request's context while it waits for request body data).
+	if s.cancelUp != nil {
+		s.cancelUp()
+	}
+	if s.upBody != nil {
+		go s.upBody.Close()
+	}
+	if s.r.Body != nil {
+		go s.r.Body.Close()
+	}
+}
+
+func (s *stream) hasLocalReply() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.pending != nil || s.reset
 }
 
 // response is what travels through the encoder filters to the client.
@@ -53,28 +170,59 @@ type response struct {
 	h      *headerMap // without :status
 	body   io.Reader  // nil: no body
 	length int64      // -1: unknown
+	// trailers, if set, are the trailers that ended the body, known once it was read to
+	// its end (HTTP/2 trailers: grpc-status, grpc-message).
+	trailers func() http.Header
 }
 
 // localReply is a response Envoy generates itself (source/common/http/utility.cc
 // sendLocalReply).
 type localReply struct {
 	status  int
-	h       *headerMap
+	h       *headerMap // the headers the filter sets (modify_headers)
 	body    []byte
 	details string
+	// grpcStatus, if set, is the gRPC status of the reply to a gRPC request
+	// (ImmediateResponse.grpc_status); else it follows from the HTTP status.
+	grpcStatus *uint32
+	// modify adds the route's response headers (sendLocalReplyViaFilterChain:
+	// finalizeResponseHeaders before modify_headers).
+	modify func(*headerMap)
 }
 
-func (lr *localReply) response() *response {
+// localResponse encodes a local reply as Utility::sendLocalReply does
+// (source/common/http/utility.cc). The headers are the filter's; a non-empty body is
+// text/plain unless they say otherwise. To a gRPC request the reply is trailers-only:
+// :status 200, content-type application/grpc, grpc-status (ImmediateResponse.grpc_status,
+// else from the HTTP status by Grpc::Utility::httpToGrpcStatus, unless the headers set
+// one), the body as grpc-message, percent-encoded, and no body.
+func (s *stream) localResponse(lr *localReply) *response {
 	h := &headerMap{}
-	// A non-empty local reply body is text/plain unless the filter says otherwise
-	// (source/common/http/utility.cc sendLocalReply).
-	if len(lr.body) > 0 {
-		h.set("content-type", "text/plain")
+	if lr.modify != nil {
+		lr.modify(h)
 	}
 	if lr.h != nil {
 		for _, e := range lr.h.h {
 			h.set(e.k, e.v)
 		}
+	}
+	if s.isGRPC {
+		h.set("content-type", "application/grpc")
+		if _, ok := h.get("grpc-status"); !ok {
+			code := httpToGRPCStatus(lr.status)
+			if lr.grpcStatus != nil {
+				code = *lr.grpcStatus
+			}
+			h.set("grpc-status", strconv.FormatUint(uint64(code), 10))
+		}
+		if len(lr.body) > 0 && s.req.value(":method") != http.MethodHead {
+			h.set("grpc-message", percentEncode(lr.body))
+		}
+		h.del("content-length")
+		return &response{status: http.StatusOK, h: h, length: 0}
+	}
+	if _, ok := h.get("content-type"); !ok && len(lr.body) > 0 {
+		h.set("content-type", "text/plain")
 	}
 	h.set("content-length", strconv.Itoa(len(lr.body)))
 	var body io.Reader
@@ -82,6 +230,49 @@ func (lr *localReply) response() *response {
 		body = bytes.NewReader(lr.body)
 	}
 	return &response{status: lr.status, h: h, body: body, length: int64(len(lr.body))}
+}
+
+// httpToGRPCStatus maps the HTTP status of a local reply to a gRPC status
+// (source/common/grpc/status.cc Grpc::Utility::httpToGrpcStatus).
+func httpToGRPCStatus(code int) uint32 {
+	switch code {
+	case 400:
+		return uint32(codes.Internal)
+	case 401:
+		return uint32(codes.Unauthenticated)
+	case 403:
+		return uint32(codes.PermissionDenied)
+	case 404:
+		return uint32(codes.Unimplemented)
+	case 429, 502, 503, 504:
+		return uint32(codes.Unavailable)
+	}
+	return uint32(codes.Unknown)
+}
+
+// percentEncode is the gRPC message encoding of Utility::PercentEncoding::encode
+// (source/common/http/utility.cc): '%', bytes below ' ' and from '~' up become %XX.
+func percentEncode(b []byte) string {
+	var sb strings.Builder
+	for _, c := range b {
+		if c < ' ' || c >= '~' || c == '%' {
+			fmt.Fprintf(&sb, "%%%02X", c)
+			continue
+		}
+		sb.WriteByte(c)
+	}
+	return sb.String()
+}
+
+// isGRPCRequest is Grpc::Common::isGrpcRequestHeaders: a path and a content-type of
+// exactly application/grpc or application/grpc+<codec> (source/common/grpc/common.cc
+// hasGrpcContentType; case-sensitive, so application/grpc-web is not gRPC).
+func isGRPCRequest(h *headerMap) bool {
+	if h.value(":path") == "" {
+		return false
+	}
+	ct := h.value("content-type")
+	return ct == "application/grpc" || strings.HasPrefix(ct, "application/grpc+")
 }
 
 func (e *Emulator) newServer(listener string, tls bool) *http.Server {
@@ -109,16 +300,25 @@ func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request
 	}
 	s := &stream{e: e, c: c, l: l, id: e.streamID.Add(1), r: r, dynMeta: map[string]*structpb.Struct{}}
 	defer func() {
+		s.mu.Lock()
+		s.ended = true
+		if s.idle != nil {
+			s.idle.Stop()
+		}
+		s.mu.Unlock()
 		for _, p := range s.procs {
 			p.finish()
 		}
 	}()
 	s.req = requestHeaders(r)
+	s.isGRPC = isGRPCRequest(s.req)
 	if !s.underscores(w) {
 		return
 	}
 	if r.ContentLength != 0 || len(r.TransferEncoding) > 0 {
-		s.body = r.Body
+		s.body = &downstreamBody{s: s, r: r.Body}
+	} else {
+		s.reqEnded = true
 	}
 	// Path normalization happens before routing and filters
 	// (source/common/http/conn_manager_utility.cc maybeNormalizePath, path_utility.cc).
@@ -132,16 +332,7 @@ func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request
 		s.req.add("x-forwarded-proto", s.req.value(":scheme"))
 	}
 	s.route = s.match()
-
-	resp, local := s.decode()
-	if local != nil {
-		// A local reply from a decoder filter is encoded through the filters that took
-		// part in decoding only; ext_proc instances that have not processed it are
-		// skipped (they never saw the request).
-		s.write(w, local.response())
-		return
-	}
-	s.write(w, resp)
+	s.write(w, s.decode())
 }
 
 // underscores applies the HCM's headers_with_underscores_action to the request header
@@ -179,13 +370,17 @@ func (s *stream) underscores(w http.ResponseWriter) bool {
 		panic(http.ErrAbortHandler) // RST_STREAM
 	}
 	w.Header().Set("connection", "close")
-	s.write(w, (&localReply{status: http.StatusBadRequest, body: []byte("Bad Request"), details: "http1.unexpected_underscore"}).response())
+	s.write(w, s.localResponse(&localReply{status: http.StatusBadRequest, body: []byte("Bad Request"), details: "http1.unexpected_underscore"}))
 	return false
 }
 
-// decode runs the decoder filters and the router. It returns the router's response (from
-// the upstream or a direct response) after the encoder filters, or a local reply.
-func (s *stream) decode() (*response, *localReply) {
+// decode runs the decoder filters and the router, then the encoder filters on the
+// router's response (from the upstream or a direct response). A local reply from a
+// decoder filter is encoded through the filters that took part in decoding only;
+// ext_proc instances that have not processed it are skipped (they never saw the
+// request). It returns nil when a local reply is pending with the stream
+// (sendLocalReply), which write sends instead.
+func (s *stream) decode() *response {
 	for _, f := range s.l.filters {
 		if f.router {
 			break
@@ -196,13 +391,14 @@ func (s *stream) decode() (*response, *localReply) {
 		switch {
 		case f.authz != nil:
 			if lr := s.extAuthz(f); lr != nil {
-				return nil, lr
+				return s.localResponse(lr)
 			}
 		case f.proc != nil:
 			p := s.newProc(f)
 			s.procs = append(s.procs, p)
-			if lr := p.decode(); lr != nil {
-				return nil, lr
+			p.decode()
+			if s.hasLocalReply() {
+				return nil
 			}
 		}
 		if s.clearRoute {
@@ -212,11 +408,13 @@ func (s *stream) decode() (*response, *localReply) {
 		}
 	}
 	resp := s.router()
+	if resp == nil {
+		return nil
+	}
 	// Encoder filters run in reverse order (filter_manager.cc encodeHeaders).
 	for i := len(s.procs) - 1; i >= 0; i-- {
-		var lr *localReply
-		if resp, lr = s.procs[i].encode(resp); lr != nil {
-			return nil, lr
+		if resp = s.procs[i].encode(resp); resp == nil {
+			return nil
 		}
 	}
 	// ext_authz adds the OK response's response_headers_to_add when encoding
@@ -224,7 +422,7 @@ func (s *stream) decode() (*response, *localReply) {
 	for _, o := range s.respAdd {
 		resp.h.apply(o)
 	}
-	return resp, nil
+	return resp
 }
 
 // enabled applies per-route filter config: ExtAuthzPerRoute.disabled,
@@ -265,6 +463,18 @@ func requestHeaders(r *http.Request) *headerMap {
 	for k, vs := range r.Header {
 		lk := strings.ToLower(k)
 		if hopByHop[lk] || lk == "host" {
+			continue
+		}
+		if lk == "te" {
+			// TE is kept only as "trailers", which gRPC needs end to end
+			// (source/common/http/conn_manager_utility.cc sanitizeTEHeader).
+			for _, v := range vs {
+				for _, tok := range strings.Split(v, ",") {
+					if strings.EqualFold(strings.TrimSpace(tok), "trailers") {
+						h.set("te", "trailers")
+					}
+				}
+			}
 			continue
 		}
 		for _, v := range vs {
@@ -450,10 +660,11 @@ func stringMatches(sm *matcherv3.StringMatcher, v string) bool {
 }
 
 // router forwards the request to the route's cluster, or answers a direct response or
-// 404 when no route matched (source/common/router/router.cc Filter::decodeHeaders).
+// 404 when no route matched (source/common/router/router.cc Filter::decodeHeaders; both
+// are local replies, so gRPC requests get them trailers-only).
 func (s *stream) router() *response {
 	if s.route == nil {
-		return (&localReply{status: http.StatusNotFound, details: "route_not_found"}).response()
+		return s.localResponse(&localReply{status: http.StatusNotFound, details: "route_not_found"})
 	}
 	r := s.route.r
 	if dr := r.GetDirectResponse(); dr != nil {
@@ -461,9 +672,8 @@ func (s *stream) router() *response {
 		if b := dr.GetBody().GetInlineBytes(); len(b) > 0 {
 			body = string(b)
 		}
-		resp := (&localReply{status: int(dr.GetStatus()), body: []byte(body), details: "direct_response"}).response()
-		s.addResponseHeaders(resp)
-		return resp
+		return s.localResponse(&localReply{status: int(dr.GetStatus()), body: []byte(body), details: "direct_response",
+			modify: s.addResponseHeaders})
 	}
 	return s.forward(r.GetRoute())
 }
@@ -471,16 +681,16 @@ func (s *stream) router() *response {
 // addResponseHeaders applies response_headers_to_add and response_headers_to_remove of
 // the route, then the virtual host (source/common/router/config_impl.cc
 // finalizeResponseHeaders: the less specific level is applied last by default).
-func (s *stream) addResponseHeaders(resp *response) {
+func (s *stream) addResponseHeaders(h *headerMap) {
 	for _, level := range []interface {
 		GetResponseHeadersToAdd() []*corev3.HeaderValueOption
 		GetResponseHeadersToRemove() []string
 	}{s.route.r, s.route.vh.v} {
 		for _, o := range level.GetResponseHeadersToAdd() {
-			resp.h.apply(o)
+			h.apply(o)
 		}
 		for _, k := range level.GetResponseHeadersToRemove() {
-			resp.h.del(k)
+			h.del(k)
 		}
 	}
 }
@@ -539,10 +749,24 @@ func (s *stream) forward(a *routev3.RouteAction) *response {
 	if timeout > 0 {
 		// The route timeout spans until the response is complete, so it also bounds the
 		// body (router.cc onResponseTimeout; route_components.proto RouteAction.timeout).
+		// Zero disables it, as for long-lived gRPC streams.
 		var c2 context.CancelFunc
 		ctx, c2 = context.WithTimeout(ctx, timeout)
 		cancelBoth := cancel
 		cancel = func() { c2(); cancelBoth() }
+	}
+	if it := a.GetIdleTimeout(); it != nil && it.AsDuration() > 0 {
+		s.startIdle(it.AsDuration())
+	}
+	// A local reply from a filter still processing the request body (a streamed body's
+	// processor) resets the upstream request.
+	s.mu.Lock()
+	s.cancelUp = cancel
+	pending := s.pending != nil
+	s.mu.Unlock()
+	if pending {
+		cancel()
+		return nil
 	}
 	retries := 0
 	retryOn := ""
@@ -593,10 +817,8 @@ func (s *stream) forward(a *routev3.RouteAction) *response {
 	}
 	if err != nil {
 		defer cancel()
-		for _, p := range s.procs {
-			if p.immediate != nil { // ext_proc answered in the middle of a streamed body
-				return p.immediate.response()
-			}
+		if s.hasLocalReply() { // a filter answered in the middle of a streamed body
+			return nil
 		}
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return s.routerReply(http.StatusGatewayTimeout, "upstream request timeout")
@@ -610,29 +832,34 @@ func (s *stream) forward(a *routev3.RouteAction) *response {
 	h := &headerMap{}
 	for k, vs := range up.Header {
 		lk := strings.ToLower(k)
-		if hopByHop[lk] {
+		if hopByHop[lk] || lk == "te" {
 			continue
 		}
 		for _, v := range vs {
 			h.add(lk, v)
 		}
 	}
+	s.touch()
+	s.mu.Lock()
+	s.upBody = up.Body
+	s.mu.Unlock()
 	// router.cc onUpstreamHeaders: x-envoy-upstream-service-time.
 	h.set("x-envoy-upstream-service-time", strconv.FormatInt(time.Since(start).Milliseconds(), 10))
 	resp := &response{status: up.StatusCode, h: h, length: up.ContentLength,
-		body: &cancelOnClose{ReadCloser: up.Body, cancel: cancel}}
+		body: &cancelOnClose{ReadCloser: up.Body, cancel: cancel}, trailers: func() http.Header { return up.Trailer }}
 	if up.ContentLength == 0 {
-		resp.body = nil
+		// Headers with end of stream: a gRPC trailers-only response stays one.
+		resp.body, resp.trailers = nil, nil
 		_ = up.Body.Close()
 		cancel()
 	}
-	s.addResponseHeaders(resp)
+	s.addResponseHeaders(resp.h)
 	return resp
 }
 
 // routerReply is a local reply from the router; it goes through the encoder filters.
 func (s *stream) routerReply(code int, body string) *response {
-	return (&localReply{status: code, body: []byte(body)}).response()
+	return s.localResponse(&localReply{status: code, body: []byte(body), modify: s.addResponseHeaders})
 }
 
 type cancelOnClose struct {
@@ -665,8 +892,14 @@ func (s *stream) upstreamRequest(ctx context.Context, h *headerMap, tls bool, ad
 			r.ContentLength = cl
 		}
 	}
+	// Request trailers pass (request_trailer_mode SKIP): the transport sends what the
+	// downstream's trailers hold once the body ended, and declares them itself.
+	trailers := body != nil && len(s.r.Trailer) > 0
+	if trailers {
+		r.Trailer = s.r.Trailer
+	}
 	for _, e := range h.h {
-		if e.k[0] == ':' || e.k == "content-length" || hopByHop[e.k] {
+		if e.k[0] == ':' || e.k == "content-length" || hopByHop[e.k] || (trailers && e.k == "trailer") {
 			continue
 		}
 		r.Header[e.k] = append(r.Header[e.k], e.v)
@@ -717,17 +950,37 @@ func (e *Emulator) transport(name string, cl *clusterCfg) http.RoundTripper {
 	return t
 }
 
-// write sends the response downstream, flushing every chunk as it arrives, so that an
-// SSE stream flows event by event (Envoy forwards data frames as they arrive unless a
-// filter buffers). A body error after the headers were sent resets the stream, as Envoy
-// does (router.cc onUpstreamReset after headers → stream reset).
+// write sends the response downstream, or the pending local reply instead (it replaces
+// the upstream's response while no headers went downstream: sendLocalReply), flushing
+// every chunk as it arrives, so that an SSE stream or a gRPC stream flows message by
+// message (Envoy forwards data frames as they arrive unless a filter buffers), then the
+// response trailers. A body error after the headers were sent resets the stream, as
+// Envoy does (router.cc onUpstreamReset after headers → stream reset), as does a local
+// reply that comes too late to replace the response (filter_manager.cc sendLocalReply).
+// Go's HTTP/2 server resets with RST_STREAM INTERNAL_ERROR where Envoy sends NO_ERROR;
+// gRPC clients map both to INTERNAL.
 func (s *stream) write(w http.ResponseWriter, resp *response) {
+	s.mu.Lock()
+	if lr := s.pending; lr != nil {
+		s.pending = nil
+		if resp != nil {
+			if c, ok := resp.body.(io.Closer); ok {
+				_ = c.Close()
+			}
+		}
+		resp = s.localResponse(lr)
+	}
+	if resp == nil { // cannot happen: every nil response comes with a pending reply
+		resp = s.localResponse(&localReply{status: http.StatusInternalServerError, details: "no_response"})
+	}
+	s.sent = true
+	s.mu.Unlock()
 	if c, ok := resp.body.(io.Closer); ok {
 		defer c.Close()
 	}
 	wh := w.Header()
 	for _, e := range resp.h.h {
-		if e.k[0] == ':' || hopByHop[e.k] {
+		if e.k[0] == ':' || hopByHop[e.k] || e.k == "te" {
 			continue
 		}
 		wh.Add(e.k, e.v) // canonical keys: net/http reads Content-Length etc. by them
@@ -737,6 +990,8 @@ func (s *stream) write(w http.ResponseWriter, resp *response) {
 	}
 	w.WriteHeader(resp.status)
 	if resp.body == nil {
+		// Headers with end of stream (a gRPC trailers-only reply): nothing is flushed
+		// before the handler returns, so they go in one HEADERS frame.
 		return
 	}
 	rc := http.NewResponseController(w)
@@ -745,17 +1000,25 @@ func (s *stream) write(w http.ResponseWriter, resp *response) {
 	for {
 		n, err := resp.body.Read(buf)
 		if n > 0 {
+			s.touch()
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				return
 			}
 			_ = rc.Flush()
 		}
 		if errors.Is(err, io.EOF) {
-			return
+			break
 		}
 		if err != nil {
-			s.e.opts.Logf("envoyemu: stream %d reset after headers: %v", s.id, err)
+			s.e.opts.Logf("envoyemu: %s reset after headers: %v", s, err)
 			panic(http.ErrAbortHandler)
+		}
+	}
+	if resp.trailers != nil {
+		for k, vs := range resp.trailers() {
+			for _, v := range vs {
+				wh.Add(http.TrailerPrefix+k, v)
+			}
 		}
 	}
 }

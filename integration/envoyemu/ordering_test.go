@@ -216,16 +216,16 @@ func TestBufferLimit413(t *testing.T) {
 	requireNoHit(t, rg)
 }
 
-// message_timeout: a slow processor fails the request closed with status_on_error (503
-// in mcpgate's config) and nothing reaches the upstream.
+// message_timeout: a slow processor fails the request closed with 504, not
+// status_on_error (ext_proc.cc onMessageTimeout), and nothing reaches the upstream.
 func TestMessageTimeoutFailsClosed(t *testing.T) {
 	rg := requireRig(t, rigOptions{extProc: func(p *extprocfilterv3.ExternalProcessor) {
 		p.MessageTimeout = durationpb.New(50 * time.Millisecond)
 	}})
 	rg.proc.delay = 300 * time.Millisecond
 	resp, _ := do(t, "GET", "http://"+rg.addr+"/x", "")
-	if resp.StatusCode != http.StatusServiceUnavailable {
-		t.Fatalf("got %d, want 503", resp.StatusCode)
+	if resp.StatusCode != http.StatusGatewayTimeout {
+		t.Fatalf("got %d, want 504", resp.StatusCode)
 	}
 	requireNoHit(t, rg)
 }
