@@ -292,3 +292,61 @@ func BenchmarkGRPCStreamMessage(b *testing.B) {
 	b.ReportMetric(float64(f50.Microseconds()), "passthrough-p50-µs")
 	b.ReportMetric(float64(g50)/float64(f50), "p50-ratio")
 }
+
+// BenchmarkGRPCStreamThroughput pushes b.N tools/call messages down one open Session, one
+// chunk each, sent without waiting for replies (gRPC's flow control bounds what is in
+// flight), and reports the sustained rate of decided messages.
+func BenchmarkGRPCStreamThroughput(b *testing.B) {
+	s := newDemoServer(b)
+	lim := &s.store.Current().App("inventory").MCP.Limits
+	lim.PerCaller, lim.PerTool = &policy.RateLimit{N: 1 << 30, Per: time.Second}, nil
+	c := startProcessor(b, s)
+	stream, err := c.Process(context.Background())
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := stream.Send(&extprocv3.ProcessingRequest{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+		Headers: headerMap(":method", "POST", ":path", GRPCService+"Session", "content-type", "application/grpc", "te", "trailers")}}}); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != nil {
+		b.Fatal(err)
+	}
+	args, _ := structpb.NewStruct(map[string]any{"product_id": "SKU-42"})
+	chunk := func(i int) *extprocv3.ProcessingRequest {
+		data, _ := proto.Marshal(&mcpv1.SessionRequest{RequestId: strconv.Itoa(i), Request: &mcpv1.SessionRequest_CallTool{
+			CallTool: &mcpv1.CallToolRequest{Name: "get_inventory", Arguments: args}}})
+		return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: grpcframe.Append(nil, data)}}}
+	}
+	msgs := make([]*extprocv3.ProcessingRequest, b.N)
+	for i := range msgs {
+		msgs[i] = chunk(i)
+	}
+	errc := make(chan error, 1)
+	b.ResetTimer()
+	start := time.Now()
+	go func() {
+		for i := range msgs {
+			if err := stream.Send(msgs[i]); err != nil {
+				errc <- err
+				return
+			}
+		}
+		errc <- nil
+	}()
+	for range b.N {
+		resp, err := stream.Recv()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if resp.GetImmediateResponse() != nil {
+			b.Fatalf("refused: %s", resp.GetImmediateResponse().GetBody())
+		}
+	}
+	elapsed := time.Since(start)
+	if err := <-errc; err != nil {
+		b.Fatal(err)
+	}
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
+	_ = stream.CloseSend()
+}
