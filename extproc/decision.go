@@ -282,24 +282,22 @@ func regoInputValue(r *Request) (ast.Value, error) {
 	if r.Listing {
 		items = append(items, ast.Item(keyListing, trueTerm))
 	}
+	var stream [2]*ast.Term
 	if r.Transport != "" {
 		items = append(items, ast.Item(keyTransport, ast.StringTerm(r.Transport)), ast.Item(keyGRPCMethod, ast.StringTerm(r.GRPCMethod)))
-		return ast.NewObject(
-			ast.Item(keyCaller, base.caller),
-			ast.Item(keySubject, base.subject),
-			ast.Item(keyTarget, base.target),
-			ast.Item(keyMCP, ast.ObjectTerm(items...)),
-			ast.Item(keyHTTP, base.http),
-			ast.Item(keyStream, ast.ObjectTerm(ast.Item(keyMessageIndex, ast.IntNumberTerm(r.MessageIndex)))),
-		), nil
+		stream = ast.Item(keyStream, ast.ObjectTerm(ast.Item(keyMessageIndex, ast.IntNumberTerm(r.MessageIndex))))
 	}
-	return ast.NewObject(
+	top := [][2]*ast.Term{
 		ast.Item(keyCaller, base.caller),
 		ast.Item(keySubject, base.subject),
 		ast.Item(keyTarget, base.target),
 		ast.Item(keyMCP, ast.ObjectTerm(items...)),
 		ast.Item(keyHTTP, base.http),
-	), nil
+	}
+	if stream[0] != nil {
+		top = append(top, stream)
+	}
+	return ast.NewObject(top...), nil
 }
 
 // PatchOp is one RFC 6902 operation a Rego policy asks for on the call's arguments.

@@ -247,7 +247,14 @@ func runEnvoy(t *testing.T, s *Server, req envoyRequest, up envoyUpstream) envoy
 			t.Fatalf("trailers answered with %v", resp)
 		}
 	}
-	// Envoy closes its side once it expects no more replies; the server must end cleanly.
+	f.requireCleanEnd(t)
+	return res
+}
+
+// requireCleanEnd closes Envoy's side, as it does once it expects no more replies, and
+// requires Process to end cleanly.
+func (f *fakeStream) requireCleanEnd(t *testing.T) {
+	t.Helper()
 	close(f.in)
 	select {
 	case err := <-f.done:
@@ -257,5 +264,4 @@ func runEnvoy(t *testing.T, s *Server, req envoyRequest, up envoyUpstream) envoy
 	case <-time.After(5 * time.Second):
 		t.Fatal("Process did not end after the stream closed")
 	}
-	return res
 }

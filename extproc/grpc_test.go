@@ -1,8 +1,6 @@
 package extproc
 
 import (
-	"context"
-	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -116,15 +114,7 @@ func runGRPC(t *testing.T, s *Server, c grpcCall, up grpcUpstream) grpcResult {
 			res.client = append(res.client, bm.GetBody()...)
 		}
 	}
-	close(f.in)
-	select {
-	case err := <-f.done:
-		if err != nil && !errors.Is(err, context.Canceled) {
-			t.Fatalf("Process ended with %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Process did not end after the stream closed")
-	}
+	f.requireCleanEnd(t)
 	return res
 }
 
