@@ -685,6 +685,16 @@ func (l *loader) compileEndpoint(d *document) *HTTPEndpoint {
 				l.errf(d, fmt.Sprintf("%s.scopes[%d]", p, i), "%q is not an OAuth scope", sc)
 			}
 		}
+		switch cc.AuthMethod {
+		case "", "client_secret_basic", "client_secret_post":
+		default:
+			l.errf(d, p+".authMethod", "must be client_secret_basic or client_secret_post, got %q", cc.AuthMethod)
+		}
+		if cc.Resource != "" {
+			if u, err := url.Parse(cc.Resource); err != nil || !u.IsAbs() || u.Fragment != "" {
+				l.errf(d, p+".resource", "must be an absolute URI without a fragment (RFC 8707), got %q", cc.Resource)
+			}
+		}
 	}
 	return ep
 }

@@ -296,6 +296,18 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			want: []string{`name "inventory" is already used by App`},
 		},
 		{
+			name: "bad client credentials options",
+			files: map[string]string{"mesh.yaml": meshYAML, "ep.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: remote}
+spec:
+  baseUrl: "https://x.example.com/mcp"
+  auth:
+    clientCredentials: {tokenUrl: "https://idp.example.com/token", clientId: a, clientSecretFile: /s, authMethod: private_key_jwt, resource: "not a uri"}
+`},
+			want: []string{`spec.auth.clientCredentials.authMethod: must be client_secret_basic or client_secret_post, got "private_key_jwt"`, `spec.auth.clientCredentials.resource: must be an absolute URI`},
+		},
+		{
 			name:  "bad redaction pointer",
 			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "    responses: {redact: [{tools: [get_customer], pointers: [ssn, /a~2]}]}\n"},
 			want:  []string{`spec.mcp.responses.redact[0].pointers[0]: "ssn" is not a JSON pointer`, `pointers[1]: "/a~2" is not a JSON pointer`},

@@ -215,6 +215,13 @@ type ClientCredentialsSpec struct {
 	ClientID         string   `yaml:"clientId"`
 	ClientSecretFile string   `yaml:"clientSecretFile"`
 	Scopes           []string `yaml:"scopes"`
+	// AuthMethod is how the client authenticates to the token endpoint:
+	// client_secret_basic (default) or client_secret_post.
+	AuthMethod string `yaml:"authMethod"`
+	// Audience and Resource (RFC 8707) name the upstream the token is for, as the
+	// authorization server expects.
+	Audience string `yaml:"audience"`
+	Resource string `yaml:"resource"`
 }
 
 // GatewaySpec is an edge Envoy for callers outside the mesh (JWT only).

@@ -1,0 +1,233 @@
+// Package credentials acquires the tokens mcpgate injects on an agent's outbound calls to
+// remote MCP servers (HTTPEndpoint.spec.auth), so that the agent holds no secret and its
+// own inbound token is never passed through (the MCP authorization spec forbids it).
+//
+// ClientCredentials is the OAuth 2.0 client credentials grant (RFC 6749 §4.4) on
+// golang.org/x/oauth2's clientcredentials: one token per endpoint, cached until shortly
+// before it expires, refreshed in the background by one fetch at a time, with the client
+// secret re-read from its file at every fetch so a rotated secret applies without a
+// restart. Errors name the endpoint and the OAuth error code, never a secret or a token.
+package credentials
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/clientcredentials"
+
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// Config is one endpoint's client credentials grant.
+type Config struct {
+	// Endpoint names the HTTPEndpoint, for errors and logs.
+	Endpoint     string
+	TokenURL     string
+	ClientID     string
+	SecretFile   string
+	Scopes       []string
+	Audience     string // sent as "audience" when set
+	Resource     string // RFC 8707 "resource" when set
+	SecretInBody bool   // client_secret_post; default client_secret_basic
+	// HTTPClient fetches tokens (default: a client with a 10s timeout).
+	HTTPClient *http.Client
+	// RefreshBefore is how long before expiry a token is renewed (default: a tenth of
+	// its lifetime, between 5s and 5m).
+	RefreshBefore time.Duration
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// Error is a failure to obtain a token: the endpoint, and the OAuth error code when the
+// token endpoint gave one (invalid_client, invalid_scope, ...).
+type Error struct {
+	Endpoint string
+	Code     string // OAuth error code, "" when the endpoint did not answer with one
+	Err      error
+}
+
+func (e *Error) Error() string {
+	if e.Code != "" {
+		return fmt.Sprintf("token for endpoint %q: %s", e.Endpoint, e.Code)
+	}
+	return fmt.Sprintf("token for endpoint %q: %v", e.Endpoint, e.Err)
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// ClientCredentials is the token source of one endpoint. Safe for concurrent use.
+type ClientCredentials struct {
+	cfg Config
+
+	mu       sync.Mutex
+	tok      *oauth2.Token
+	fetching chan struct{} // non-nil while one fetch runs; closed when it ends
+	lastErr  error
+	fetches  int
+}
+
+// NewClientCredentials returns the source of cfg. Nothing is fetched until Token.
+func NewClientCredentials(cfg Config) *ClientCredentials {
+	if cfg.HTTPClient == nil {
+		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second}
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &ClientCredentials{cfg: cfg}
+}
+
+// Token returns a valid access token. A cached one is returned at once; within its
+// refresh window one background fetch renews it. Without a valid token the caller waits
+// for the fetch (one at a time for all callers). While the token endpoint fails, a
+// cached token keeps working until it expires.
+func (c *ClientCredentials) Token(ctx context.Context) (string, error) {
+	c.mu.Lock()
+	now := c.cfg.Now()
+	if t := c.tok; t != nil && now.Before(t.Expiry) {
+		if now.After(t.Expiry.Add(-c.refreshBefore(t))) && c.fetching == nil {
+			c.startFetch()
+		}
+		c.mu.Unlock()
+		return t.AccessToken, nil
+	}
+	if c.fetching == nil {
+		c.startFetch()
+	}
+	wait := c.fetching
+	c.mu.Unlock()
+
+	select {
+	case <-wait:
+	case <-ctx.Done():
+		return "", &Error{Endpoint: c.cfg.Endpoint, Err: ctx.Err()}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if t := c.tok; t != nil && c.cfg.Now().Before(t.Expiry) {
+		return t.AccessToken, nil
+	}
+	if c.lastErr == nil {
+		return "", &Error{Endpoint: c.cfg.Endpoint, Err: errors.New("the token endpoint issued a token that had already expired")}
+	}
+	return "", c.lastErr
+}
+
+// Fetches is how many times the token endpoint was asked.
+func (c *ClientCredentials) Fetches() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.fetches
+}
+
+// refreshBefore is the renewal window of t.
+func (c *ClientCredentials) refreshBefore(t *oauth2.Token) time.Duration {
+	if c.cfg.RefreshBefore > 0 {
+		return c.cfg.RefreshBefore
+	}
+	life := t.Expiry.Sub(c.cfg.Now()) // what is left; at fetch time, the lifetime
+	if issued, ok := t.Extra("mcpgate_lifetime").(time.Duration); ok {
+		life = issued
+	}
+	return min(max(life/10, 5*time.Second), 5*time.Minute)
+}
+
+// startFetch starts the one fetch. c.mu is held.
+func (c *ClientCredentials) startFetch() {
+	done := make(chan struct{})
+	c.fetching = done
+	c.fetches++
+	go func() {
+		t, err := c.fetch()
+		c.mu.Lock()
+		if err == nil {
+			c.tok, c.lastErr = t, nil
+		} else {
+			c.lastErr = err
+		}
+		c.fetching = nil
+		c.mu.Unlock()
+		close(done)
+	}()
+}
+
+// fetch asks the token endpoint, with the secret as its file holds it now.
+func (c *ClientCredentials) fetch() (*oauth2.Token, error) {
+	fail := func(err error) (*oauth2.Token, error) {
+		e := &Error{Endpoint: c.cfg.Endpoint, Err: err}
+		var re *oauth2.RetrieveError
+		if errors.As(err, &re) {
+			e.Code = re.ErrorCode
+			if e.Code == "" {
+				e.Err = fmt.Errorf("token endpoint answered HTTP %d", re.Response.StatusCode) // the body may echo secrets
+			}
+		}
+		return nil, e
+	}
+	secret, err := os.ReadFile(c.cfg.SecretFile)
+	if err != nil {
+		return fail(fmt.Errorf("client secret file: %w", err))
+	}
+	params := map[string][]string{}
+	if c.cfg.Audience != "" {
+		params["audience"] = []string{c.cfg.Audience}
+	}
+	if c.cfg.Resource != "" {
+		params["resource"] = []string{c.cfg.Resource}
+	}
+	style := oauth2.AuthStyleInHeader
+	if c.cfg.SecretInBody {
+		style = oauth2.AuthStyleInParams
+	}
+	cc := clientcredentials.Config{
+		ClientID: c.cfg.ClientID, ClientSecret: strings.TrimRight(string(secret), "\r\n"),
+		TokenURL: c.cfg.TokenURL, Scopes: c.cfg.Scopes, EndpointParams: params, AuthStyle: style,
+	}
+	ctx, cancel := context.WithTimeout(context.WithValue(context.Background(), oauth2.HTTPClient, c.cfg.HTTPClient), 15*time.Second)
+	defer cancel()
+	t, err := cc.Token(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	if t.AccessToken == "" || !strings.EqualFold(t.Type(), "bearer") {
+		return fail(fmt.Errorf("token endpoint issued no bearer token"))
+	}
+	// Expiry on our clock: from expires_in when given, else short-lived rather than
+	// forever.
+	expiresIn := t.ExpiresIn
+	if expiresIn == 0 {
+		switch v := t.Extra("expires_in").(type) {
+		case float64:
+			expiresIn = int64(v)
+		case string: // some servers send it quoted
+			_, _ = fmt.Sscan(v, &expiresIn)
+		}
+	}
+	switch {
+	case expiresIn > 0:
+		t.Expiry = c.cfg.Now().Add(time.Duration(expiresIn) * time.Second)
+	case t.Expiry.IsZero():
+		t.Expiry = c.cfg.Now().Add(5 * time.Minute)
+	}
+	return t.WithExtra(map[string]any{"mcpgate_lifetime": t.Expiry.Sub(c.cfg.Now())}), nil
+}
+
+// ConfigOf is the grant an HTTPEndpoint's auth.clientCredentials describes, or false when
+// it has none.
+func ConfigOf(ep *policy.HTTPEndpoint) (Config, bool) {
+	if ep == nil || ep.Auth == nil || ep.Auth.ClientCredentials == nil {
+		return Config{}, false
+	}
+	cc := ep.Auth.ClientCredentials
+	return Config{
+		Endpoint: ep.Name, TokenURL: cc.TokenURL, ClientID: cc.ClientID, SecretFile: cc.ClientSecretFile,
+		Scopes: cc.Scopes, Audience: cc.Audience, Resource: cc.Resource, SecretInBody: cc.AuthMethod == "client_secret_post",
+	}, true
+}
