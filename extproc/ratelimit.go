@@ -115,6 +115,11 @@ func (st *stream) rateLimit(r *Request, now time.Time) (string, time.Duration) {
 			return "rate limit exceeded: limits.perCaller " + rateString(*pc) + " for this caller", wait
 		}
 	}
+	if ps := lim.PerSubject; ps != nil {
+		if ok, wait := st.s.limits.allow(lengthPrefixed(st.app.ID, "subject", rateString(*ps), r.Subject), *ps, now); !ok {
+			return "rate limit exceeded: limits.perSubject " + rateString(*ps) + " for this user", wait
+		}
+	}
 	if r.Method == "tools/call" {
 		for _, tr := range lim.PerTool {
 			if tr.Tool.Match(r.Tool) {

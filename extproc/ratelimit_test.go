@@ -5,6 +5,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -39,5 +42,26 @@ func TestRateLimitFloodKeepsExhaustedCallerLimited(t *testing.T) {
 	later := now.Add(time.Hour)
 	if ok, _ := l.allow("victim", perHour, later); !ok {
 		t.Fatal("an hour later the caller is still limited")
+	}
+}
+
+// limits.perSubject limits each user, whichever App they call through.
+func TestPerSubjectLimit(t *testing.T) {
+	s := newDemoServer(t)
+	lim := &s.store.Current().App("inventory").MCP.Limits
+	lim.PerCaller, lim.PerTool, lim.PerSubject = nil, nil, &policy.RateLimit{N: 2, Per: time.Hour}
+	as := func(sub string) envoyRequest {
+		md := metadata("inventory", "my-agent", "mcp:tools", "inventory:read")
+		md.FilterMetadata[contract.MetadataNamespace].Fields[contract.MetaSubject] = structpb.NewStringValue(sub)
+		return envoyRequest{md: md, body: call(1, "get_inventory", `{"product_id":"SKU-42"}`)}
+	}
+	for i := range 2 {
+		if res := runEnvoy(t, s, as("alice"), envoyUpstream{}); res.immediate != nil {
+			t.Fatalf("alice's call %d limited: %s", i, res.immediate.GetBody())
+		}
+	}
+	requireJSONRPCError(t, runEnvoy(t, s, as("alice"), envoyUpstream{}).immediate, 429, 1, -32001, "limits.perSubject 2/h")
+	if res := runEnvoy(t, s, as("bob"), envoyUpstream{}); res.immediate != nil {
+		t.Fatalf("bob limited by alice's use: %s", res.immediate.GetBody())
 	}
 }

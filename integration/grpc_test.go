@@ -204,10 +204,10 @@ func TestGRPCEndToEnd(t *testing.T) {
 	})
 }
 
-// A per-message limit counts the messages of one stream, not the stream.
+// A per-subject limit counts the messages of one stream, not the stream.
 func TestGRPCPerMessageLimit(t *testing.T) {
 	g := startGRPCMesh(t, func(m *mesh) {
-		replaceInFile(t, filepath.Join(m.dir, "inventory.yaml"), "perCaller: 100/m", "perCaller: 50/m")
+		replaceInFile(t, filepath.Join(m.dir, "inventory.yaml"), "perCaller: 100/m", "perCaller: 100000/m\n      perSubject: 50/m")
 		replaceInFile(t, filepath.Join(m.dir, "inventory.yaml"), "get_inventory: 10/s", "get_inventory: 100000/s")
 	})
 	st, err := g.client.Session(g.rpcCtx(t, g.token(t, nil)))

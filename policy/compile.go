@@ -578,6 +578,14 @@ func (l *loader) compileLimits(d *document, spec LimitsSpec) Limits {
 			lim.PerCaller = &r
 		}
 	}
+	if spec.PerSubject != "" {
+		r, err := ParseRate(string(spec.PerSubject))
+		if err != nil {
+			l.errf(d, p+".perSubject", "%v", err)
+		} else {
+			lim.PerSubject = &r
+		}
+	}
 	for tool, rate := range spec.PerTool {
 		tp := p + ".perTool." + tool
 		g, err := CompileGlob(tool)

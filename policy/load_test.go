@@ -296,6 +296,11 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			want: []string{`name "inventory" is already used by App`},
 		},
 		{
+			name:  "bad perSubject",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "    limits: {perSubject: lots}\n"},
+			want:  []string{`spec.mcp.limits.perSubject:`},
+		},
+		{
 			name: "bad client credentials options",
 			files: map[string]string{"mesh.yaml": meshYAML, "ep.yaml": `apiVersion: mcpgate.dev/v1alpha1
 kind: HTTPEndpoint

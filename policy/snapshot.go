@@ -171,6 +171,7 @@ type Pointer struct {
 type Limits struct {
 	MaxRequestBytes int64
 	PerCaller       *RateLimit
+	PerSubject      *RateLimit
 	PerTool         []ToolRate
 }
 

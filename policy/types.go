@@ -179,9 +179,12 @@ type RedactSpec struct {
 
 // LimitsSpec bounds requests.
 type LimitsSpec struct {
-	MaxRequestBytes int64           `yaml:"maxRequestBytes"`
-	PerCaller       Rate            `yaml:"perCaller"`
-	PerTool         map[string]Rate `yaml:"perTool"`
+	MaxRequestBytes int64 `yaml:"maxRequestBytes"`
+	PerCaller       Rate  `yaml:"perCaller"`
+	// PerSubject limits each user: the verified token's sub, whatever App they call
+	// through; requests without a token share one allowance.
+	PerSubject Rate            `yaml:"perSubject"`
+	PerTool    map[string]Rate `yaml:"perTool"`
 }
 
 // ResiliencySpec is applied by Envoy on the route and cluster of the app.
