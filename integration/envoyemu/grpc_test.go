@@ -14,7 +14,6 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
-	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
@@ -26,7 +25,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
-	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
@@ -102,15 +100,7 @@ func requireGRPCRig(t *testing.T, o grpcRigOptions) *grpcRig {
 		extprocv3.RegisterExternalProcessorServer(g, rg.proc)
 		procAddr = requireGRPC(t, g)
 	}
-	pc := envoy.ExtProc("proc")
-	pc.MessageTimeout = durationpb.New(2 * time.Second)
-	if o.extProc != nil {
-		o.extProc(pc)
-	}
-	procFilter := must(t, func() (*hcmv3.HttpFilter, error) {
-		a, err := envoy.Any(pc)
-		return &hcmv3.HttpFilter{Name: envoy.FilterExtProc, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: a}}, err
-	})
+	procFilter := extProcFilter(t, o.extProc)
 	lis := httpListener(t, "inbound", "0.0.0.0", 15006, nil, procFilter)
 	appAddr := app.Addr()
 	if o.upstream != "" {

@@ -196,15 +196,7 @@ func requireRig(t *testing.T, o rigOptions) *rig {
 	extprocv3.RegisterExternalProcessorServer(g, rg.proc)
 	procAddr := requireGRPC(t, g)
 
-	pc := envoy.ExtProc("proc")
-	pc.MessageTimeout = durationpb.New(2 * time.Second)
-	if o.extProc != nil {
-		o.extProc(pc)
-	}
-	procFilter := must(t, func() (*hcmv3.HttpFilter, error) {
-		a, err := envoy.Any(pc)
-		return &hcmv3.HttpFilter{Name: envoy.FilterExtProc, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: a}}, err
-	})
+	procFilter := extProcFilter(t, o.extProc)
 	lis := httpListener(t, "main", "0.0.0.0", 10000, nil, procFilter)
 	upHost, upPort := splitHostPort(t, rg.upstream.Listener.Addr().String())
 	upCluster, upCLA := mustCluster(t, envoy.ClusterOptions{Name: "upstream", Host: upHost, Port: upPort})
@@ -390,4 +382,19 @@ func getBody(t testing.TB, c *http.Client, url string) (*http.Response, string) 
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	return resp, string(b)
+}
+
+// extProcFilter is the ext_proc filter of the test rigs: cluster "proc", a 2s message
+// timeout, then edit's changes if any.
+func extProcFilter(t testing.TB, edit func(*extprocfilterv3.ExternalProcessor)) *hcmv3.HttpFilter {
+	t.Helper()
+	pc := envoy.ExtProc("proc")
+	pc.MessageTimeout = durationpb.New(2 * time.Second)
+	if edit != nil {
+		edit(pc)
+	}
+	return must(t, func() (*hcmv3.HttpFilter, error) {
+		a, err := envoy.Any(pc)
+		return &hcmv3.HttpFilter{Name: envoy.FilterExtProc, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: a}}, err
+	})
 }
