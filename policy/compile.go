@@ -83,7 +83,7 @@ func (l *loader) compile() *Snapshot {
 		}
 	}
 	for _, d := range byKind[KindHTTPEndpoint] {
-		if ep := l.compileEndpoint(d); ep != nil {
+		if ep := l.compileEndpoint(d, s); ep != nil {
 			s.Endpoints[ep.Name] = ep
 		}
 	}
@@ -646,7 +646,7 @@ func (l *loader) compileResiliency(d *document, spec ResiliencySpec) Resiliency 
 	return r
 }
 
-func (l *loader) compileEndpoint(d *document) *HTTPEndpoint {
+func (l *loader) compileEndpoint(d *document, s *Snapshot) *HTTPEndpoint {
 	spec := d.spec.(*HTTPEndpointSpec)
 	ep := &HTTPEndpoint{
 		Name:      d.meta.Name,
@@ -654,6 +654,9 @@ func (l *loader) compileEndpoint(d *document) *HTTPEndpoint {
 		Headers:   spec.Headers,
 		Auth:      spec.Auth,
 		Source:    fmt.Sprintf("%s:%d", d.file, d.line),
+		// Passthrough is refused below with auth; kept here so the snapshot says what
+		// the file said.
+		Passthrough: spec.Passthrough,
 	}
 	if spec.BaseURL == "" {
 		l.errf(d, "spec.baseUrl", "is required")
@@ -670,41 +673,95 @@ func (l *loader) compileEndpoint(d *document) *HTTPEndpoint {
 			l.errf(d, "spec.headers."+name, "header values must not contain CR, LF or NUL")
 		}
 	}
-	if spec.Auth != nil {
-		cc := spec.Auth.ClientCredentials
-		const p = "spec.auth.clientCredentials"
-		if cc == nil {
-			l.errf(d, "spec.auth", "clientCredentials is required")
-			return ep
+	if spec.Auth == nil {
+		if len(spec.Callers) > 0 {
+			l.errf(d, "spec.callers", "only applies with spec.auth (without it the endpoint holds no credentials to spend)")
 		}
-		if cc.TokenURL == "" {
-			l.errf(d, p+".tokenUrl", "is required")
-		} else if err := checkSecureURL(cc.TokenURL); err != nil {
-			l.errf(d, p+".tokenUrl", "%v", err)
+		return ep
+	}
+	if spec.Passthrough {
+		l.errf(d, "spec.passthrough", "cannot be combined with spec.auth: the upstream gets the token mcpgate acquires, never the agent's")
+	}
+	for name := range spec.Headers {
+		if strings.EqualFold(name, "authorization") {
+			l.errf(d, "spec.headers."+name, "conflicts with spec.auth, which sets Authorization")
 		}
-		if cc.ClientID == "" {
-			l.errf(d, p+".clientId", "is required")
+	}
+	if len(spec.Callers) == 0 {
+		l.errf(d, "spec.callers", "is required with spec.auth: name the App IDs that may call this endpoint with its credentials (\"*\" for every App)")
+	}
+	for i, c := range spec.Callers {
+		switch {
+		case c == "*":
+		case !IsDNSLabel(c):
+			l.errf(d, fmt.Sprintf("spec.callers[%d]", i), "%q is not an App ID", c)
+		case s.Apps[c] == nil:
+			l.errf(d, fmt.Sprintf("spec.callers[%d]", i), "no App %q in the policy", c)
 		}
-		if cc.ClientSecretFile == "" {
-			l.errf(d, p+".clientSecretFile", "is required (the secret is read from a file, never written in the policy)")
+	}
+	ep.Callers = spec.Callers
+	cc, tx := spec.Auth.ClientCredentials, spec.Auth.TokenExchange
+	switch {
+	case cc == nil && tx == nil:
+		l.errf(d, "spec.auth", "one of clientCredentials or tokenExchange is required")
+	case cc != nil && tx != nil:
+		l.errf(d, "spec.auth", "clientCredentials and tokenExchange are exclusive: the upstream gets one token")
+	case cc != nil:
+		l.checkGrant(d, "spec.auth.clientCredentials", grantFields{cc.TokenURL, cc.ClientID, cc.ClientSecretFile, cc.AuthMethod, cc.Resource, cc.Scopes})
+	default:
+		const p = "spec.auth.tokenExchange"
+		l.checkGrant(d, p, grantFields{tx.TokenURL, tx.ClientID, tx.ClientSecretFile, tx.AuthMethod, tx.Resource, tx.Scopes})
+		if tx.Audience == "" && tx.Resource == "" {
+			l.errf(d, p, "audience or resource is required: name the upstream the exchanged token is for")
 		}
-		for i, sc := range cc.Scopes {
-			if !isScopeToken(sc) {
-				l.errf(d, fmt.Sprintf("%s.scopes[%d]", p, i), "%q is not an OAuth scope", sc)
+		if len(tx.SubjectIssuers) == 0 {
+			l.errf(d, p+".subjectIssuers", "is required: name the Mesh issuers the agent's token must verify against")
+		}
+		for i, name := range tx.SubjectIssuers {
+			iss := s.Mesh.Issuers[name]
+			if iss == nil {
+				l.errf(d, fmt.Sprintf("%s.subjectIssuers[%d]", p, i), "issuer %q is not defined in the Mesh", name)
+				continue
 			}
-		}
-		switch cc.AuthMethod {
-		case "", "client_secret_basic", "client_secret_post":
-		default:
-			l.errf(d, p+".authMethod", "must be client_secret_basic or client_secret_post, got %q", cc.AuthMethod)
-		}
-		if cc.Resource != "" {
-			if u, err := url.Parse(cc.Resource); err != nil || !u.IsAbs() || u.Fragment != "" {
-				l.errf(d, p+".resource", "must be an absolute URI without a fragment (RFC 8707), got %q", cc.Resource)
-			}
+			ep.SubjectIssuers = append(ep.SubjectIssuers, iss)
 		}
 	}
 	return ep
+}
+
+// grantFields are what both grants of HTTPEndpoint.spec.auth share.
+type grantFields struct {
+	tokenURL, clientID, secretFile, authMethod, resource string
+	scopes                                               []string
+}
+
+func (l *loader) checkGrant(d *document, p string, g grantFields) {
+	if g.tokenURL == "" {
+		l.errf(d, p+".tokenUrl", "is required")
+	} else if err := checkSecureURL(g.tokenURL); err != nil {
+		l.errf(d, p+".tokenUrl", "%v", err)
+	}
+	if g.clientID == "" {
+		l.errf(d, p+".clientId", "is required")
+	}
+	if g.secretFile == "" {
+		l.errf(d, p+".clientSecretFile", "is required (the secret is read from a file, never written in the policy)")
+	}
+	for i, sc := range g.scopes {
+		if !isScopeToken(sc) {
+			l.errf(d, fmt.Sprintf("%s.scopes[%d]", p, i), "%q is not an OAuth scope", sc)
+		}
+	}
+	switch g.authMethod {
+	case "", "client_secret_basic", "client_secret_post":
+	default:
+		l.errf(d, p+".authMethod", "must be client_secret_basic or client_secret_post, got %q", g.authMethod)
+	}
+	if g.resource != "" {
+		if u, err := url.Parse(g.resource); err != nil || !u.IsAbs() || u.Fragment != "" {
+			l.errf(d, p+".resource", "must be an absolute URI without a fragment (RFC 8707), got %q", g.resource)
+		}
+	}
 }
 
 func (l *loader) compileGateway(d *document, s *Snapshot) *Gateway {

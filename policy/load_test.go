@@ -313,6 +313,67 @@ spec:
 			want: []string{`spec.auth.clientCredentials.authMethod: must be client_secret_basic or client_secret_post, got "private_key_jwt"`, `spec.auth.clientCredentials.resource: must be an absolute URI`},
 		},
 		{
+			name: "endpoint auth without callers, with passthrough and an Authorization header",
+			files: map[string]string{"mesh.yaml": meshYAML, "ep.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: remote}
+spec:
+  baseUrl: "https://x.example.com/mcp"
+  passthrough: true
+  headers: {Authorization: "Bearer x"}
+  auth:
+    clientCredentials: {tokenUrl: "https://idp.example.com/token", clientId: a, clientSecretFile: /s}
+`},
+			want: []string{`ep.yaml:6: spec.passthrough: cannot be combined with spec.auth`, `ep.yaml:7: spec.headers.Authorization: conflicts with spec.auth`,
+				`ep.yaml:5: spec.callers: is required with spec.auth`},
+		},
+		{
+			name: "endpoint callers that are not Apps, and callers without auth",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML, "ep.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: remote}
+spec:
+  baseUrl: "https://x.example.com/mcp"
+  callers: [inventory, nobody, "Bad_ID"]
+  auth:
+    clientCredentials: {tokenUrl: "https://idp.example.com/token", clientId: a, clientSecretFile: /s}
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: plain}
+spec:
+  baseUrl: "https://y.example.com/mcp"
+  callers: [inventory]
+`},
+			want: []string{`spec.callers[1]: no App "nobody" in the policy`, `spec.callers[2]: "Bad_ID" is not an App ID`,
+				`ep.yaml:15: spec.callers: only applies with spec.auth`},
+		},
+		{
+			name: "token exchange options",
+			files: map[string]string{"mesh.yaml": meshYAML, "ep.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: remote}
+spec:
+  baseUrl: "https://x.example.com/mcp"
+  callers: ["*"]
+  auth:
+    tokenExchange: {tokenUrl: "http://idp.example.com/token", clientSecretFile: /s, subjectIssuers: [corp, nope]}
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: both}
+spec:
+  baseUrl: "https://x.example.com/mcp"
+  callers: ["*"]
+  auth:
+    clientCredentials: {tokenUrl: "https://idp.example.com/token", clientId: a, clientSecretFile: /s}
+    tokenExchange: {tokenUrl: "https://idp.example.com/token", clientId: a, clientSecretFile: /s, audience: x, subjectIssuers: [corp]}
+`},
+			want: []string{`spec.auth.tokenExchange.tokenUrl: "http://idp.example.com/token": https is required`, `spec.auth.tokenExchange.clientId: is required`,
+				`spec.auth.tokenExchange: audience or resource is required`, `spec.auth.tokenExchange.subjectIssuers[1]: issuer "nope" is not defined in the Mesh`,
+				`ep.yaml:17: spec.auth: clientCredentials and tokenExchange are exclusive`},
+		},
+		{
 			name:  "bad redaction pointer",
 			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "    responses: {redact: [{tools: [get_customer], pointers: [ssn, /a~2]}]}\n"},
 			want:  []string{`spec.mcp.responses.redact[0].pointers[0]: "ssn" is not a JSON pointer`, `pointers[1]: "/a~2" is not a JSON pointer`},

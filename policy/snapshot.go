@@ -201,7 +201,25 @@ type HTTPEndpoint struct {
 	BaseURL   *url.URL
 	Headers   map[string]string
 	Auth      *HTTPEndpointAuthSpec
-	Source    string
+	// Callers may use Auth's credentials (App IDs, "*" for every App); empty without
+	// Auth.
+	Callers     []string
+	Passthrough bool
+	// SubjectIssuers verify the agent's token before a token exchange
+	// (auth.tokenExchange.subjectIssuers).
+	SubjectIssuers []*Issuer
+	Source         string
+}
+
+// MayUseCredentials reports whether the App appID may call the endpoint with the
+// credentials of its auth.
+func (ep *HTTPEndpoint) MayUseCredentials(appID string) bool {
+	for _, c := range ep.Callers {
+		if c == "*" || c == appID {
+			return true
+		}
+	}
+	return false
 }
 
 // Gateway is an edge listener for callers outside the mesh.

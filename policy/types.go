@@ -204,11 +204,39 @@ type HTTPEndpointSpec struct {
 	BaseURL string                `yaml:"baseUrl"`
 	Headers map[string]string     `yaml:"headers"`
 	Auth    *HTTPEndpointAuthSpec `yaml:"auth"`
+	// Callers are the App IDs whose sidecars may call the endpoint with the credentials
+	// of auth ("*": every App). Required with auth: a token mcpgate acquires is spent
+	// only for the Apps named here.
+	Callers []string `yaml:"callers"`
+	// Passthrough keeps the Authorization header the agent sent. Off by default: the
+	// header is removed before the call leaves the sidecar, because an agent's header
+	// is usually a token someone gave it for another audience, and the MCP
+	// authorization spec forbids passing such tokens through. Not allowed with auth.
+	Passthrough bool `yaml:"passthrough"`
 }
 
-// HTTPEndpointAuthSpec says how mcpgate authenticates to a remote endpoint.
+// HTTPEndpointAuthSpec says how mcpgate authenticates to a remote endpoint: exactly one
+// grant.
 type HTTPEndpointAuthSpec struct {
 	ClientCredentials *ClientCredentialsSpec `yaml:"clientCredentials"`
+	TokenExchange     *TokenExchangeSpec     `yaml:"tokenExchange"`
+}
+
+// TokenExchangeSpec is an OAuth 2.0 token exchange (RFC 8693): the bearer token the agent
+// sends (the signed-in user's, verified against subjectIssuers) is exchanged for a token
+// for the upstream, which gets that token instead. mcpgate authenticates to the token
+// endpoint as a client, like clientCredentials.
+type TokenExchangeSpec struct {
+	TokenURL         string   `yaml:"tokenUrl"`
+	ClientID         string   `yaml:"clientId"`
+	ClientSecretFile string   `yaml:"clientSecretFile"`
+	AuthMethod       string   `yaml:"authMethod"`
+	Scopes           []string `yaml:"scopes"`
+	Audience         string   `yaml:"audience"`
+	Resource         string   `yaml:"resource"`
+	// SubjectIssuers name the Mesh issuers the agent's token must verify against before
+	// it is exchanged.
+	SubjectIssuers []string `yaml:"subjectIssuers"`
 }
 
 // ClientCredentialsSpec is an OAuth 2.0 client credentials grant. The secret is read from

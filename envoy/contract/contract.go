@@ -21,6 +21,16 @@ const (
 	// ContextGateway (string) is the Gateway whose listener the request entered. Written
 	// by xds on gateway routes only; read by extauthz (gateway access rules, decision log).
 	ContextGateway = "gateway"
+	// ContextEndpoint (string) is the HTTPEndpoint of an outbound route whose
+	// credentials mcpgate supplies (HTTPEndpoint.spec.auth). Written by xds on those
+	// routes of an App's outbound listener only; read by extauthz, which answers them
+	// with the upstream's Authorization header instead of an access decision.
+	ContextEndpoint = "endpoint"
+	// ContextSourceAppID (string) is the App whose sidecar's outbound listener the
+	// request entered, next to ContextEndpoint. Written by xds; read by extauthz, which
+	// checks it against the HTTPEndpoint's callers and, when Envoy reaches mcpgate over
+	// mTLS, against the SPIFFE ID of that connection.
+	ContextSourceAppID = "source_app_id"
 )
 
 // MetadataNamespace is the dynamic-metadata namespace Envoy stores an ext_authz

@@ -44,6 +44,8 @@ type Entry struct {
 var Spec = []Entry{
 	{KindContextExtension, "ContextAppID", ContextAppID, TypeString, "xds", "extauthz"},
 	{KindContextExtension, "ContextGateway", ContextGateway, TypeString, "xds", "extauthz"},
+	{KindContextExtension, "ContextEndpoint", ContextEndpoint, TypeString, "xds (outbound routes with credentials)", "extauthz"},
+	{KindContextExtension, "ContextSourceAppID", ContextSourceAppID, TypeString, "xds (outbound routes with credentials)", "extauthz"},
 	{KindHeader, "HeaderDaprAppID", HeaderDaprAppID, TypeString, "MCP clients", "Envoy routes built by xds"},
 	{KindHeaderPrefix, "InternalHeaderPrefix", InternalHeaderPrefix, TypeString, "extauthz, extproc", "extauthz (strips caller copies)"},
 	{KindHeader, "HeaderCallerAppID", HeaderCallerAppID, TypeString, "extauthz", "MCP servers"},
