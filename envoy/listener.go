@@ -76,6 +76,27 @@ func HTTPFilters(authzCluster string) ([]*hcmv3.HttpFilter, error) {
 	return []*hcmv3.HttpFilter{authz, proc, router}, nil
 }
 
+// OutboundFilters is the filter chain of an App's outbound listener when some of its
+// routes reach an HTTPEndpoint whose credentials mcpgate supplies: ext_authz, then the
+// router. ext_authz is on for every route, and xds turns it off (ExtAuthzDisabled) on
+// each route that needs no credentials, so a route xds forgot fails closed rather than
+// open. On the credential routes mcpgate's OK answer sets the upstream's Authorization
+// header and removes what the agent sent (OkHttpResponse.headers and
+// headers_to_remove, applied by the filter before the router picks the upstream).
+// There is no ext_proc: policy is enforced where the call is received (an App's
+// sidecar), or by the remote server.
+func OutboundFilters(authzCluster string) ([]*hcmv3.HttpFilter, error) {
+	authz, err := ExtAuthzFilter(authzCluster)
+	if err != nil {
+		return nil, err
+	}
+	router, err := RouterFilter()
+	if err != nil {
+		return nil, err
+	}
+	return []*hcmv3.HttpFilter{authz, router}, nil
+}
+
 // RouterFilter is the terminal router filter.
 func RouterFilter() (*hcmv3.HttpFilter, error) {
 	return httpFilter(FilterRouter, &routerv3.Router{})

@@ -91,7 +91,10 @@ type ForwardOptions struct {
 	// (ext_proc BUFFERED mode); larger bodies get 413.
 	BodyLimit    uint64
 	HeadersToAdd map[string]string
-	PerFilter    map[string]*anypb.Any
+	// HeadersToRemove are removed by the router, after every filter ran (so a header a
+	// filter set is removed too).
+	HeadersToRemove []string
+	PerFilter       map[string]*anypb.Any
 }
 
 // Forward builds a route to a cluster.
@@ -114,11 +117,12 @@ func Forward(name string, m *routev3.RouteMatch, o ForwardOptions) *routev3.Rout
 		}
 	}
 	r := &routev3.Route{
-		Name:                 name,
-		Match:                m,
-		Action:               &routev3.Route_Route{Route: a},
-		TypedPerFilterConfig: o.PerFilter,
-		RequestHeadersToAdd:  headers(o.HeadersToAdd),
+		Name:                   name,
+		Match:                  m,
+		Action:                 &routev3.Route_Route{Route: a},
+		TypedPerFilterConfig:   o.PerFilter,
+		RequestHeadersToAdd:    headers(o.HeadersToAdd),
+		RequestHeadersToRemove: o.HeadersToRemove,
 	}
 	if o.BodyLimit > 0 {
 		r.RequestBodyBufferLimit = wrapperspb.UInt64(o.BodyLimit)

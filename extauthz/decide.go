@@ -39,7 +39,8 @@ const (
 )
 
 // Decision is the outcome of one Check: everything the response, the decision log and
-// the metrics need. It never holds the token itself.
+// the metrics need. It never holds the caller's token; an outbound decision holds the
+// upstream token it supplies, for the response only.
 type Decision struct {
 	ID      string
 	Allowed bool
@@ -70,6 +71,12 @@ type Decision struct {
 	MCPPath   string
 	// wantClaims: the target has a Rego policy, which may read the token's claims.
 	wantClaims bool
+	// upstreamToken is the token an outbound decision supplies (never logged);
+	// oauthError the token endpoint's error code when it refused; endpointDenial marks
+	// a refused outbound call, whose body names the endpoint.
+	upstreamToken  string
+	oauthError     string
+	endpointDenial bool
 	// pv and rv hold the response values of Principal and of the route, from the
 	// server's caches; nil when the Decision was not made by decide.
 	pv *principalValues
@@ -80,6 +87,8 @@ type Decision struct {
 type request struct {
 	target    string
 	gateway   string
+	endpoint  string // outbound routes with credentials: the HTTPEndpoint
+	sourceApp string // and the App calling it
 	principal string
 	method    string
 	path      string
@@ -100,6 +109,8 @@ func parseRequest(req *authv3.CheckRequest) (*request, error) {
 	r := &request{
 		target:    attrs.GetContextExtensions()[contract.ContextAppID],
 		gateway:   attrs.GetContextExtensions()[contract.ContextGateway],
+		endpoint:  attrs.GetContextExtensions()[contract.ContextEndpoint],
+		sourceApp: attrs.GetContextExtensions()[contract.ContextSourceAppID],
 		principal: attrs.GetSource().GetPrincipal(),
 		method:    httpReq.GetMethod(),
 		requestID: httpReq.GetId(),
@@ -189,6 +200,11 @@ func (s *Server) decide(ctx context.Context, snap *policy.Snapshot, req *authv3.
 	}
 	d.Method, d.Path, d.RequestID, d.Strip, d.Gateway = r.method, r.path, r.requestID, r.strip, r.gateway
 
+	if r.endpoint != "" {
+		d := s.outbound(ctx, snap, r, d)
+		d.endpointDenial = d.endpointDenial || !d.Allowed
+		return d
+	}
 	// The target comes from the route's context extensions, set by our own xDS.
 	if r.target == "" {
 		return d.deny(http.StatusForbidden, ReasonNoTarget, "the route names no target app (context_extensions.app_id)")

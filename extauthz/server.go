@@ -47,6 +47,8 @@ type Server struct {
 	// caller, contribute to a response.
 	principals valueCache[*bearer.Principal, *principalValues]
 	routes     valueCache[routeKey, *routeValues]
+	// sources acquire the tokens of outbound calls to HTTPEndpoints (outbound.go).
+	sources credentialSources
 
 	// Decisions are logged and counted by one background goroutine, off the request
 	// path: encoding a JSON log line and updating histograms cost more than deciding.
@@ -179,6 +181,9 @@ func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration,
 
 // Response renders the decision as Envoy expects it.
 func (d *Decision) Response() *authv3.CheckResponse {
+	if d.upstreamToken != "" && d.Allowed {
+		return d.credentialsResponse()
+	}
 	if d.Allowed {
 		return d.okResponse()
 	}
@@ -296,6 +301,9 @@ type denialBody struct {
 
 func (d *Decision) deniedResponse() *authv3.CheckResponse {
 	body, _ := json.Marshal(denialBody{Error: d.Error, Reason: d.Detail, DecisionID: d.ID})
+	if d.endpointDenial {
+		body = []byte(d.endpointBody())
+	}
 	headers := []*corev3.HeaderValueOption{
 		header("content-type", "application/json"),
 		header(contract.HeaderDecisionID, d.ID),
@@ -304,8 +312,11 @@ func (d *Decision) deniedResponse() *authv3.CheckResponse {
 		headers = append(headers, header("www-authenticate", d.WWWAuthenticate))
 	}
 	code := codes.PermissionDenied
-	if d.Status == 401 {
+	switch d.Status {
+	case 401:
 		code = codes.Unauthenticated
+	case 503:
+		code = codes.Unavailable
 	}
 	return &authv3.CheckResponse{
 		Status: &status.Status{Code: int32(code), Message: d.Reason},

@@ -342,8 +342,10 @@ func TestADSDelta(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(r.Resources) != 4 {
-		t.Fatalf("delta: %d clusters, want 4", len(r.Resources))
+	// mcpgate, app|inventory, sidecar|inventory; not endpoint|github-mcp, which only
+	// my-agent may call (spec.callers).
+	if len(r.Resources) != 3 {
+		t.Fatalf("delta: %d clusters, want 3", len(r.Resources))
 	}
 	// NACK: logged and counted.
 	if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resource.ClusterType, ResponseNonce: r.Nonce,

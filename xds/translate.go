@@ -247,27 +247,25 @@ func (t *translator) inbound(app *policy.App) {
 			t.errf("inbound tls: %w", err)
 		}
 	}
-	t.httpListener(envoy.ListenerOptions{
+	t.policyListener(envoy.ListenerOptions{
 		Name: ListenerInbound, Address: "0.0.0.0", Port: uint32(app.Sidecar.InboundPort),
 		Direction: corev3.TrafficDirection_INBOUND,
-	}, envoy.HCMOptions{StatPrefix: ListenerInbound, RouteConfig: RouteInbound}, true, ts)
+	}, envoy.HCMOptions{StatPrefix: ListenerInbound, RouteConfig: RouteInbound}, ts)
 }
 
-// httpListener adds a listener with one HTTP filter chain; enforce selects the policy
-// filter chain (ext_authz, ext_proc, router) over the router alone.
-func (t *translator) httpListener(lo envoy.ListenerOptions, ho envoy.HCMOptions, enforce bool, ts *corev3.TransportSocket) {
+// policyListener adds a listener whose filter chain enforces policy: ext_authz,
+// ext_proc, router.
+func (t *translator) policyListener(lo envoy.ListenerOptions, ho envoy.HCMOptions, ts *corev3.TransportSocket) {
 	var err error
-	if enforce {
-		ho.Filters, err = envoy.HTTPFilters(ClusterAuthz)
-	} else {
-		var router *hcmv3.HttpFilter
-		router, err = envoy.RouterFilter()
-		ho.Filters = []*hcmv3.HttpFilter{router}
-	}
-	if err != nil {
+	if ho.Filters, err = envoy.HTTPFilters(ClusterAuthz); err != nil {
 		t.errf("listener %s: %w", lo.Name, err)
 		return
 	}
+	t.listener(lo, ho, ts)
+}
+
+// listener adds a listener with one HTTP filter chain of ho.Filters.
+func (t *translator) listener(lo envoy.ListenerOptions, ho envoy.HCMOptions, ts *corev3.TransportSocket) {
 	fc, err := envoy.HTTPFilterChain(lo.Name, envoy.HTTPConnectionManager(ho), ts)
 	if err != nil {
 		t.errf("listener %s: %w", lo.Name, err)
@@ -422,7 +420,11 @@ func (t *translator) notFound() *routev3.Route {
 // outbound is Dapr's service invocation on 127.0.0.1:outboundPort: the app calls
 // /v1.0/invoke/<app-id>/method/<rest>, or any path with dapr-app-id: <app-id>, and its
 // sidecar forwards to the target's sidecar over mTLS (or to an HTTPEndpoint). Policy is
-// enforced by the target's sidecar, so this listener runs the router only.
+// enforced by the target's sidecar, so this listener runs the router only, unless an
+// HTTPEndpoint has auth: then ext_authz runs on that endpoint's routes, where mcpgate
+// supplies the upstream's Authorization header (see envoy.OutboundFilters). On the
+// routes of an HTTPEndpoint without auth, the agent's Authorization header is removed
+// unless spec.passthrough says otherwise.
 //
 // A target serving gRPC MCP is reached as Dapr's gRPC proxying reaches apps: the client
 // dials the outbound port (HTTP/2 cleartext on loopback) with metadata dapr-app-id:
@@ -479,28 +481,75 @@ func (t *translator) outbound(app *policy.App) {
 		invoke = append(invoke, t.invokeRoute(id, "/", fo))
 		byHeader = append(byHeader, t.headerRoute(id, "", fo))
 	}
+	credentials := false
 	for _, name := range sortedKeys(t.snap.Endpoints) {
 		if targets[name] {
 			continue // an App of the same name wins, as its routes come first
 		}
 		ep := t.snap.Endpoints[name]
+		if ep.Auth != nil && !ep.MayUseCredentials(app.ID) {
+			// Not among spec.callers: Envoy answers itself, and nothing reaches the
+			// upstream (without credentials it would only be refused there).
+			body := fmt.Sprintf(`{"error":"access_denied","reason":"App %s may not call HTTPEndpoint %s (spec.callers)"}`, app.ID, name)
+			invoke = append(invoke, envoy.DirectResponse("invoke/"+name, envoy.Prefix("/v1.0/invoke/"+name+"/method/"), 403, "application/json", body, nil))
+			byHeader = append(byHeader, envoy.DirectResponse("header/"+name, envoy.WithHeader(envoy.Prefix("/"), contract.HeaderDaprAppID, name), 403, "application/json", body, nil))
+			continue
+		}
 		fo, ok := t.endpointCluster(ep)
 		if !ok {
 			continue
 		}
 		base := basePath(ep.BaseURL)
+		switch {
+		case ep.Auth != nil:
+			// mcpgate supplies the credentials: ext_authz asks it for the upstream's
+			// Authorization header, naming the endpoint and this App (which mcpgate
+			// checks against spec.callers and the connection's SPIFFE ID).
+			authz, err := envoy.ExtAuthzContext(map[string]string{contract.ContextEndpoint: name, contract.ContextSourceAppID: app.ID})
+			if err != nil {
+				t.errf("endpoint %s: %w", name, err)
+				continue
+			}
+			fo.PerFilter = map[string]*anypb.Any{envoy.FilterExtAuthz: authz}
+			credentials = true
+		case !ep.Passthrough:
+			// No token passthrough: whatever the agent holds was not issued for this
+			// upstream (spec.passthrough: true keeps it).
+			fo.HeadersToRemove = []string{"authorization"}
+		}
 		invoke = append(invoke, t.invokeRoute(name, base, fo))
 		byHeader = append(byHeader, t.headerRoute(name, base, fo))
 	}
 	routes := append(invoke, byHeader...)
 	routes = append(routes, envoy.DirectResponse("not-found", envoy.Prefix("/"), 404, "", "", nil))
+	router, err := envoy.RouterFilter()
+	chain := []*hcmv3.HttpFilter{router}
+	if credentials {
+		// ext_authz runs only on the credential routes; every other route turns it off.
+		t.authzCluster(app.SpiffeID)
+		chain, err = envoy.OutboundFilters(ClusterAuthz)
+		off, offErr := envoy.ExtAuthzDisabled()
+		err = errors.Join(err, offErr)
+		for _, r := range routes {
+			if r.TypedPerFilterConfig[envoy.FilterExtAuthz] == nil {
+				if r.TypedPerFilterConfig == nil {
+					r.TypedPerFilterConfig = map[string]*anypb.Any{}
+				}
+				r.TypedPerFilterConfig[envoy.FilterExtAuthz] = off
+			}
+		}
+	}
+	if err != nil {
+		t.errf("outbound listener: %w", err)
+		return
+	}
 	t.routes = append(t.routes, envoy.RouteConfiguration(RouteOutbound,
 		envoy.VirtualHost(RouteOutbound, []string{"*"}, routes)))
-	t.httpListener(envoy.ListenerOptions{
+	t.listener(envoy.ListenerOptions{
 		// Loopback only: the outbound listener forwards with this app's identity.
 		Name: ListenerOutbound, Address: "127.0.0.1", Port: uint32(app.Sidecar.OutboundPort),
 		Direction: corev3.TrafficDirection_OUTBOUND,
-	}, envoy.HCMOptions{StatPrefix: ListenerOutbound, RouteConfig: RouteOutbound}, false, nil)
+	}, envoy.HCMOptions{StatPrefix: ListenerOutbound, RouteConfig: RouteOutbound, Filters: chain}, nil)
 }
 
 // invokeRoute is /v1.0/invoke/<id>/method/<rest> → <rewrite><rest>.
@@ -623,9 +672,9 @@ func (t *translator) gateway(gw *policy.Gateway) {
 			t.errf("gateway %s tls: %w", gw.Name, err)
 		}
 	}
-	t.httpListener(envoy.ListenerOptions{
+	t.policyListener(envoy.ListenerOptions{
 		Name: name, Address: "0.0.0.0", Port: uint32(gw.Port), Direction: corev3.TrafficDirection_INBOUND,
-	}, envoy.HCMOptions{StatPrefix: "gateway_" + gw.Name, RouteConfig: name, Edge: true}, true, ts)
+	}, envoy.HCMOptions{StatPrefix: "gateway_" + gw.Name, RouteConfig: name, Edge: true}, ts)
 }
 
 // basePath is the path of a base URL with a trailing slash, the prefix its callers'

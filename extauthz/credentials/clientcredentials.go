@@ -70,8 +70,14 @@ type ClientCredentials struct {
 	tok      *oauth2.Token
 	fetching chan struct{} // non-nil while one fetch runs; closed when it ends
 	lastErr  error
+	failedAt time.Time // when lastErr happened
 	fetches  int
 }
+
+// retryAfterFailure is how long a failed fetch is the answer for callers without a valid
+// token, so that an outage or a wrong secret costs the token endpoint one request per
+// interval, not one per call.
+const retryAfterFailure = time.Second
 
 // NewClientCredentials returns the source of cfg. Nothing is fetched until Token.
 func NewClientCredentials(cfg Config) *ClientCredentials {
@@ -99,6 +105,11 @@ func (c *ClientCredentials) Token(ctx context.Context) (string, error) {
 		return t.AccessToken, nil
 	}
 	if c.fetching == nil {
+		if c.lastErr != nil && now.Sub(c.failedAt) < retryAfterFailure {
+			err := c.lastErr
+			c.mu.Unlock()
+			return "", err
+		}
 		c.startFetch()
 	}
 	wait := c.fetching
@@ -150,7 +161,7 @@ func (c *ClientCredentials) startFetch() {
 		if err == nil {
 			c.tok, c.lastErr = t, nil
 		} else {
-			c.lastErr = err
+			c.lastErr, c.failedAt = err, c.cfg.Now()
 		}
 		c.fetching = nil
 		c.mu.Unlock()

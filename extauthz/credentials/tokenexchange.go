@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sync/singleflight"
+
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // Token exchange (RFC 8693): the caller's verified inbound token (the subject token) is
@@ -29,17 +31,18 @@ const (
 )
 
 // ExchangeConfig is one endpoint's token exchange grant. mcpgate authenticates to the
-// token endpoint as a client (client_secret_basic) with the secret from SecretFile.
+// token endpoint as a client with the secret from SecretFile (re-read at every exchange).
 type ExchangeConfig struct {
-	Endpoint   string
-	TokenURL   string
-	ClientID   string
-	SecretFile string
-	Audience   string
-	Resource   string
-	Scopes     []string
-	HTTPClient *http.Client
-	Now        func() time.Time
+	Endpoint     string
+	TokenURL     string
+	ClientID     string
+	SecretFile   string
+	SecretInBody bool // client_secret_post; default client_secret_basic
+	Audience     string
+	Resource     string
+	Scopes       []string
+	HTTPClient   *http.Client
+	Now          func() time.Time
 	// MaxEntries bounds the cache of exchanged tokens (default 10000).
 	MaxEntries int
 }
@@ -114,6 +117,7 @@ func (x *TokenExchange) exchange(subjectToken string, key [32]byte) (string, err
 	if err != nil {
 		return fail("", fmt.Errorf("client secret file: %w", err))
 	}
+	clientSecret := strings.TrimRight(string(secret), "\r\n")
 	form := url.Values{
 		"grant_type":           {GrantTokenExchange},
 		"subject_token":        {subjectToken},
@@ -129,6 +133,10 @@ func (x *TokenExchange) exchange(subjectToken string, key [32]byte) (string, err
 	if len(x.cfg.Scopes) > 0 {
 		form.Set("scope", strings.Join(x.cfg.Scopes, " "))
 	}
+	if x.cfg.SecretInBody {
+		form.Set("client_id", x.cfg.ClientID)
+		form.Set("client_secret", clientSecret)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, x.cfg.TokenURL, strings.NewReader(form.Encode()))
@@ -137,7 +145,9 @@ func (x *TokenExchange) exchange(subjectToken string, key [32]byte) (string, err
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
-	req.SetBasicAuth(url.QueryEscape(x.cfg.ClientID), url.QueryEscape(strings.TrimRight(string(secret), "\r\n"))) // RFC 6749 §2.3.1
+	if !x.cfg.SecretInBody {
+		req.SetBasicAuth(url.QueryEscape(x.cfg.ClientID), url.QueryEscape(clientSecret)) // RFC 6749 §2.3.1
+	}
 	resp, err := x.cfg.HTTPClient.Do(req)
 	if err != nil {
 		return fail("", err)
@@ -194,4 +204,17 @@ func (x *TokenExchange) evict() {
 	if len(x.cache) >= x.cfg.MaxEntries {
 		clear(x.cache)
 	}
+}
+
+// ExchangeConfigOf is the grant an HTTPEndpoint's auth.tokenExchange describes, or false
+// when it has none.
+func ExchangeConfigOf(ep *policy.HTTPEndpoint) (ExchangeConfig, bool) {
+	if ep == nil || ep.Auth == nil || ep.Auth.TokenExchange == nil {
+		return ExchangeConfig{}, false
+	}
+	tx := ep.Auth.TokenExchange
+	return ExchangeConfig{
+		Endpoint: ep.Name, TokenURL: tx.TokenURL, ClientID: tx.ClientID, SecretFile: tx.ClientSecretFile,
+		SecretInBody: tx.AuthMethod == "client_secret_post", Audience: tx.Audience, Resource: tx.Resource, Scopes: tx.Scopes,
+	}, true
 }
