@@ -707,10 +707,24 @@ func (l *loader) compileEndpoint(d *document, s *Snapshot) *HTTPEndpoint {
 	case cc != nil && tx != nil:
 		l.errf(d, "spec.auth", "clientCredentials and tokenExchange are exclusive: the upstream gets one token")
 	case cc != nil:
-		l.checkGrant(d, "spec.auth.clientCredentials", grantFields{cc.TokenURL, cc.ClientID, cc.ClientSecretFile, cc.AuthMethod, cc.Resource, cc.Scopes})
+		const p = "spec.auth.clientCredentials"
+		g := grantFields{cc.TokenURL, cc.ClientID, cc.ClientSecretFile, cc.AuthMethod, cc.Resource, cc.Scopes, "client_secret_basic, client_secret_post or private_key_jwt"}
+		if cc.AuthMethod == "private_key_jwt" {
+			// The key signs a client assertion; there is no secret.
+			g.authMethod, g.secretFile = "", "-"
+			if cc.PrivateKeyFile == "" {
+				l.errf(d, p+".privateKeyFile", "is required with authMethod private_key_jwt")
+			}
+			if cc.ClientSecretFile != "" {
+				l.errf(d, p+".clientSecretFile", "must not be set with authMethod private_key_jwt, which signs with privateKeyFile")
+			}
+		} else if cc.PrivateKeyFile != "" || cc.KeyID != "" {
+			l.errf(d, p+".privateKeyFile", "only applies with authMethod private_key_jwt")
+		}
+		l.checkGrant(d, p, g)
 	default:
 		const p = "spec.auth.tokenExchange"
-		l.checkGrant(d, p, grantFields{tx.TokenURL, tx.ClientID, tx.ClientSecretFile, tx.AuthMethod, tx.Resource, tx.Scopes})
+		l.checkGrant(d, p, grantFields{tx.TokenURL, tx.ClientID, tx.ClientSecretFile, tx.AuthMethod, tx.Resource, tx.Scopes, ""})
 		if tx.Audience == "" && tx.Resource == "" {
 			l.errf(d, p, "audience or resource is required: name the upstream the exchanged token is for")
 		}
@@ -733,6 +747,7 @@ func (l *loader) compileEndpoint(d *document, s *Snapshot) *HTTPEndpoint {
 type grantFields struct {
 	tokenURL, clientID, secretFile, authMethod, resource string
 	scopes                                               []string
+	methods                                              string // the authMethods allowed, for the error
 }
 
 func (l *loader) checkGrant(d *document, p string, g grantFields) {
@@ -755,7 +770,10 @@ func (l *loader) checkGrant(d *document, p string, g grantFields) {
 	switch g.authMethod {
 	case "", "client_secret_basic", "client_secret_post":
 	default:
-		l.errf(d, p+".authMethod", "must be client_secret_basic or client_secret_post, got %q", g.authMethod)
+		if g.methods == "" {
+			g.methods = "client_secret_basic or client_secret_post"
+		}
+		l.errf(d, p+".authMethod", "must be %s, got %q", g.methods, g.authMethod)
 	}
 	if g.resource != "" {
 		if u, err := url.Parse(g.resource); err != nil || !u.IsAbs() || u.Fragment != "" {

@@ -309,8 +309,21 @@ spec:
   baseUrl: "https://x.example.com/mcp"
   auth:
     clientCredentials: {tokenUrl: "https://idp.example.com/token", clientId: a, clientSecretFile: /s, authMethod: private_key_jwt, resource: "not a uri"}
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: remote2}
+spec:
+  baseUrl: "https://x.example.com/mcp"
+  callers: ["*"]
+  auth:
+    clientCredentials: {tokenUrl: "https://idp.example.com/token", clientId: a, clientSecretFile: /s, authMethod: tls_client_auth, privateKeyFile: /k}
 `},
-			want: []string{`spec.auth.clientCredentials.authMethod: must be client_secret_basic or client_secret_post, got "private_key_jwt"`, `spec.auth.clientCredentials.resource: must be an absolute URI`},
+			want: []string{`spec.auth.clientCredentials.privateKeyFile: is required with authMethod private_key_jwt`,
+				`spec.auth.clientCredentials.clientSecretFile: must not be set with authMethod private_key_jwt`,
+				`spec.auth.clientCredentials.resource: must be an absolute URI`,
+				`spec.auth.clientCredentials.privateKeyFile: only applies with authMethod private_key_jwt`,
+				`spec.auth.clientCredentials.authMethod: must be client_secret_basic, client_secret_post or private_key_jwt, got "tls_client_auth"`},
 		},
 		{
 			name: "endpoint auth without callers, with passthrough and an Authorization header",

@@ -247,8 +247,13 @@ type ClientCredentialsSpec struct {
 	ClientSecretFile string   `yaml:"clientSecretFile"`
 	Scopes           []string `yaml:"scopes"`
 	// AuthMethod is how the client authenticates to the token endpoint:
-	// client_secret_basic (default) or client_secret_post.
+	// client_secret_basic (default), client_secret_post, or private_key_jwt (RFC 7523:
+	// a client assertion signed with privateKeyFile instead of a secret).
 	AuthMethod string `yaml:"authMethod"`
+	// PrivateKeyFile is the PEM RSA or EC key of private_key_jwt, re-read at every
+	// fetch; KeyID its kid, as registered with the authorization server.
+	PrivateKeyFile string `yaml:"privateKeyFile"`
+	KeyID          string `yaml:"keyId"`
 	// Audience and Resource (RFC 8707) name the upstream the token is for, as the
 	// authorization server expects.
 	Audience string `yaml:"audience"`

@@ -11,6 +11,8 @@ package credentials
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
@@ -19,6 +21,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lestrrat-go/jwx/v3/jwa"
+	"github.com/lestrrat-go/jwx/v3/jwk"
+	"github.com/lestrrat-go/jwx/v3/jwt"
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
 
@@ -36,6 +41,11 @@ type Config struct {
 	Audience     string // sent as "audience" when set
 	Resource     string // RFC 8707 "resource" when set
 	SecretInBody bool   // client_secret_post; default client_secret_basic
+	// PrivateKeyFile, when set, is private_key_jwt client authentication (RFC 7523 §2.2,
+	// OpenID Connect Core §9): a PEM RSA or EC key, re-read at every fetch, signing a
+	// fresh client assertion; SecretFile is then unused. KeyID is the assertion's kid.
+	PrivateKeyFile string
+	KeyID          string
 	// HTTPClient fetches tokens (default: a client with a 10s timeout).
 	HTTPClient *http.Client
 	// RefreshBefore is how long before expiry a token is renewed (default: a tenth of
@@ -182,20 +192,32 @@ func (c *ClientCredentials) fetch() (*oauth2.Token, error) {
 		}
 		return nil, e
 	}
-	secret, err := os.ReadFile(c.cfg.SecretFile)
-	if err != nil {
-		return fail(fmt.Errorf("client secret file: %w", err))
-	}
 	params := map[string][]string{}
+	var secret []byte
+	style := oauth2.AuthStyleInHeader
+	if c.cfg.PrivateKeyFile != "" {
+		assertion, err := c.clientAssertion()
+		if err != nil {
+			return fail(err)
+		}
+		// x/oauth2 sends client_id in the form and no client_secret when it is empty.
+		style = oauth2.AuthStyleInParams
+		params["client_assertion_type"] = []string{clientAssertionType}
+		params["client_assertion"] = []string{assertion}
+	} else {
+		var err error
+		if secret, err = os.ReadFile(c.cfg.SecretFile); err != nil {
+			return fail(fmt.Errorf("client secret file: %w", err))
+		}
+		if c.cfg.SecretInBody {
+			style = oauth2.AuthStyleInParams
+		}
+	}
 	if c.cfg.Audience != "" {
 		params["audience"] = []string{c.cfg.Audience}
 	}
 	if c.cfg.Resource != "" {
 		params["resource"] = []string{c.cfg.Resource}
-	}
-	style := oauth2.AuthStyleInHeader
-	if c.cfg.SecretInBody {
-		style = oauth2.AuthStyleInParams
 	}
 	cc := clientcredentials.Config{
 		ClientID: c.cfg.ClientID, ClientSecret: strings.TrimRight(string(secret), "\r\n"),
@@ -230,6 +252,46 @@ func (c *ClientCredentials) fetch() (*oauth2.Token, error) {
 	return t.WithExtra(map[string]any{"mcpgate_lifetime": t.Expiry.Sub(c.cfg.Now())}), nil
 }
 
+// clientAssertionType is RFC 7523 §2.2's client_assertion_type.
+const clientAssertionType = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+// clientAssertion signs the JWT of private_key_jwt: iss and sub the client id, aud the
+// token endpoint, a unique jti, one minute of validity (RFC 7523 §3).
+func (c *ClientCredentials) clientAssertion() (string, error) {
+	pemBytes, err := os.ReadFile(c.cfg.PrivateKeyFile)
+	if err != nil {
+		return "", fmt.Errorf("private key file: %w", err)
+	}
+	key, err := jwk.ParseKey(pemBytes, jwk.WithPEM(true))
+	if err != nil {
+		return "", fmt.Errorf("private key file %s: not a PEM private key", c.cfg.PrivateKeyFile) // never quote the key
+	}
+	alg := jwa.RS256()
+	if _, ok := key.(jwk.ECDSAPrivateKey); ok {
+		alg = jwa.ES256()
+	}
+	if c.cfg.KeyID != "" {
+		if err := key.Set(jwk.KeyIDKey, c.cfg.KeyID); err != nil {
+			return "", err
+		}
+	}
+	var jti [16]byte
+	if _, err := rand.Read(jti[:]); err != nil {
+		return "", err
+	}
+	now := c.cfg.Now()
+	tok, err := jwt.NewBuilder().Issuer(c.cfg.ClientID).Subject(c.cfg.ClientID).Audience([]string{c.cfg.TokenURL}).
+		JwtID(hex.EncodeToString(jti[:])).IssuedAt(now).Expiration(now.Add(time.Minute)).Build()
+	if err != nil {
+		return "", err
+	}
+	signed, err := jwt.Sign(tok, jwt.WithKey(alg, key))
+	if err != nil {
+		return "", fmt.Errorf("sign the client assertion: %w", err)
+	}
+	return string(signed), nil
+}
+
 // ConfigOf is the grant an HTTPEndpoint's auth.clientCredentials describes, or false when
 // it has none.
 func ConfigOf(ep *policy.HTTPEndpoint) (Config, bool) {
@@ -240,5 +302,6 @@ func ConfigOf(ep *policy.HTTPEndpoint) (Config, bool) {
 	return Config{
 		Endpoint: ep.Name, TokenURL: cc.TokenURL, ClientID: cc.ClientID, SecretFile: cc.ClientSecretFile,
 		Scopes: cc.Scopes, Audience: cc.Audience, Resource: cc.Resource, SecretInBody: cc.AuthMethod == "client_secret_post",
+		PrivateKeyFile: cc.PrivateKeyFile, KeyID: cc.KeyID,
 	}, true
 }
