@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
 )
@@ -18,7 +19,8 @@ var decisionInMessage = regexp.MustCompile(`\(decision ([0-9a-f]{12})[0-9a-f]*\)
 // TestDemoMesh is the second half of `make demo`: an agent's MCP session through both
 // sidecars, as a person would watch it. It asserts each outcome as it narrates it.
 func TestDemoMesh(t *testing.T) {
-	m := startMesh(t)
+	om := startOutboundMesh(t, time.Hour)
+	m := om.mesh
 	s := m.connect(t, m.invokeURL, map[string]string{"Authorization": m.token(t, nil)})
 	var out strings.Builder
 	fmt.Fprintf(&out, "my-agent's MCP client (official Go SDK) → my-agent's sidecar at /v1.0/invoke/inventory/method/mcp\n")
@@ -126,6 +128,24 @@ func TestDemoMesh(t *testing.T) {
 		t.Fatalf("no token: %d", resp.StatusCode)
 	}
 	line("initialize, no token", "HTTP 401", "WWW-Authenticate: "+resp.Header.Get("WWW-Authenticate"))
+
+	// The remote MCP server github-mcp (an HTTPEndpoint; here a stand-in on loopback
+	// that requires a token for its own audience). my-agent sends no credentials.
+	fmt.Fprintf(&out, "\nmy-agent's MCP client → my-agent's sidecar at /v1.0/invoke/github-mcp/method/ → github-mcp (remote, official Go SDK,\n")
+	fmt.Fprintf(&out, "  requires a token for %s). my-agent holds no secret and sends no Authorization header.\n\n", githubAudience)
+	for range 2 {
+		got := whoami(t, om.githubURL, nil)
+		if !strings.Contains(got, "sub=mcpgate-github") || !strings.Contains(got, "aud="+githubAudience) {
+			t.Fatalf("github-mcp saw %q", got)
+		}
+		line("github-mcp whoami", "ALLOWED", "the server saw "+got)
+	}
+	reqs := om.as.Requests()
+	if n := om.as.Count("client_credentials"); n != 1 || len(reqs) != 1 {
+		t.Fatalf("%d tokens issued, %d token requests", n, len(reqs))
+	}
+	fmt.Fprintf(&out, "      token acquired by the sidecar's mcpgate: 1 client_credentials request (client_id %s, audience %s)\n", reqs[0].ClientID, reqs[0].Audience)
+	fmt.Fprintf(&out, "      for %d requests github-mcp received, each with Authorization: Bearer <that token>\n", len(om.github.Authorizations()))
 
 	fmt.Printf("=== TRANSCRIPT (an agent session through the sidecars)\n%s=== END\n", out.String())
 }

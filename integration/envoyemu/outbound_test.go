@@ -1,0 +1,221 @@
+package envoyemu
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"google.golang.org/grpc"
+
+	"github.com/mcpgate/mcpgate/extauthz"
+	"github.com/mcpgate/mcpgate/extauthz/bearer"
+	"github.com/mcpgate/mcpgate/integration/idp"
+	"github.com/mcpgate/mcpgate/policy"
+	"github.com/mcpgate/mcpgate/xds"
+)
+
+// outboundEnv is an agent's sidecar (emulated) programmed by mcpgate in process (xDS
+// and ext_authz), two HTTPEndpoints on one upstream — "plain" without auth, "tokened"
+// with client credentials from a real OAuth 2.0 server — and the upstream recording
+// the Authorization header of every request.
+type outboundEnv struct {
+	as       *idp.Server
+	outbound string // the sidecar's outbound listener
+
+	mu    sync.Mutex
+	auths []string
+}
+
+const outboundEnvPolicy = `apiVersion: mcpgate.dev/v1alpha1
+kind: Mesh
+metadata: {name: default}
+spec:
+  trustDomain: example.org
+  mtls: disabled
+  authz: {address: "mcpgate:9001"}
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: App
+metadata: {name: my-agent}
+spec:
+  sidecar: {address: 127.0.0.1, inboundPort: 15006, outboundPort: 3500}
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: plain}
+spec:
+  baseUrl: http://UPSTREAM/api/
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: HTTPEndpoint
+metadata: {name: tokened}
+spec:
+  baseUrl: http://UPSTREAM/api/
+  headers: {x-tenant: acme}
+  callers: [my-agent]
+  auth:
+    clientCredentials: {tokenUrl: TOKEN_URL, clientId: agent-sidecar, clientSecretFile: SECRET_FILE, audience: "https://upstream.example.com"}
+`
+
+func requireOutboundEnv(t testing.TB) *outboundEnv {
+	t.Helper()
+	env := &outboundEnv{}
+	env.as = idp.Start(t, idp.Client{ID: "agent-sidecar", Secret: "sidecar-secret", Audiences: []string{"https://upstream.example.com"}})
+	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		env.mu.Lock()
+		env.auths = append(env.auths, r.Header.Get("Authorization")+"|"+r.Header.Get("X-Tenant"))
+		env.mu.Unlock()
+		_, _ = io.WriteString(w, "ok "+r.URL.Path)
+	})}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = up.Serve(lis) }()
+	t.Cleanup(func() { _ = up.Close() })
+
+	dir := t.TempDir()
+	secret := filepath.Join(dir, "secret")
+	if err := os.WriteFile(secret, []byte("sidecar-secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pol := strings.NewReplacer("UPSTREAM", lis.Addr().String(), "TOKEN_URL", env.as.TokenURL(), "SECRET_FILE", secret).Replace(outboundEnvPolicy)
+	if err := os.WriteFile(filepath.Join(dir, "policy.yaml"), []byte(pol), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := policy.LoadDir(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := policy.NewStore(snap)
+	ctx, cancel := context.WithCancel(context.Background())
+	x, err := xds.NewServer(ctx, xds.Options{Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	authz, err := extauthz.NewServer(extauthz.Options{Store: store, Verifier: bearer.NewVerifier(bearer.Options{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(extauthz.ServerOptions()...)
+	x.Register(g)
+	authv3.RegisterAuthorizationServer(g, authz)
+	grpcAddr := requireGRPC(t, g)
+	done := make(chan struct{})
+	go func() { _ = x.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); g.Stop(); <-done; authz.Close() })
+
+	emu := requireEmulator(t, Options{XDSAddress: grpcAddr, NodeCluster: "my-agent", NodeID: "my-agent-1",
+		Resolve: func(host string, port uint32) string {
+			if host == "mcpgate" {
+				return grpcAddr
+			}
+			return net.JoinHostPort(host, strconv.Itoa(int(port)))
+		}})
+	env.outbound = emu.Listener("outbound")
+	if env.outbound == "" {
+		t.Fatal("outbound listener not bound")
+	}
+	return env
+}
+
+func (env *outboundEnv) call(t testing.TB, c *http.Client, endpoint, auth string) (int, string) {
+	req, err := http.NewRequest(http.MethodGet, "http://"+env.outbound+"/v1.0/invoke/"+endpoint+"/method/tools", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func (env *outboundEnv) lastAuth() string {
+	env.mu.Lock()
+	defer env.mu.Unlock()
+	if len(env.auths) == 0 {
+		return "(none)"
+	}
+	return env.auths[len(env.auths)-1]
+}
+
+// TestOutboundCredentialInjection: the emulated sidecar applies mcpgate's OK answer as
+// Envoy's ext_authz filter does (the Authorization header overwritten before the router
+// forwards), the route's spec.headers are added, and on the route without auth the
+// router removes the agent's header (request_headers_to_remove).
+func TestOutboundCredentialInjection(t *testing.T) {
+	env := requireOutboundEnv(t)
+	c := &http.Client{Timeout: 10 * time.Second}
+	code, body := env.call(t, c, "tokened", "Bearer agent-token")
+	if code != 200 || body != "ok /api/tools" {
+		t.Fatalf("tokened: %d %q", code, body)
+	}
+	got := env.lastAuth()
+	if !strings.HasPrefix(got, "Bearer ey") || strings.Contains(got, "agent-token") || !strings.HasSuffix(got, "|acme") {
+		t.Fatalf("upstream got %q, want the acquired token and x-tenant", got)
+	}
+	if code, _ := env.call(t, c, "plain", "Bearer agent-token"); code != 200 || env.lastAuth() != "|" {
+		t.Fatalf("plain: %d, upstream got %q, want no Authorization", code, env.lastAuth())
+	}
+	if n := env.as.Count("client_credentials"); n != 1 {
+		t.Errorf("%d tokens issued, want 1", n)
+	}
+}
+
+// BenchmarkOutboundCredentials is the cost of credentials on the outbound path: the
+// same request through the emulated sidecar to one upstream, on a route without auth
+// and on one whose cached token mcpgate supplies, alternating so both see the same
+// machine noise. added-p50-µs is the difference of the p50s (issue 13: ≤ 50 µs).
+func BenchmarkOutboundCredentials(b *testing.B) {
+	env := requireOutboundEnv(b)
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
+	for _, ep := range []string{"plain", "tokened"} {
+		if code, body := env.call(b, c, ep, ""); code != 200 { // warm connections and the token cache
+			b.Fatalf("%s: %d %s", ep, code, body)
+		}
+	}
+	timed := func(ep string) time.Duration {
+		t0 := time.Now()
+		if code, _ := env.call(b, c, ep, ""); code != 200 {
+			b.Fatalf("%s: %d", ep, code)
+		}
+		return time.Since(t0)
+	}
+	var plain, tokened []time.Duration
+	i := 0
+	for b.Loop() {
+		if i%2 == 0 {
+			plain, tokened = append(plain, timed("plain")), append(tokened, timed("tokened"))
+		} else {
+			tokened, plain = append(tokened, timed("tokened")), append(plain, timed("plain"))
+		}
+		i++
+	}
+	p50 := func(d []time.Duration) time.Duration {
+		sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+		return d[len(d)/2]
+	}
+	pp, pt := p50(plain), p50(tokened)
+	b.ReportMetric(float64(pp.Nanoseconds())/1e3, "no-auth-p50-µs")
+	b.ReportMetric(float64(pt.Nanoseconds())/1e3, "auth-p50-µs")
+	b.ReportMetric(float64((pt-pp).Nanoseconds())/1e3, "added-p50-µs")
+	if n := env.as.Count("client_credentials"); n != 1 {
+		b.Errorf("%d tokens issued during the benchmark, want 1", n)
+	}
+}
