@@ -234,6 +234,7 @@ func (s *storage) SetUserinfoFromToken(context.Context, *oidc.UserInfo, string, 
 func (s *storage) SetIntrospectionFromToken(context.Context, *oidc.IntrospectionResponse, string, string, string) error {
 	return errUnsupported
 }
+
 // GetPrivateClaimsFromScopes puts the granted scopes in the token as "scope" (RFC 9068
 // §2.2.3), which zitadel leaves to storage.
 func (s *storage) GetPrivateClaimsFromScopes(_ context.Context, _, _ string, scopes []string) (map[string]any, error) {
