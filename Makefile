@@ -33,7 +33,7 @@ build: ## Build bin/mcpgate and bin/mcpgate-demo (the compose demo's server, iss
 	go build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/mcpgate ./cmd/mcpgate
 	go build -trimpath -o $(BIN)/mcpgate-demo ./cmd/mcpgate-demo
 
-test: ## Unit, loopback and end-to-end tests, with the race detector
+test: redis ## Unit, loopback and end-to-end tests, with the race detector
 	go test -race -count=1 ./...
 	$(MAKE) test-integration
 
@@ -150,3 +150,21 @@ $(BIN)/spire-%-$(SPIRE_VERSION):
 	@mkdir -p $(BIN)
 	cd integration/tools/spire && go build -o $@.tmp github.com/spiffe/spire/cmd/spire-$*
 	mv $@.tmp $@
+
+# redis-server for the shared rate limit's tests (extproc/ratelimit starts a real one on a
+# loopback port through integration/redistest). The Debian package, installed only when
+# missing, as root or with passwordless sudo; its postinst may start the system service
+# (on 6379), which the tests do not use, so it is stopped again.
+.PHONY: redis
+redis: ## Install redis-server (Debian package) for the rate-limit tests, if missing
+	@if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then \
+	  SUDO=; \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    sudo -n true 2>/dev/null || { echo "make redis: need root or passwordless sudo to install redis-server" >&2; exit 1; }; \
+	    SUDO=sudo; \
+	  fi; \
+	  $$SUDO apt-get update; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; \
+	  $$SUDO service redis-server stop >/dev/null 2>&1 || true; \
+	fi
+	@"$$(command -v redis-server || echo /usr/bin/redis-server)" --version

@@ -1,0 +1,274 @@
+// Package ratelimit is the shared store of mcpgate's rate limits: buckets in Redis, so
+// that N replicas behind one Service admit N requests per period between them, not N
+// times as many.
+//
+// The algorithm is GCRA, the generic cell rate algorithm (ITU-T I.371's virtual
+// scheduling; the token bucket seen from its arrival times): each key holds one number,
+// the theoretical arrival time (TAT) at which the bucket is full again. A decision is one
+// Lua script, run atomically by Redis: no read-modify-write race between replicas, and
+// one round trip however many limits a call must pass. Time is Redis's own clock (TIME),
+// never a replica's, so replicas with skewed clocks agree.
+package ratelimit
+
+import (
+	"context"
+	"crypto/tls"
+	_ "embed"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
+)
+
+// Defaults of Options.
+const (
+	// DefaultTimeout bounds one decision. A rate-limit check sits on the path of every
+	// MCP call: a Redis that is slow or gone must cost little before the caller's
+	// failure mode decides, and loopback or same-zone Redis answers in well under 1ms.
+	DefaultTimeout = 50 * time.Millisecond
+	// DefaultKeyPrefix starts every key, so the buckets can share a Redis with other data.
+	DefaultKeyPrefix = "mcpgate:rl:"
+)
+
+// maxTolerance bounds a bucket's burst tolerance (Per/N × Burst, in microseconds) so that
+// TAT = now + tolerance, about 1.8e15 µs + 1.1e15 µs today, stays a whole number that
+// Lua's doubles hold exactly (under 2^53 ≈ 9e15). 2^50 µs is about 35 years.
+const maxTolerance = 1 << 50
+
+// ErrInvalidLimit is returned for a Limit that is not a rate (N or Per not positive, a
+// negative Burst, a tolerance beyond 35 years); no request is sent to Redis.
+var ErrInvalidLimit = errors.New("ratelimit: invalid limit")
+
+// Limit is N requests per Per, with Burst requests allowed at once (Burst 0 means N).
+//
+// The emission interval Per/N is kept in whole microseconds, rounded up: a limit never
+// admits more than N per Per, and at most 1µs per request fewer (a limit above a million
+// per second admits one per microsecond).
+type Limit struct {
+	N     int
+	Per   time.Duration
+	Burst int
+}
+
+// Request is one bucket that a call must pass: its key (any bytes; the store prefixes
+// it) and its limit. The same key with another Limit is the same bucket: GCRA's state is
+// a time, which stays meaningful when the rate changes.
+type Request struct {
+	Key   string
+	Limit Limit
+}
+
+// Result of one decision on one bucket.
+type Result struct {
+	// Allowed is this bucket's verdict. In AllowN the call was admitted, and a request
+	// taken from every bucket, only if every Result is Allowed.
+	Allowed bool
+	// Remaining is the requests still allowed right now: after this one when the call
+	// was admitted, as the bucket stands (nothing spent) when it was refused.
+	Remaining int
+	// RetryAfter, when this bucket refused, is the time until it allows one request; 0
+	// when it allowed.
+	RetryAfter time.Duration
+	// ResetAfter is the time until the bucket is full again (the reset of the IETF
+	// RateLimit header fields draft).
+	ResetAfter time.Duration
+}
+
+// Options configure the Redis store.
+type Options struct {
+	Address  string        // host:port, or unix:///path/to.sock
+	Password string        // "" none (read from a file by the caller)
+	DB       int           // the database number (SELECT)
+	TLS      *tls.Config   // nil: plaintext
+	Timeout  time.Duration // bounds each decision (dial, read, write); 0: DefaultTimeout
+	// KeyPrefix starts every key; "": DefaultKeyPrefix.
+	KeyPrefix string
+}
+
+// Redis is the shared store, over one go-redis connection pool. It is safe for
+// concurrent use, dials lazily and reconnects by itself after Redis comes back.
+type Redis struct {
+	c       *redis.Client
+	addr    string // Options.Address, for errors (never the password)
+	timeout time.Duration
+	prefix  string
+}
+
+// NewRedis returns the store that o describes. It does not dial: the first decision
+// does, and a Redis that is down at start is an error of each decision, not of startup.
+func NewRedis(o Options) (*Redis, error) {
+	if o.Address == "" {
+		return nil, errors.New("ratelimit: redis address is empty")
+	}
+	if o.DB < 0 {
+		return nil, fmt.Errorf("ratelimit: redis %s: database %d is negative", o.Address, o.DB)
+	}
+	if o.Timeout < 0 {
+		return nil, fmt.Errorf("ratelimit: redis %s: timeout %s is negative", o.Address, o.Timeout)
+	}
+	if o.Timeout == 0 {
+		o.Timeout = DefaultTimeout
+	}
+	if o.KeyPrefix == "" {
+		o.KeyPrefix = DefaultKeyPrefix
+	}
+	network, addr := "tcp", o.Address
+	if rest, ok := strings.CutPrefix(o.Address, "unix://"); ok {
+		network, addr = "unix", rest
+		if addr == "" {
+			return nil, fmt.Errorf("ratelimit: redis %s: no socket path", o.Address)
+		}
+	}
+	c := redis.NewClient(&redis.Options{
+		Network:   network,
+		Addr:      addr,
+		Password:  o.Password,
+		DB:        o.DB,
+		TLSConfig: o.TLS,
+
+		// Every step is bounded by the one timeout, and the caller's context deadline
+		// too when it is earlier (ContextTimeoutEnabled), so a decision never takes
+		// longer than Timeout.
+		DialTimeout:           o.Timeout,
+		ReadTimeout:           o.Timeout,
+		WriteTimeout:          o.Timeout,
+		PoolTimeout:           o.Timeout,
+		ContextTimeoutEnabled: true,
+		// One dial per attempt: go-redis's default retries a failed dial 5 times, 100ms
+		// apart, which a 50ms budget cannot use. A refused dial then fails at once.
+		DialerRetries: 1,
+		// No command retries: a script that ran but whose reply was lost would spend
+		// twice, and the budget is one attempt anyway. (Script.Run's EVAL after NOSCRIPT
+		// is not a retry: the EVALSHA ran nothing.)
+		MaxRetries: -1,
+
+		// RESP2: the script's reply is a flat array of integers, and RESP3's push
+		// notifications, client-side caching and maintenance notifications are not used
+		// here; disabling them keeps each new connection's handshake to HELLO (and
+		// SELECT), with no CLIENT SETINFO, which Redis before 7.2 rejects anyway.
+		Protocol:                 2,
+		DisableIdentity:          true,
+		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
+	})
+	return &Redis{c: c, addr: o.Address, timeout: o.Timeout, prefix: o.KeyPrefix}, nil
+}
+
+// gcraSource is the decision script, kept in its own file to be read as Lua.
+//
+//go:embed gcra.lua
+var gcraSource string
+
+// gcraScript decides one call over several buckets: KEYS are the buckets, ARGV holds
+// each bucket's emission interval and burst tolerance in microseconds. If every bucket
+// allows one more request it takes one from each (and sets each key to expire when its
+// bucket is full again); otherwise it changes nothing. It answers {allowed, then per key:
+// allowed, remaining, retry µs, reset µs}.
+var gcraScript = redis.NewScript(gcraSource)
+
+// Allow takes one request from the bucket key under l, if it allows one, in one round
+// trip (EVALSHA; EVAL once after Redis lost its script cache, as on a restart).
+func (r *Redis) Allow(ctx context.Context, key string, l Limit) (Result, error) {
+	res, err := r.AllowN(ctx, []Request{{Key: key, Limit: l}})
+	if err != nil {
+		return Result{}, err
+	}
+	return res[0], nil
+}
+
+// AllowN decides one call that must pass every bucket of reqs (say per caller, per tool
+// and per subject) in one round trip: one script over all the keys, which takes a
+// request from every bucket only if all of them allow it, so a call refused by one limit
+// spends none of the others. The results are in the order of reqs. A key given twice is
+// two requests from one bucket. No reqs: no round trip, no results.
+//
+// All keys of one call must live on one Redis node (a standalone Redis, or a primary of
+// Sentinel): Redis Cluster would refuse the script with CROSSSLOT.
+func (r *Redis) AllowN(ctx context.Context, reqs []Request) ([]Result, error) {
+	if len(reqs) == 0 {
+		return nil, nil
+	}
+	keys := make([]string, len(reqs))
+	args := make([]any, 0, 2*len(reqs))
+	for i, q := range reqs {
+		interval, tolerance, err := q.Limit.gcra()
+		if err != nil {
+			return nil, fmt.Errorf("request %d: %w", i, err)
+		}
+		// Redis keys are binary safe and go to the script as KEYS, never spliced into
+		// its source or a command line, so any bytes are fine after the prefix.
+		keys[i] = r.prefix + q.Key
+		args = append(args, interval, tolerance)
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	v, err := gcraScript.Run(ctx, r.c, keys, args...).Int64Slice()
+	if err != nil {
+		return nil, r.wrap(err)
+	}
+	if len(v) != 1+4*len(reqs) {
+		return nil, fmt.Errorf("redis %s: the rate-limit script answered %d values for %d keys", r.addr, len(v), len(reqs))
+	}
+	out := make([]Result, len(reqs))
+	for i := range out {
+		f := v[1+4*i:]
+		out[i] = Result{
+			Allowed:    f[0] == 1,
+			Remaining:  int(f[1]),
+			RetryAfter: time.Duration(f[2]) * time.Microsecond,
+			ResetAfter: time.Duration(f[3]) * time.Microsecond,
+		}
+	}
+	return out, nil
+}
+
+// gcra is l's emission interval (Per/N rounded up) and burst tolerance (interval ×
+// burst), in microseconds.
+func (l Limit) gcra() (interval, tolerance int64, err error) {
+	if l.N <= 0 || l.Per <= 0 || l.Burst < 0 {
+		return 0, 0, fmt.Errorf("%w: %d per %s, burst %d", ErrInvalidLimit, l.N, l.Per, l.Burst)
+	}
+	burst := int64(l.Burst)
+	if burst == 0 {
+		burst = int64(l.N)
+	}
+	if int64(l.N) > math.MaxInt64/1000 {
+		return 0, 0, fmt.Errorf("%w: %d per %s is over a million per microsecond", ErrInvalidLimit, l.N, l.Per)
+	}
+	unit := int64(l.N) * 1000 // ns per µs, times N
+	interval = l.Per.Nanoseconds() / unit
+	if l.Per.Nanoseconds()%unit != 0 {
+		interval++
+	}
+	if burst > maxTolerance/interval {
+		return 0, 0, fmt.Errorf("%w: %d per %s with burst %d lets a bucket hold over 35 years", ErrInvalidLimit, l.N, l.Per, burst)
+	}
+	return interval, interval * burst, nil
+}
+
+// Ping checks that Redis answers within the timeout (for readiness).
+func (r *Redis) Ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	if err := r.c.Ping(ctx).Err(); err != nil {
+		return r.wrap(err)
+	}
+	return nil
+}
+
+// Close closes the connection pool; decisions after it fail.
+func (r *Redis) Close() error {
+	if err := r.c.Close(); err != nil {
+		return r.wrap(err)
+	}
+	return nil
+}
+
+// wrap names the server in err. go-redis's errors carry no credentials, and neither
+// does the address (Options.Address is host:port or a socket path).
+func (r *Redis) wrap(err error) error {
+	return fmt.Errorf("redis %s: %w", r.addr, err)
+}

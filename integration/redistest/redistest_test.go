@@ -1,0 +1,105 @@
+package redistest
+
+import (
+	"fmt"
+	"net"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+)
+
+func TestStartKillRestart(t *testing.T) {
+	s := Start(t)
+	addr := s.Addr()
+	if host, _, err := net.SplitHostPort(addr); err != nil || host != "127.0.0.1" {
+		t.Fatalf("Addr() = %q: want 127.0.0.1:port", addr)
+	}
+	requirePing(t, addr)
+
+	s.Kill()
+	if err := ping(addr); err == nil {
+		t.Fatal("PING answered after Kill")
+	}
+	s.Kill() // a second Kill is a no-op
+
+	s.Restart(t)
+	if s.Addr() != addr {
+		t.Fatalf("Restart moved the server from %s to %s", addr, s.Addr())
+	}
+	requirePing(t, addr)
+}
+
+// TestStartTwo checks that two servers get two ports and both serve.
+func TestStartTwo(t *testing.T) {
+	a, b := Start(t), Start(t)
+	if a.Addr() == b.Addr() {
+		t.Fatalf("two servers on %s", a.Addr())
+	}
+	requirePing(t, a.Addr())
+	requirePing(t, b.Addr())
+}
+
+// TestCleanupStops checks that t.Cleanup stops the server: its port refuses afterwards.
+func TestCleanupStops(t *testing.T) {
+	var addr string
+	t.Run("inner", func(t *testing.T) {
+		addr = Start(t).Addr()
+		requirePing(t, addr)
+	})
+	if err := ping(addr); err == nil {
+		t.Fatalf("redis-server on %s still answers after its test's cleanup", addr)
+	}
+}
+
+// TestMissingBinaryFails checks that without redis-server Start fails the test (never
+// skips it) and says to run make redis.
+func TestMissingBinaryFails(t *testing.T) {
+	saved := binaries
+	binaries = []string{"/nonexistent/redis-server"}
+	t.Cleanup(func() { binaries = saved })
+
+	f := &fatalRecorder{TB: t}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // Fatal ends the goroutine that calls it, as testing's does.
+		defer wg.Done()
+		Start(f)
+		t.Error("Start returned without redis-server")
+	}()
+	wg.Wait()
+	if !f.failed {
+		t.Fatal("Start did not fail the test")
+	}
+	if !strings.Contains(f.msg, "make redis") {
+		t.Fatalf("Start failed with %q: want it to say to run `make redis`", f.msg)
+	}
+	if f.skipped {
+		t.Fatal("Start skipped the test")
+	}
+}
+
+// fatalRecorder is a testing.TB whose Fatal and Skip record instead of ending the test.
+type fatalRecorder struct {
+	testing.TB
+	msg             string
+	failed, skipped bool
+}
+
+func (f *fatalRecorder) Fatalf(format string, args ...any) {
+	f.msg, f.failed = fmt.Sprintf(format, args...), true
+	runtime.Goexit()
+}
+func (f *fatalRecorder) Fatal(args ...any)    { f.Fatalf("%s", fmt.Sprint(args...)) }
+func (f *fatalRecorder) Skip(args ...any)     { f.skipped = true; runtime.Goexit() }
+func (f *fatalRecorder) Skipf(string, ...any) { f.skipped = true; runtime.Goexit() }
+func (f *fatalRecorder) SkipNow()             { f.skipped = true; runtime.Goexit() }
+
+// requirePing checks that addr answers PING now: Start and Restart return only once it
+// does, so there is nothing to wait for.
+func requirePing(t *testing.T, addr string) {
+	t.Helper()
+	if err := ping(addr); err != nil {
+		t.Fatalf("PING %s: %v", addr, err)
+	}
+}
