@@ -224,7 +224,65 @@ func (l *loader) compileMesh(d *document) *Mesh {
 			m.Issuers[is.Name] = iss
 		}
 	}
+	m.RateLimits = l.compileRateLimits(d, spec.RateLimits)
 	return m
+}
+
+func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitStore {
+	const p = "spec.rateLimits"
+	if spec.Redis == nil {
+		if spec.FailureMode != "" || spec.Timeout != "" {
+			l.errf(d, p+".redis", "is required with failureMode and timeout (without Redis, limits are counted in each replica)")
+		}
+		return nil
+	}
+	r := spec.Redis
+	st := &RateLimitStore{Address: r.Address, DB: r.DB, PasswordFile: r.PasswordFile,
+		TLS: r.TLS.Enabled, CAFile: r.TLS.CAFile, ServerName: r.TLS.ServerName,
+		FailureMode: FailureMode(spec.FailureMode), Timeout: DefaultRateLimitTimeout}
+	switch {
+	case r.Address == "":
+		l.errf(d, p+".redis.address", "is required (host:port or unix:///path/to.sock)")
+	case strings.HasPrefix(r.Address, "unix://"):
+		if !strings.HasPrefix(strings.TrimPrefix(r.Address, "unix://"), "/") {
+			l.errf(d, p+".redis.address", "%q: a unix socket needs an absolute path (unix:///run/redis.sock)", r.Address)
+		}
+		if r.TLS.Enabled {
+			l.errf(d, p+".redis.tls", "does not apply to a unix socket")
+		}
+	case strings.Contains(r.Address, "://"):
+		l.errf(d, p+".redis.address", "%q: write host:port or unix:///path (TLS is redis.tls, not a rediss:// URL)", r.Address)
+	default:
+		if err := checkHostPort(r.Address); err != nil {
+			l.errf(d, p+".redis.address", "%v", err)
+		}
+	}
+	if r.DB < 0 || r.DB > 15 {
+		// 16 databases is Redis's default; a larger number needs a server configured for it.
+		l.errf(d, p+".redis.db", "must be between 0 and 15, got %d", r.DB)
+	}
+	if r.PasswordFile != "" && !strings.HasPrefix(r.PasswordFile, "/") {
+		l.errf(d, p+".redis.passwordFile", "must be an absolute path, got %q", r.PasswordFile)
+	}
+	if r.TLS.CAFile != "" && !strings.HasPrefix(r.TLS.CAFile, "/") {
+		l.errf(d, p+".redis.tls.caFile", "must be an absolute path, got %q", r.TLS.CAFile)
+	}
+	switch st.FailureMode {
+	case "":
+		st.FailureMode = FailLocal
+	case FailLocal, FailDeny, FailAllow:
+	default:
+		l.errf(d, p+".failureMode", "must be local, deny or allow, got %q", spec.FailureMode)
+	}
+	if spec.Timeout != "" {
+		t, err := time.ParseDuration(string(spec.Timeout))
+		if err != nil || t <= 0 || t > MaxRateLimitTimeout {
+			l.errf(d, p+".timeout", "%q is not a duration between 1ms and %s (e.g. 50ms)", spec.Timeout, MaxRateLimitTimeout)
+		} else {
+			st.Timeout = t
+		}
+	}
+	return st
 }
 
 func (l *loader) compileApp(d *document, mesh *Mesh) *App {
@@ -570,39 +628,94 @@ func (l *loader) compileLimits(d *document, spec LimitsSpec) Limits {
 	case lim.MaxRequestBytes < 0 || lim.MaxRequestBytes > MaxMaxRequestBytes:
 		l.errf(d, p+".maxRequestBytes", "must be between 1 and %d", MaxMaxRequestBytes)
 	}
-	if spec.PerCaller != "" {
-		r, err := ParseRate(string(spec.PerCaller))
-		if err != nil {
-			l.errf(d, p+".perCaller", "%v", err)
-		} else {
-			lim.PerCaller = &r
+	lim.SubjectClaim, lim.TenantClaim = DefaultSubjectClaim, DefaultTenantClaim
+	if r, ok := l.compileRate(d, p+".perCaller", spec.PerCaller, false, false); ok {
+		lim.PerCaller = &r
+	}
+	if r, ok := l.compileRate(d, p+".perSubject", spec.PerSubject, false, true); ok {
+		lim.PerSubject = &r
+		if spec.PerSubject.Claim != "" {
+			lim.SubjectClaim = spec.PerSubject.Claim
 		}
 	}
-	if spec.PerSubject != "" {
-		r, err := ParseRate(string(spec.PerSubject))
-		if err != nil {
-			l.errf(d, p+".perSubject", "%v", err)
-		} else {
-			lim.PerSubject = &r
+	if r, ok := l.compileRate(d, p+".perTenant", spec.PerTenant, false, true); ok {
+		lim.PerTenant = &r
+		if spec.PerTenant.Claim != "" {
+			lim.TenantClaim = spec.PerTenant.Claim
 		}
 	}
-	for tool, rate := range spec.PerTool {
+	for tool, rs := range spec.PerTool {
 		tp := p + ".perTool." + tool
 		g, err := CompileGlob(tool)
 		if err != nil {
 			l.errf(d, tp, "%v", err)
 			continue
 		}
-		r, err := ParseRate(string(rate))
-		if err != nil {
-			l.errf(d, tp, "%v", err)
+		per := LimitScope(rs.Per)
+		switch per {
+		case PerApp, PerCaller, PerSubject, PerTenant:
+		case "app":
+			per = PerApp
+		default:
+			l.errf(d, tp+".per", "must be app, caller, subject or tenant, got %q", rs.Per)
 			continue
 		}
-		lim.PerTool = append(lim.PerTool, ToolRate{Tool: g, Rate: r})
+		r, ok := l.compileRate(d, tp, rs, true, per == PerSubject || per == PerTenant)
+		if !ok {
+			continue
+		}
+		tr := ToolRate{Tool: g, Rate: r, Per: per, Claim: rs.Claim}
+		if tr.Claim == "" {
+			switch per {
+			case PerSubject:
+				tr.Claim = lim.SubjectClaim
+			case PerTenant:
+				tr.Claim = lim.TenantClaim
+			}
+		}
+		lim.PerTool = append(lim.PerTool, tr)
 	}
 	// Map order is random; a stable order keeps snapshots and their renderings stable.
 	sortToolRates(lim.PerTool)
 	return lim
+}
+
+// compileRate checks one rate: "N/s", or the mapping {rate, burst, per, claim} with per
+// and claim only where they apply. ok is false when the rate is absent or wrong.
+func (l *loader) compileRate(d *document, p string, rs RateSpec, perOK, claimOK bool) (RateLimit, bool) {
+	if rs.isZero() {
+		return RateLimit{}, false
+	}
+	ok := true
+	if rs.Per != "" && !perOK {
+		l.errf(d, p+".per", "only applies to perTool limits")
+		ok = false
+	}
+	if rs.Claim != "" {
+		switch {
+		case !claimOK:
+			l.errf(d, p+".claim", "only applies to perSubject, perTenant, and perTool limits per subject or tenant")
+			ok = false
+		case strings.ContainsAny(rs.Claim, " \t\r\n") || len(rs.Claim) > 128:
+			l.errf(d, p+".claim", "%q is not a claim name", rs.Claim)
+			ok = false
+		}
+	}
+	if rs.Rate == "" {
+		l.errf(d, p+".rate", "is required (N/s, N/m or N/h)")
+		return RateLimit{}, false
+	}
+	r, err := ParseRate(string(rs.Rate))
+	if err != nil {
+		l.errf(d, p, "%v", err)
+		return RateLimit{}, false
+	}
+	if rs.Burst < 0 || rs.Burst > 1_000_000 {
+		l.errf(d, p+".burst", "must be between 1 and 1000000 (0 or unset: the rate's N)")
+		ok = false
+	}
+	r.Burst = rs.Burst
+	return r, ok
 }
 
 func sortToolRates(rs []ToolRate) {

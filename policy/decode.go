@@ -34,6 +34,17 @@ func (w *walker) walk(n *yaml.Node, t reflect.Type, path string) {
 	if isNull(n) {
 		return
 	}
+	// Two types read a scalar as well as a mapping: a rate ("10/s" or {rate, burst}) and
+	// TLS (true or {caFile}).
+	switch {
+	case t == rateSpecType && n.Kind == yaml.ScalarNode:
+		return // a string
+	case t == tlsSpecType && n.Kind == yaml.ScalarNode:
+		if n.ShortTag() != "!!bool" {
+			w.probs.add(w.file, n.Line, "%s: expected true, false or a mapping {caFile, serverName}, got %q", display(path), n.Value)
+		}
+		return
+	}
 	switch t.Kind() {
 	case reflect.Struct:
 		if n.Kind != yaml.MappingNode {
@@ -105,6 +116,11 @@ func (w *walker) mapping(n *yaml.Node, path string, visit func(key string, k, v 
 		visit(k.Value, k, v)
 	}
 }
+
+var (
+	rateSpecType = reflect.TypeFor[RateSpec]()
+	tlsSpecType  = reflect.TypeFor[TLSSpec]()
+)
 
 func structFields(t reflect.Type) map[string]reflect.Type {
 	out := make(map[string]reflect.Type, t.NumField())

@@ -301,6 +301,55 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			want:  []string{`spec.mcp.limits.perSubject:`},
 		},
 		{
+			name: "bad rate limits",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    limits:
+      perCaller: {rate: 10/s, per: subject}
+      perTenant: {burst: 5}
+      perTool:
+        get_inventory: {rate: 10/s, per: everyone}
+        list_items: {rate: 1/s, burst: -1, rat: 2/s}
+        "del*": {rate: 1/s, claim: oid}
+`},
+			want: []string{
+				`app.yaml:25: spec.mcp.limits.perCaller.per: only applies to perTool limits`,
+				`app.yaml:26: spec.mcp.limits.perTenant.rate: is required`,
+				`app.yaml:28: spec.mcp.limits.perTool.get_inventory.per: must be app, caller, subject or tenant, got "everyone"`,
+				`app.yaml:29: spec.mcp.limits.perTool.list_items: unknown field "rat"`,
+				`spec.mcp.limits.perTool.del*.claim: only applies to perSubject, perTenant, and perTool limits per subject or tenant`,
+			},
+		},
+		{
+			name: "bad rate-limit store",
+			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  rateLimits:
+    redis: {address: "rediss://redis:6379", db: 16, passwordFile: secrets/redis, tls: yes-please}
+    failureMode: open
+    timeout: 5s
+`},
+			want: []string{
+				`mesh.yaml:17: spec.rateLimits.redis.tls: expected true, false or a mapping {caFile, serverName}, got "yes-please"`,
+			},
+		},
+		{
+			name: "bad rate-limit store values",
+			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  rateLimits:
+    redis: {address: "rediss://redis:6379", db: 16, passwordFile: secrets/redis}
+    failureMode: open
+    timeout: 5s
+`},
+			want: []string{
+				`mesh.yaml:17: spec.rateLimits.redis.address: "rediss://redis:6379": write host:port or unix:///path`,
+				`spec.rateLimits.redis.db: must be between 0 and 15, got 16`,
+				`spec.rateLimits.redis.passwordFile: must be an absolute path`,
+				`mesh.yaml:18: spec.rateLimits.failureMode: must be local, deny or allow, got "open"`,
+				`mesh.yaml:19: spec.rateLimits.timeout: "5s" is not a duration between 1ms and 1s`,
+			},
+		},
+		{
+			name:  "failure mode without redis",
+			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + "  rateLimits: {failureMode: deny}\n"},
+			want:  []string{`spec.rateLimits.redis: is required with failureMode`},
+		},
+		{
 			name: "bad client credentials options",
 			files: map[string]string{"mesh.yaml": meshYAML, "ep.yaml": `apiVersion: mcpgate.dev/v1alpha1
 kind: HTTPEndpoint
@@ -528,5 +577,73 @@ func TestLoadDefaults(t *testing.T) {
 		t.Errorf("maxRequestBytes default = %d", m.Limits.MaxRequestBytes)
 	case snap.Mesh.Issuers["corp"].Leeway != 30*time.Second:
 		t.Errorf("leeway default = %v", snap.Mesh.Issuers["corp"].Leeway)
+	}
+}
+
+func TestLoadRateLimits(t *testing.T) {
+	mesh := meshYAML + `  rateLimits:
+    redis: {address: "redis:6379", db: 2, passwordFile: /secrets/redis, tls: {caFile: /etc/redis-ca.pem}}
+`
+	app := appYAML + `    limits:
+      perCaller: 100/m
+      perSubject: {rate: 60/m, burst: 10, claim: oid}
+      perTenant: 1000/m
+      perTool:
+        get_inventory: {rate: 10/s, per: subject}
+        "list_*": 5/s
+        delete_product: {rate: 1/h, per: tenant, claim: org}
+`
+	snap := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": app})
+	want := &RateLimitStore{Address: "redis:6379", DB: 2, PasswordFile: "/secrets/redis", TLS: true, CAFile: "/etc/redis-ca.pem",
+		FailureMode: FailLocal, Timeout: DefaultRateLimitTimeout}
+	if got := snap.Mesh.RateLimits; got == nil || *got != *want {
+		t.Errorf("Mesh.RateLimits = %+v, want %+v", got, want)
+	}
+	lim := snap.App("inventory").MCP.Limits
+	if lim.PerCaller == nil || *lim.PerCaller != (RateLimit{N: 100, Per: time.Minute}) {
+		t.Errorf("perCaller = %+v (the short form must keep working)", lim.PerCaller)
+	}
+	if lim.PerSubject == nil || *lim.PerSubject != (RateLimit{N: 60, Per: time.Minute, Burst: 10}) || lim.SubjectClaim != "oid" {
+		t.Errorf("perSubject = %+v claim %q", lim.PerSubject, lim.SubjectClaim)
+	}
+	if lim.PerTenant == nil || lim.PerTenant.N != 1000 || lim.TenantClaim != DefaultTenantClaim {
+		t.Errorf("perTenant = %+v claim %q", lim.PerTenant, lim.TenantClaim)
+	}
+	type tr struct {
+		tool  string
+		rate  RateLimit
+		per   LimitScope
+		claim string
+	}
+	var got []tr
+	for _, r := range lim.PerTool {
+		got = append(got, tr{r.Tool.String(), r.Rate, r.Per, r.Claim})
+	}
+	wantTools := []tr{
+		{"delete_product", RateLimit{N: 1, Per: time.Hour}, PerTenant, "org"},
+		{"get_inventory", RateLimit{N: 10, Per: time.Second}, PerSubject, "oid"},
+		{"list_*", RateLimit{N: 5, Per: time.Second}, PerApp, ""},
+	}
+	if len(got) != len(wantTools) {
+		t.Fatalf("perTool = %+v, want %+v", got, wantTools)
+	}
+	for i := range got {
+		if got[i] != wantTools[i] {
+			t.Errorf("perTool[%d] = %+v, want %+v", i, got[i], wantTools[i])
+		}
+	}
+
+	// tls: true, and defaults: failure mode local, no store without redis.
+	mesh = meshYAML + "  rateLimits: {redis: {address: \"unix:///run/redis.sock\"}, failureMode: deny, timeout: 20ms}\n"
+	snap = requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": appYAML})
+	if got := snap.Mesh.RateLimits; got == nil || got.Address != "unix:///run/redis.sock" || got.FailureMode != FailDeny || got.Timeout != 20*time.Millisecond || got.TLS {
+		t.Errorf("Mesh.RateLimits = %+v", got)
+	}
+	mesh = meshYAML + "  rateLimits: {redis: {address: \"redis:6380\", tls: true}}\n"
+	if got := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": appYAML}).Mesh.RateLimits; got == nil || !got.TLS || got.CAFile != "" {
+		t.Errorf("tls: true = %+v", got)
+	}
+	if got := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML}).Mesh.RateLimits; got != nil {
+		t.Errorf("without rateLimits the store is %+v, want nil (per replica)", got)
 	}
 }

@@ -40,6 +40,8 @@ type Mesh struct {
 	SDS           SDSSpec
 	// Issuers by name, ready for the token verifier.
 	Issuers map[string]*Issuer
+	// RateLimits is the shared store of the rate limits; nil: per replica.
+	RateLimits *RateLimitStore
 }
 
 // App is one App ID.
@@ -172,20 +174,84 @@ type Limits struct {
 	MaxRequestBytes int64
 	PerCaller       *RateLimit
 	PerSubject      *RateLimit
+	PerTenant       *RateLimit
 	PerTool         []ToolRate
+	// SubjectClaim and TenantClaim name the token claims perSubject and perTenant count
+	// by: "sub" (the verified subject) and "tid" unless the policy says otherwise.
+	SubjectClaim string
+	TenantClaim  string
 }
 
-// ToolRate is a rate limit for tools matching a glob.
+// ToolRate is a rate limit for tools matching a glob, counted for all callers together
+// (Per ""), or per caller, subject or tenant.
 type ToolRate struct {
 	Tool Glob
 	Rate RateLimit
+	Per  LimitScope
+	// Claim is the token claim of Per subject or tenant ("sub", "tid" by default).
+	Claim string
 }
 
-// RateLimit is N requests per Per.
+// LimitScope says whose calls one bucket counts.
+type LimitScope string
+
+// Scopes of a rate limit.
+const (
+	PerApp     LimitScope = ""
+	PerCaller  LimitScope = "caller"
+	PerSubject LimitScope = "subject"
+	PerTenant  LimitScope = "tenant"
+)
+
+// Default claims of perSubject and perTenant.
+const (
+	DefaultSubjectClaim = "sub"
+	DefaultTenantClaim  = "tid"
+)
+
+// RateLimit is N requests per Per, with up to Burst at once (Burst 0: N).
 type RateLimit struct {
-	N   int
-	Per time.Duration
+	N     int
+	Per   time.Duration
+	Burst int
 }
+
+// Capacity is the requests a full bucket allows at once.
+func (r RateLimit) Capacity() int {
+	if r.Burst > 0 {
+		return r.Burst
+	}
+	return r.N
+}
+
+// RateLimitStore is where the limits are counted: Redis, shared by the replicas. nil in
+// a Mesh: each replica's memory.
+type RateLimitStore struct {
+	Address      string
+	DB           int
+	PasswordFile string
+	TLS          bool
+	CAFile       string
+	ServerName   string
+	FailureMode  FailureMode
+	Timeout      time.Duration
+}
+
+// FailureMode decides limited calls while the shared store is unreachable.
+type FailureMode string
+
+// Failure modes.
+const (
+	FailLocal FailureMode = "local"
+	FailDeny  FailureMode = "deny"
+	FailAllow FailureMode = "allow"
+)
+
+// DefaultRateLimitTimeout and MaxRateLimitTimeout bound one decision in Redis.
+const (
+	DefaultRateLimitTimeout = 50 * time.Millisecond
+	MaxRateLimitTimeout     = time.Second
+)
 
 // Resiliency is applied by Envoy to the app's route and cluster.
 type Resiliency struct {

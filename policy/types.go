@@ -5,6 +5,8 @@
 // where a capability needs them, never rename or drop one.
 package policy
 
+import "go.yaml.in/yaml/v3"
+
 // APIVersion is the only apiVersion mcpgate accepts.
 const APIVersion = "mcpgate.dev/v1alpha1"
 
@@ -51,6 +53,49 @@ type MeshSpec struct {
 	Authz       AuthzSpec    `yaml:"authz"`
 	SDS         SDSSpec      `yaml:"sds"`
 	Issuers     []IssuerSpec `yaml:"issuers"`
+	// RateLimits says where the rate limits of every App are counted: without redis,
+	// in each replica's memory.
+	RateLimits RateLimitsSpec `yaml:"rateLimits"`
+}
+
+// RateLimitsSpec is the store of the rate limits that replicas share.
+type RateLimitsSpec struct {
+	Redis *RedisSpec `yaml:"redis"`
+	// FailureMode decides a limited call while Redis is down or slow: local (count in
+	// this replica's memory, the default), deny or allow.
+	FailureMode string `yaml:"failureMode"`
+	// Timeout bounds one decision in Redis (default 50ms, at most 1s).
+	Timeout Duration `yaml:"timeout"`
+}
+
+// RedisSpec is a standalone Redis (or a Sentinel-managed primary behind one address).
+type RedisSpec struct {
+	// Address is host:port, or unix:///path/to.sock.
+	Address string `yaml:"address"`
+	// TLS is true (the system's roots) or {caFile, serverName}.
+	TLS          TLSSpec `yaml:"tls"`
+	PasswordFile string  `yaml:"passwordFile"`
+	DB           int     `yaml:"db"`
+}
+
+// TLSSpec is written true or false, or as a mapping (which means true).
+type TLSSpec struct {
+	Enabled    bool   `yaml:"-"`
+	CAFile     string `yaml:"caFile"`
+	ServerName string `yaml:"serverName"`
+}
+
+// UnmarshalYAML reads true/false or the mapping. The walker has checked the shape.
+func (t *TLSSpec) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		return n.Decode(&t.Enabled)
+	}
+	type plain TLSSpec
+	if err := n.Decode((*plain)(t)); err != nil {
+		return err
+	}
+	t.Enabled = true
+	return nil
 }
 
 // AuthzSpec says where Envoy reaches mcpgate's ext_authz and ext_proc gRPC server.
@@ -179,13 +224,41 @@ type RedactSpec struct {
 
 // LimitsSpec bounds requests.
 type LimitsSpec struct {
-	MaxRequestBytes int64 `yaml:"maxRequestBytes"`
-	PerCaller       Rate  `yaml:"perCaller"`
-	// PerSubject limits each user: the verified token's sub, whatever App they call
-	// through; requests without a token share one allowance.
-	PerSubject Rate            `yaml:"perSubject"`
-	PerTool    map[string]Rate `yaml:"perTool"`
+	MaxRequestBytes int64    `yaml:"maxRequestBytes"`
+	PerCaller       RateSpec `yaml:"perCaller"`
+	// PerSubject limits each user: the verified token's sub (or claim), whatever App
+	// they call through; requests without a token share one allowance.
+	PerSubject RateSpec `yaml:"perSubject"`
+	// PerTenant limits each tenant: a claim of the verified token (claim, default tid);
+	// requests without it share one allowance.
+	PerTenant RateSpec `yaml:"perTenant"`
+	// PerTool limits the tools matching each glob: all callers together, or each
+	// caller, subject or tenant on its own (per).
+	PerTool map[string]RateSpec `yaml:"perTool"`
 }
+
+// RateSpec is a rate, written "100/m", or a mapping: {rate: 100/m, burst: 20} and, where
+// they apply, per (perTool: app, caller, subject or tenant) and claim (perSubject,
+// perTenant, and perTool per subject or tenant).
+type RateSpec struct {
+	Rate  Rate   `yaml:"rate"`
+	Burst int    `yaml:"burst"`
+	Per   string `yaml:"per"`
+	Claim string `yaml:"claim"`
+}
+
+// UnmarshalYAML reads the short form "N/s" or the mapping. The walker has checked the
+// shape.
+func (r *RateSpec) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind == yaml.ScalarNode {
+		r.Rate = Rate(n.Value)
+		return nil
+	}
+	type plain RateSpec
+	return n.Decode((*plain)(r))
+}
+
+func (r RateSpec) isZero() bool { return r == RateSpec{} }
 
 // ResiliencySpec is applied by Envoy on the route and cluster of the app.
 type ResiliencySpec struct {
