@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"strings"
 	"time"
 
@@ -80,11 +81,15 @@ type Result struct {
 
 // Options configure the Redis store.
 type Options struct {
-	Address  string        // host:port, or unix:///path/to.sock
-	Password string        // "" none (read from a file by the caller)
-	DB       int           // the database number (SELECT)
-	TLS      *tls.Config   // nil: plaintext
-	Timeout  time.Duration // bounds each decision (dial, read, write); 0: DefaultTimeout
+	Address  string // host:port, or unix:///path/to.sock
+	Password string // "" none
+	// PasswordFile, when set, holds the password instead (AUTH of the default user),
+	// read at every new connection: a rotated file takes effect without a restart,
+	// on the next dial. Trailing newlines are not part of it.
+	PasswordFile string
+	DB           int           // the database number (SELECT)
+	TLS          *tls.Config   // nil: plaintext
+	Timeout      time.Duration // bounds each decision (dial, read, write); 0: DefaultTimeout
 	// KeyPrefix starts every key; "": DefaultKeyPrefix.
 	KeyPrefix string
 }
@@ -123,12 +128,32 @@ func NewRedis(o Options) (*Redis, error) {
 			return nil, fmt.Errorf("ratelimit: redis %s: no socket path", o.Address)
 		}
 	}
+	var creds func(context.Context) (string, string, error)
+	if file := o.PasswordFile; file != "" {
+		if o.Password != "" {
+			return nil, fmt.Errorf("ratelimit: redis %s: set Password or PasswordFile, not both", o.Address)
+		}
+		creds = func(context.Context) (string, string, error) {
+			b, err := os.ReadFile(file)
+			if err != nil {
+				// The error names the file, never its contents.
+				return "", "", fmt.Errorf("redis password file: %w", err)
+			}
+			pw := strings.TrimRight(string(b), "\r\n")
+			if pw == "" {
+				return "", "", fmt.Errorf("redis password file %s is empty", file)
+			}
+			return "", pw, nil
+		}
+	}
 	c := redis.NewClient(&redis.Options{
-		Network:   network,
-		Addr:      addr,
-		Password:  o.Password,
-		DB:        o.DB,
-		TLSConfig: o.TLS,
+		Network:  network,
+		Addr:     addr,
+		Password: o.Password,
+		// A provider's error fails the dial, and so the decision, naming the file.
+		CredentialsProviderContext: creds,
+		DB:                         o.DB,
+		TLSConfig:                  o.TLS,
 
 		// Every step is bounded by the one timeout, and the caller's context deadline
 		// too when it is earlier (ContextTimeoutEnabled), so a decision never takes

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -508,6 +509,71 @@ func TestPassword(t *testing.T) {
 
 	if res := requireAllow(t, newStore(t, Options{Address: srv.Addr(), Password: password}), "k", l); !res.Allowed {
 		t.Fatalf("with the password: %+v", res)
+	}
+}
+
+// The password file is read at every dial: a rotation on both sides takes effect
+// without a new store, and a missing file is an error naming the file, not the secret.
+func TestPasswordFileRotation(t *testing.T) {
+	srv := redistest.Start(t)
+	raw := rawClient(t, srv.Addr())
+	ctx := context.Background()
+	if err := raw.ConfigSet(ctx, "requirepass", "first-secret").Err(); err != nil {
+		t.Fatal(err)
+	}
+	raw = redis.NewClient(&redis.Options{Addr: srv.Addr(), Password: "first-secret", Protocol: 2, DisableIdentity: true})
+	t.Cleanup(func() { _ = raw.Close() })
+	file := t.TempDir() + "/redis-password"
+	if err := os.WriteFile(file, []byte("first-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := newStore(t, Options{Address: srv.Addr(), PasswordFile: file})
+	l := Limit{N: 100, Per: time.Second}
+	if res := requireAllow(t, r, "k", l); !res.Allowed {
+		t.Fatalf("with the password file: %+v", res)
+	}
+
+	// Rotate: the server's password, then the file; drop the connections so the store
+	// dials again (as a Redis failover or restart would).
+	if err := raw.ConfigSet(ctx, "requirepass", "second-secret").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(file, []byte("second-secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.Do(ctx, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes").Err(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		res, err := r.Allow(ctx, "k", l)
+		if err == nil && res.Allowed {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after rotation the store never authenticated again: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	if err := os.Remove(file); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.Do(ctx, "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes").Err(); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	// A call may first find a pooled connection being closed (an EOF): wait for the dial.
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if _, err = r.Allow(ctx, "k", l); err != nil && strings.Contains(err.Error(), file) {
+			break
+		}
+	}
+	if err == nil || !strings.Contains(err.Error(), file) || strings.Contains(err.Error(), "second-secret") {
+		t.Fatalf("a missing password file: %v, want an error naming %s and not the password", err, file)
+	}
+	if _, err := NewRedis(Options{Address: srv.Addr(), Password: "x", PasswordFile: file}); err == nil {
+		t.Fatal("Password and PasswordFile together were accepted")
 	}
 }
 
