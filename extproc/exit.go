@@ -28,13 +28,15 @@ const (
 	ruleParse       = "parse"        // not strict JSON-RPC as MCP uses it
 	ruleHeaders     = "headers"      // Mcp-Method/Mcp-Name disagree with the body
 	ruleSession     = "session"      // Mcp-Session-Id not bound to this caller
-	ruleRateLimit   = "ratelimit"    // limits.perCaller or limits.perTool
-	ruleBatch       = "batch"        // not processed: another message of the batch was denied
-	ruleTask        = "task"         // task-augmented call of a tool whose results are redacted
-	ruleAbandoned   = "abandoned"    // the stream ended before the decision
-	ruleResponse    = "response"     // the server's answer could not be filtered
-	ruleRego        = "rego"         // Rego's decision, or a patch of it that failed
-	ruleExpired     = "expired"      // the token expired (checked again on every gRPC message)
+	ruleRateLimit   = "ratelimit"    // a limit of limits (perCaller, perSubject, perTenant, perTool)
+	// ruleRateLimitDown: the shared rate-limit store was unreachable, failureMode deny.
+	ruleRateLimitDown = "ratelimit_unavailable"
+	ruleBatch         = "batch"     // not processed: another message of the batch was denied
+	ruleTask          = "task"      // task-augmented call of a tool whose results are redacted
+	ruleAbandoned     = "abandoned" // the stream ended before the decision
+	ruleResponse      = "response"  // the server's answer could not be filtered
+	ruleRego          = "rego"      // Rego's decision, or a patch of it that failed
+	ruleExpired       = "expired"   // the token expired (checked again on every gRPC message)
 )
 
 // refusal is an answer mcpgate gives instead of the server.

@@ -206,8 +206,12 @@ func (st *stream) grpcBody(ctx context.Context, b *extprocv3.HttpBody) *extprocv
 		if rf, ok := st.checkExpiry(); !ok {
 			return refuse(rf)
 		}
-		if reason, wait := st.rateLimit(&r, st.start); reason != "" {
-			return refuse(refusal{status: 429, grpcCode: codes.ResourceExhausted, rule: ruleRateLimit, reason: reason + "; retry after " + retryAfter(wait) + "s"})
+		if v, refused := st.rateLimit(ctx, &r, time.Now()); refused {
+			code := codes.ResourceExhausted
+			if v.status == 503 {
+				code = codes.Unavailable
+			}
+			return refuse(refusal{status: v.status, grpcCode: code, rule: v.rule, reason: v.reason + "; retry after " + retryAfter(v.wait) + "s"})
 		}
 		d := Decide(ctx, st.app.MCP, &r)
 		if !d.Allow {

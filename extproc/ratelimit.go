@@ -12,8 +12,10 @@ import (
 	"github.com/mcpgate/mcpgate/policy"
 )
 
-// limiters holds the token buckets of limits.perCaller and limits.perTool. Limits are per
-// mcpgate replica: replicas share no state, so N replicas admit up to N times the rate.
+// limiters holds the in-process token buckets of the limits: the only ones without a
+// shared store (Mesh.spec.rateLimits.redis), and the fallback of failureMode local when
+// the store is down. They are per mcpgate replica: replicas share no state, so N
+// replicas admit up to N times the rate.
 // Buckets are keyed by app, limit and rate: an edited rate takes effect at once with a
 // fresh bucket, while an unrelated policy edit leaves every caller's spent allowance as it
 // was.
@@ -37,9 +39,10 @@ type bucket struct {
 
 const maxLimiters = 100000
 
-// allow takes one token from the bucket named key, created with rl on first use. It
-// returns false and how long until a token is available when the bucket is empty.
-func (l *limiters) allow(key string, rl policy.RateLimit, now time.Time) (bool, time.Duration) {
+// reserve takes one token from the bucket named key, created with rl on first use. It
+// returns the reservation (to give the token back when another limit refuses the call),
+// or false and how long until a token is available when the bucket is empty.
+func (l *limiters) reserve(key string, rl policy.RateLimit, now time.Time) (*rate.Reservation, bool, time.Duration) {
 	l.mu.Lock()
 	if l.m == nil {
 		l.m = make(map[string]*list.Element, 256)
@@ -50,21 +53,28 @@ func (l *limiters) allow(key string, rl policy.RateLimit, now time.Time) (bool, 
 		lim = e.Value.(*bucket).lim
 	} else {
 		l.makeRoom(now)
-		// N per period, with a burst of N: a caller may spend its whole allowance at once,
-		// as "100/m" reads, but not more.
-		lim = rate.NewLimiter(rate.Limit(float64(rl.N)/rl.Per.Seconds()), rl.N)
-		l.m[key] = l.lru.PushFront(&bucket{key: key, lim: lim, n: rl.N})
+		// N per period, with a burst of N unless the policy says otherwise: a caller may
+		// spend its whole allowance at once, as "100/m" reads, but not more.
+		n := rl.Capacity()
+		lim = rate.NewLimiter(rate.Limit(float64(rl.N)/rl.Per.Seconds()), n)
+		l.m[key] = l.lru.PushFront(&bucket{key: key, lim: lim, n: n})
 	}
 	l.mu.Unlock()
 	r := lim.ReserveN(now, 1)
 	if !r.OK() {
-		return false, rl.Per
+		return nil, false, rl.Per
 	}
 	if d := r.DelayFrom(now); d > 0 {
 		r.CancelAt(now)
-		return false, d
+		return nil, false, d
 	}
-	return true, 0
+	return r, true, 0
+}
+
+// allow is reserve without the reservation.
+func (l *limiters) allow(key string, rl policy.RateLimit, now time.Time) (bool, time.Duration) {
+	_, ok, wait := l.reserve(key, rl, now)
+	return ok, wait
 }
 
 // makeRoom frees places when the map is full: every bucket that has refilled, then least
@@ -102,38 +112,10 @@ func (l *limiters) len() int {
 	return len(l.m)
 }
 
-// rateLimit checks the app's limits for one message. It returns a reason and a retry
-// delay when a limit is exceeded.
-func (st *stream) rateLimit(r *Request, now time.Time) (string, time.Duration) {
-	lim := st.app.MCP.Limits
-	if pc := lim.PerCaller; pc != nil {
-		who := r.Caller.AppID
-		if who == "" {
-			who = "sub:" + r.Subject // JWT-only callers without an App ID: per subject
-		}
-		if ok, wait := st.s.limits.allow(lengthPrefixed(st.app.ID, "caller", rateString(*pc), who), *pc, now); !ok {
-			return "rate limit exceeded: limits.perCaller " + rateString(*pc) + " for this caller", wait
-		}
-	}
-	if ps := lim.PerSubject; ps != nil {
-		if ok, wait := st.s.limits.allow(lengthPrefixed(st.app.ID, "subject", rateString(*ps), r.Subject), *ps, now); !ok {
-			return "rate limit exceeded: limits.perSubject " + rateString(*ps) + " for this user", wait
-		}
-	}
-	if r.Method == "tools/call" {
-		for _, tr := range lim.PerTool {
-			if tr.Tool.Match(r.Tool) {
-				if ok, wait := st.s.limits.allow(lengthPrefixed(st.app.ID, "tool", rateString(tr.Rate), tr.Tool.String()), tr.Rate, now); !ok {
-					return "rate limit exceeded: limits.perTool " + tr.Tool.String() + " " + rateString(tr.Rate), wait
-				}
-				break // the first matching limit applies
-			}
-		}
-	}
-	return "", 0
-}
-
 func rateString(rl policy.RateLimit) string {
+	if rl.Burst > 0 && rl.Burst != rl.N {
+		return rateString(policy.RateLimit{N: rl.N, Per: rl.Per}) + " burst " + strconv.Itoa(rl.Burst)
+	}
 	unit := rl.Per.String() // policy accepts only s, m and h
 	switch rl.Per {
 	case time.Second:

@@ -9,6 +9,7 @@ import (
 	"mime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -37,7 +38,10 @@ const CodeHeaderMismatch = -32020
 type Options struct {
 	Store       *policy.Store
 	DecisionLog *zap.Logger
-	Meter       metric.Meter
+	// Log is for what operators need to know beyond decisions: the rate-limit store
+	// going down and coming back.
+	Log   *zap.Logger
+	Meter metric.Meter
 	// SessionKey binds the Mcp-Session-Id values clients see to the caller that opened
 	// the session (see session.go): SessionKeyBytes of secret. Replicas behind the same
 	// Envoys need the same key. Empty: a random key for this process, so sessions do not
@@ -63,8 +67,12 @@ type Server struct {
 	// Rego inputs.
 	listCache decisionCache
 	rego      *regoCaches
-	// limits are the token buckets of limits.perCaller and limits.perTool.
-	limits limiters
+	// limits are the in-process buckets of the limits; shared the Redis store when the
+	// Mesh names one (limits.go); limitCount counts their decisions.
+	limits     limiters
+	shared     sharedLimits
+	limitCount metric.Int64Counter
+	limitAttrs sync.Map // limitCountKey -> metric.AddOption
 
 	// records are logged and counted by one background goroutine, off the request path;
 	// no audit line is ever dropped (see decisionlog.Queue.Add).
@@ -88,6 +96,10 @@ func NewServer(opts Options) (*Server, error) {
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}
+	s.shared.log = opts.Log
+	if s.shared.log == nil {
+		s.shared.log = zap.NewNop()
+	}
 	meter := opts.Meter
 	if meter == nil {
 		meter = noop.NewMeterProvider().Meter("")
@@ -100,6 +112,10 @@ func NewServer(opts Options) (*Server, error) {
 	if s.latency, err = meter.Float64Histogram("mcpgate.mcp.decision.duration", metric.WithUnit("s"),
 		metric.WithDescription("time to decide one MCP request body (parse, rules, Rego)"),
 		metric.WithExplicitBucketBoundaries(.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .05, .25, 1)); err != nil {
+		return nil, err
+	}
+	if s.limitCount, err = meter.Int64Counter("mcpgate.ratelimit.decisions",
+		metric.WithDescription("rate-limit decisions per bucket kind (key: caller, subject, tenant, tool) by target and decision (allowed, refused, local_*, unavailable_*)")); err != nil {
 		return nil, err
 	}
 	if _, err = meter.Int64ObservableGauge("mcpgate.mcp.cache.entries",
@@ -184,8 +200,9 @@ type stream struct {
 	start                          time.Time      // when deciding began
 	cancel                         topdown.Cancel // cancelled when the stream's context ends
 	plan                           []responseStep
-	upstreamSession                string // the server's session id, when one was presented
-	isGRPC                         bool   // the request is gRPC MCP (grpc.go)
+	upstreamSession                string                     // the server's session id, when one was presented
+	isGRPC                         bool                       // the request is gRPC MCP (grpc.go)
+	claims                         map[string]json.RawMessage // the token's, once a limit needs one (claim)
 	grpc                           *grpcStream
 	answering                      []json.RawMessage // ids of the requests of the body
 	rewriters                      []rewriter
@@ -524,10 +541,10 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 		// Limits come before the decision: a flood of calls that would be denied must
 		// not be able to spend mcpgate's CPU on Rego either.
 		st.req = r // the last message is what the response phase logs about
-		if reason, wait := st.rateLimit(&r, start); reason != "" {
+		if v, refused := st.rateLimit(ctx, &r, start); refused {
 			decisions = append(decisions, requestDecision{msgIndex: i, r: r, id: m.ID})
-			return st.refuseBody(parsed, decisions, len(decisions)-1, refusal{status: 429, rule: ruleRateLimit, reason: reason,
-				code: st.app.MCP.Tools.ErrorCode, id: m.ID, headers: []*corev3.HeaderValueOption{rawHeader("retry-after", retryAfter(wait))}})
+			return st.refuseBody(parsed, decisions, len(decisions)-1, refusal{status: v.status, rule: v.rule, reason: v.reason,
+				code: st.app.MCP.Tools.ErrorCode, id: m.ID, headers: v.headers})
 		}
 		d := Decide(ctx, st.app.MCP, &r)
 		if d.Allow && m.Task && m.Method == "tools/call" && st.redactsResult(m.Tool, d) {
@@ -751,6 +768,7 @@ type procRecord struct {
 // Close stops the recorder after writing every decision already made. Call it after the
 // gRPC server has stopped; decisions made afterwards are written synchronously.
 func (s *Server) Close() {
+	s.shared.close()
 	s.records.Close()
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"sort"
@@ -12,6 +13,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
+	"github.com/mcpgate/mcpgate/extproc"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -33,13 +35,15 @@ func newTelemetry() (*telemetry, error) {
 	return &telemetry{registry: reg, meter: mp.Meter("github.com/mcpgate/mcpgate")}, nil
 }
 
-func adminHandler(store *policy.Store, tel *telemetry) http.Handler {
+// adminHandler serves the admin endpoints. limits, when ext_proc runs, reports the
+// rate-limit store for /readyz.
+func adminHandler(store *policy.Store, tel *telemetry, limits func(context.Context) *extproc.RateLimitStatus) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("ok\n"))
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		// Ready once a snapshot is loaded. A rejected later edit does not make mcpgate
 		// unready (the last good policy serves), but it is shown so operators see it.
 		st := store.Status()
@@ -47,10 +51,18 @@ func adminHandler(store *policy.Store, tel *telemetry) http.Handler {
 		if store.Current() == nil {
 			code = http.StatusServiceUnavailable
 		}
+		// A rate-limit store that is down does not make mcpgate unready either: every
+		// replica would then leave the Service at once. Its failure mode decides calls,
+		// and the detail here says which.
+		var rl *extproc.RateLimitStatus
+		if limits != nil && code == http.StatusOK {
+			rl = limits(r.Context())
+		}
 		writeJSON(w, code, struct {
 			Ready bool `json:"ready"`
 			policy.Status
-		}{Ready: code == http.StatusOK, Status: st})
+			RateLimits *extproc.RateLimitStatus `json:"rate_limits,omitempty"`
+		}{Ready: code == http.StatusOK, Status: st, RateLimits: rl})
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(tel.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /debug/snapshot", func(w http.ResponseWriter, _ *http.Request) {
@@ -115,6 +127,7 @@ func describeSnapshot(s *policy.Snapshot, st policy.Status) any {
 		"status":       st,
 		"files":        s.Files,
 		"trust_domain": s.Mesh.TrustDomain,
+		"rate_limits":  describeRateLimits(s.Mesh.RateLimits),
 		"mtls":         s.Mesh.MTLS,
 		"apps":         apps,
 		"issuers": names(len(s.Mesh.Issuers), func(add func(string)) {
@@ -133,4 +146,14 @@ func describeSnapshot(s *policy.Snapshot, st policy.Status) any {
 			}
 		}),
 	}
+}
+
+// describeRateLimits names the store and how it is reached; the password file's path is
+// shown, never its contents.
+func describeRateLimits(rl *policy.RateLimitStore) any {
+	if rl == nil {
+		return map[string]string{"store": "local"}
+	}
+	return map[string]any{"store": "redis", "address": rl.Address, "db": rl.DB, "tls": rl.TLS,
+		"password_file": rl.PasswordFile, "failure_mode": rl.FailureMode, "timeout": rl.Timeout.String()}
 }

@@ -195,6 +195,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 		log.Info("serving the embedded demo policy; pass --config DIR to serve and watch your own")
 	}
 
+	var limitStatus func(context.Context) *extproc.RateLimitStatus
 	if f.grpcAddr != "" {
 		authz, err := extauthz.NewServer(extauthz.Options{
 			Store:       store,
@@ -208,9 +209,13 @@ func serve(ctx context.Context, f *serveFlags) error {
 		if sessionKey == nil {
 			log.Info("Mcp-Session-Id values are bound with a key of this process: sessions end with it, and replicas need a shared --session-key-file")
 		}
-		proc, err := extproc.NewServer(extproc.Options{Store: store, DecisionLog: log.Named("decision"), Meter: tel.meter, SessionKey: sessionKey})
+		proc, err := extproc.NewServer(extproc.Options{Store: store, DecisionLog: log.Named("decision"), Log: log.Named("ratelimit"), Meter: tel.meter, SessionKey: sessionKey})
 		if err != nil {
 			return err
+		}
+		limitStatus = func(ctx context.Context) *extproc.RateLimitStatus {
+			st := proc.RateLimitStatus(ctx)
+			return &st
 		}
 		lis, err := net.Listen("tcp", f.grpcAddr)
 		if err != nil {
@@ -240,7 +245,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 		if err != nil {
 			return fmt.Errorf("--admin-addr: %w", err)
 		}
-		hs := &http.Server{Handler: adminHandler(store, tel), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: adminHandler(store, tel, limitStatus), ReadHeaderTimeout: 5 * time.Second}
 		log.Info("admin listening", zap.String("addr", lis.Addr().String()))
 		g.Go(func() error {
 			if err := hs.Serve(lis); !errors.Is(err, http.ErrServerClosed) {

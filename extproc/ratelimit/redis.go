@@ -19,6 +19,7 @@ import (
 	"math"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -106,6 +107,12 @@ type Redis struct {
 // NewRedis returns the store that o describes. It does not dial: the first decision
 // does, and a Redis that is down at start is an error of each decision, not of startup.
 func NewRedis(o Options) (*Redis, error) {
+	quietOnce.Do(func() {
+		// go-redis logs every failed dial to stderr through a process-wide logger, in
+		// its own format; the failures are errors of the decisions, which mcpgate
+		// reports (once per outage, with the failure mode) in its own log.
+		redis.SetLogger(discardLogger{})
+	})
 	if o.Address == "" {
 		return nil, errors.New("ratelimit: redis address is empty")
 	}
@@ -181,6 +188,12 @@ func NewRedis(o Options) (*Redis, error) {
 	})
 	return &Redis{c: c, addr: o.Address, timeout: o.Timeout, prefix: o.KeyPrefix}, nil
 }
+
+var quietOnce sync.Once
+
+type discardLogger struct{}
+
+func (discardLogger) Printf(context.Context, string, ...any) {}
 
 // gcraSource is the decision script, kept in its own file to be read as Lua.
 //

@@ -1,0 +1,496 @@
+package extproc
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.uber.org/zap"
+	"golang.org/x/time/rate"
+
+	"github.com/mcpgate/mcpgate/extproc/ratelimit"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// A message passes every limit of its app that applies to it: perCaller, perSubject,
+// perTenant and the first perTool limit matching its tool. With Mesh.spec.rateLimits.redis
+// the buckets live in Redis, shared by every replica, and one message costs one round
+// trip however many limits apply (ratelimit.Redis.AllowN, all or nothing). Without it, or
+// while Redis is unreachable under failureMode local, they live in this replica's memory
+// (limiters), all or nothing as well.
+
+// Values of the decision label of mcpgate.ratelimit.decisions.
+const (
+	limitAllowed            = "allowed"             // the shared store admitted it
+	limitRefused            = "refused"             // the shared store refused it
+	limitLocalAllowed       = "local_allowed"       // this replica's buckets admitted it
+	limitLocalRefused       = "local_refused"       // this replica's buckets refused it
+	limitUnavailableAllowed = "unavailable_allowed" // store down, failureMode allow
+	limitUnavailableRefused = "unavailable_refused" // store down, failureMode deny
+)
+
+// storeRetry is how long decisions skip a store that failed before trying it again: a
+// Redis that hangs then costs one timeout per second, not one per call.
+const storeRetry = time.Second
+
+// limitCheck is one bucket a message must pass.
+type limitCheck struct {
+	name  string // the policy's name of the limit: perCaller, perTool.get_*, ...
+	kind  string // the metric's key label: caller, subject, tenant or tool
+	key   string // the bucket, in this replica's memory
+	limit policy.RateLimit
+	whose string // for the reason: "for this caller"
+}
+
+// limitVerdict is a refused message's answer.
+type limitVerdict struct {
+	status  int    // 429, or 503 when the store is down under failureMode deny
+	rule    string // ruleRateLimit or ruleRateLimitDown
+	reason  string
+	wait    time.Duration
+	headers []*corev3.HeaderValueOption
+}
+
+// limitChecks lists the buckets r must pass, in the order of the policy.
+func (st *stream) limitChecks(r *Request, buf []limitCheck) []limitCheck {
+	lim := &st.app.MCP.Limits
+	app := st.app.ID
+	if pc := lim.PerCaller; pc != nil {
+		who := r.Caller.AppID
+		if who == "" {
+			who = "sub:" + r.Subject // JWT-only callers without an App ID: per subject
+		}
+		buf = append(buf, limitCheck{name: "perCaller", kind: "caller", limit: *pc, whose: " for this caller",
+			key: lengthPrefixed(app, "caller", rateString(*pc), who)})
+	}
+	if ps := lim.PerSubject; ps != nil {
+		buf = append(buf, limitCheck{name: "perSubject", kind: "subject", limit: *ps, whose: " for this user",
+			key: lengthPrefixed(app, "subject", rateString(*ps), lim.SubjectClaim, st.claim(lim.SubjectClaim))})
+	}
+	if pt := lim.PerTenant; pt != nil {
+		buf = append(buf, limitCheck{name: "perTenant", kind: "tenant", limit: *pt, whose: " for this tenant",
+			key: lengthPrefixed(app, "tenant", rateString(*pt), lim.TenantClaim, st.claim(lim.TenantClaim))})
+	}
+	if r.Method == "tools/call" {
+		for _, tr := range lim.PerTool {
+			if !tr.Tool.Match(r.Tool) {
+				continue
+			}
+			c := limitCheck{name: "perTool." + tr.Tool.String(), kind: "tool", limit: tr.Rate}
+			var who string
+			switch tr.Per {
+			case policy.PerCaller:
+				who, c.whose = r.Caller.AppID, " for this caller"
+				if who == "" {
+					who = "sub:" + r.Subject
+				}
+			case policy.PerSubject:
+				who, c.whose = tr.Claim+"="+st.claim(tr.Claim), " for this user"
+			case policy.PerTenant:
+				who, c.whose = tr.Claim+"="+st.claim(tr.Claim), " for this tenant"
+			}
+			c.key = lengthPrefixed(app, "tool", rateString(tr.Rate), tr.Tool.String(), string(tr.Per), who)
+			buf = append(buf, c)
+			break // the first matching limit applies
+		}
+	}
+	return buf
+}
+
+// claim is the value of a claim of the caller's verified token: the verified subject
+// for sub, a string claim as it is, any other JSON value as its JSON text, "" without a
+// token or the claim. The claims are decoded once per stream, only when a limit needs a
+// claim other than sub.
+func (st *stream) claim(name string) string {
+	if name == policy.DefaultSubjectClaim {
+		return st.req.Subject
+	}
+	if st.claims == nil {
+		st.claims = map[string]json.RawMessage{}
+		if st.req.ClaimsJSON != "" {
+			// A payload that does not decode (it was verified, so it does) leaves no
+			// claims: every such caller shares the allowance of "no value".
+			_ = json.Unmarshal([]byte(st.req.ClaimsJSON), &st.claims)
+		}
+	}
+	raw, ok := st.claims[name]
+	if !ok {
+		return ""
+	}
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		return s
+	}
+	return string(raw)
+}
+
+// rateLimit checks the app's limits for one message. It returns a verdict when the
+// message is refused.
+func (st *stream) rateLimit(ctx context.Context, r *Request, now time.Time) (limitVerdict, bool) {
+	var buf [4]limitCheck
+	checks := st.limitChecks(r, buf[:0])
+	if len(checks) == 0 {
+		return limitVerdict{}, false
+	}
+	s := st.s
+	if store := s.shared.get(st.snap.Mesh.RateLimits); store != nil {
+		v, refused, err := store.decide(ctx, s, st.app.ID, checks, now)
+		if err == nil {
+			return v, refused
+		}
+		switch store.cfg.FailureMode {
+		case policy.FailAllow:
+			s.countLimits(st.app.ID, checks, limitUnavailableAllowed)
+			return limitVerdict{}, false
+		case policy.FailDeny:
+			s.countLimits(st.app.ID, checks, limitUnavailableRefused)
+			return limitVerdict{status: 503, rule: ruleRateLimitDown, wait: storeRetry,
+				reason:  "rate limits unavailable: " + err.Error() + " (spec.rateLimits.failureMode deny)",
+				headers: []*corev3.HeaderValueOption{rawHeader("retry-after", retryAfter(storeRetry))}}, true
+		}
+		// failureMode local: this replica's buckets, below.
+		return st.localLimits(checks, now, limitLocalAllowed, limitLocalRefused)
+	}
+	return st.localLimits(checks, now, limitAllowed, limitRefused)
+}
+
+// localLimits decides in this replica's buckets, all or nothing: a message refused by
+// one limit gives back what it took from the others.
+func (st *stream) localLimits(checks []limitCheck, now time.Time, allowed, refused string) (limitVerdict, bool) {
+	var taken [4]*rate.Reservation
+	for i, c := range checks {
+		res, ok, wait := st.s.limits.reserve(c.key, c.limit, now)
+		if ok {
+			taken[i] = res
+			continue
+		}
+		for _, t := range taken[:i] {
+			t.CancelAt(now)
+		}
+		st.s.countLimit(st.app.ID, c.kind, refused)
+		return refusedBy(c, wait), true
+	}
+	st.s.countLimits(st.app.ID, checks, allowed)
+	return limitVerdict{}, false
+}
+
+// refusedBy is the answer to a message that limit c refused, retry after wait: 429 with
+// Retry-After and the IETF RateLimit-Policy and RateLimit fields
+// (draft-ietf-httpapi-ratelimit-headers) naming the limit, its quota and window, and
+// nothing remaining until the retry.
+func refusedBy(c limitCheck, wait time.Duration) limitVerdict {
+	ra := retryAfter(wait)
+	name := sfString(c.name)
+	return limitVerdict{status: 429, rule: ruleRateLimit, wait: wait,
+		reason: "rate limit exceeded: limits." + strings.Replace(c.name, ".", " ", 1) + " " + rateString(c.limit) + c.whose,
+		headers: []*corev3.HeaderValueOption{
+			rawHeader("retry-after", ra),
+			rawHeader("ratelimit-policy", name+";q="+strconv.Itoa(c.limit.N)+";w="+strconv.Itoa(int(c.limit.Per/time.Second))),
+			rawHeader("ratelimit", name+";r=0;t="+ra),
+		}}
+}
+
+// sfString renders s as an RFC 9651 structured-field string: printable ASCII, with
+// backslash and double quote escaped; anything else (a tool glob is the caller's text
+// only through the policy, but still) becomes '?'.
+func sfString(s string) string {
+	var b strings.Builder
+	b.Grow(len(s) + 2)
+	b.WriteByte('"')
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '"' || c == '\\':
+			b.WriteByte('\\')
+			b.WriteByte(c)
+		case c < 0x20 || c > 0x7e:
+			b.WriteByte('?')
+		default:
+			b.WriteByte(c)
+		}
+	}
+	b.WriteByte('"')
+	return b.String()
+}
+
+// countLimits counts one decision on every bucket of checks.
+func (s *Server) countLimits(target string, checks []limitCheck, decision string) {
+	for _, c := range checks {
+		s.countLimit(target, c.kind, decision)
+	}
+}
+
+type limitCountKey struct{ target, kind, decision string }
+
+func (s *Server) countLimit(target, kind, decision string) {
+	k := limitCountKey{target, kind, decision}
+	set, ok := s.limitAttrs.Load(k)
+	if !ok {
+		// target is an App ID of the policy and kind and decision are constants: the
+		// label sets are bounded by the policy, never by callers.
+		set, _ = s.limitAttrs.LoadOrStore(k, metric.WithAttributeSet(attribute.NewSet(
+			attribute.String("target", target), attribute.String("key", kind), attribute.String("decision", decision))))
+	}
+	s.limitCount.Add(context.Background(), 1, set.(metric.AddOption))
+}
+
+// sharedLimits holds the client of the shared store the policy names, made again when
+// the Mesh's spec.rateLimits changes.
+type sharedLimits struct {
+	mu  sync.Mutex
+	cur atomic.Pointer[sharedStore]
+	log *zap.Logger
+}
+
+// sharedStore is one Redis the limits are counted in, and what is known of its health.
+type sharedStore struct {
+	cfg    policy.RateLimitStore
+	r      *ratelimit.Redis // nil when the configuration could not be used (cfgErr)
+	cfgErr error
+	log    *zap.Logger
+
+	skipUntil atomic.Int64 // unix ns: decisions use the failure mode until then
+
+	mu        sync.Mutex
+	down      bool
+	lastErr   string
+	downSince time.Time
+}
+
+// get returns the store cfg names, making it on first use or after a change; nil when
+// the policy names none.
+func (sl *sharedLimits) get(cfg *policy.RateLimitStore) *sharedStore {
+	cur := sl.cur.Load()
+	if cfg == nil {
+		if cur != nil {
+			sl.swap(nil)
+		}
+		return nil
+	}
+	if cur != nil && cur.cfg == *cfg {
+		return cur
+	}
+	sl.mu.Lock()
+	defer sl.mu.Unlock()
+	if cur := sl.cur.Load(); cur != nil && cur.cfg == *cfg {
+		return cur
+	}
+	n := newSharedStore(*cfg, sl.log)
+	sl.swapLocked(n)
+	return n
+}
+
+func (sl *sharedLimits) swap(n *sharedStore) {
+	sl.mu.Lock()
+	defer sl.mu.Unlock()
+	sl.swapLocked(n)
+}
+
+func (sl *sharedLimits) swapLocked(n *sharedStore) {
+	old := sl.cur.Swap(n)
+	if n != nil {
+		sl.log.Info("rate limits are counted in redis, shared by the replicas",
+			zap.String("address", n.cfg.Address), zap.Int("db", n.cfg.DB), zap.String("failure_mode", string(n.cfg.FailureMode)))
+	} else if old != nil {
+		sl.log.Info("rate limits are counted in each replica (no spec.rateLimits.redis)")
+	}
+	if old != nil && old.r != nil {
+		// Decisions in flight may still hold the old client: close it once they are done.
+		time.AfterFunc(2*policy.MaxRateLimitTimeout, func() { _ = old.r.Close() })
+	}
+}
+
+func (sl *sharedLimits) close() {
+	if cur := sl.cur.Swap(nil); cur != nil && cur.r != nil {
+		_ = cur.r.Close()
+	}
+}
+
+func newSharedStore(cfg policy.RateLimitStore, log *zap.Logger) *sharedStore {
+	ss := &sharedStore{cfg: cfg, log: log}
+	opts := ratelimit.Options{Address: cfg.Address, DB: cfg.DB, PasswordFile: cfg.PasswordFile, Timeout: cfg.Timeout}
+	if cfg.TLS {
+		tc, err := redisTLS(cfg)
+		if err != nil {
+			ss.cfgErr = err
+			ss.markDown(err, time.Now())
+			return ss
+		}
+		opts.TLS = tc
+	}
+	r, err := ratelimit.NewRedis(opts)
+	if err != nil {
+		ss.cfgErr = err
+		ss.markDown(err, time.Now())
+		return ss
+	}
+	ss.r = r
+	return ss
+}
+
+func redisTLS(cfg policy.RateLimitStore) (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: cfg.ServerName}
+	if tc.ServerName == "" && !strings.HasPrefix(cfg.Address, "unix://") {
+		host, _, _ := strings.Cut(cfg.Address, ":")
+		if strings.HasPrefix(cfg.Address, "[") {
+			host, _, _ = strings.Cut(strings.TrimPrefix(cfg.Address, "["), "]")
+		}
+		tc.ServerName = host
+	}
+	if cfg.CAFile != "" {
+		pem, err := os.ReadFile(cfg.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("redis %s: tls.caFile: %w", cfg.Address, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("redis %s: tls.caFile %s holds no PEM certificate", cfg.Address, cfg.CAFile)
+		}
+		tc.RootCAs = pool
+	}
+	return tc, nil
+}
+
+var errStoreSkipped = errors.New("skipped after a recent failure")
+
+// decide takes one request from every bucket of checks in Redis, in one round trip. An
+// error means Redis did not decide (down, slow, refusing): the failure mode does.
+func (ss *sharedStore) decide(ctx context.Context, s *Server, target string, checks []limitCheck, now time.Time) (limitVerdict, bool, error) {
+	if ss.r == nil {
+		return limitVerdict{}, false, ss.cfgErr
+	}
+	if until := ss.skipUntil.Load(); until != 0 && now.UnixNano() < until {
+		return limitVerdict{}, false, ss.currentErr()
+	}
+	var buf [4]ratelimit.Request
+	reqs := buf[:0]
+	for _, c := range checks {
+		reqs = append(reqs, ratelimit.Request{Key: sharedKey(target, c), Limit: ratelimit.Limit{N: c.limit.N, Per: c.limit.Per, Burst: c.limit.Burst}})
+	}
+	res, err := ss.r.AllowN(ctx, reqs)
+	if err != nil {
+		if ctx.Err() != nil {
+			// The call ended (the client went away): that says nothing about Redis.
+			return limitVerdict{}, false, err
+		}
+		ss.markDown(err, now)
+		return limitVerdict{}, false, err
+	}
+	ss.markUp()
+	for i, r := range res {
+		if !r.Allowed {
+			s.countLimit(target, checks[i].kind, limitRefused)
+			return refusedBy(checks[i], r.RetryAfter), true, nil
+		}
+	}
+	s.countLimits(target, checks, limitAllowed)
+	return limitVerdict{}, false, nil
+}
+
+// sharedKey is the Redis key of c's bucket: the app and kind in clear, for operators
+// reading Redis, and the rest (rate, claim values: who the caller is) as a hash, so that
+// Redis holds no user identifiers and keys stay short.
+func sharedKey(target string, c limitCheck) string {
+	sum := sha256.Sum256([]byte(c.key))
+	return target + ":" + c.kind + ":" + hex.EncodeToString(sum[:16])
+}
+
+func (ss *sharedStore) markDown(err error, now time.Time) {
+	ss.skipUntil.Store(now.Add(storeRetry).UnixNano())
+	msg := err.Error()
+	ss.mu.Lock()
+	was := ss.down
+	ss.down, ss.lastErr = true, msg
+	if !was {
+		ss.downSince = now
+	}
+	ss.mu.Unlock()
+	if !was {
+		ss.log.Warn("rate-limit store unreachable: limited calls follow the failure mode until it answers",
+			zap.String("address", ss.cfg.Address), zap.String("failure_mode", string(ss.cfg.FailureMode)), zap.String("error", msg))
+	}
+}
+
+func (ss *sharedStore) markUp() {
+	if ss.skipUntil.Load() == 0 {
+		return // the common case: one atomic load
+	}
+	ss.skipUntil.Store(0)
+	ss.mu.Lock()
+	was, since := ss.down, ss.downSince
+	ss.down, ss.lastErr, ss.downSince = false, "", time.Time{}
+	ss.mu.Unlock()
+	if was {
+		ss.log.Info("rate-limit store reachable again: limits are shared by the replicas",
+			zap.String("address", ss.cfg.Address), zap.Duration("down_for", time.Since(since)))
+	}
+}
+
+func (ss *sharedStore) currentErr() error {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.lastErr == "" {
+		return errStoreSkipped
+	}
+	return fmt.Errorf("%s (%w)", ss.lastErr, errStoreSkipped)
+}
+
+// RateLimitStatus is what /readyz shows about the rate-limit store.
+type RateLimitStatus struct {
+	// Store is "redis" or "local" (each replica's memory).
+	Store       string    `json:"store"`
+	Address     string    `json:"address,omitempty"`
+	FailureMode string    `json:"failure_mode,omitempty"`
+	Reachable   bool      `json:"reachable"`
+	Error       string    `json:"error,omitempty"`
+	DownSince   time.Time `json:"down_since,omitzero"`
+	// Effect says what limited calls get right now.
+	Effect string `json:"effect"`
+}
+
+// RateLimitStatus checks the store the policy in force names (one PING, bounded by its
+// timeout) and says what limited calls get.
+func (s *Server) RateLimitStatus(ctx context.Context) RateLimitStatus {
+	snap := s.store.Current()
+	if snap == nil || snap.Mesh.RateLimits == nil {
+		return RateLimitStatus{Store: "local", Reachable: true, Effect: "limits are counted in each replica"}
+	}
+	ss := s.shared.get(snap.Mesh.RateLimits)
+	st := RateLimitStatus{Store: "redis", Address: ss.cfg.Address, FailureMode: string(ss.cfg.FailureMode)}
+	err := ss.cfgErr
+	if err == nil {
+		err = ss.r.Ping(ctx)
+	}
+	now := time.Now()
+	if err == nil {
+		ss.markUp()
+		st.Reachable, st.Effect = true, "limits are shared by the replicas"
+		return st
+	}
+	ss.markDown(err, now)
+	ss.mu.Lock()
+	st.Error, st.DownSince = ss.lastErr, ss.downSince
+	ss.mu.Unlock()
+	switch ss.cfg.FailureMode {
+	case policy.FailAllow:
+		st.Effect = "failureMode allow: limited calls are admitted without a limit"
+	case policy.FailDeny:
+		st.Effect = "failureMode deny: limited calls are refused (503)"
+	default:
+		st.Effect = "failureMode local: limits are counted in each replica until redis answers"
+	}
+	return st
+}
