@@ -75,7 +75,7 @@ proto: $(BUF) $(PROTOC_GEN) ## Regenerate the Go of proto/ (buf generate with th
 fmt: ## Format the code
 	gofmt -w $$(git ls-files '*.go')
 
-bench: ## Benchmarks: Check and ext_proc exchanges beside no-op servers, Rego, list filtering, parsing, outbound credentials
+bench: redis ## Benchmarks: Check and ext_proc exchanges beside no-op servers, Rego, list filtering, parsing, outbound credentials
 	go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./extauthz/... ./extproc/... ./policy/... ./xds/...
 	go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./integration/envoyemu/
 

@@ -19,6 +19,7 @@ import (
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extproc/grpcframe"
+	"github.com/mcpgate/mcpgate/integration/redistest"
 	"github.com/mcpgate/mcpgate/policy"
 	mcpv1 "github.com/mcpgate/mcpgate/proto/mcpgate/mcp/v1"
 )
@@ -340,4 +341,71 @@ func BenchmarkGRPCStreamThroughput(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
 	_ = stream.CloseSend()
+}
+
+// BenchmarkRedisLimitedExchange is what a shared rate limit adds to a call: one full
+// tools/call exchange with three limits in Redis on loopback (perCaller, perSubject and
+// a perTool limit, decided in one round trip), beside the same exchange with no limit,
+// in the same run and alternating, as BenchmarkExchange does. The limits are out of
+// reach so every call is admitted (and spends from three buckets).
+func BenchmarkRedisLimitedExchange(b *testing.B) {
+	srv := redistest.Start(b)
+	unlimited, limited := newDemoServer(b), newDemoServer(b)
+	b.Cleanup(unlimited.Close)
+	b.Cleanup(limited.Close)
+	lim := &unlimited.store.Current().App("inventory").MCP.Limits
+	lim.PerCaller, lim.PerTool = nil, nil
+	g, err := policy.CompileGlob("get_*")
+	if err != nil {
+		b.Fatal(err)
+	}
+	snap := limited.store.Current()
+	snap.Mesh.RateLimits = &policy.RateLimitStore{Address: srv.Addr(), FailureMode: policy.FailDeny, Timeout: time.Second}
+	lim = &snap.App("inventory").MCP.Limits
+	huge := policy.RateLimit{N: 1 << 30, Per: time.Second}
+	lim.PerCaller, lim.PerSubject, lim.SubjectClaim = &huge, &huge, "sub"
+	lim.PerTool = []policy.ToolRate{{Tool: g, Rate: huge, Per: policy.PerSubject, Claim: "sub"}}
+
+	body := call(1, "get_inventory", `{"product_id":"SKU-42"}`)
+	msgs := func(s *Server) []*extprocv3.ProcessingRequest {
+		ident, err := contract.FromMetadata(agentMD)
+		if err != nil {
+			b.Fatal(err)
+		}
+		session := s.bindSession("s1", identityOf(ident))
+		return []*extprocv3.ProcessingRequest{
+			{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+				Headers: headerMap(":method", "POST", ":path", "/mcp", "content-type", "application/json", "content-length", fmt.Sprint(len(body)),
+					"mcp-protocol-version", "2025-06-18", "mcp-session-id", session, "accept", "application/json, text/event-stream")}}},
+			{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: []byte(body), EndOfStream: true}}},
+			{Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
+				Headers: headerMap(":status", "200", "content-type", "application/json")}}},
+		}
+	}
+	lc, uc := startProcessor(b, limited), startProcessor(b, unlimited)
+	lm, um := msgs(limited), msgs(unlimited)
+	timed := func(c extprocv3.ExternalProcessorClient, m []*extprocv3.ProcessingRequest) time.Duration {
+		t0 := time.Now()
+		exchangeOnce(b, c, m)
+		return time.Since(t0)
+	}
+	timed(lc, lm) // dial Redis, load the script
+	timed(uc, um)
+	var ll, lu []time.Duration
+	i := 0
+	for b.Loop() {
+		if i%2 == 0 {
+			ll, lu = append(ll, timed(lc, lm)), append(lu, timed(uc, um))
+		} else {
+			lu, ll = append(lu, timed(uc, um)), append(ll, timed(lc, lm))
+		}
+		i++
+	}
+	l50, l99 := pct(ll)
+	u50, u99 := pct(lu)
+	b.ReportMetric(float64(l50.Microseconds()), "limited-p50-µs")
+	b.ReportMetric(float64(l99.Microseconds()), "limited-p99-µs")
+	b.ReportMetric(float64(u50.Microseconds()), "unlimited-p50-µs")
+	b.ReportMetric(float64(u99.Microseconds()), "unlimited-p99-µs")
+	b.ReportMetric(float64((l50-u50).Microseconds()), "added-p50-µs")
 }
