@@ -407,5 +407,5 @@ func BenchmarkRedisLimitedExchange(b *testing.B) {
 	b.ReportMetric(float64(l99.Microseconds()), "limited-p99-µs")
 	b.ReportMetric(float64(u50.Microseconds()), "unlimited-p50-µs")
 	b.ReportMetric(float64(u99.Microseconds()), "unlimited-p99-µs")
-	b.ReportMetric(float64((l50-u50).Microseconds()), "added-p50-µs")
+	b.ReportMetric(float64((l50 - u50).Microseconds()), "added-p50-µs")
 }
