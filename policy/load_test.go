@@ -647,3 +647,35 @@ func TestLoadRateLimits(t *testing.T) {
 		t.Errorf("without rateLimits the store is %+v, want nil (per replica)", got)
 	}
 }
+
+// The README's rate-limit example says it copies as it is: its Mesh part and its limits
+// part, dropped into a Mesh and an App, must load and mean what the README says.
+func TestREADMERateLimitExample(t *testing.T) {
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(b), "\n### Limits\n")
+	if !ok {
+		t.Fatal("README has no ### Limits section")
+	}
+	_, rest, ok = strings.Cut(rest, "```yaml\n")
+	block, _, ok2 := strings.Cut(rest, "```\n")
+	if !ok || !ok2 {
+		t.Fatal("README's Limits section has no yaml block")
+	}
+	meshPart, appPart, ok := strings.Cut(block, "# inventory.yaml, under spec.mcp:\n")
+	_, meshPart, ok2 = strings.Cut(meshPart, "\nspec:\n")
+	if !ok || !ok2 {
+		t.Fatalf("the block is not a mesh.yaml part then an inventory.yaml part:\n%s", block)
+	}
+	snap := requireLoad(t, map[string]string{"mesh.yaml": meshYAML + meshPart, "app.yaml": appYAML + appPart})
+	if rl := snap.Mesh.RateLimits; rl == nil || rl.Address != "redis:6379" || rl.FailureMode != FailLocal || rl.PasswordFile == "" {
+		t.Errorf("rateLimits = %+v", rl)
+	}
+	lim := snap.App("inventory").MCP.Limits
+	if lim.PerSubject == nil || lim.PerSubject.N != 100 || lim.PerTenant == nil || lim.TenantClaim != "tid" ||
+		lim.PerCaller == nil || lim.PerCaller.Burst != 50 || len(lim.PerTool) != 2 {
+		t.Errorf("limits = %+v", lim)
+	}
+}
