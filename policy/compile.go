@@ -225,7 +225,29 @@ func (l *loader) compileMesh(d *document) *Mesh {
 		}
 	}
 	m.RateLimits = l.compileRateLimits(d, spec.RateLimits)
+	m.Tracing = l.compileTracing(d, spec.Tracing)
 	return m
+}
+
+func (l *loader) compileTracing(d *document, spec *TracingSpec) *Tracing {
+	const p = "spec.tracing"
+	if spec == nil {
+		return nil
+	}
+	tr := &Tracing{Address: spec.OTLP.Address, Secure: spec.OTLP.IsSecure}
+	if spec.SamplingRate == "" {
+		l.errf(d, p+".samplingRate", `is required: "0" to "1" (e.g. "0.1" keeps one trace in ten)`)
+	} else if r, err := strconv.ParseFloat(spec.SamplingRate, 64); err != nil || r < 0 || r > 1 || r != r {
+		l.errf(d, p+".samplingRate", `%q is not a fraction from "0" to "1"`, spec.SamplingRate)
+	} else {
+		tr.SamplingRate = r
+	}
+	if spec.OTLP.Address == "" {
+		l.errf(d, p+".otlp.address", "is required (host:port of an OTLP/gRPC collector)")
+	} else if err := checkHostPort(spec.OTLP.Address); err != nil {
+		l.errf(d, p+".otlp.address", "%v", err)
+	}
+	return tr
 }
 
 func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitStore {

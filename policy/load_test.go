@@ -345,6 +345,17 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			},
 		},
 		{
+			name: "bad tracing",
+			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  tracing:
+    samplingRate: "1.5"
+    otlp: {address: "http://collector:4317"}
+`},
+			want: []string{
+				`mesh.yaml:17: spec.tracing.samplingRate: "1.5" is not a fraction from "0" to "1"`,
+				`mesh.yaml:18: spec.tracing.otlp.address: "http://collector:4317" is not host:port`,
+			},
+		},
+		{
 			name:  "failure mode without redis",
 			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + "  rateLimits: {failureMode: deny}\n"},
 			want:  []string{`spec.rateLimits.redis: is required with failureMode`},
@@ -677,5 +688,16 @@ func TestREADMERateLimitExample(t *testing.T) {
 	if lim.PerSubject == nil || lim.PerSubject.N != 100 || lim.PerTenant == nil || lim.TenantClaim != "tid" ||
 		lim.PerCaller == nil || lim.PerCaller.Burst != 50 || len(lim.PerTool) != 2 {
 		t.Errorf("limits = %+v", lim)
+	}
+}
+
+func TestLoadTracing(t *testing.T) {
+	mesh := meshYAML + "  tracing: {samplingRate: \"0.25\", otlp: {address: \"collector:4317\"}}\n"
+	snap := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": appYAML})
+	if got, want := snap.Mesh.Tracing, (&Tracing{SamplingRate: 0.25, Address: "collector:4317"}); got == nil || *got != *want {
+		t.Errorf("Tracing = %+v, want %+v", got, want)
+	}
+	if requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML}).Mesh.Tracing != nil {
+		t.Error("without spec.tracing, tracing must be off")
 	}
 }

@@ -42,6 +42,15 @@ type Mesh struct {
 	Issuers map[string]*Issuer
 	// RateLimits is the shared store of the rate limits; nil: per replica.
 	RateLimits *RateLimitStore
+	// Tracing is nil when traces are off.
+	Tracing *Tracing
+}
+
+// Tracing is where traces go and how many are kept.
+type Tracing struct {
+	SamplingRate float64 // 0 to 1
+	Address      string  // OTLP/gRPC host:port
+	Secure       bool
 }
 
 // App is one App ID.

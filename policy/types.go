@@ -56,6 +56,23 @@ type MeshSpec struct {
 	// RateLimits says where the rate limits of every App are counted: without redis,
 	// in each replica's memory.
 	RateLimits RateLimitsSpec `yaml:"rateLimits"`
+	// Tracing turns on OpenTelemetry traces: every Envoy's and mcpgate's own spans,
+	// exported over OTLP/gRPC (Dapr's Configuration shape).
+	Tracing *TracingSpec `yaml:"tracing"`
+}
+
+// TracingSpec samples traces and says where they go.
+type TracingSpec struct {
+	// SamplingRate is the fraction of new traces kept, "0" to "1" (a string, as in
+	// Dapr's Configuration); a call whose caller already sampled it is kept.
+	SamplingRate string   `yaml:"samplingRate"`
+	OTLP         OTLPSpec `yaml:"otlp"`
+}
+
+// OTLPSpec is an OTLP/gRPC collector.
+type OTLPSpec struct {
+	Address  string `yaml:"address"`  // host:port
+	IsSecure bool   `yaml:"isSecure"` // TLS to the collector (system roots)
 }
 
 // RateLimitsSpec is the store of the rate limits that replicas share.
