@@ -33,7 +33,7 @@ build: ## Build bin/mcpgate and bin/mcpgate-demo (the compose demo's server, iss
 	go build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/mcpgate ./cmd/mcpgate
 	go build -trimpath -o $(BIN)/mcpgate-demo ./cmd/mcpgate-demo
 
-test: redis ## Unit, loopback and end-to-end tests, with the race detector
+test: redis otlpsink ## Unit, loopback and end-to-end tests, with the race detector
 	go test -race -count=1 ./...
 	$(MAKE) test-integration
 
@@ -75,7 +75,7 @@ proto: $(BUF) $(PROTOC_GEN) ## Regenerate the Go of proto/ (buf generate with th
 fmt: ## Format the code
 	gofmt -w $$(git ls-files '*.go')
 
-bench: redis ## Benchmarks: Check and ext_proc exchanges beside no-op servers, Rego, list filtering, parsing, outbound credentials
+bench: redis otlpsink ## Benchmarks: Check and ext_proc exchanges beside no-op servers, Rego, list filtering, parsing, outbound credentials
 	go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./extauthz/... ./extproc/... ./policy/... ./xds/...
 	go test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./integration/envoyemu/
 
@@ -149,6 +149,20 @@ spire: $(SPIRE_SERVER) $(SPIRE_AGENT) ## Build SPIRE server and agent (pinned) i
 $(BIN)/spire-%-$(SPIRE_VERSION):
 	@mkdir -p $(BIN)
 	cd integration/tools/spire && go build -o $@.tmp github.com/spiffe/spire/cmd/spire-$*
+	mv $@.tmp $@
+
+# The OpenTelemetry Collector's OTLP receiver for the tracing tests (integration/otlptest
+# runs it on a loopback port), built from the pinned tools module integration/tools/otlpsink:
+# its own go.mod, because the collector's confmap needs a gobwas/glob that OPA's conflicts with.
+OTLPSINK_VERSION := v0.165.0
+OTLPSINK := $(BIN)/otlpsink-$(OTLPSINK_VERSION)
+
+.PHONY: otlpsink
+otlpsink: $(OTLPSINK) ## Build the OTLP receiver (OpenTelemetry Collector otlpreceiver, pinned) for the tracing tests
+
+$(OTLPSINK): integration/tools/otlpsink/main.go integration/tools/otlpsink/go.mod integration/tools/otlpsink/go.sum
+	@mkdir -p $(BIN)
+	cd integration/tools/otlpsink && go build -o $@.tmp .
 	mv $@.tmp $@
 
 # redis-server for the shared rate limit's tests (extproc/ratelimit starts a real one on a

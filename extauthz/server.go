@@ -3,6 +3,7 @@ package extauthz
 import (
 	"context"
 	"encoding/json"
+	"strings"
 	"sync"
 	"time"
 
@@ -10,8 +11,10 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"go.opentelemetry.io/otel/attribute"
+	otelcodes "go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/metric/noop"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
@@ -31,6 +34,9 @@ type Options struct {
 	DecisionLog *zap.Logger
 	// Meter records decision counts and latency; default: no-op.
 	Meter metric.Meter
+	// Tracer records a span per Check under the policy's Mesh.spec.tracing, the child
+	// of the request's traceparent; nil: no spans.
+	Tracer *decisionlog.Tracer
 }
 
 // Server implements envoy.service.auth.v3.Authorization.
@@ -54,11 +60,13 @@ type Server struct {
 	// path: encoding a JSON log line and updating histograms cost more than deciding.
 	// No audit line is ever dropped (see decisionlog.Queue.Add), and Close drains them all.
 	records *decisionlog.Queue[recordEntry]
+	tracer  *decisionlog.Tracer
 }
 
 type recordEntry struct {
-	d       *Decision
-	elapsed time.Duration
+	d               *Decision
+	elapsed         time.Duration
+	traceID, spanID string // of the Check's span, when traced
 }
 
 // attrKey is the label combination of one decision. Targets and callers come from policy
@@ -76,7 +84,7 @@ func attrSet(k attrKey) attribute.Set {
 
 // NewServer returns a Server reading policy from opts.Store.
 func NewServer(opts Options) (*Server, error) {
-	s := &Server{store: opts.Store, verifier: opts.Verifier, log: opts.DecisionLog}
+	s := &Server{store: opts.Store, verifier: opts.Verifier, log: opts.DecisionLog, tracer: opts.Tracer}
 	s.principals.build, s.routes.build = newPrincipalValues, newRouteValues
 	s.attrs = decisionlog.NewAttrSets(10000, attrSet)
 	if s.log == nil {
@@ -103,7 +111,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.records = decisionlog.New(func(batch []recordEntry) {
 		fields := make([]zap.Field, 0, maxLogFields) // reused: zap encodes fields in Write
 		for _, e := range batch {
-			fields = s.record(ctx, e.d, e.elapsed, fields[:0])
+			fields = s.record(ctx, e, fields[:0])
 		}
 	})
 	return s, nil
@@ -125,18 +133,74 @@ func (s *Server) Flush() {
 // our reasoned denial.
 func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
 	start := time.Now()
-	d := s.decide(ctx, s.store.Current(), req)
+	snap := s.store.Current()
+	var span trace.Span
+	if s.tracer != nil && snap != nil {
+		s.tracer.Apply(snap.Mesh.Tracing)
+		if s.tracer.Enabled() {
+			ctx, span = s.tracer.Start(ctx, traceparentOf(req), "mcpgate ext_authz Check")
+		}
+	}
+	d := s.decide(ctx, snap, req)
 	resp := d.Response()
-	s.records.Add(recordEntry{d: d, elapsed: time.Since(start)})
+	e := recordEntry{d: d, elapsed: time.Since(start)}
+	if span != nil {
+		e.traceID, e.spanID = d.endSpan(span)
+	}
+	s.records.Add(e)
 	return resp, nil
 }
 
+// traceparentOf is the request's W3C traceparent header, as Envoy sends it (header_map
+// with encode_raw_headers, else the headers map); "" if none.
+func traceparentOf(req *authv3.CheckRequest) string {
+	h := req.GetAttributes().GetRequest().GetHttp()
+	if hm := h.GetHeaderMap(); hm != nil && len(hm.GetHeaders()) > 0 {
+		for _, hv := range hm.GetHeaders() {
+			if strings.EqualFold(hv.GetKey(), "traceparent") {
+				return contract.HeaderValue(hv)
+			}
+		}
+		return ""
+	}
+	return h.GetHeaders()["traceparent"]
+}
+
+// endSpan sets the decision's attributes on span and ends it, returning its ids for
+// the decision log.
+func (d *Decision) endSpan(span trace.Span) (traceID, spanID string) {
+	if !span.IsRecording() {
+		span.End()
+		return "", ""
+	}
+	decision := "deny"
+	if d.Allowed {
+		decision = "allow"
+	}
+	attrs := []attribute.KeyValue{
+		decisionlog.AttrDecision.String(decision), decisionlog.AttrReason.String(d.Reason),
+		decisionlog.AttrDecisionID.String(d.ID), decisionlog.AttrTarget.String(d.Target),
+		decisionlog.AttrCaller.String(d.Caller.AppID),
+	}
+	if p := d.Principal; p != nil {
+		attrs = append(attrs, decisionlog.AttrSubjectHash.String(decisionlog.SubjectHash(p.Subject)))
+	}
+	span.SetAttributes(attrs...)
+	if !d.Allowed {
+		span.SetStatus(otelcodes.Error, d.Reason)
+	}
+	traceID, spanID = decisionlog.IDs(span)
+	span.End()
+	return traceID, spanID
+}
+
 // maxLogFields is the most fields a decision line has.
-const maxLogFields = 17
+const maxLogFields = 19
 
 // record logs and counts one decision. fields is scratch space for the log line's
 // fields, returned for reuse.
-func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration, fields []zap.Field) []zap.Field {
+func (s *Server) record(ctx context.Context, e recordEntry, fields []zap.Field) []zap.Field {
+	d, elapsed := e.d, e.elapsed
 	decision := "deny"
 	if d.Allowed {
 		decision = "allow"
@@ -170,6 +234,9 @@ func (s *Server) record(ctx context.Context, d *Decision, elapsed time.Duration,
 		)
 		if d.Gateway != "" {
 			fields = append(fields, zap.String("gateway", d.Gateway))
+		}
+		if e.traceID != "" {
+			fields = append(fields, zap.String("trace_id", e.traceID), zap.String("span_id", e.spanID))
 		}
 		if p := d.Principal; p != nil {
 			fields = append(fields, zap.String("subject", p.Subject), zap.String("issuer", p.Issuer.Name), zap.Strings("scopes", p.Scopes))

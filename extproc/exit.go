@@ -6,9 +6,13 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"go.opentelemetry.io/otel/attribute"
+	otelcodes "go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
 
 	"github.com/mcpgate/mcpgate/extproc/mcp"
+	"github.com/mcpgate/mcpgate/policy/decisionlog"
 )
 
 // Every outcome of a request leaves through one of two doors, and each writes the
@@ -69,6 +73,11 @@ func (st *stream) refuse(r refusal) *extprocv3.ProcessingResponse {
 		r.records[i].status = r.status
 		st.s.records.Add(r.records[i])
 	}
+	if st.span != nil {
+		// mcpgate answers: the exchange ends here, whenever Envoy closes the stream.
+		st.span.End()
+		st.span = nil
+	}
 	if st.isGRPC {
 		// A gRPC client reads the status, not a body: Envoy answers trailers-only, with
 		// the body as grpc-message (ext_proc sendImmediateResponse, sendLocalReply).
@@ -121,7 +130,7 @@ func (st *stream) admit(ds []requestDecision) {
 
 // newRecord is the decision log line and metric of decision d on request r.
 func (st *stream) newRecord(d Decision, r *Request, id []byte) procRecord {
-	return procRecord{
+	rec := procRecord{
 		allow: d.Allow, rule: d.Rule, reason: d.Reason, patches: len(d.Patch),
 		id:         append([]byte(nil), id...),
 		decisionID: st.decisionID, authzID: st.ident.DecisionID,
@@ -129,6 +138,35 @@ func (st *stream) newRecord(d Decision, r *Request, id []byte) procRecord {
 		method: r.Method, tool: r.Tool, name: r.Tool + r.Prompt + r.URI,
 		elapsed: time.Since(st.start),
 	}
+	if st.span != nil {
+		rec.traceID, rec.spanID = st.traceDecision(&rec)
+	}
+	return rec
+}
+
+// traceDecision puts one decision on the stream's span: an event per message, and the
+// span's own attributes say the last (for a single call, the only) one.
+func (st *stream) traceDecision(rec *procRecord) (traceID, spanID string) {
+	decision := "deny"
+	if rec.allow {
+		decision = "allow"
+	}
+	attrs := []attribute.KeyValue{
+		decisionlog.AttrDecision.String(decision), decisionlog.AttrRule.String(rec.rule),
+		decisionlog.AttrReason.String(clip(rec.reason, maxLogField)), decisionlog.AttrDecisionID.String(rec.decisionID),
+		decisionlog.AttrTarget.String(rec.target), decisionlog.AttrCaller.String(rec.caller),
+		decisionlog.AttrSubjectHash.String(decisionlog.SubjectHash(rec.subject)),
+		decisionlog.AttrMethod.String(clip(rec.method, maxLogField)),
+	}
+	if rec.tool != "" {
+		attrs = append(attrs, decisionlog.AttrTool.String(clip(rec.tool, maxLogField)))
+	}
+	st.span.AddEvent("mcp decision", trace.WithAttributes(attrs...))
+	st.span.SetAttributes(attrs...)
+	if !rec.allow {
+		st.span.SetStatus(otelcodes.Error, clip(rec.reason, maxLogField))
+	}
+	return decisionlog.IDs(st.span)
 }
 
 // httpErrorBody is {"error":errName,"reason":reason,"decision_id":id} as JSON, whatever

@@ -20,6 +20,7 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/metric/noop"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -38,6 +39,9 @@ const CodeHeaderMismatch = -32020
 type Options struct {
 	Store       *policy.Store
 	DecisionLog *zap.Logger
+	// Tracer records a span per request stream under the policy's Mesh.spec.tracing, the
+	// child of the request's traceparent; nil: no spans.
+	Tracer *decisionlog.Tracer
 	// Log is for what operators need to know beyond decisions: the rate-limit store
 	// going down and coming back.
 	Log   *zap.Logger
@@ -54,6 +58,7 @@ type Server struct {
 	extprocv3.UnimplementedExternalProcessorServer
 
 	store      *policy.Store
+	tracer     *decisionlog.Tracer
 	sessionKey []byte
 	now        func() time.Time // the clock token expiry is checked with
 	log        *zap.Logger
@@ -90,7 +95,7 @@ func NewServer(opts Options) (*Server, error) {
 	} else if len(key) < SessionKeyBytes {
 		return nil, fmt.Errorf("session key: %d bytes, want at least %d", len(key), SessionKeyBytes)
 	}
-	s := &Server{store: opts.Store, sessionKey: key, now: time.Now, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
+	s := &Server{store: opts.Store, tracer: opts.Tracer, sessionKey: key, now: time.Now, log: opts.DecisionLog, listCache: decisionCache{max: listCacheSize},
 		countAttrs: decisionlog.NewAttrSets(10000, countSet), tools: decisionlog.NewLabels(200, 128),
 		rego: newRegoCaches()}
 	if s.log == nil {
@@ -156,6 +161,11 @@ func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	// One canceller per stream stops a running Rego evaluation when Envoy goes away
 	// (without one, OPA watches ctx with a new goroutine for every evaluation).
 	defer context.AfterFunc(ctx, st.cancel.Cancel)()
+	defer func() {
+		if st.span != nil {
+			st.span.End()
+		}
+	}()
 	for {
 		req, err := srv.Recv()
 		if err != nil {
@@ -203,6 +213,7 @@ type stream struct {
 	upstreamSession                string                     // the server's session id, when one was presented
 	isGRPC                         bool                       // the request is gRPC MCP (grpc.go)
 	claims                         map[string]json.RawMessage // the token's, once a limit needs one (claim)
+	span                           trace.Span                 // nil unless traced; ended with the stream
 	grpc                           *grpcStream
 	answering                      []json.RawMessage // ids of the requests of the body
 	rewriters                      []rewriter
@@ -283,7 +294,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		SpiffeID: ident.SpiffeID, Subject: ident.Subject, Scopes: ident.Scopes,
 		ClaimsJSON: ident.ClaimsJSON, Target: ident.Target, Headers: map[string]string{},
 	}
-	var contentType, contentLength, lastEventID, grpcEncoding string
+	var contentType, contentLength, lastEventID, grpcEncoding, traceparent string
 	contentTypes, sessions := 0, 0
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		k, v := strings.ToLower(hv.GetKey()), contract.HeaderValue(hv)
@@ -310,9 +321,21 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			lastEventID = v
 		case "grpc-encoding":
 			grpcEncoding = v
+		case "traceparent":
+			traceparent = v
 		}
 		if regoHeaders[k] {
 			st.req.Headers[k] = v
+		}
+	}
+	if t := st.s.tracer; t != nil {
+		t.Apply(st.snap.Mesh.Tracing)
+		if t.Enabled() {
+			_, st.span = t.Start(ctx, traceparent, "mcpgate ext_proc")
+			if !st.span.IsRecording() {
+				st.span.End()
+				st.span = nil
+			}
 		}
 	}
 
@@ -763,6 +786,7 @@ type procRecord struct {
 	target, caller, subject, method, tool string
 	name                                  string
 	elapsed                               time.Duration
+	traceID, spanID                       string // of the stream's span, when traced
 }
 
 // Close stops the recorder after writing every decision already made. Call it after the
@@ -814,6 +838,9 @@ func (s *Server) record(r *procRecord) {
 		}
 		if r.patches > 0 {
 			fields = append(fields, zap.Int("patches", r.patches))
+		}
+		if r.traceID != "" {
+			fields = append(fields, zap.String("trace_id", r.traceID), zap.String("span_id", r.spanID))
 		}
 		ce.Write(fields...)
 	}

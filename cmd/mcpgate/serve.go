@@ -29,6 +29,7 @@ import (
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extproc"
 	"github.com/mcpgate/mcpgate/policy"
+	"github.com/mcpgate/mcpgate/policy/decisionlog"
 )
 
 type serveFlags struct {
@@ -196,12 +197,37 @@ func serve(ctx context.Context, f *serveFlags) error {
 	}
 
 	var limitStatus func(context.Context) *extproc.RateLimitStatus
+	tracer, err := decisionlog.NewTracer(tel.meter, log.Named("tracing"))
+	if err != nil {
+		return err
+	}
+	// Mesh.spec.tracing applies at load and after every reload (and, lazily, on the
+	// request path); the spans in flight are flushed at exit.
+	tracer.Apply(store.Current().Mesh.Tracing)
+	policyChanges, stopChanges := store.Subscribe()
+	defer stopChanges()
+	go func() {
+		for {
+			select {
+			case <-policyChanges:
+				tracer.Apply(store.Current().Mesh.Tracing)
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		tracer.Shutdown(ctx)
+	}()
 	if f.grpcAddr != "" {
 		authz, err := extauthz.NewServer(extauthz.Options{
 			Store:       store,
 			Verifier:    bearer.NewVerifier(bearer.Options{}),
 			DecisionLog: log.Named("decision"),
 			Meter:       tel.meter,
+			Tracer:      tracer,
 		})
 		if err != nil {
 			return err
@@ -209,7 +235,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 		if sessionKey == nil {
 			log.Info("Mcp-Session-Id values are bound with a key of this process: sessions end with it, and replicas need a shared --session-key-file")
 		}
-		proc, err := extproc.NewServer(extproc.Options{Store: store, DecisionLog: log.Named("decision"), Log: log.Named("ratelimit"), Meter: tel.meter, SessionKey: sessionKey})
+		proc, err := extproc.NewServer(extproc.Options{Store: store, DecisionLog: log.Named("decision"), Log: log.Named("ratelimit"), Meter: tel.meter, Tracer: tracer, SessionKey: sessionKey})
 		if err != nil {
 			return err
 		}
