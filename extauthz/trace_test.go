@@ -2,10 +2,12 @@ package extauthz
 
 import (
 	"context"
+	"io"
 	"strings"
 	"testing"
 	"time"
 
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	"google.golang.org/grpc/codes"
@@ -142,4 +144,59 @@ func TestCheckCollectorDown(t *testing.T) {
 	if dropped != 20 {
 		t.Errorf("spans dropped = %d, want 20", dropped)
 	}
+}
+
+// BenchmarkCheckTracing is a Check over loopback gRPC with tracing off and on at
+// samplingRate 1 (exporting to the collector's receiver), alternating in one run.
+func BenchmarkCheckTracing(b *testing.B) {
+	col := otlptest.Start(b)
+	type side struct {
+		client authv3.AuthorizationClient
+		check  *authv3.CheckRequest
+		lat    []time.Duration
+	}
+	var sides [2]*side
+	for i, on := range []bool{false, true} {
+		f := newFixture(b)
+		var tr *decisionlog.Tracer
+		if on {
+			f.server.store.Current().Mesh.Tracing = &policy.Tracing{SamplingRate: 1, Address: col.Addr()}
+			var err error
+			if tr, err = decisionlog.NewTracer(nil, nil); err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { tr.Shutdown(context.Background()) })
+		}
+		srv, err := NewServer(Options{Store: f.server.store, Verifier: f.server.verifier, DecisionLog: productionLogger(io.Discard), Tracer: tr})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(srv.Close)
+		r := req{target: "inventory", principal: agentID, headers: bearerHeader(f.token(b, nil))}
+		r.headers["traceparent"] = "00-" + parentTrace + "-" + parentSpan + "-01"
+		sd := &side{client: startGRPC(b, srv), check: r.build()}
+		if resp, err := sd.client.Check(context.Background(), sd.check); err != nil || resp.GetStatus().GetCode() != 0 {
+			b.Fatalf("warm-up: %v %v", resp, err)
+		}
+		sides[i] = sd
+	}
+	timed := func(sd *side) {
+		t0 := time.Now()
+		if _, err := sd.client.Check(context.Background(), sd.check); err != nil {
+			b.Fatal(err)
+		}
+		sd.lat = append(sd.lat, time.Since(t0))
+	}
+	i := 0
+	for b.Loop() {
+		timed(sides[i%2])
+		timed(sides[(i+1)%2])
+		i++
+	}
+	off50, _ := percentiles(sides[0].lat)
+	on50, on99 := percentiles(sides[1].lat)
+	b.ReportMetric(us(off50), "off-p50-µs")
+	b.ReportMetric(us(on50), "on-p50-µs")
+	b.ReportMetric(us(on99), "on-p99-µs")
+	b.ReportMetric(float64(on50)/float64(off50), "on/off-p50")
 }
