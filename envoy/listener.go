@@ -4,9 +4,11 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tracev3 "github.com/envoyproxy/go-control-plane/envoy/config/trace/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
@@ -120,6 +122,38 @@ type HCMOptions struct {
 	// Edge marks a listener facing callers outside the mesh: Envoy trusts no
 	// x-forwarded-for from them and uses the peer address.
 	Edge bool
+}
+
+// TracingOptions configure the HCM's OpenTelemetry tracer (envoy.tracers.opentelemetry:
+// api/envoy/config/trace/v3/opentelemetry.proto), exporting over OTLP/gRPC through a
+// cluster.
+type TracingOptions struct {
+	Cluster     string  // an HTTP/2 cluster to the OTLP collector
+	ServiceName string  // the resource's service.name: whose sidecar this is
+	Percent     float64 // random_sampling of requests without a sampling decision, 0–100
+}
+
+// TracerOpenTelemetry is the name of Envoy's OpenTelemetry tracer extension.
+const TracerOpenTelemetry = "envoy.tracers.opentelemetry"
+
+// SetTracing makes h trace its requests with Envoy's OpenTelemetry tracer.
+func SetTracing(h *hcmv3.HttpConnectionManager, o TracingOptions) error {
+	cfg, err := Any(&tracev3.OpenTelemetryConfig{
+		GrpcService: &corev3.GrpcService{TargetSpecifier: &corev3.GrpcService_EnvoyGrpc_{
+			EnvoyGrpc: &corev3.GrpcService_EnvoyGrpc{ClusterName: o.Cluster}}},
+		ServiceName: o.ServiceName,
+	})
+	if err != nil {
+		return err
+	}
+	h.Tracing = &hcmv3.HttpConnectionManager_Tracing{
+		Provider: &tracev3.Tracing_Http{Name: TracerOpenTelemetry, ConfigType: &tracev3.Tracing_Http_TypedConfig{TypedConfig: cfg}},
+		// Envoy keeps an incoming sampled decision (traceparent) and samples the rest at
+		// random_sampling; client_sampling (x-client-trace-id) and overall_sampling stay
+		// at their default of 100%.
+		RandomSampling: &typev3.Percent{Value: o.Percent},
+	}
+	return nil
 }
 
 // HTTPConnectionManager builds an HCM that takes its routes from ADS.

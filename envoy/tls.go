@@ -123,10 +123,20 @@ func UpstreamMTLSHTTP2(m MeshTLS, peerID string) (*corev3.TransportSocket, error
 // (an HTTPEndpoint): SNI and certificate checked against the host name with the
 // system's root certificates.
 func UpstreamPublicTLS(host string) (*corev3.TransportSocket, error) {
+	return upstreamPublicTLS(host, "http/1.1")
+}
+
+// UpstreamPublicTLSHTTP2 is UpstreamPublicTLS for a gRPC server (ALPN h2): an OTLP
+// collector with isSecure.
+func UpstreamPublicTLSHTTP2(host string) (*corev3.TransportSocket, error) {
+	return upstreamPublicTLS(host, "h2")
+}
+
+func upstreamPublicTLS(host, alpn string) (*corev3.TransportSocket, error) {
 	return transportSocket(&tlsv3.UpstreamTlsContext{
 		Sni: host,
 		CommonTlsContext: &tlsv3.CommonTlsContext{
-			AlpnProtocols: []string{"http/1.1"},
+			AlpnProtocols: []string{alpn},
 			ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
 				SystemRootCerts: &tlsv3.CertificateValidationContext_SystemRootCerts{},
 				MatchTypedSubjectAltNames: []*tlsv3.SubjectAltNameMatcher{{

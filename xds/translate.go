@@ -41,6 +41,8 @@ const (
 	RouteOutbound    = "outbound"
 	// ClusterAuthz reaches mcpgate's ext_authz and ext_proc gRPC server (mesh.authz.address).
 	ClusterAuthz = "mcpgate"
+	// ClusterOTLP reaches the OTLP collector of Mesh.spec.tracing.
+	ClusterOTLP = "mcpgate_otlp"
 )
 
 // ClusterApp is the cluster of an app's own process (app.address): the upstream of its
@@ -77,7 +79,7 @@ func Translate(snap *policy.Snapshot, node string) (Resources, error) {
 	if snap == nil || snap.Mesh == nil {
 		return Resources{}, errors.New("no policy snapshot")
 	}
-	t := &translator{snap: snap, clusters: map[string]*clusterv3.Cluster{}}
+	t := &translator{snap: snap, node: node, clusters: map[string]*clusterv3.Cluster{}}
 	if app := snap.Apps[node]; app != nil && app.Sidecar != nil {
 		t.sidecar(app)
 	} else if gw := snap.Gateways[node]; gw != nil {
@@ -104,6 +106,7 @@ func (r Resources) Validate() error {
 
 type translator struct {
 	snap      *policy.Snapshot
+	node      string
 	errs      []error
 	listeners []*listenerv3.Listener
 	routes    []*routev3.RouteConfiguration
@@ -139,6 +142,32 @@ func (t *translator) addCluster(o envoy.ClusterOptions) {
 	t.clusters[o.Name] = c
 	if cla != nil {
 		t.endpoints = append(t.endpoints, cla)
+	}
+}
+
+// tracing makes hcm trace with Envoy's OpenTelemetry tracer when the Mesh asks for
+// traces (spec.tracing), to the same collector mcpgate exports to, through the
+// mcpgate_otlp cluster; the service name is the node's (App ID or Gateway name).
+func (t *translator) tracing(hcm *hcmv3.HttpConnectionManager) {
+	tr := t.snap.Mesh.Tracing
+	if tr == nil {
+		return
+	}
+	host, port, err := splitHostPort(tr.Address, 0)
+	if err != nil {
+		t.errf("mesh tracing.otlp.address: %w", err)
+		return
+	}
+	o := envoy.ClusterOptions{Name: ClusterOTLP, Host: host, Port: port, Protocol: envoy.HTTP2}
+	if tr.Secure {
+		if o.TransportSocket, err = envoy.UpstreamPublicTLSHTTP2(host); err != nil {
+			t.errf("tracing cluster: %w", err)
+			return
+		}
+	}
+	t.addCluster(o)
+	if err := envoy.SetTracing(hcm, envoy.TracingOptions{Cluster: ClusterOTLP, ServiceName: t.node + "-envoy", Percent: tr.SamplingRate * 100}); err != nil {
+		t.errf("tracing: %w", err)
 	}
 }
 
@@ -266,7 +295,9 @@ func (t *translator) policyListener(lo envoy.ListenerOptions, ho envoy.HCMOption
 
 // listener adds a listener with one HTTP filter chain of ho.Filters.
 func (t *translator) listener(lo envoy.ListenerOptions, ho envoy.HCMOptions, ts *corev3.TransportSocket) {
-	fc, err := envoy.HTTPFilterChain(lo.Name, envoy.HTTPConnectionManager(ho), ts)
+	hcm := envoy.HTTPConnectionManager(ho)
+	t.tracing(hcm)
+	fc, err := envoy.HTTPFilterChain(lo.Name, hcm, ts)
 	if err != nil {
 		t.errf("listener %s: %w", lo.Name, err)
 		return
