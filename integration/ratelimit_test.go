@@ -101,6 +101,10 @@ func TestRateLimitsSharedByReplicas(t *testing.T) {
 	if !strings.Contains(metrics, `mcpgate_ratelimit_decisions_total{decision="refused",key="caller",target="inventory"} 1`) {
 		t.Errorf("/metrics lacks the refused decision:\n%s", grepLines(metrics, "mcpgate_ratelimit"))
 	}
+	// The dashboard's labels, against what a real mcpgate shows after real traffic.
+	checkDashboardLabels(t, metrics, "mcpgate_authz_decisions_total", "mcpgate_authz_duration_seconds_bucket",
+		"mcpgate_mcp_decisions_total", "mcpgate_mcp_decision_duration_seconds_bucket", "mcpgate_ratelimit_decisions_total",
+		"mcpgate_mcp_cache_entries", "mcpgate_policy_reloads_total", "mcpgate_xds_snapshots_total")
 
 	// Redis down: failureMode local, so each replica counts its own 3.
 	srv.Kill()
