@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io/fs"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -33,21 +34,26 @@ var update = flag.Bool("update", false, "rewrite the Kubernetes ConfigMaps copie
 
 // Paths, relative to this package's directory.
 const (
-	root          = ".."
-	demoDir       = "../testdata/demo"
-	composeFile   = "../docker-compose.yaml"
-	dockerfile    = "../Dockerfile"
-	bootstrapDir  = "../envoy/bootstrap"
-	spireDir      = "compose/spire"
-	k8sDir        = "kubernetes"
-	policyCMFile  = "kubernetes/policy-configmap.yaml"
-	policyCMName  = "mcpgate-policy"
-	envoyCMFile   = "kubernetes/inventory-envoy-bootstrap.yaml"
-	envoyCMName   = "inventory-envoy-bootstrap"
-	policyMount   = "/etc/mcpgate/policy"
-	xdsAddress    = "mcpgate:18000" // what `make bootstraps` passes as --xds-address
-	composeSocket = "spire-agent-socket"
-	appIDLabel    = "dev.mcpgate.app-id"
+	root         = ".."
+	demoDir      = "../testdata/demo"
+	composeFile  = "../docker-compose.yaml"
+	dockerfile   = "../Dockerfile"
+	bootstrapDir = "../envoy/bootstrap"
+	spireDir     = "compose/spire"
+	k8sDir       = "kubernetes"
+	policyCMFile = "kubernetes/policy-configmap.yaml"
+	policyCMName = "mcpgate-policy"
+	envoyCMFile  = "kubernetes/inventory-envoy-bootstrap.yaml"
+	envoyCMName  = "inventory-envoy-bootstrap"
+	// The Grafana dashboard's ConfigMap, and the label Grafana's dashboard sidecar looks
+	// for by default (grafana helm chart, sidecar.dashboards.label).
+	dashboardCMFile  = "kubernetes/grafana-dashboard-configmap.yaml"
+	dashboardCMName  = "mcpgate-grafana-dashboard"
+	dashboardCMLabel = "grafana_dashboard"
+	policyMount      = "/etc/mcpgate/policy"
+	xdsAddress       = "mcpgate:18000" // what `make bootstraps` passes as --xds-address
+	composeSocket    = "spire-agent-socket"
+	appIDLabel       = "dev.mcpgate.app-id"
 	// workloadLabel=mcpgateWorkload selects mcpgate's SPIRE registration entry in compose;
 	// mcpgateWorkload is also the name of its Kubernetes ClusterSPIFFEID.
 	workloadLabel   = "dev.mcpgate.workload"
@@ -1313,7 +1319,7 @@ func configMapKey(p string) string { return strings.ReplaceAll(p, "/", ".") }
 // it writes them from testdata/demo (with mcpgate's SPIFFE ID) and envoy/bootstrap (make
 // bootstraps runs that).
 func TestKubernetesConfigMaps(t *testing.T) {
-	policyCM := configMap(policyCMName,
+	policyCM := configMap(policyCMName, nil,
 		"# Generated from testdata/demo by `make bootstraps` (go test ./deploy -update); do not edit.\n"+
 			"# The same policy, plus mcpgate's SPIFFE ID in the Mesh (authz.spiffeId) so that every Envoy\n"+
 			"# reaches mcpgate over SPIFFE mTLS. Keys are flat; the mcpgate Deployment's volume items\n"+
@@ -1326,10 +1332,16 @@ func TestKubernetesConfigMaps(t *testing.T) {
 			}
 			return m
 		}())
-	envoyCM := configMap(envoyCMName,
+	envoyCM := configMap(envoyCMName, nil,
 		"# Generated from envoy/bootstrap/inventory.yaml by `make bootstraps`; do not edit.\n",
 		map[string]string{"bootstrap.yaml": string(readFile(t, filepath.Join(bootstrapDir, "inventory.yaml")))})
-	for f, want := range map[string][]byte{policyCMFile: policyCM, envoyCMFile: envoyCM} {
+	dashboardCM := configMap(dashboardCMName, map[string]string{dashboardCMLabel: "1"},
+		"# Generated from deploy/grafana/mcpgate.json by `make bootstraps`; do not edit.\n"+
+			"# Grafana's dashboard sidecar (kube-prometheus-stack, grafana chart: sidecar.dashboards,\n"+
+			"# label "+dashboardCMLabel+") loads every ConfigMap carrying this label in its namespaces.\n"+
+			"# Without the sidecar, import deploy/grafana/mcpgate.json in Grafana's UI.\n",
+		map[string]string{"mcpgate.json": string(readFile(t, dashboardPath))})
+	for f, want := range map[string][]byte{policyCMFile: policyCM, envoyCMFile: envoyCM, dashboardCMFile: dashboardCM} {
 		if *update {
 			if err := os.WriteFile(f, want, 0o644); err != nil {
 				t.Fatal(err)
@@ -1342,7 +1354,7 @@ func TestKubernetesConfigMaps(t *testing.T) {
 	}
 }
 
-func configMap(name, header string, data map[string]string) []byte {
+func configMap(name string, labels map[string]string, header string, data map[string]string) []byte {
 	keys := make([]string, 0, len(data))
 	for k := range data {
 		keys = append(keys, k)
@@ -1354,12 +1366,21 @@ func configMap(name, header string, data map[string]string) []byte {
 			&yaml.Node{Kind: yaml.ScalarNode, Value: k},
 			&yaml.Node{Kind: yaml.ScalarNode, Value: data[k], Style: yaml.LiteralStyle})
 	}
+	meta := &yaml.Node{Kind: yaml.MappingNode, Content: []*yaml.Node{
+		{Kind: yaml.ScalarNode, Value: "name"}, {Kind: yaml.ScalarNode, Value: name},
+	}}
+	if len(labels) > 0 {
+		ln := &yaml.Node{Kind: yaml.MappingNode}
+		for _, k := range slices.Sorted(maps.Keys(labels)) {
+			ln.Content = append(ln.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: k},
+				&yaml.Node{Kind: yaml.ScalarNode, Value: labels[k], Style: yaml.DoubleQuotedStyle})
+		}
+		meta.Content = append(meta.Content, &yaml.Node{Kind: yaml.ScalarNode, Value: "labels"}, ln)
+	}
 	doc := &yaml.Node{Kind: yaml.MappingNode, Content: []*yaml.Node{
 		{Kind: yaml.ScalarNode, Value: "apiVersion"}, {Kind: yaml.ScalarNode, Value: "v1"},
 		{Kind: yaml.ScalarNode, Value: "kind"}, {Kind: yaml.ScalarNode, Value: "ConfigMap"},
-		{Kind: yaml.ScalarNode, Value: "metadata"}, {Kind: yaml.MappingNode, Content: []*yaml.Node{
-			{Kind: yaml.ScalarNode, Value: "name"}, {Kind: yaml.ScalarNode, Value: name},
-		}},
+		{Kind: yaml.ScalarNode, Value: "metadata"}, meta,
 		{Kind: yaml.ScalarNode, Value: "data"}, dn,
 	}}
 	var buf bytes.Buffer
