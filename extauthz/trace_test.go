@@ -11,6 +11,7 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/mcpgate/mcpgate/integration/otlptest"
 	"github.com/mcpgate/mcpgate/policy"
@@ -199,4 +200,33 @@ func BenchmarkCheckTracing(b *testing.B) {
 	b.ReportMetric(us(on50), "on-p50-µs")
 	b.ReportMetric(us(on99), "on-p99-µs")
 	b.ReportMetric(float64(on50)/float64(off50), "on/off-p50")
+}
+
+// The parent is the span Envoy's gRPC client opens for the Check (the traceparent of the
+// call's metadata), not the downstream's traceparent in the request headers; a malformed
+// metadata value falls back to the request's.
+func TestCheckSpanParentFromGRPCMetadata(t *testing.T) {
+	col := otlptest.Start(t)
+	f, srv, tr, _, _ := tracedServer(t, col, 1)
+	const asyncSpan = "b7ad6b7169203331"
+	r := req{target: "inventory", principal: agentID, headers: bearerHeader(f.token(t, nil))}
+	r.headers["traceparent"] = "00-" + parentTrace + "-" + parentSpan + "-01"
+	ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("traceparent", "00-"+parentTrace+"-"+asyncSpan+"-01"))
+	if _, err := srv.Check(ctx, r.build()); err != nil {
+		t.Fatal(err)
+	}
+	bad := metadata.NewIncomingContext(context.Background(), metadata.Pairs("traceparent", "00-zz-"+asyncSpan+"-01"))
+	r.headers["x-marker"] = "fallback"
+	if _, err := srv.Check(bad, r.build()); err != nil {
+		t.Fatal(err)
+	}
+	tr.Shutdown(context.Background())
+	spans := col.Wait(t, 10*time.Second, 2, func(s otlptest.Span) bool { return s.TraceID == parentTrace })
+	parents := map[string]int{}
+	for _, s := range spans {
+		parents[s.ParentID]++
+	}
+	if parents[asyncSpan] != 1 || parents[parentSpan] != 1 {
+		t.Errorf("span parents %v: want one child of the metadata's span %s and one (malformed metadata) of the request's %s", parents, asyncSpan, parentSpan)
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	tracenoop "go.opentelemetry.io/otel/trace/noop"
 	"go.uber.org/zap"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/mcpgate/mcpgate/policy"
 )
@@ -159,8 +160,12 @@ func (t *Tracer) newState(cfg policy.Tracing) *tracerState {
 	return &tracerState{cfg: cfg, tp: tp, tr: tp.Tracer("github.com/mcpgate/mcpgate")}
 }
 
-// Start starts a server span named name, the child of the span that traceparent (a W3C
-// trace context header value, "" if none) names.
+// Start starts a server span named name. Its parent is the span the gRPC call's own
+// traceparent metadata names: Envoy's gRPC client opens a span per ext_authz Check and
+// ext_proc stream ("async envoy.service.auth.v3.Authorization.Check egress", a child of
+// the HCM's span) and injects it into the call's initial metadata
+// (source/common/grpc/async_client_impl.cc). Without a valid one, the parent is what
+// traceparent (the HTTP request's header, "" if none) names: the downstream's span.
 func (t *Tracer) Start(ctx context.Context, traceparent, name string) (context.Context, trace.Span) {
 	var st *tracerState
 	if t != nil {
@@ -169,10 +174,18 @@ func (t *Tracer) Start(ctx context.Context, traceparent, name string) (context.C
 	if st == nil {
 		return ctx, noopSpan
 	}
-	if traceparent != "" {
-		ctx = propagator.Extract(ctx, traceparentCarrier(traceparent))
+	parent := ctx
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		if v := md.Get("traceparent"); len(v) == 1 {
+			if c := propagator.Extract(ctx, traceparentCarrier(v[0])); trace.SpanContextFromContext(c).IsValid() {
+				parent, traceparent = c, ""
+			}
+		}
 	}
-	return st.tr.Start(ctx, name, trace.WithSpanKind(trace.SpanKindServer))
+	if traceparent != "" {
+		parent = propagator.Extract(ctx, traceparentCarrier(traceparent))
+	}
+	return st.tr.Start(parent, name, trace.WithSpanKind(trace.SpanKindServer))
 }
 
 // Enabled reports whether spans are recorded at all (tracing on).
