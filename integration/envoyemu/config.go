@@ -68,6 +68,7 @@ type listenerCfg struct {
 	merge       bool
 	// underscores is common_http_protocol_options.headers_with_underscores_action.
 	underscores corev3.HttpProtocolOptions_HeadersWithUnderscoresAction
+	tracing     *tracingCfg // nil: requests are not traced (tracing.go)
 }
 
 type filterCfg struct {
@@ -338,6 +339,13 @@ func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
 		// Envoy's config validation accepts defined values only (protocol.proto,
 		// enum defined_only).
 		return nil, fmt.Errorf("headers_with_underscores_action %d is not defined", lc.underscores)
+	}
+	if lc.tracing, err = parseTracing(hcm.GetTracing()); err != nil {
+		return nil, err
+	}
+	if lc.tracing != nil {
+		// The span's operation follows the listener's direction (ingress unless OUTBOUND).
+		lc.tracing.egress = l.GetTrafficDirection() == corev3.TrafficDirection_OUTBOUND
 	}
 	lc.normalize = hcm.GetNormalizePath().GetValue()
 	lc.merge = hcm.GetMergeSlashes()

@@ -92,6 +92,9 @@ type Emulator struct {
 	transports map[string]*http.Transport // by protocol, or TLS cluster name
 	streamID   atomic.Uint64
 	closeOnce  sync.Once
+
+	spans    *spanQueue // finished sampled spans awaiting export (tracing.go)
+	exportWG sync.WaitGroup
 }
 
 type boundListener struct {
@@ -130,7 +133,7 @@ func Start(ctx context.Context, o Options) (*Emulator, error) {
 		opts: o, boot: boot, cancel: cancel, done: make(chan struct{}),
 		bound: map[string]*boundListener{}, versions: map[string]string{},
 		changed: make(chan struct{}), grpcConns: map[string]*grpc.ClientConn{},
-		sdsStreams: map[string]context.CancelFunc{},
+		sdsStreams: map[string]context.CancelFunc{}, spans: newSpanQueue(),
 	}
 	initial := newConfig()
 	initial.clusters = e.staticClusters()
@@ -153,6 +156,11 @@ func Start(ctx context.Context, o Options) (*Emulator, error) {
 		return nil, fmt.Errorf("envoyemu: xds client: %w", err)
 	}
 	e.conn = conn
+	e.exportWG.Add(1)
+	go func() {
+		defer e.exportWG.Done()
+		e.runSpanExport(ctx)
+	}()
 	go func() {
 		defer close(e.done)
 		e.syncSDS(ctx, initial) // the static clusters' secrets, before ADS needs them
@@ -168,6 +176,11 @@ func (e *Emulator) Close() {
 		e.cancel()
 		<-e.done
 		e.sdsWG.Wait()
+		// The spans of requests served so far go out before the connections close.
+		e.exportWG.Wait()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		e.exportSpans(ctx)
+		cancel()
 		if e.sdsConn != nil {
 			_ = e.sdsConn.Close()
 		}

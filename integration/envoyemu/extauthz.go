@@ -11,6 +11,7 @@ import (
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -101,9 +102,16 @@ func (s *stream) check(cluster string, req *authv3.CheckRequest, timeout time.Du
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(s.r.Context(), timeout)
+	sp := s.asyncSpan("envoy.service.auth.v3.Authorization.Check", cluster)
+	ctx, cancel := context.WithTimeout(sp.inject(s.r.Context()), timeout)
 	defer cancel()
-	return authv3.NewAuthorizationClient(conn).Check(ctx, req)
+	resp, err := authv3.NewAuthorizationClient(conn).Check(ctx, req)
+	sp.setTag("grpc.status_code", strconv.Itoa(int(status.Code(err))))
+	if err != nil {
+		sp.setTag("error", "true")
+	}
+	sp.finish()
+	return resp, err
 }
 
 // checkRequest builds the CheckRequest as Envoy does: headers as a map with lower-case

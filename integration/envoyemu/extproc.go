@@ -61,6 +61,7 @@ var (
 // response arrives (the transport's request body writer and the handler).
 type procFilter struct {
 	s       *stream
+	span    *span // the gRPC client's span of the stream (tracing.go)
 	f       *filterCfg
 	cfg     *extprocfilterv3.ExternalProcessor
 	timeout time.Duration
@@ -235,7 +236,8 @@ func (p *procFilter) openLocked(first *extprocv3.ProcessingRequest) error {
 		return err
 	}
 	p.ctx, p.cancel = context.WithCancel(p.s.r.Context())
-	c, err := extprocv3.NewExternalProcessorClient(conn).Process(p.ctx)
+	p.span = p.s.asyncSpan("envoy.service.ext_proc.v3.ExternalProcessor.Process", p.cfg.GetGrpcService().GetEnvoyGrpc().GetClusterName())
+	c, err := extprocv3.NewExternalProcessorClient(conn).Process(p.span.inject(p.ctx))
 	if err != nil {
 		return err
 	}
@@ -292,6 +294,15 @@ func (p *procFilter) receive(c extprocv3.ExternalProcessor_ProcessClient) {
 // processing and the request goes on unprocessed (ext_proc.cc onGrpcClose,
 // clearAsyncState); any other status is an error (onGrpcError).
 func (p *procFilter) streamEnded(err error) {
+	code := codes.OK
+	if !errors.Is(err, io.EOF) {
+		code = status.Code(err)
+	}
+	p.span.setTag("grpc.status_code", strconv.Itoa(int(code)))
+	if code != codes.OK {
+		p.span.setTag("error", "true")
+	}
+	p.span.finish()
 	p.mu.Lock()
 	complete := p.complete
 	p.mu.Unlock()
@@ -403,6 +414,10 @@ func (p *procFilter) halfCloseLocked() {
 // arrives later is ignored, the gRPC stream is cancelled, and a body still streaming
 // (the transport may still read the request's) stops rather than going on unprocessed.
 func (p *procFilter) finish() {
+	// A stream still open is closed by the filter: its span ends canceled
+	// (async_client_impl.cc closeStream).
+	p.span.setTag("status", "canceled")
+	p.span.finish()
 	p.markComplete(false)
 	p.mu.Lock()
 	cancel := p.cancel

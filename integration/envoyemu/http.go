@@ -65,6 +65,9 @@ type stream struct {
 	idleFor  time.Duration
 	// reqEnded: the downstream request body was read to its end (remote decode complete).
 	reqEnded bool
+
+	span   *span // the HCM's span of the request; nil: not traced (tracing.go)
+	status int   // the response status sent downstream
 }
 
 // startIdle arms the route's idle_timeout: each request or response headers or data
@@ -309,6 +312,7 @@ func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request
 		for _, p := range s.procs {
 			p.finish()
 		}
+		s.finishRequestSpan(s.status)
 	}()
 	s.req = requestHeaders(r)
 	s.isGRPC = isGRPCRequest(s.req)
@@ -331,6 +335,7 @@ func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request
 	if _, ok := s.req.get("x-forwarded-proto"); !ok {
 		s.req.add("x-forwarded-proto", s.req.value(":scheme"))
 	}
+	s.span = s.startRequestSpan()
 	s.route = s.match()
 	s.write(w, s.decode())
 }
@@ -730,6 +735,10 @@ func (s *stream) forward(a *routev3.RouteAction) *response {
 			req.del(k)
 		}
 	}
+	if s.span != nil {
+		// The upstream gets the request span's context (upstream_request.cc injectContext).
+		req.set("traceparent", s.span.traceparent())
+	}
 	timeout := defaultRouteTimeout
 	if a.GetTimeout() != nil {
 		timeout = a.GetTimeout().AsDuration()
@@ -974,6 +983,7 @@ func (s *stream) write(w http.ResponseWriter, resp *response) {
 		resp = s.localResponse(&localReply{status: http.StatusInternalServerError, details: "no_response"})
 	}
 	s.sent = true
+	s.status = resp.status
 	s.mu.Unlock()
 	if c, ok := resp.body.(io.Closer); ok {
 		defer c.Close()
