@@ -91,7 +91,7 @@ fuzz: ## Run each fuzz target briefly (FUZZTIME=15s); seeds live in testdata/fuz
 opa-test: $(OPA) ## The demo Rego policy's tests with the opa CLI
 	$(OPA) test -v testdata/demo/rego
 
-demo: build tsclient ## Run the demo: mcpgate, emulated sidecars and SDK peers; a scripted session; transcripts
+demo: build tsclient otlpsink ## Run the demo: mcpgate, emulated sidecars and SDK peers; a scripted session; transcripts
 	@out=$$(mktemp); \
 	if go test -count=1 -tags integration -run '^TestDemo(Mesh)?$$' -v ./integration/ >$$out 2>&1; then \
 	  sed -n '/^=== TRANSCRIPT/,/^=== END/p' $$out; rm -f $$out; \

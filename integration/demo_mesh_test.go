@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mcpgate/mcpgate/cmd/mcpgate-demo/mcpapp"
+	"github.com/mcpgate/mcpgate/integration/otlptest"
 )
 
 var decisionInMessage = regexp.MustCompile(`\(decision ([0-9a-f]{12})[0-9a-f]*\)`)
@@ -146,6 +147,26 @@ func TestDemoMesh(t *testing.T) {
 	}
 	fmt.Fprintf(&out, "      token acquired by the sidecar's mcpgate: 1 client_credentials request (client_id %s, audience %s)\n", reqs[0].ClientID, reqs[0].Audience)
 	fmt.Fprintf(&out, "      for %d requests github-mcp received, each with Authorization: Bearer <that token>\n", len(om.github.Authorizations()))
+
+	// The same call traced: a mesh whose policy has spec.tracing (samplingRate 1) and a
+	// real OTLP receiver (the OpenTelemetry Collector's otlpreceiver).
+	col := otlptest.Start(t)
+	tm := tracedMesh(t, col, "1")
+	ts := tm.connect(t, tm.invokeURL, map[string]string{"Authorization": tm.token(t, nil)})
+	if res, err := ts.CallTool(callCtx(t), "get_inventory", map[string]any{"product_id": "SKU-42"}); err != nil || res.IsError {
+		t.Fatalf("traced get_inventory: %v %v", err, res)
+	}
+	tt := waitTrace(t, col, 6, func(s otlptest.Span) bool {
+		return s.Name == "mcpgate ext_proc" && s.Attrs["gen_ai.tool.name"] == "get_inventory"
+	})
+	if len(tt.roots) != 1 || tt.roots[0].Service != "my-agent-envoy" {
+		t.Fatalf("the trace of get_inventory:\n%s", tt)
+	}
+	fmt.Fprintf(&out, "\nThe same get_inventory call with Mesh spec.tracing {samplingRate: \"1\", otlp: ...}: one trace (%s),\n", tt.roots[0].TraceID)
+	fmt.Fprintf(&out, "  as the OTLP collector received it from both sidecars and mcpgate (service [kind] span  attributes):\n\n")
+	for _, l := range strings.Split(strings.TrimRight(tt.String(), "\n"), "\n") {
+		fmt.Fprintf(&out, "  %s\n", l)
+	}
 
 	fmt.Printf("=== TRANSCRIPT (an agent session through the sidecars)\n%s=== END\n", out.String())
 }

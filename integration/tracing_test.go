@@ -82,7 +82,7 @@ func (tt traceTree) String() string {
 	walk = func(s otlptest.Span, depth int) {
 		fmt.Fprintf(&b, "%s%s  [%s] %s", strings.Repeat("  ", depth), s.Service, s.Kind, s.Name)
 		for _, k := range keys {
-			if v, ok := s.Attrs[k]; ok {
+			if v, ok := s.Attrs[k]; ok && v != "" {
 				fmt.Fprintf(&b, "  %s=%s", k, v)
 			}
 		}
