@@ -3,7 +3,9 @@ package extauthz
 import (
 	"context"
 	"io"
+	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -128,6 +130,13 @@ func TestCheckCollectorDown(t *testing.T) {
 		}
 	}
 	tr.Shutdown(context.Background()) // the export fails
+	if dropped := droppedSpans(t, reader); dropped != 20 {
+		t.Errorf("spans dropped = %d, want 20", dropped)
+	}
+}
+
+func droppedSpans(t *testing.T, reader *sdkmetric.ManualReader) int64 {
+	t.Helper()
 	var rm metricdata.ResourceMetrics
 	if err := reader.Collect(context.Background(), &rm); err != nil {
 		t.Fatal(err)
@@ -142,9 +151,66 @@ func TestCheckCollectorDown(t *testing.T) {
 			}
 		}
 	}
-	if dropped != 20 {
-		t.Errorf("spans dropped = %d, want 20", dropped)
+	return dropped
+}
+
+// A collector that accepts connections and never answers holds the first export for its
+// timeout: the queue fills, and the spans beyond it are dropped at once and counted, so
+// memory stays bounded and Checks are not slowed.
+func TestCheckCollectorHangs(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			_ = c.Close()
+		}
+	})
+	f := newFixture(t)
+	f.server.store.Current().Mesh.Tracing = &policy.Tracing{SamplingRate: 1, Address: ln.Addr().String()}
+	reader := sdkmetric.NewManualReader()
+	meter := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader)).Meter("t")
+	tr, err := decisionlog.NewTracer(meter, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := NewServer(Options{Store: f.server.store, Verifier: f.server.verifier, DecisionLog: productionLogger(io.Discard), Meter: meter, Tracer: tr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	const calls = 3000
+	check := req{target: "inventory", principal: agentID, headers: bearerHeader(f.token(t, nil))}.build()
+	for range calls {
+		if resp, err := srv.Check(context.Background(), check); err != nil || codes.Code(resp.GetStatus().GetCode()) != codes.OK {
+			t.Fatalf("Check with the collector hanging: %v %v", resp, err)
+		}
+	}
+	// Nothing has been exported yet (the first export waits for its 5 s timeout): at most
+	// the queue's 2048 spans are held, the rest were dropped as they ended.
+	if d := droppedSpans(t, reader); d < calls-2048 || d > calls {
+		t.Errorf("spans dropped while the collector hangs = %d, want at least %d of %d", d, calls-2048, calls)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	tr.Shutdown(ctx)
 }
 
 // BenchmarkCheckTracing is a Check over loopback gRPC with tracing off and on at

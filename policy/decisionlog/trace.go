@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -152,9 +153,11 @@ func (t *Tracer) newState(cfg policy.Tracing) *tracerState {
 	if exp, err := otlptracegrpc.New(context.Background(), opts...); err != nil {
 		t.log.Error("tracing: the OTLP exporter cannot be made; spans are dropped", zap.Error(err))
 	} else {
-		tpOpts = append(tpOpts, sdktrace.WithBatcher(&countingExporter{SpanExporter: exp, dropped: t.dropped, sent: t.sent},
+		q := &queueBound{max: maxQueuedSpans, dropped: t.dropped}
+		bsp := sdktrace.NewBatchSpanProcessor(&countingExporter{SpanExporter: exp, dropped: t.dropped, sent: t.sent, queued: q},
 			sdktrace.WithMaxQueueSize(maxQueuedSpans), sdktrace.WithExportTimeout(exportTimeout),
-			sdktrace.WithBatchTimeout(200*time.Millisecond)))
+			sdktrace.WithBatchTimeout(200*time.Millisecond))
+		tpOpts = append(tpOpts, sdktrace.WithSpanProcessor(&boundedProcessor{SpanProcessor: bsp, q: q}))
 	}
 	tp := sdktrace.NewTracerProvider(tpOpts...)
 	return &tracerState{cfg: cfg, tp: tp, tr: tp.Tracer("github.com/mcpgate/mcpgate")}
@@ -231,9 +234,42 @@ func (traceparentCarrier) Keys() []string     { return []string{"traceparent"} }
 type countingExporter struct {
 	sdktrace.SpanExporter
 	dropped, sent metric.Int64Counter
+	queued        *queueBound
 }
 
+// queueBound counts the spans handed to the batch processor and not yet through an
+// export: the SDK drops spans silently when its queue is full, so mcpgate drops them
+// first, at the same bound, and counts them (a batch being exported counts too, so the
+// bound is a little stricter than the SDK's).
+type queueBound struct {
+	n       atomic.Int64
+	max     int64
+	dropped metric.Int64Counter
+}
+
+// boundedProcessor is the batch processor behind queueBound.
+type boundedProcessor struct {
+	sdktrace.SpanProcessor
+	q *queueBound
+}
+
+func (p *boundedProcessor) OnEnd(s sdktrace.ReadOnlySpan) {
+	if !s.SpanContext().IsSampled() {
+		return // the batch processor exports sampled spans only
+	}
+	if p.q.n.Add(1) > p.q.max {
+		p.q.n.Add(-1)
+		p.q.dropped.Add(context.Background(), 1)
+		otel.Handle(errQueueFull)
+		return
+	}
+	p.SpanProcessor.OnEnd(s)
+}
+
+var errQueueFull = errors.New("the span queue is full (the collector is slow or unreachable): spans dropped")
+
 func (e *countingExporter) ExportSpans(ctx context.Context, spans []sdktrace.ReadOnlySpan) error {
+	defer e.queued.n.Add(-int64(len(spans)))
 	err := e.SpanExporter.ExportSpans(ctx, spans)
 	if err != nil {
 		e.dropped.Add(ctx, int64(len(spans)))
