@@ -357,25 +357,55 @@ func (p *procFilter) timedOut(kind string) error {
 // finishWith completes processing with a local reply (once): the stream half-closes and
 // the reply goes to the HTTP stream, which sends it or resets (sendLocalReply).
 func (p *procFilter) finishWith(lr *localReply) {
-	if !p.markComplete(false) {
+	if !p.claimComplete(false) {
 		return
 	}
+	// The reply is pending before anyone waiting on the filter wakes: the transport
+	// reading a streamed body that ends here must find it, not take the cut body for an
+	// upstream failure (a 503 instead of the processor's answer).
 	p.s.sendLocalReply(lr)
+	p.releaseComplete()
 }
 
 // finishPass completes processing without a reply.
 func (p *procFilter) finishPass() { p.markComplete(true) }
 
 func (p *procFilter) markComplete(passed bool) bool {
+	if !p.claimComplete(passed) {
+		return false
+	}
+	p.releaseComplete()
+	return true
+}
+
+// claimComplete marks processing complete (once; it reports whether this call did);
+// releaseComplete then wakes the waiters and half-closes the stream.
+func (p *procFilter) claimComplete(passed bool) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.complete {
 		return false
 	}
 	p.complete, p.passed = true, passed
+	return true
+}
+
+// settle waits, if processing is complete, until the completing side has delivered its
+// local reply (finishWith claims, replies, then releases).
+func (p *procFilter) settle() {
+	p.mu.Lock()
+	complete := p.complete
+	p.mu.Unlock()
+	if complete {
+		<-p.done
+	}
+}
+
+func (p *procFilter) releaseComplete() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	close(p.done)
 	p.halfCloseLocked()
-	return true
 }
 
 // sideFinished records that a side sends nothing more; once both are done the stream is

@@ -826,6 +826,9 @@ func (s *stream) forward(a *routev3.RouteAction) *response {
 	}
 	if err != nil {
 		defer cancel()
+		for _, p := range s.procs {
+			p.settle() // a processor that cut the body off may still be delivering its reply
+		}
 		if s.hasLocalReply() { // a filter answered in the middle of a streamed body
 			return nil
 		}
