@@ -583,6 +583,7 @@ func (l *loader) compileTools(d *document, spec ToolsSpec) Tools {
 	if spec.Rego != "" {
 		t.Rego = l.compileRego(d, p+".rego", spec.Rego)
 	}
+	t.Pinning = l.compilePinning(d, p+".pinning", spec.Pinning)
 	return t
 }
 

@@ -8,10 +8,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
 	"strings"
+
+	"go.yaml.in/yaml/v3"
 )
 
 // Tool-definition pinning: a tool's definition as a server lists it (tools/list) is
@@ -248,4 +252,92 @@ func writeString(b *bytes.Buffer, s string) {
 	enc.SetEscapeHTML(false)
 	_ = enc.Encode(s)
 	b.Truncate(b.Len() - 1) // Encode's newline
+}
+
+// pinFileSpec is a pin file (pins/<app>.yaml): what `mcpgate pins export` writes.
+type pinFileSpec struct {
+	Tools map[string]ToolPin `yaml:"tools"`
+}
+
+var sha256Hex = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+// compilePinning validates tools.pinning and reads the pin file.
+func (l *loader) compilePinning(d *document, p string, spec PinningSpec) Pinning {
+	pin := Pinning{Mode: PinMode(spec.Mode)}
+	switch pin.Mode {
+	case "", PinOff:
+		if spec.File != "" {
+			l.errf(d, p+".file", "is set but mode is off")
+		}
+		return Pinning{Mode: PinOff}
+	case PinRecord, PinEnforce:
+	default:
+		l.errf(d, p+".mode", "must be off, record or enforce, got %q", spec.Mode)
+		return Pinning{Mode: PinOff}
+	}
+	rel := spec.File
+	if rel == "" {
+		rel = "pins/" + d.meta.Name + ".yaml"
+	}
+	name, ok := regoPath(d.name, rel)
+	if !ok {
+		l.errf(d, p+".file", "%q must be a relative path inside the policy directory", rel)
+		return pin
+	}
+	pin.File = l.display(name)
+	data, err := l.readFile(name)
+	if errors.Is(err, fs.ErrNotExist) && pin.Mode == PinRecord {
+		return pin // record mode learns the pins; the file comes from `mcpgate pins export`
+	}
+	if err != nil {
+		l.errf(d, p+".file", "cannot read %s: %v (enforce needs the pins: run record mode and `mcpgate pins export --app %s`)", pin.File, err, d.meta.Name)
+		return pin
+	}
+	var f pinFileSpec
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) {
+		l.probs.add(pin.File, yamlErrorLine(err), "%v", err)
+		return pin
+	}
+	pin.Pins = make(map[string]ToolPin, len(f.Tools))
+	for tool, tp := range f.Tools {
+		where := "tools." + tool
+		if tool == "" {
+			l.probs.add(pin.File, 0, "a pin without a tool name")
+			continue
+		}
+		if !sha256Hex.MatchString(tp.SHA256) {
+			l.probs.add(pin.File, 0, "%s.sha256: %q is not a lower-case hex SHA-256", where, tp.SHA256)
+		}
+		for field, h := range tp.Fields {
+			if !slices.Contains(PinnedFields, field) {
+				l.probs.add(pin.File, 0, "%s.fields: unknown field %q (pinned fields: %s)", where, field, strings.Join(PinnedFields, ", "))
+			} else if !sha256Hex.MatchString(h) {
+				l.probs.add(pin.File, 0, "%s.fields.%s: %q is not a lower-case hex SHA-256", where, field, h)
+			}
+		}
+		pin.Pins[tool] = tp
+	}
+	return pin
+}
+
+// yamlErrorLine is the line a yaml.v3 error names ("yaml: line 3: ..."), or 0.
+func yamlErrorLine(err error) int {
+	var te *yaml.TypeError
+	msg := err.Error()
+	if errors.As(err, &te) && len(te.Errors) > 0 {
+		msg = te.Errors[0]
+	}
+	if i := strings.Index(msg, "line "); i >= 0 {
+		n := 0
+		for _, c := range msg[i+5:] {
+			if c < '0' || c > '9' {
+				break
+			}
+			n = n*10 + int(c-'0')
+		}
+		return n
+	}
+	return 0
 }

@@ -1,7 +1,10 @@
 package policy
 
 import (
+	"context"
+	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -80,4 +83,61 @@ func deep(n int) string {
 		s = "[" + s + "]"
 	}
 	return s
+}
+
+// pinnedApp is appYAML with tools.pinning.
+func pinnedApp(pinning string) string {
+	return strings.Replace(appYAML, "    tools:\n", "    tools:\n      pinning: "+pinning+"\n", 1)
+}
+
+func TestLoadPinning(t *testing.T) {
+	_, pin := mustPin(t, pinnedTool)
+	pinFile := "# mcpgate pins export --app inventory\ntools:\n  get_inventory:\n    sha256: " + pin.SHA256 +
+		"\n    fields: {description: " + pin.Fields["description"] + "}\n    inputProperties: [product_id]\n"
+
+	snap := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": pinnedApp("{mode: enforce}"), "pins/inventory.yaml": pinFile})
+	p := snap.App("inventory").MCP.Tools.Pinning
+	if p.Mode != PinEnforce || !strings.HasSuffix(p.File, filepath.Join("pins", "inventory.yaml")) || p.Pins["get_inventory"].SHA256 != pin.SHA256 ||
+		p.Pins["get_inventory"].Fields["description"] != pin.Fields["description"] {
+		t.Errorf("enforce: %+v", p)
+	}
+	// record without a pin file yet; a file named explicitly; off by default.
+	if p := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": pinnedApp("{mode: record}")}).App("inventory").MCP.Tools.Pinning; p.Mode != PinRecord || p.Pins != nil {
+		t.Errorf("record without pins: %+v", p)
+	}
+	if p := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": pinnedApp("{mode: enforce, file: approved/inv.yaml}"), "approved/inv.yaml": pinFile}).App("inventory").MCP.Tools.Pinning; len(p.Pins) != 1 {
+		t.Errorf("explicit file: %+v", p)
+	}
+	if p := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML}).App("inventory").MCP.Tools.Pinning; p.Mode != PinOff || p.Pins != nil {
+		t.Errorf("default: %+v", p)
+	}
+	// The pin file is part of the policy: editing it changes the version (a reload).
+	v1 := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": pinnedApp("{mode: enforce}"), "pins/inventory.yaml": pinFile}).Version
+	v2 := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": pinnedApp("{mode: enforce}"), "pins/inventory.yaml": pinFile + "  list_items: {sha256: " + pin.SHA256 + "}\n"}).Version
+	if v1 == v2 {
+		t.Error("a changed pin file left the policy version as it was")
+	}
+}
+
+func TestLoadPinningProblems(t *testing.T) {
+	for _, c := range []struct {
+		app, pins, want string
+	}{
+		{pinnedApp("{mode: strict}"), "", `spec.mcp.tools.pinning.mode: must be off, record or enforce, got "strict"`},
+		{pinnedApp("{mode: enforce}"), "", `spec.mcp.tools.pinning.file: cannot read`},
+		{pinnedApp("{mode: off, file: pins/x.yaml}"), "", `spec.mcp.tools.pinning.file: is set but mode is off`},
+		{pinnedApp("{mode: enforce, file: ../outside.yaml}"), "", `must be a relative path inside the policy directory`},
+		{pinnedApp("{mode: enforce}"), "tools:\n  t: {sha256: ABC}\n", `tools.t.sha256: "ABC" is not a lower-case hex SHA-256`},
+		{pinnedApp("{mode: enforce}"), "tools:\n  t: {sha256: " + strings.Repeat("a", 64) + ", fields: {name: " + strings.Repeat("b", 64) + "}}\n", `tools.t.fields: unknown field "name"`},
+		{pinnedApp("{mode: enforce}"), "tool:\n  t: {}\n", `field tool not found`},
+	} {
+		files := map[string]string{"mesh.yaml": meshYAML, "app.yaml": c.app}
+		if c.pins != "" {
+			files["pins/inventory.yaml"] = c.pins
+		}
+		_, err := LoadDir(context.Background(), writePolicy(t, files))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s / %q: err %v, want %q", c.app, c.pins, err, c.want)
+		}
+	}
 }

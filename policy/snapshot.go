@@ -136,6 +136,27 @@ type Tools struct {
 	Rules         []*Rule
 	Rego          *Rego
 	ErrorCode     int
+	Pinning       Pinning
+}
+
+// PinMode is tools.pinning.mode.
+type PinMode string
+
+// Pinning modes.
+const (
+	PinOff     PinMode = "off"
+	PinRecord  PinMode = "record"
+	PinEnforce PinMode = "enforce"
+)
+
+// Pinning is an app's compiled tool pinning.
+type Pinning struct {
+	Mode PinMode
+	// File is the pin file as the policy names it (display path), "" when off.
+	File string
+	// Pins are the pinned definitions by tool name (nil: no pin file, as record mode may
+	// start). Treat as immutable.
+	Pins map[string]ToolPin
 }
 
 // Rule is a compiled tool rule.

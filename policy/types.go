@@ -211,6 +211,17 @@ type ToolsSpec struct {
 	Rego string `yaml:"rego"`
 	// ErrorCode is the JSON-RPC error code of a denial (default -32001).
 	ErrorCode int `yaml:"errorCode"`
+	// Pinning compares the tool definitions the server lists with pins (pin.go).
+	Pinning PinningSpec `yaml:"pinning"`
+}
+
+// PinningSpec turns tool-definition pinning on: mode off (default), record (learn the
+// definitions the server lists) or enforce (hide and refuse tools that differ from their
+// pin or have none). File is the pin file, relative to the policy file (default
+// pins/<app>.yaml).
+type PinningSpec struct {
+	Mode string `yaml:"mode"`
+	File string `yaml:"file"`
 }
 
 // RuleSpec matches MCP requests. Every matcher that is set must match; a rule with no
