@@ -55,9 +55,10 @@ func rawID(id json.RawMessage) any {
 // responseStep is what must happen to the response to one request of the body.
 type responseStep struct {
 	id     json.RawMessage
-	listOf string                // "tools", "prompts", "resources", "resourceTemplates": filter the list
-	keep   func([]string) []bool // for listOf: decides every entry's name
-	redact [][]string            // JSON pointer tokens to remove from a tool result
+	listOf string                                        // "tools", "prompts", "resources", "resourceTemplates": filter the list
+	keep   func([]string) []bool                         // for listOf: decides every entry's name
+	pin    func(names []string, entries [][]byte) []bool // tools/list: pinning (pinning.go)
+	redact [][]string                                    // JSON pointer tokens to remove from a tool result
 	// noResponses: a GET event stream of an app that filters responses; any JSON-RPC
 	// response on it is an error (see Process on GET).
 	noResponses bool
@@ -65,7 +66,8 @@ type responseStep struct {
 
 // filtersResponses reports whether an app's responses may need filtering or redaction.
 func filtersResponses(m *policy.MCP) bool {
-	return m.Responses.FilterToolsList || len(m.Responses.Redact) > 0 || m.Tools.Rego != nil
+	return m.Responses.FilterToolsList || len(m.Responses.Redact) > 0 || m.Tools.Rego != nil ||
+		m.Tools.Pinning.Mode != policy.PinOff
 }
 
 // redactsResult reports whether a tools/call of tool, decided d, has its result redacted
@@ -108,6 +110,10 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 			step.listOf = key
 			step.keep = st.listFilter(ctx, msg.Method)
 		}
+		if msg.Method == "tools/list" && m.Tools.Pinning.Mode != policy.PinOff {
+			step.listOf = "tools"
+			step.pin = st.pinFilter()
+		}
 		if msg.Method == "tools/call" {
 			for _, red := range m.Responses.Redact {
 				if policy.MatchAny(red.Tools, msg.Tool) {
@@ -120,7 +126,7 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 				step.redact = append(step.redact, p.Tokens)
 			}
 		}
-		if step.keep != nil || len(step.redact) > 0 {
+		if step.keep != nil || step.pin != nil || len(step.redact) > 0 {
 			st.plan = append(st.plan, step)
 		}
 	}
@@ -256,8 +262,23 @@ func (c *decisionCache) put(k string, allow bool) {
 func (s responseStep) apply(resp []byte) ([]byte, error) {
 	out := resp
 	var err error
-	if s.keep != nil {
-		if out, _, err = mcp.FilterListBatch(out, s.listOf, s.keep); err != nil {
+	if s.keep != nil || s.pin != nil {
+		decide := func(names []string, entries [][]byte) []bool {
+			keep := make([]bool, len(names))
+			for i := range keep {
+				keep[i] = true
+			}
+			if s.keep != nil {
+				keep = s.keep(names)
+			}
+			if s.pin != nil {
+				for i, ok := range s.pin(names, entries) {
+					keep[i] = keep[i] && ok
+				}
+			}
+			return keep
+		}
+		if out, _, err = mcp.FilterListEntries(out, s.listOf, decide); err != nil {
 			return nil, fmt.Errorf("filter %s: %w", s.listOf, err)
 		}
 	}

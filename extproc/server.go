@@ -79,6 +79,9 @@ type Server struct {
 	limitCount metric.Int64Counter
 	limitAttrs sync.Map // limitCountKey -> metric.AddOption
 
+	// pins are what the lists of pinning apps showed (pinning.go).
+	pins *pinState
+
 	// records are logged and counted by one background goroutine, off the request path;
 	// no audit line is ever dropped (see decisionlog.Queue.Add).
 	records *decisionlog.Queue[procRecord]
@@ -121,6 +124,9 @@ func NewServer(opts Options) (*Server, error) {
 	}
 	if s.limitCount, err = meter.Int64Counter("mcpgate.ratelimit.decisions",
 		metric.WithDescription("rate-limit decisions per bucket kind (key: caller, subject, tenant, tool) by target and decision (allowed, refused, local_*, unavailable_*)")); err != nil {
+		return nil, err
+	}
+	if s.pins, err = newPinState(meter, s.shared.log); err != nil {
 		return nil, err
 	}
 	if _, err = meter.Int64ObservableGauge("mcpgate.mcp.cache.entries",
@@ -570,6 +576,11 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 				code: st.app.MCP.Tools.ErrorCode, id: m.ID, headers: v.headers})
 		}
 		d := Decide(ctx, st.app.MCP, &r)
+		if d.Allow && m.Method == "tools/call" {
+			if pd, ok := st.pinDecision(m.Tool); ok {
+				d = pd
+			}
+		}
 		if d.Allow && m.Task && m.Method == "tools/call" && st.redactsResult(m.Tool, d) {
 			// The result of a task-augmented call comes later, on tasks/result, from a
 			// stream that does not know which tool it came from: it would escape

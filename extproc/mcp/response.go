@@ -233,6 +233,12 @@ func FilterList(resp []byte, key string, keep func(name string) bool) ([]byte, i
 // names of the named entries, in order, and returns whether to keep each (a caller may
 // then decide them concurrently). A result of another length is an error.
 func FilterListBatch(resp []byte, key string, decide func(names []string) []bool) ([]byte, int, error) {
+	return FilterListEntries(resp, key, func(names []string, _ [][]byte) []bool { return decide(names) })
+}
+
+// FilterListEntries is FilterListBatch with each named entry's JSON as well (what a tool
+// definition pin is computed from); entries[i] is the entry names[i] was read from.
+func FilterListEntries(resp []byte, key string, decide func(names []string, entries [][]byte) []bool) ([]byte, int, error) {
 	field, ok := listKeys[key]
 	if !ok {
 		return nil, 0, fmt.Errorf("mcp: FilterList: unknown list %q", key)
@@ -258,12 +264,14 @@ func FilterListBatch(resp []byte, key string, decide func(names []string) []bool
 	}
 	var entries []entry
 	var names []string
+	var raws [][]byte
 	for i := skipWS(resp, list.start+1); resp[i] != ']'; {
 		e := entry{start: i, end: idx.skip(resp, i), name: -1}
 		if resp[i] == '{' {
 			if s := findMember(resp, i, field, idx); s.ok() && resp[s.start] == '"' {
 				e.name = len(names)
 				names = append(names, stringValue(resp, s.start, s.end))
+				raws = append(raws, resp[e.start:e.end:e.end])
 			}
 		}
 		entries = append(entries, e)
@@ -271,7 +279,7 @@ func FilterListBatch(resp []byte, key string, decide func(names []string) []bool
 			i = skipWS(resp, i+1)
 		}
 	}
-	keep := decide(names)
+	keep := decide(names, raws)
 	if len(keep) != len(names) {
 		return nil, 0, fmt.Errorf("mcp: FilterList: %d decisions for %d names", len(keep), len(names))
 	}
