@@ -44,17 +44,24 @@ type ToolPin struct {
 // the tool's name and its pin. A definition that is not a JSON object with a string name
 // is an error.
 func FingerprintTool(def []byte) (string, ToolPin, error) {
+	name, pin, _, err := FingerprintToolCanonical(def)
+	return name, pin, err
+}
+
+// FingerprintToolCanonical is FingerprintTool that also returns the canonical JSON of
+// the pinned fields: what the pin's sha256 digests, for an operator to review.
+func FingerprintToolCanonical(def []byte) (string, ToolPin, []byte, error) {
 	v, err := decodeCanonical(def)
 	if err != nil {
-		return "", ToolPin{}, fmt.Errorf("tool definition: %w", err)
+		return "", ToolPin{}, nil, fmt.Errorf("tool definition: %w", err)
 	}
 	members, ok := v.(map[string]any)
 	if !ok {
-		return "", ToolPin{}, errors.New("tool definition: not a JSON object")
+		return "", ToolPin{}, nil, errors.New("tool definition: not a JSON object")
 	}
 	name, _ := members["name"].(string)
 	if name == "" {
-		return "", ToolPin{}, errors.New("tool definition: no string name")
+		return "", ToolPin{}, nil, errors.New("tool definition: no string name")
 	}
 	pin := ToolPin{Fields: map[string]string{}}
 	whole := map[string]any{}
@@ -66,7 +73,8 @@ func FingerprintTool(def []byte) (string, ToolPin, error) {
 		whole[f] = v
 		pin.Fields[f] = digest(canonicalJSON(v))
 	}
-	pin.SHA256 = digest(canonicalJSON(whole))
+	canonical := canonicalJSON(whole)
+	pin.SHA256 = digest(canonical)
 	if schema, ok := whole["inputSchema"].(map[string]any); ok {
 		if props, ok := schema["properties"].(map[string]any); ok {
 			for p := range props {
@@ -75,7 +83,7 @@ func FingerprintTool(def []byte) (string, ToolPin, error) {
 			sort.Strings(pin.InputProperties)
 		}
 	}
-	return name, pin, nil
+	return name, pin, canonical, nil
 }
 
 // Drift lists how current differs from the pin, in words an operator can act on
@@ -340,4 +348,36 @@ func yamlErrorLine(err error) int {
 		return n
 	}
 	return 0
+}
+
+// FormatPinFile writes pins as a pin file (what compilePinning reads), tools sorted, each
+// preceded by a comment holding the definition it pins (defs, canonical JSON) for review.
+func FormatPinFile(app string, pins map[string]ToolPin, defs map[string]string) []byte {
+	names := make([]string, 0, len(pins))
+	for n := range pins {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	tools := &yaml.Node{Kind: yaml.MappingNode}
+	for _, n := range names {
+		var v yaml.Node
+		if err := v.Encode(pins[n]); err != nil {
+			panic(err) // a ToolPin always encodes
+		}
+		key := &yaml.Node{Kind: yaml.ScalarNode, Value: n}
+		if d := defs[n]; d != "" {
+			key.HeadComment = strings.ReplaceAll(d, "\n", " ")
+		}
+		tools.Content = append(tools.Content, key, &v)
+	}
+	doc := &yaml.Node{Kind: yaml.MappingNode, Content: []*yaml.Node{{Kind: yaml.ScalarNode, Value: "tools"}, tools}}
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "# Tool pins of App %s: the definitions its server listed through mcpgate (mcpgate pins export).\n", app)
+	b.WriteString("# Review every definition (the comment above each pin is what its sha256 digests), commit\n")
+	b.WriteString("# this file as the app's pin file (default pins/<app>.yaml), then set tools.pinning.mode: enforce.\n")
+	enc := yaml.NewEncoder(&b)
+	enc.SetIndent(2)
+	_ = enc.Encode(doc)
+	_ = enc.Close()
+	return b.Bytes()
 }

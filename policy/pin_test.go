@@ -141,3 +141,19 @@ func TestLoadPinningProblems(t *testing.T) {
 		}
 	}
 }
+
+// What FormatPinFile writes loads back as the same pins.
+func TestFormatPinFileRoundTrip(t *testing.T) {
+	_, p1 := mustPin(t, pinnedTool)
+	_, p2 := mustPin(t, `{"name":"list_items","description":"Lists\nitems # not a comment"}`)
+	out := FormatPinFile("inventory", map[string]ToolPin{"get_inventory": p1, "list_items": p2},
+		map[string]string{"get_inventory": `{"description":"Stock for a product"}`, "list_items": "{\"description\":\"Lists\\nitems # x\"}"})
+	if !strings.Contains(string(out), `# {"description":"Stock for a product"}`) {
+		t.Errorf("no review comment:\n%s", out)
+	}
+	snap := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": pinnedApp("{mode: enforce}"), "pins/inventory.yaml": string(out)})
+	got := snap.App("inventory").MCP.Tools.Pinning.Pins
+	if !reflect.DeepEqual(got, map[string]ToolPin{"get_inventory": p1, "list_items": p2}) {
+		t.Errorf("round trip:\n%s\ngot %+v", out, got)
+	}
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"sort"
 
@@ -37,7 +38,14 @@ func newTelemetry() (*telemetry, error) {
 
 // adminHandler serves the admin endpoints. limits, when ext_proc runs, reports the
 // rate-limit store for /readyz.
-func adminHandler(store *policy.Store, tel *telemetry, limits func(context.Context) *extproc.RateLimitStatus) http.Handler {
+// pinSource is what ext_proc learned of the tool definitions pinning apps list.
+type pinSource interface {
+	Pins(app string) map[string]policy.ToolPin
+	PinDefinitions(app string) map[string]string
+	Drift(app string) map[string][]string
+}
+
+func adminHandler(store *policy.Store, tel *telemetry, limits func(context.Context) *extproc.RateLimitStatus, pins pinSource) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -72,6 +80,35 @@ func adminHandler(store *policy.Store, tel *telemetry, limits func(context.Conte
 			return
 		}
 		writeJSON(w, http.StatusOK, describeSnapshot(snap, store.Status()))
+	})
+	// The tool pins an app's lists showed (tools.pinning record or enforce), as a pin file
+	// to review and commit: `mcpgate pins export --app X` prints it.
+	mux.HandleFunc("GET /debug/pins", func(w http.ResponseWriter, r *http.Request) {
+		app := r.URL.Query().Get("app")
+		snap := store.Current()
+		switch {
+		case snap == nil:
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "no policy loaded"})
+			return
+		case app == "":
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "name the app: /debug/pins?app=<App ID>"})
+			return
+		case pins == nil:
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": "this mcpgate serves no ext_proc (--grpc-addr is empty): it sees no tools/list"})
+			return
+		}
+		a := snap.App(app)
+		if a == nil || a.MCP == nil || a.MCP.Tools.Pinning.Mode == policy.PinOff {
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("app %q has no tools.pinning (mode record or enforce) in policy version %s", app, snap.Version)})
+			return
+		}
+		learned := pins.Pins(app)
+		if len(learned) == 0 {
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("no tools/list of app %q has gone through this mcpgate yet: list the tools through its sidecar first", app)})
+			return
+		}
+		w.Header().Set("Content-Type", "application/yaml")
+		_, _ = w.Write(policy.FormatPinFile(app, learned, pins.PinDefinitions(app)))
 	})
 	return mux
 }

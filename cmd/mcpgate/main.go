@@ -28,7 +28,7 @@ func newRootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newServeCmd(), newValidateCmd(), newVersionCmd(), newRenderCmd(), newBootstrapCmd())
+	root.AddCommand(newServeCmd(), newValidateCmd(), newVersionCmd(), newRenderCmd(), newBootstrapCmd(), newPinsCmd())
 	return root
 }
 

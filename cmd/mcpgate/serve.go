@@ -197,6 +197,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 	}
 
 	var limitStatus func(context.Context) *extproc.RateLimitStatus
+	var pins pinSource // ext_proc's, when it serves
 	tracer, err := decisionlog.NewTracer(tel.meter, log.Named("tracing"))
 	if err != nil {
 		return err
@@ -239,6 +240,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 		if err != nil {
 			return err
 		}
+		pins = proc
 		limitStatus = func(ctx context.Context) *extproc.RateLimitStatus {
 			st := proc.RateLimitStatus(ctx)
 			return &st
@@ -271,7 +273,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 		if err != nil {
 			return fmt.Errorf("--admin-addr: %w", err)
 		}
-		hs := &http.Server{Handler: adminHandler(store, tel, limitStatus), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: adminHandler(store, tel, limitStatus, pins), ReadHeaderTimeout: 5 * time.Second}
 		log.Info("admin listening", zap.String("addr", lis.Addr().String()))
 		g.Go(func() error {
 			if err := hs.Serve(lis); !errors.Is(err, http.ErrServerClosed) {

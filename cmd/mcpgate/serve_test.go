@@ -169,7 +169,7 @@ func TestAdminShowsNoSecrets(t *testing.T) {
 	}
 	store := policy.NewStore(nil)
 	store.Set(snap)
-	h := adminHandler(store, tel, nil)
+	h := adminHandler(store, tel, nil, nil)
 	for _, p := range []string{"/debug/snapshot", "/readyz", "/metrics", "/healthz"} {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, p, nil))
