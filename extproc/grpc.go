@@ -214,6 +214,11 @@ func (st *stream) grpcBody(ctx context.Context, b *extprocv3.HttpBody) *extprocv
 			return refuse(refusal{status: v.status, grpcCode: code, rule: v.rule, reason: v.reason + "; retry after " + retryAfter(v.wait) + "s"})
 		}
 		d := Decide(ctx, st.app.MCP, &r)
+		if d.Allow && r.Method == "tools/call" {
+			if pd, ok := st.pinDecision(r.Tool); ok {
+				d = pd // a tool without a pin (ListTools definitions are not compared yet)
+			}
+		}
 		if !d.Allow {
 			rf := st.denial(d, nil)
 			rf.grpcCode = codes.PermissionDenied
