@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
+	"slices"
 	"sort"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -79,7 +81,7 @@ func adminHandler(store *policy.Store, tel *telemetry, limits func(context.Conte
 			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": "no policy loaded"})
 			return
 		}
-		writeJSON(w, http.StatusOK, describeSnapshot(snap, store.Status()))
+		writeJSON(w, http.StatusOK, describeSnapshot(snap, store.Status(), pins))
 	})
 	// The tool pins an app's lists showed (tools.pinning record or enforce), as a pin file
 	// to review and commit: `mcpgate pins export --app X` prints it.
@@ -132,10 +134,21 @@ type appView struct {
 	Scopes    []string `json:"scopes,omitempty"`
 	Rules     []string `json:"rules,omitempty"`
 	Rego      string   `json:"rego,omitempty"`
+	Pinning   *pinView `json:"pinning,omitempty"`
+}
+
+// pinView is an app's tool pinning: the pins the policy holds, the tools its lists have
+// shown this replica (their pins: /debug/pins?app=), and those hidden for drift and why.
+type pinView struct {
+	Mode    policy.PinMode      `json:"mode"`
+	File    string              `json:"file"`
+	Pinned  []string            `json:"pinned"`
+	Learned []string            `json:"learned"`
+	Drift   map[string][]string `json:"drift,omitempty"`
 }
 
 // describeSnapshot is a summary for humans: names, sources and rule names, nothing secret.
-func describeSnapshot(s *policy.Snapshot, st policy.Status) any {
+func describeSnapshot(s *policy.Snapshot, st policy.Status, pins pinSource) any {
 	apps := make([]appView, 0, len(s.Apps))
 	for _, a := range s.Apps {
 		v := appView{ID: a.ID, Namespace: a.Namespace, SpiffeID: a.SpiffeID, Source: a.Source}
@@ -149,6 +162,13 @@ func describeSnapshot(s *policy.Snapshot, st policy.Status) any {
 			}
 			if m.Tools.Rego != nil {
 				v.Rego = m.Tools.Rego.File
+			}
+			if pn := m.Tools.Pinning; pn.Mode != policy.PinOff {
+				v.Pinning = &pinView{Mode: pn.Mode, File: pn.File, Pinned: slices.Sorted(maps.Keys(pn.Pins)), Learned: []string{}}
+				if pins != nil {
+					v.Pinning.Learned = slices.Sorted(maps.Keys(pins.Pins(a.ID)))
+					v.Pinning.Drift = pins.Drift(a.ID)
+				}
 			}
 		}
 		apps = append(apps, v)

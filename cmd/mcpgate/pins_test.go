@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -18,7 +19,9 @@ func (f fakePins) Pins(string) map[string]policy.ToolPin { return f }
 func (f fakePins) PinDefinitions(string) map[string]string {
 	return map[string]string{"get_inventory": `{"description":"Stock"}`}
 }
-func (f fakePins) Drift(string) map[string][]string { return nil }
+func (f fakePins) Drift(string) map[string][]string {
+	return map[string][]string{"get_customer": {"no pin"}}
+}
 
 // /debug/pins answers a pin file for an app in record mode, and says why it cannot for
 // the others; `mcpgate pins export` prints it, or fails with that reason.
@@ -60,6 +63,30 @@ func TestPinsExport(t *testing.T) {
 	}
 	if _, err := run("pins", "export", "--admin-addr", addr); err == nil || !strings.Contains(err.Error(), "--app is required") {
 		t.Errorf("no --app: %v", err)
+	}
+	resp, err := http.Get(srv.URL + "/debug/snapshot")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var snapView struct {
+		Apps []struct {
+			ID      string   `json:"id"`
+			Pinning *pinView `json:"pinning"`
+		} `json:"apps"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&snapView)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range snapView.Apps {
+		if a.ID == "inventory" && (a.Pinning == nil || a.Pinning.Mode != policy.PinRecord || strings.Join(a.Pinning.Learned, ",") != "get_inventory" ||
+			strings.Join(a.Pinning.Drift["get_customer"], "") != "no pin") {
+			t.Errorf("/debug/snapshot inventory pinning: %+v", a.Pinning)
+		}
+		if a.ID == "my-agent" && a.Pinning != nil {
+			t.Errorf("/debug/snapshot shows pinning for my-agent: %+v", a.Pinning)
+		}
 	}
 	rec := httptest.NewRecorder()
 	adminHandler(store, tel, nil, nil).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/debug/pins?app=inventory", nil))
