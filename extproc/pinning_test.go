@@ -100,3 +100,22 @@ func TestToolPinning(t *testing.T) {
 		t.Errorf("mcpgate.mcp.pin.drifts = %d, want 2 (one list hid two tools)", hidden)
 	}
 }
+
+// A list filtered per caller is cacheScope "private": replaced when the server set it,
+// added for 2026-07-28 (where absent means public), left out for older revisions.
+func TestFilteredListCacheScope(t *testing.T) {
+	s := newDemoServer(t)
+	for _, c := range []struct {
+		version, list, want string
+	}{
+		{"2026-07-28", toolsList, `"result":{"cacheScope":"private","tools":`},
+		{"2025-11-25", toolsList, `"result":{"tools":`},
+		{"2025-11-25", strings.Replace(toolsList, `"result":{`, `"result":{"ttlMs":5,"cacheScope":"public",`, 1), `"result":{"ttlMs":5,"cacheScope":"private","tools":`},
+	} {
+		res := runEnvoy(t, s, envoyRequest{md: agentMD, body: `{"jsonrpc":"2.0","id":2,"method":"tools/list"}`, headers: []string{"mcp-protocol-version", c.version}},
+			envoyUpstream{contentType: "application/json", chunks: []string{c.list}})
+		if !strings.Contains(res.clientBody, c.want) || res.responseSet["cache-control"] != "private, no-store" {
+			t.Errorf("%s: body %s cache-control %q, want %s", c.version, res.clientBody, res.responseSet["cache-control"], c.want)
+		}
+	}
+}

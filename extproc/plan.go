@@ -1,6 +1,7 @@
 package extproc
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
@@ -58,7 +59,11 @@ type responseStep struct {
 	listOf string                                        // "tools", "prompts", "resources", "resourceTemplates": filter the list
 	keep   func([]string) []bool                         // for listOf: decides every entry's name
 	pin    func(names []string, entries [][]byte) []bool // tools/list: pinning (pinning.go)
-	redact [][]string                                    // JSON pointer tokens to remove from a tool result
+	// private: the list is filtered per caller, so its result is marked cacheScope
+	// "private" (MCP 2026-07-28 Cacheable): no intermediary may serve it to another
+	// caller. addScope: add the member if the server left it out (it means "public").
+	private, addScope bool
+	redact            [][]string // JSON pointer tokens to remove from a tool result
 	// noResponses: a GET event stream of an app that filters responses; any JSON-RPC
 	// response on it is an error (see Process on GET).
 	noResponses bool
@@ -109,6 +114,7 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 		if key, ok := listResults[msg.Method]; ok && m.Responses.FilterToolsList {
 			step.listOf = key
 			step.keep = st.listFilter(ctx, msg.Method)
+			step.private, step.addScope = true, cacheScopeEra(st.req.ProtocolVersion)
 		}
 		if msg.Method == "tools/list" && m.Tools.Pinning.Mode != policy.PinOff {
 			step.listOf = "tools"
@@ -282,6 +288,11 @@ func (s responseStep) apply(resp []byte) ([]byte, error) {
 			return nil, fmt.Errorf("filter %s: %w", s.listOf, err)
 		}
 	}
+	if s.private && (s.addScope || hasCacheScope(out)) {
+		if out, err = mcp.SetResultString(out, "cacheScope", "private"); err != nil {
+			return nil, fmt.Errorf("cacheScope: %w", err)
+		}
+	}
 	if len(s.redact) > 0 {
 		if out, _, err = mcp.Redact(out, s.redact); err != nil {
 			return nil, fmt.Errorf("redact: %w", err)
@@ -289,6 +300,14 @@ func (s responseStep) apply(resp []byte) ([]byte, error) {
 	}
 	return out, nil
 }
+
+// cacheScopeEra reports whether a protocol version has cacheable results, where an
+// absent cacheScope means "public" (MCP 2026-07-28 and later; versions are dates).
+func cacheScopeEra(version string) bool { return version >= "2026-07-28" }
+
+// hasCacheScope reports whether a response's result may carry cacheScope (cheap check;
+// SetResultString finds the member exactly).
+func hasCacheScope(resp []byte) bool { return bytes.Contains(resp, []byte(`"cacheScope"`)) }
 
 func (st *stream) limits() mcp.Limits {
 	return mcp.Limits{MaxBytes: int(policy.MaxMaxRequestBytes)}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"mime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -741,6 +742,11 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 		st.rewriters = st.newRewriters()
 	default:
 		return st.responseRefusal("mcpgate cannot filter a response with Content-Type " + strconvQuote(clip(mt, 64)))
+	}
+	if slices.ContainsFunc(st.plan, func(s responseStep) bool { return s.private }) {
+		// A list filtered for this caller is no one else's: whatever the server said,
+		// no HTTP cache between here and the client may keep it for others.
+		mut.SetHeaders = append(mut.SetHeaders, rawHeader("cache-control", "private, no-store"))
 	}
 	st.phase = expectResponseBody
 	return out

@@ -528,3 +528,43 @@ func removePointer(doc []byte, toks []string) ([]byte, bool) {
 	}
 	return doc, false
 }
+
+// SetResultString sets result.<key> of a JSON-RPC response object to the string value,
+// replacing the member if it is there and adding it first otherwise; a response without
+// a result (an error) is returned as it is. Everything else is kept byte for byte.
+func SetResultString(resp []byte, key, value string) ([]byte, error) {
+	v, err := validateIndexed(resp, respMaxDepth, 2)
+	defer v.release()
+	if err != nil {
+		return nil, newError(CodeParseError, nil, "parse error: %v", err)
+	}
+	idx := v.index()
+	i := skipWS(resp, 0)
+	if resp[i] != '{' {
+		return nil, errors.New("mcp: a JSON-RPC response must be an object")
+	}
+	result := findMember(resp, i, "result", idx)
+	if !result.ok() {
+		return resp, nil
+	}
+	if resp[result.start] != '{' {
+		return nil, errors.New(`mcp: "result" must be an object`)
+	}
+	val, _ := json.Marshal(value)
+	if m := findMember(resp, result.start, key, idx); m.ok() {
+		out := make([]byte, 0, len(resp)+len(val))
+		out = append(out, resp[:m.start]...)
+		out = append(out, val...)
+		return append(out, resp[m.end:]...), nil
+	}
+	name, _ := json.Marshal(key)
+	out := make([]byte, 0, len(resp)+len(name)+len(val)+2)
+	out = append(out, resp[:result.start+1]...)
+	out = append(out, name...)
+	out = append(out, ':')
+	out = append(out, val...)
+	if resp[skipWS(resp, result.start+1)] != '}' {
+		out = append(out, ',')
+	}
+	return append(out, resp[result.start+1:]...), nil
+}

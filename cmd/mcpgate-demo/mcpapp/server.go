@@ -59,6 +59,9 @@ type Options struct {
 	// framework adds in front of the SDK: compression, say). Requests are recorded as
 	// they reach the middleware.
 	Middleware func(http.Handler) http.Handler
+	// Cacheable, if set, decides the cacheScope and ttlMs of list results (the SDK's
+	// ServerOptions.SetCacheable), as a server that marks its lists public would.
+	Cacheable func(ctx context.Context, req mcp.Request, c *mcp.Cacheable)
 }
 
 // Call is one tool call the App executed.
@@ -153,7 +156,11 @@ func newServer(opts Options) (*Server, *http.ServeMux) {
 	for k, v := range DefaultInventory {
 		s.inventory[k] = v
 	}
-	s.mcpSrv = mcp.NewServer(&mcp.Implementation{Name: "inventory", Version: "v1.0.0"}, nil)
+	var so *mcp.ServerOptions
+	if opts.Cacheable != nil {
+		so = &mcp.ServerOptions{SetCacheable: opts.Cacheable}
+	}
+	s.mcpSrv = mcp.NewServer(&mcp.Implementation{Name: "inventory", Version: "v1.0.0"}, so)
 	s.addTools()
 
 	handler := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return s.mcpSrv }, &mcp.StreamableHTTPOptions{
