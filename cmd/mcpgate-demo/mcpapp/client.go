@@ -39,6 +39,9 @@ type ConnectOptions struct {
 	// MaxRetries is the SDK's SSE reconnect budget: 0 = SDK default (5),
 	// negative = no reconnects.
 	MaxRetries int
+	// ManualMultiRoundTrip turns off the SDK's automatic retry of input_required
+	// results (SEP-2322): the caller sees them and retries itself.
+	ManualMultiRoundTrip bool
 }
 
 // ProgressEvent is one notifications/progress the client received.
@@ -89,7 +92,12 @@ func ConnectWith(ctx context.Context, o ConnectOptions) (*ClientSession, error) 
 	cs.headers = &headerTransport{base: base, headers: maps.Clone(o.Headers)}
 	hc.Transport = cs.headers
 
+	var mrtr *mcp.MultiRoundTripOptions
+	if o.ManualMultiRoundTrip {
+		mrtr = &mcp.MultiRoundTripOptions{Disabled: true}
+	}
 	client := mcp.NewClient(&mcp.Implementation{Name: "mcpapp-client", Version: "v1.0.0"}, &mcp.ClientOptions{
+		MultiRoundTrip: mrtr,
 		ProgressNotificationHandler: func(_ context.Context, req *mcp.ProgressNotificationClientRequest) {
 			cs.addProgress(ProgressEvent{
 				Token:    req.Params.ProgressToken,

@@ -62,6 +62,9 @@ type Options struct {
 	// Cacheable, if set, decides the cacheScope and ttlMs of list results (the SDK's
 	// ServerOptions.SetCacheable), as a server that marks its lists public would.
 	Cacheable func(ctx context.Context, req mcp.Request, c *mcp.Cacheable)
+	// Stateless serves without sessions (the SDK's StreamableHTTPOptions.Stateless): the
+	// only way the SDK speaks MCP 2026-07-28, whose clients open with server/discover.
+	Stateless bool
 }
 
 // Call is one tool call the App executed.
@@ -166,6 +169,7 @@ func newServer(opts Options) (*Server, *http.ServeMux) {
 	handler := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return s.mcpSrv }, &mcp.StreamableHTTPOptions{
 		JSONResponse:               opts.JSONResponse,
 		DisableLocalhostProtection: opts.DisableLocalhostProtection,
+		Stateless:                  opts.Stateless,
 	})
 	mux := http.NewServeMux()
 	mux.Handle(Path, handler)
