@@ -338,6 +338,9 @@ func (st *stream) grpcStep(ctx context.Context, r *Request, d Decision) (respons
 	if r.Method == "tools/list" && m.Responses.FilterToolsList {
 		step.listOf, step.keep = "tools", st.listFilter(ctx, "tools/list")
 	}
+	if r.Method == "tools/list" && m.Tools.Pinning.Mode != policy.PinOff {
+		step.listOf, step.pin = "tools", st.pinFilter()
+	}
 	if r.Method == "tools/call" {
 		for _, red := range m.Responses.Redact {
 			if policy.MatchAny(red.Tools, r.Tool) {
@@ -350,7 +353,7 @@ func (st *stream) grpcStep(ctx context.Context, r *Request, d Decision) (respons
 			step.redact = append(step.redact, p.Tokens)
 		}
 	}
-	return step, step.keep != nil || len(step.redact) > 0
+	return step, step.keep != nil || step.pin != nil || len(step.redact) > 0
 }
 
 // grpcResponseHeaders asks for the response messages when some need rewriting.
@@ -443,12 +446,27 @@ func (st *stream) grpcRewrite(data []byte) ([]byte, error) {
 	}
 	switch r := msg.(type) {
 	case *mcpv1.ListToolsResponse:
-		if step.keep != nil {
+		if step.keep != nil || step.pin != nil {
 			names := make([]string, len(r.GetTools()))
 			for i, t := range r.GetTools() {
 				names[i] = t.GetName()
 			}
-			keep := step.keep(names)
+			keep := make([]bool, len(names))
+			for i := range keep {
+				keep[i] = true
+			}
+			if step.keep != nil {
+				keep = step.keep(names)
+			}
+			if step.pin != nil {
+				entries := make([][]byte, len(names))
+				for i, t := range r.GetTools() {
+					entries[i] = grpcToolJSON(t)
+				}
+				for i, ok := range step.pin(names, entries) {
+					keep[i] = keep[i] && ok
+				}
+			}
 			kept := r.Tools[:0]
 			for i, t := range r.GetTools() {
 				if keep[i] && t.GetName() != "" {

@@ -2,6 +2,7 @@ package extproc
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"slices"
@@ -11,8 +12,11 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"go.uber.org/zap"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/mcpgate/mcpgate/policy"
+	mcpv1 "github.com/mcpgate/mcpgate/proto/mcpgate/mcp/v1"
 )
 
 // Tool-definition pinning (policy tools.pinning): every tools/list response of a pinning
@@ -169,4 +173,30 @@ func (st *stream) pinDecision(tool string) (Decision, bool) {
 		return Decision{Rule: ruleDrift, Reason: fmt.Sprintf("tool %q differs from its pin: %s", tool, strings.Join(why, "; "))}, true
 	}
 	return Decision{}, false
+}
+
+// grpcToolJSON is a gRPC MCP Tool as the tools/list entry it stands for, so that one
+// definition pins the same over both transports (nil if it cannot be written).
+func grpcToolJSON(t *mcpv1.Tool) []byte {
+	m := map[string]json.RawMessage{}
+	str := func(k, v string) {
+		if v != "" {
+			m[k], _ = json.Marshal(v)
+		}
+	}
+	str("name", t.GetName())
+	str("title", t.GetTitle())
+	str("description", t.GetDescription())
+	for k, v := range map[string]*structpb.Struct{"inputSchema": t.GetInputSchema(), "outputSchema": t.GetOutputSchema(), "annotations": t.GetAnnotations()} {
+		if v == nil {
+			continue
+		}
+		b, err := protojson.Marshal(v)
+		if err != nil {
+			return nil
+		}
+		m[k] = b
+	}
+	b, _ := json.Marshal(m)
+	return b
 }
