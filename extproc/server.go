@@ -213,17 +213,20 @@ type stream struct {
 	maxLen int64
 
 	mcpMethodHeader, mcpNameHeader string
-	decisionID                     string
-	start                          time.Time      // when deciding began
-	cancel                         topdown.Cancel // cancelled when the stream's context ends
-	plan                           []responseStep
-	upstreamSession                string                     // the server's session id, when one was presented
-	isGRPC                         bool                       // the request is gRPC MCP (grpc.go)
-	claims                         map[string]json.RawMessage // the token's, once a limit needs one (claim)
-	span                           trace.Span                 // nil unless traced; ended with the stream
-	grpc                           *grpcStream
-	answering                      []json.RawMessage // ids of the requests of the body
-	rewriters                      []rewriter
+	// mirrored are the MCP 2026-07-28 mirror headers of a legacy request (Mcp-Method,
+	// Mcp-Name, Mcp-Param-*): meaningless there, unvalidated, so removed upstream.
+	mirrored        []string
+	decisionID      string
+	start           time.Time      // when deciding began
+	cancel          topdown.Cancel // cancelled when the stream's context ends
+	plan            []responseStep
+	upstreamSession string                     // the server's session id, when one was presented
+	isGRPC          bool                       // the request is gRPC MCP (grpc.go)
+	claims          map[string]json.RawMessage // the token's, once a limit needs one (claim)
+	span            trace.Span                 // nil unless traced; ended with the stream
+	grpc            *grpcStream
+	answering       []json.RawMessage // ids of the requests of the body
+	rewriters       []rewriter
 }
 
 // errProtocol ends a stream whose messages do not follow Envoy's order: Envoy then fails
@@ -334,6 +337,19 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		if regoHeaders[k] {
 			st.req.Headers[k] = v
 		}
+		if strings.HasPrefix(k, "mcp-param-") || k == contract.HeaderMCPMethod || k == contract.HeaderMCPName {
+			st.mirrored = append(st.mirrored, k)
+		}
+	}
+	// The protocol era comes from the version the request says it speaks, not from the
+	// headers' presence: before 2026-07-28 the mirror headers mean nothing, so nothing is
+	// decided or checked on them (a legacy client cannot trigger a -32020), and they do
+	// not reach the server or anything after mcpgate unvalidated. From 2026-07-28 on
+	// they are checked against the body before any decision uses them.
+	if mirrorEra(st.req.ProtocolVersion) {
+		st.mirrored = nil
+	} else {
+		st.mcpMethodHeader, st.mcpNameHeader = "", ""
 	}
 	if t := st.s.tracer; t != nil {
 		t.Apply(st.snap.Mesh.Tracing)
@@ -440,8 +456,19 @@ func (st *stream) upstreamHeaders() *extprocv3.HeaderMutation {
 		}
 		mut.SetHeaders = append(mut.SetHeaders, rawHeader(contract.HeaderSessionID, st.upstreamSession))
 	}
+	if len(st.mirrored) > 0 {
+		if mut == nil {
+			mut = &extprocv3.HeaderMutation{}
+		}
+		mut.RemoveHeaders = append(mut.RemoveHeaders, st.mirrored...)
+	}
 	return mut
 }
+
+// mirrorEra reports whether a protocol version mirrors the JSON-RPC method, name and
+// annotated arguments in headers (MCP 2026-07-28 and later; versions are dates, and a
+// request without the header speaks 2025-03-26).
+func mirrorEra(version string) bool { return version >= "2026-07-28" }
 
 // checkRequestContentType accepts application/json with, at most, charset=utf-8, and
 // says what is wrong otherwise. mcpgate decides on the body read as UTF-8 JSON; a server

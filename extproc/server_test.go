@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -329,7 +330,7 @@ func TestMalformedBodies(t *testing.T) {
 		{"invalid UTF-8", "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"get_inventory\xff\"}}", nil, 400, -32700, ""},
 		{"too deep", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":` + strings.Repeat(`{"a":`, 100) + "1" + strings.Repeat("}", 100) + "}}", nil, 400, -32700, ""},
 		{"not JSON content type", call(1, "get_inventory", `{}`), []string{"content-type", "text/plain"}, 415, -32600, "Content-Type"},
-		{"header mismatch", call(1, "get_inventory", `{"product_id":"SKU-1"}`), []string{"mcp-method", "tools/call", "mcp-name", "list_items"}, 400, CodeHeaderMismatch, "do not match"},
+		{"header mismatch", call(1, "get_inventory", `{"product_id":"SKU-1"}`), []string{"mcp-protocol-version", "2026-07-28", "mcp-method", "tools/call", "mcp-name", "list_items"}, 400, CodeHeaderMismatch, "do not match"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -358,8 +359,42 @@ func TestHeaderDecidedEarly(t *testing.T) {
 	f, _ := openStream(t, s)
 	resp := f.exchange(t, &extprocv3.ProcessingRequest{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{
 		RequestHeaders: &extprocv3.HttpHeaders{Headers: headerMap(":method", "POST", ":path", "/mcp", "content-type", "application/json",
-			"mcp-method", "tools/call", "mcp-name", "delete_product")}}})
+			"mcp-protocol-version", "2026-07-28", "mcp-method", "tools/call", "mcp-name", "delete_product")}}})
 	requireJSONRPCError(t, resp.GetImmediateResponse(), 403, nil, -32001, `rule "no-deletes"`)
+}
+
+// Before 2026-07-28 the mirror headers mean nothing: a legacy request is decided on its
+// body alone, is not refused for headers that disagree with it, and the headers do not
+// reach the server; from 2026-07-28 on a disagreement is a 400 with -32020.
+func TestMirrorHeadersByEra(t *testing.T) {
+	s := newDemoServer(t)
+	body := call(1, "get_inventory", `{"product_id":"SKU-1"}`)
+	lie := []string{"mcp-method", "tools/call", "mcp-name", "delete_product", "mcp-param-region", "=?base64?ZXU=?="}
+	for _, version := range []string{"", "2025-06-18", "2025-11-25"} {
+		h := lie
+		if version != "" {
+			h = append([]string{"mcp-protocol-version", version}, lie...)
+		}
+		res := runEnvoy(t, s, envoyRequest{md: agentMD, body: body, headers: h}, envoyUpstream{})
+		if res.immediate != nil {
+			t.Errorf("legacy %q: answered %s", version, res.immediate.GetBody())
+			continue
+		}
+		removed := strings.Join(res.requestRemove, ",")
+		for _, k := range []string{"mcp-method", "mcp-name", "mcp-param-region"} {
+			if !strings.Contains(removed, k) {
+				t.Errorf("legacy %q: %s reaches the server (removed: %s)", version, k, removed)
+			}
+		}
+	}
+	res := runEnvoy(t, s, envoyRequest{md: agentMD, body: body, headers: append([]string{"mcp-protocol-version", "2026-07-28"}, lie...)}, envoyUpstream{})
+	if res.immediate == nil {
+		t.Fatal("2026-07-28 with headers that contradict the body was forwarded")
+	}
+	honest := []string{"mcp-protocol-version", "2026-07-28", "mcp-method", "tools/call", "mcp-name", "get_inventory"}
+	if res := runEnvoy(t, s, envoyRequest{md: agentMD, body: body, headers: honest}, envoyUpstream{}); res.immediate != nil || slices.Contains(res.requestRemove, "mcp-method") {
+		t.Errorf("2026-07-28 with matching headers: answered %v, removed %v", res.immediate, res.requestRemove)
+	}
 }
 
 func TestMissingMetadataFailsClosed(t *testing.T) {
