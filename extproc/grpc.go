@@ -353,7 +353,7 @@ func (st *stream) grpcStep(ctx context.Context, r *Request, d Decision) (respons
 			step.redact = append(step.redact, p.Tokens)
 		}
 	}
-	return step, step.keep != nil || step.pin != nil || len(step.redact) > 0
+	return step, step.filtersList() || len(step.redact) > 0
 }
 
 // grpcResponseHeaders asks for the response messages when some need rewriting.
@@ -446,27 +446,18 @@ func (st *stream) grpcRewrite(data []byte) ([]byte, error) {
 	}
 	switch r := msg.(type) {
 	case *mcpv1.ListToolsResponse:
-		if step.keep != nil || step.pin != nil {
+		if step.filtersList() {
 			names := make([]string, len(r.GetTools()))
 			for i, t := range r.GetTools() {
 				names[i] = t.GetName()
 			}
-			keep := make([]bool, len(names))
-			for i := range keep {
-				keep[i] = true
-			}
-			if step.keep != nil {
-				keep = step.keep(names)
-			}
-			if step.pin != nil {
+			keep := step.decideList(names, func() [][]byte {
 				entries := make([][]byte, len(names))
 				for i, t := range r.GetTools() {
 					entries[i] = grpcToolJSON(t)
 				}
-				for i, ok := range step.pin(names, entries) {
-					keep[i] = keep[i] && ok
-				}
-			}
+				return entries
+			})
 			kept := r.Tools[:0]
 			for i, t := range r.GetTools() {
 				if keep[i] && t.GetName() != "" {

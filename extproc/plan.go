@@ -132,7 +132,7 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 				step.redact = append(step.redact, p.Tokens)
 			}
 		}
-		if step.keep != nil || step.pin != nil || len(step.redact) > 0 {
+		if step.filtersList() || len(step.redact) > 0 {
 			st.plan = append(st.plan, step)
 		}
 	}
@@ -264,27 +264,38 @@ func (c *decisionCache) put(k string, allow bool) {
 	c.mu.Unlock()
 }
 
+// filtersList reports whether the step keeps only some entries of a list.
+func (s responseStep) filtersList() bool { return s.keep != nil || s.pin != nil }
+
+// decideList decides which list entries to keep: the caller's list-time decisions and
+// tool pinning must both keep an entry. entries (each entry's JSON) is only made when
+// pinning needs it.
+func (s responseStep) decideList(names []string, entries func() [][]byte) []bool {
+	var keep []bool
+	if s.keep != nil {
+		keep = s.keep(names)
+	} else {
+		keep = make([]bool, len(names))
+		for i := range keep {
+			keep[i] = true
+		}
+	}
+	if s.pin != nil {
+		for i, ok := range s.pin(names, entries()) {
+			keep[i] = keep[i] && ok
+		}
+	}
+	return keep
+}
+
 // apply rewrites one JSON-RPC response object as the step says.
 func (s responseStep) apply(resp []byte) ([]byte, error) {
 	out := resp
 	var err error
-	if s.keep != nil || s.pin != nil {
-		decide := func(names []string, entries [][]byte) []bool {
-			keep := make([]bool, len(names))
-			for i := range keep {
-				keep[i] = true
-			}
-			if s.keep != nil {
-				keep = s.keep(names)
-			}
-			if s.pin != nil {
-				for i, ok := range s.pin(names, entries) {
-					keep[i] = keep[i] && ok
-				}
-			}
-			return keep
-		}
-		if out, _, err = mcp.FilterListEntries(out, s.listOf, decide); err != nil {
+	if s.filtersList() {
+		if out, _, err = mcp.FilterListEntries(out, s.listOf, func(names []string, entries [][]byte) []bool {
+			return s.decideList(names, func() [][]byte { return entries })
+		}); err != nil {
 			return nil, fmt.Errorf("filter %s: %w", s.listOf, err)
 		}
 	}
