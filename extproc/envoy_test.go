@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -182,6 +183,7 @@ func runEnvoy(t *testing.T, s *Server, req envoyRequest, up envoyUpstream) envoy
 			res.forwardedBody = string(bm.GetBody())
 		}
 		setHeaders(c.GetHeaderMutation(), res.requestSet)
+		res.requestRemove = append(slices.Clone(res.requestRemove), c.GetHeaderMutation().GetRemoveHeaders()...)
 	}
 	if up.status == 0 {
 		up.status = 200

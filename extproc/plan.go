@@ -59,6 +59,7 @@ type responseStep struct {
 	listOf string                                        // "tools", "prompts", "resources", "resourceTemplates": filter the list
 	keep   func([]string) []bool                         // for listOf: decides every entry's name
 	pin    func(names []string, entries [][]byte) []bool // tools/list: pinning (pinning.go)
+	learn  func(names []string, entries [][]byte)        // tools/list: x-mcp-header annotations (params.go)
 	// private: the list is filtered per caller, so its result is marked cacheScope
 	// "private" (MCP 2026-07-28 Cacheable): no intermediary may serve it to another
 	// caller. addScope: add the member if the server left it out (it means "public").
@@ -120,6 +121,12 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 			step.listOf = "tools"
 			step.pin = st.pinFilter()
 		}
+		if msg.Method == "tools/list" && !st.isGRPC && (step.listOf == "tools" || mirrorEra(st.req.ProtocolVersion)) {
+			// The annotations the Mcp-Param-* headers are checked against. Free when the
+			// list is read anyway; for 2026-07-28 clients it is read for this alone.
+			step.listOf = "tools"
+			step.learn = st.paramLearner()
+		}
 		if msg.Method == "tools/call" {
 			for _, red := range m.Responses.Redact {
 				if policy.MatchAny(red.Tools, msg.Tool) {
@@ -132,7 +139,7 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 				step.redact = append(step.redact, p.Tokens)
 			}
 		}
-		if step.filtersList() || len(step.redact) > 0 {
+		if step.filtersList() || step.learn != nil || len(step.redact) > 0 {
 			st.plan = append(st.plan, step)
 		}
 	}
@@ -264,6 +271,12 @@ func (c *decisionCache) put(k string, allow bool) {
 	c.mu.Unlock()
 }
 
+// observeOnly reports whether the step only reads the response (to learn annotations):
+// a response it cannot read then passes unchanged, nothing being decided on it.
+func (s responseStep) observeOnly() bool {
+	return s.keep == nil && s.pin == nil && !s.private && len(s.redact) == 0 && !s.noResponses
+}
+
 // filtersList reports whether the step keeps only some entries of a list.
 func (s responseStep) filtersList() bool { return s.keep != nil || s.pin != nil }
 
@@ -280,6 +293,13 @@ func (s responseStep) decideList(names []string, entries func() [][]byte) []bool
 			keep[i] = true
 		}
 	}
+	if s.learn != nil || s.pin != nil {
+		all := entries()
+		entries = func() [][]byte { return all }
+	}
+	if s.learn != nil {
+		s.learn(names, entries())
+	}
 	if s.pin != nil {
 		for i, ok := range s.pin(names, entries()) {
 			keep[i] = keep[i] && ok
@@ -292,7 +312,7 @@ func (s responseStep) decideList(names []string, entries func() [][]byte) []bool
 func (s responseStep) apply(resp []byte) ([]byte, error) {
 	out := resp
 	var err error
-	if s.filtersList() {
+	if s.filtersList() || s.learn != nil {
 		if out, _, err = mcp.FilterListEntries(out, s.listOf, func(names []string, entries [][]byte) []bool {
 			return s.decideList(names, func() [][]byte { return entries })
 		}); err != nil {

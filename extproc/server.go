@@ -80,8 +80,10 @@ type Server struct {
 	limitCount metric.Int64Counter
 	limitAttrs sync.Map // limitCountKey -> metric.AddOption
 
-	// pins are what the lists of pinning apps showed (pinning.go).
-	pins *pinState
+	// pins are what the lists of pinning apps showed (pinning.go); params what the lists
+	// showed of tools' x-mcp-header annotations (params.go).
+	pins   *pinState
+	params *paramState
 
 	// records are logged and counted by one background goroutine, off the request path;
 	// no audit line is ever dropped (see decisionlog.Queue.Add).
@@ -130,6 +132,7 @@ func NewServer(opts Options) (*Server, error) {
 	if s.pins, err = newPinState(meter, s.shared.log); err != nil {
 		return nil, err
 	}
+	s.params = newParamState()
 	if _, err = meter.Int64ObservableGauge("mcpgate.mcp.cache.entries",
 		metric.WithDescription("entries of ext_proc's bounded caches: list-time decisions, Rego identity and target terms, rate-limit buckets"),
 		metric.WithInt64Callback(s.observeCaches)); err != nil {
@@ -215,18 +218,24 @@ type stream struct {
 	mcpMethodHeader, mcpNameHeader string
 	// mirrored are the MCP 2026-07-28 mirror headers of a legacy request (Mcp-Method,
 	// Mcp-Name, Mcp-Param-*): meaningless there, unvalidated, so removed upstream.
-	mirrored        []string
-	decisionID      string
-	start           time.Time      // when deciding began
-	cancel          topdown.Cancel // cancelled when the stream's context ends
-	plan            []responseStep
-	upstreamSession string                     // the server's session id, when one was presented
-	isGRPC          bool                       // the request is gRPC MCP (grpc.go)
-	claims          map[string]json.RawMessage // the token's, once a limit needs one (claim)
-	span            trace.Span                 // nil unless traced; ended with the stream
-	grpc            *grpcStream
-	answering       []json.RawMessage // ids of the requests of the body
-	rewriters       []rewriter
+	mirrored []string
+	// params are the Mcp-Param-* headers of a 2026-07-28 request, lower-cased name →
+	// every value sent (params.go).
+	params map[string][]string
+	// observing: the response is read only to learn from (responseStep.observeOnly);
+	// unread: it could not be, and passes unchanged.
+	observing, unread bool
+	decisionID        string
+	start             time.Time      // when deciding began
+	cancel            topdown.Cancel // cancelled when the stream's context ends
+	plan              []responseStep
+	upstreamSession   string                     // the server's session id, when one was presented
+	isGRPC            bool                       // the request is gRPC MCP (grpc.go)
+	claims            map[string]json.RawMessage // the token's, once a limit needs one (claim)
+	span              trace.Span                 // nil unless traced; ended with the stream
+	grpc              *grpcStream
+	answering         []json.RawMessage // ids of the requests of the body
+	rewriters         []rewriter
 }
 
 // errProtocol ends a stream whose messages do not follow Envoy's order: Envoy then fails
@@ -337,8 +346,14 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 		if regoHeaders[k] {
 			st.req.Headers[k] = v
 		}
-		if strings.HasPrefix(k, "mcp-param-") || k == contract.HeaderMCPMethod || k == contract.HeaderMCPName {
+		if strings.HasPrefix(k, paramHeaderPrefix) || k == contract.HeaderMCPMethod || k == contract.HeaderMCPName {
 			st.mirrored = append(st.mirrored, k)
+		}
+		if strings.HasPrefix(k, paramHeaderPrefix) {
+			if st.params == nil {
+				st.params = map[string][]string{}
+			}
+			st.params[k] = append(st.params[k], v)
 		}
 	}
 	// The protocol era comes from the version the request says it speaks, not from the
@@ -349,7 +364,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 	if mirrorEra(st.req.ProtocolVersion) {
 		st.mirrored = nil
 	} else {
-		st.mcpMethodHeader, st.mcpNameHeader = "", ""
+		st.mcpMethodHeader, st.mcpNameHeader, st.params = "", "", nil
 	}
 	if t := st.s.tracer; t != nil {
 		t.Apply(st.snap.Mesh.Tracing)
@@ -580,6 +595,15 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 	if r, ok := st.checkHeaders(parsed); !ok {
 		return st.refuse(r)
 	}
+	var params paramCheck
+	var bound toolParams
+	if mirrorEra(v) {
+		var r refusal
+		var ok bool
+		if params, bound, r, ok = st.checkParamHeaders(parsed); !ok {
+			return st.refuse(r)
+		}
+	}
 
 	decisions := make([]requestDecision, 0, len(parsed.Messages))
 	denied := -1
@@ -651,8 +675,14 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 			}
 			return st.refuseBody(parsed, decisions, k, st.denial(Decision{Rule: ruleRego, Reason: "rego patch failed: " + err.Error()}, decisions[k].id))
 		}
-		if _, err := mcpParse(out, MaxPatchedBytes, true); err != nil {
+		patched, err := mcpParse(out, MaxPatchedBytes, true)
+		if err != nil {
 			return st.refuseBody(parsed, decisions, 0, refusal{status: 500, rule: ruleRego, code: -32603, reason: "the patched body is not one mcpgate accepts: " + err.Error()})
+		}
+		if len(bound.bindings) > 0 && len(patched.Messages) == 1 {
+			// The server checks the headers against the body mcpgate changed: they must
+			// say what the patched arguments say.
+			params.set, params.remove = remirror(bound, patched.Messages[0].Arguments, params.remove)
 		}
 	}
 	st.admit(decisions)
@@ -668,6 +698,20 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 		common.HeaderMutation = &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
 			rawHeader("content-length", strconv.Itoa(len(out))),
 		}}
+	}
+	if len(params.remove) > 0 || len(params.set) > 0 || st.learnsParams() {
+		// Header changes decided on the body: Envoy applies a request body response's
+		// header mutation when the body is BUFFERED (CommonResponse.header_mutation).
+		if common.HeaderMutation == nil {
+			common.HeaderMutation = &extprocv3.HeaderMutation{}
+		}
+		slices.Sort(params.remove)
+		common.HeaderMutation.RemoveHeaders = append(common.HeaderMutation.RemoveHeaders, params.remove...)
+		common.HeaderMutation.SetHeaders = append(common.HeaderMutation.SetHeaders, params.set...)
+		if st.learnsParams() && !filtersResponses(st.app.MCP) {
+			// The list is read to learn its annotations: it must come uncompressed.
+			common.HeaderMutation.RemoveHeaders = append(common.HeaderMutation.RemoveHeaders, "accept-encoding")
+		}
 	}
 	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestBody{
 		RequestBody: &extprocv3.BodyResponse{Response: common},
@@ -746,7 +790,16 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 		return out
 	}
 	// From here the response answers a request whose response must be rewritten: what
-	// mcpgate cannot read must not reach the client.
+	// mcpgate cannot read must not reach the client. A response only read to learn from
+	// is simply not learned from.
+	st.observing = !slices.ContainsFunc(st.plan, func(s responseStep) bool { return !s.observeOnly() })
+	if st.observing {
+		mt, params, _ := mime.ParseMediaType(contentType)
+		if encoding != "" && !strings.EqualFold(encoding, "identity") || mt != "application/json" && mt != "text/event-stream" ||
+			mt == "application/json" && params["charset"] != "" && !strings.EqualFold(params["charset"], "utf-8") {
+			return out
+		}
+	}
 	if encoding != "" && !strings.EqualFold(encoding, "identity") {
 		return st.responseRefusal("mcpgate cannot filter a response with Content-Encoding " + strconvQuote(clip(encoding, 32)) + ": the server must not compress it")
 	}
@@ -787,8 +840,14 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 		return st.grpcResponseBody(b)
 	}
 	chunk := b.GetBody()
+	if st.unread {
+		return wrap(&extprocv3.CommonResponse{})
+	}
 	if st.rewriters == nil { // BUFFERED JSON
 		out, err := st.rewriteJSON(chunk)
+		if err != nil && st.observing {
+			return wrap(&extprocv3.CommonResponse{})
+		}
 		if err != nil {
 			// A response we cannot read cannot be filtered: it must not reach the client.
 			return st.responseRefusal("mcpgate could not filter the server's response: " + err.Error())
@@ -804,7 +863,11 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 	out := chunk
 	for _, rw := range st.rewriters {
 		var err error
-		if out, err = rw.Feed(out, b.GetEndOfStream()); err != nil {
+		if out, err = rw.Feed(out, b.GetEndOfStream()); err != nil && st.observing {
+			// Only learning: the rest of the stream passes as the server sent it.
+			st.unread = true
+			return wrap(&extprocv3.CommonResponse{})
+		} else if err != nil {
 			// Headers are gone; an immediate response makes Envoy reset the stream, which
 			// is the only fail-closed move left mid-stream.
 			return st.responseRefusal("mcpgate could not filter the server's event stream: " + err.Error())

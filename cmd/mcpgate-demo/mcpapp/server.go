@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/jsonschema-go/jsonschema"
 	"github.com/modelcontextprotocol/go-sdk/mcp"
 )
 
@@ -65,6 +66,11 @@ type Options struct {
 	// Stateless serves without sessions (the SDK's StreamableHTTPOptions.Stateless): the
 	// only way the SDK speaks MCP 2026-07-28, whose clients open with server/discover.
 	Stateless bool
+	// ParamHeaders annotates get_inventory's product_id and list_items' limit with
+	// x-mcp-header (Product, Limit): MCP 2026-07-28 clients then mirror them into
+	// Mcp-Param-Product and Mcp-Param-Limit, and the SDK refuses a request whose headers
+	// disagree with its body.
+	ParamHeaders bool
 }
 
 // Call is one tool call the App executed.
@@ -164,7 +170,7 @@ func newServer(opts Options) (*Server, *http.ServeMux) {
 		so = &mcp.ServerOptions{SetCacheable: opts.Cacheable}
 	}
 	s.mcpSrv = mcp.NewServer(&mcp.Implementation{Name: "inventory", Version: "v1.0.0"}, so)
-	s.addTools()
+	s.addTools(opts.ParamHeaders)
 
 	handler := mcp.NewStreamableHTTPHandler(func(*http.Request) *mcp.Server { return s.mcpSrv }, &mcp.StreamableHTTPOptions{
 		JSONResponse:               opts.JSONResponse,
@@ -404,8 +410,29 @@ type SlowReportResult struct {
 	ProgressSent int `json:"progress_sent"`
 }
 
-func (s *Server) addTools() {
-	mcp.AddTool(s.mcpSrv, &mcp.Tool{Name: ToolGetInventory, Description: "Stock level of a product."},
+// annotated is the input schema of T with x-mcp-header annotations (property → header
+// name), or nil (the SDK then infers it) without any. It returns any: Tool.InputSchema
+// is an interface, and a typed nil in it would not be "unset".
+func annotated[T any](headers map[string]string) any {
+	if len(headers) == 0 {
+		return nil
+	}
+	schema, err := jsonschema.For[T](nil)
+	if err != nil {
+		panic(err) // the argument types are this package's own
+	}
+	for prop, header := range headers {
+		schema.Properties[prop].Extra = map[string]any{"x-mcp-header": header}
+	}
+	return schema
+}
+
+func (s *Server) addTools(paramHeaders bool) {
+	var inventoryHeaders, listHeaders map[string]string
+	if paramHeaders {
+		inventoryHeaders, listHeaders = map[string]string{"product_id": "Product"}, map[string]string{"limit": "Limit"}
+	}
+	mcp.AddTool(s.mcpSrv, &mcp.Tool{Name: ToolGetInventory, Description: "Stock level of a product.", InputSchema: annotated[InventoryArgs](inventoryHeaders)},
 		func(ctx context.Context, req *mcp.CallToolRequest, in InventoryArgs) (*mcp.CallToolResult, InventoryResult, error) {
 			s.recordCall(req)
 			q, ok := s.Inventory(in.ProductID)
@@ -417,7 +444,7 @@ func (s *Server) addTools() {
 			}}}, InventoryResult{ProductID: in.ProductID, Quantity: q}, nil
 		})
 
-	mcp.AddTool(s.mcpSrv, &mcp.Tool{Name: ToolListItems, Description: "Lists catalogue items, one page at a time."},
+	mcp.AddTool(s.mcpSrv, &mcp.Tool{Name: ToolListItems, Description: "Lists catalogue items, one page at a time.", InputSchema: annotated[ListItemsArgs](listHeaders)},
 		func(ctx context.Context, req *mcp.CallToolRequest, in ListItemsArgs) (*mcp.CallToolResult, ListItemsResult, error) {
 			s.recordCall(req)
 			if in.Limit < 0 {
