@@ -11,6 +11,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extproc/mcp"
 )
 
@@ -37,7 +38,7 @@ import (
 //     server never sees a disagreement mcpgate caused.
 
 // paramHeaderPrefix is the lower-cased prefix of the mirrored argument headers.
-const paramHeaderPrefix = "mcp-param-"
+const paramHeaderPrefix = contract.HeaderMCPParamPrefix
 
 // paramBinding is one x-mcp-header annotation of a tool's inputSchema.
 type paramBinding struct {

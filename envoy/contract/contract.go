@@ -118,11 +118,23 @@ const (
 	HeaderSessionID = "mcp-session-id"
 	// HeaderMCPMethod is MCP 2026-07-28's Mcp-Method, naming the JSON-RPC method so
 	// proxies can decide before the body. Written by MCP clients; read by extproc, which
-	// decides on it early and refuses a body that disagrees.
+	// decides on it early and refuses a body that disagrees (400, -32020). Client-
+	// injectable: on a request whose Mcp-Protocol-Version is older than 2026-07-28 it
+	// means nothing, is never decided on, and extproc removes it before the upstream.
 	HeaderMCPMethod = "mcp-method"
 	// HeaderMCPName is MCP 2026-07-28's Mcp-Name (the tool, prompt or resource). Written
-	// by MCP clients; read by extproc, like HeaderMCPMethod.
+	// by MCP clients; read by extproc, like HeaderMCPMethod (checked, or removed on
+	// legacy requests).
 	HeaderMCPName = "mcp-name"
+	// HeaderMCPParamPrefix starts MCP 2026-07-28's Mcp-Param-{Name} headers: tool
+	// arguments a client mirrors because the tool's inputSchema annotates them with
+	// x-mcp-header. Written by MCP clients; read by extproc, which decides nothing on
+	// them but checks each against the body once a tools/list showed the tool's
+	// annotations (400, -32020 on a disagreement), rewrites one whose argument a Rego
+	// patch changed, and removes before the upstream every one it did not validate as
+	// bound (legacy requests, other methods, unannotated names). Headers of a tool no
+	// list has shown yet pass unchanged: the server must check them itself.
+	HeaderMCPParamPrefix = "mcp-param-"
 )
 
 // GRPCServicePrefix is the path prefix of every method of the gRPC MCP service

@@ -69,5 +69,6 @@ var Spec = []Entry{
 	{KindHeader, "HeaderSessionID", HeaderSessionID, TypeString, "MCP servers, echoed by clients", "extproc"},
 	{KindHeader, "HeaderMCPMethod", HeaderMCPMethod, TypeString, "MCP clients", "extproc"},
 	{KindHeader, "HeaderMCPName", HeaderMCPName, TypeString, "MCP clients", "extproc"},
+	{KindHeader, "HeaderMCPParamPrefix", HeaderMCPParamPrefix, TypeString, "MCP clients", "extproc (checked, rewritten or removed; never decided on)"},
 	{KindFormat, "NewDecisionID", "decision id", TypeDecisionID, "extauthz, extproc", "operators, decision logs"},
 }
