@@ -79,3 +79,31 @@ func TestParamHeadersThroughTheMesh(t *testing.T) {
 		t.Errorf("the server executed %d calls, want 2: the lying request must not reach it", n)
 	}
 }
+
+// The legacy era with the official TypeScript SDK client (1.32.2, the newest on npm here,
+// speaks 2025-11-25): mirror headers a client adds — here ones that lie about the body,
+// naming a tool the agent may not call — are never decided on and never a -32020, and
+// none of them reaches the server.
+func TestLegacyMirrorHeadersWithTypeScriptClient(t *testing.T) {
+	m := &mesh{iss: bearertest.NewIssuer(t)}
+	m.app = startMCPApp(t, mcpapp.Options{DisableLocalhostProtection: true, ParamHeaders: true})
+	startMeshWith(t, m, "disabled", nil, nil)
+	steps := runTSClient(t, m.invokeURL, map[string]string{"Authorization": m.token(t, nil),
+		"Mcp-Method": "tools/call", "Mcp-Name": "delete_product", "Mcp-Param-Product": "SKU-7"},
+		`[{"op":"list"},{"op":"call","name":"get_inventory","arguments":{"product_id":"SKU-42"}}]`)
+	if len(steps) != 3 || !steps[1].OK || !steps[2].OK || steps[2].Result.StructuredContent["quantity"] != float64(42) {
+		t.Fatalf("steps = %+v", steps)
+	}
+	calls := m.app.Calls()
+	if len(calls) != 1 {
+		t.Fatalf("the server executed %d calls, want 1", len(calls))
+	}
+	if v := calls[0].Header.Get("Mcp-Protocol-Version"); v == "" || v >= "2026-07-28" {
+		t.Fatalf("the TypeScript client spoke %q, want a revision before 2026-07-28", v)
+	}
+	for _, h := range []string{"Mcp-Method", "Mcp-Name", "Mcp-Param-Product"} {
+		if v := calls[0].Header.Get(h); v != "" {
+			t.Errorf("%s: %q reached the server on a legacy request", h, v)
+		}
+	}
+}
