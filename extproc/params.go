@@ -13,6 +13,7 @@ import (
 
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extproc/mcp"
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // Mcp-Param-{Name} headers (MCP 2026-07-28, Streamable HTTP "Custom Headers from Tool
@@ -129,7 +130,7 @@ func parseParamBindings(schema json.RawMessage) toolParams {
 			if prop.XMCPHeader != nil {
 				var header, typ string
 				_ = json.Unmarshal(prop.Type, &typ)
-				if json.Unmarshal(prop.XMCPHeader, &header) != nil || !isToken(header) || seen[strings.ToLower(header)] ||
+				if json.Unmarshal(prop.XMCPHeader, &header) != nil || !policy.IsToken(header) || seen[strings.ToLower(header)] ||
 					(typ != "string" && typ != "integer" && typ != "boolean" && typ != "number") {
 					tp.invalid = true
 				} else {
@@ -145,21 +146,6 @@ func parseParamBindings(schema json.RawMessage) toolParams {
 		tp.bindings = nil
 	}
 	return tp
-}
-
-// isToken reports whether s is an RFC 9110 token (1*tchar).
-func isToken(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0 {
-			continue
-		}
-		return false
-	}
-	return true
 }
 
 // argumentAt returns the argument at path, and whether it is present and not null.

@@ -1,10 +1,7 @@
 package extproc
 
 import (
-	"context"
 	"encoding/json"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -126,22 +123,11 @@ func TestParamHeadersChecked(t *testing.T) {
 // with extra under spec.mcp.tools.
 func loadPlainApp(t *testing.T, tools string) *Server {
 	t.Helper()
-	dir := t.TempDir()
-	files := map[string]string{
-		"mesh.yaml": "apiVersion: mcpgate.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: example.org, mtls: disabled, authz: {address: \"a:1\"}}\n",
-		"app.yaml":  "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: app}\nspec:\n  address: app:1\n  sidecar: {address: s, inboundPort: 1, outboundPort: 2}\n  mcp: {tools: {defaultAction: allow" + tools + "}}\n",
+	snap := loadFiles(t, map[string]string{
+		"app.yaml": "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: app}\nspec:\n  address: app:1\n  sidecar: {address: s, inboundPort: 1, outboundPort: 2}\n  mcp: {tools: {defaultAction: allow" + tools + "}}\n",
 		"p.rego": "package mcpgate\n\ndecision := {\"allow\": true, \"patch\": [{\"op\": \"replace\", \"path\": \"/region\", \"value\": \"eu-west1\"}]} if input.mcp.arguments.region\n" +
 			"decision := {\"allow\": true} if not input.mcp.arguments.region\n",
-	}
-	for n, c := range files {
-		if err := os.WriteFile(filepath.Join(dir, n), []byte(c), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	snap, err := policy.LoadDir(context.Background(), dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	})
 	s, err := NewServer(Options{Store: policy.NewStore(snap)})
 	if err != nil {
 		t.Fatal(err)

@@ -127,11 +127,19 @@ func loadWithRego(t testing.TB, src string) *policy.MCP {
 // loadSnapWithRego loads a one-app policy ("app", tools allowed by default, then src).
 func loadSnapWithRego(t testing.TB, src string) *policy.Snapshot {
 	t.Helper()
+	return loadFiles(t, map[string]string{
+		"app.yaml": "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: app}\nspec:\n  address: app:1\n  sidecar: {address: s, inboundPort: 1, outboundPort: 2}\n  mcp: {tools: {defaultAction: allow, rego: p.rego}}\n",
+		"p.rego":   src,
+	})
+}
+
+// loadFiles loads a policy directory of files (name → content), with a minimal Mesh
+// unless files has its own mesh.yaml.
+func loadFiles(t testing.TB, files map[string]string) *policy.Snapshot {
+	t.Helper()
 	dir := t.TempDir()
-	files := map[string]string{
-		"mesh.yaml": "apiVersion: mcpgate.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: example.org, mtls: disabled, authz: {address: \"a:1\"}}\n",
-		"app.yaml":  "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: app}\nspec:\n  address: app:1\n  sidecar: {address: s, inboundPort: 1, outboundPort: 2}\n  mcp: {tools: {defaultAction: allow, rego: p.rego}}\n",
-		"p.rego":    src,
+	if _, ok := files["mesh.yaml"]; !ok {
+		files["mesh.yaml"] = "apiVersion: mcpgate.dev/v1alpha1\nkind: Mesh\nmetadata: {name: m}\nspec: {trustDomain: example.org, mtls: disabled, authz: {address: \"a:1\"}}\n"
 	}
 	for n, c := range files {
 		if err := os.WriteFile(filepath.Join(dir, n), []byte(c), 0o644); err != nil {

@@ -802,7 +802,7 @@ func (l *loader) compileEndpoint(d *document, s *Snapshot) *HTTPEndpoint {
 		ep.BaseURL = u
 	}
 	for name, value := range spec.Headers {
-		if !isToken(name) {
+		if !IsToken(name) {
 			l.errf(d, "spec.headers."+name, "%q is not an HTTP header name", name)
 		}
 		if strings.ContainsAny(value, "\r\n\x00") {
@@ -1065,8 +1065,8 @@ func isScopeToken(s string) bool {
 	return true
 }
 
-// isToken checks RFC 9110 token syntax (header names).
-func isToken(s string) bool {
+// IsToken checks RFC 9110 token syntax (header names).
+func IsToken(s string) bool {
 	if s == "" {
 		return false
 	}
