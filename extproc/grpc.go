@@ -10,6 +10,7 @@ import (
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
@@ -335,11 +336,9 @@ func jsonNumbers(m map[string]any) map[string]any {
 func (st *stream) grpcStep(ctx context.Context, r *Request, d Decision) (responseStep, bool) {
 	m := st.app.MCP
 	var step responseStep
-	if r.Method == "tools/list" && m.Responses.FilterToolsList {
-		step.listOf, step.keep = "tools", st.listFilter(ctx, "tools/list")
-	}
-	if r.Method == "tools/list" && m.Tools.Pinning.Mode != policy.PinOff {
-		step.listOf, step.pin = "tools", st.pinFilter()
+	if r.Method == "tools/list" {
+		st.planToolsList(ctx, &step)
+		step.private, step.addScope = false, false // no cacheScope on the gRPC transport
 	}
 	if r.Method == "tools/call" {
 		for _, red := range m.Responses.Redact {
@@ -451,16 +450,24 @@ func (st *stream) grpcRewrite(data []byte) ([]byte, error) {
 			for i, t := range r.GetTools() {
 				names[i] = t.GetName()
 			}
-			keep := step.decideList(names, func() [][]byte {
+			keep, replace, err := step.decideList(names, func() [][]byte {
 				entries := make([][]byte, len(names))
 				for i, t := range r.GetTools() {
 					entries[i] = grpcToolJSON(t)
 				}
 				return entries
 			})
+			if err != nil {
+				return nil, err
+			}
 			kept := r.Tools[:0]
 			for i, t := range r.GetTools() {
 				if keep[i] && t.GetName() != "" {
+					if replace != nil && replace[i] != nil {
+						if err := setGRPCOutputSchema(t, replace[i]); err != nil {
+							return nil, err
+						}
+					}
 					kept = append(kept, t)
 				}
 			}
@@ -556,5 +563,26 @@ func redactGRPC(r *mcpv1.CallToolResponse, pointers [][]string) error {
 		}
 		r.StructuredContent = sc
 	}
+	return nil
+}
+
+// setGRPCOutputSchema sets a tool's output_schema from a tool definition's JSON as
+// PruneOutputSchema rewrote it (no outputSchema: none).
+func setGRPCOutputSchema(t *mcpv1.Tool, entry []byte) error {
+	var def struct {
+		OutputSchema json.RawMessage `json:"outputSchema"`
+	}
+	if err := json.Unmarshal(entry, &def); err != nil {
+		return fmt.Errorf("tool %s: %w", clip(t.GetName(), 64), err)
+	}
+	if len(def.OutputSchema) == 0 {
+		t.OutputSchema = nil
+		return nil
+	}
+	var st structpb.Struct
+	if err := protojson.Unmarshal(def.OutputSchema, &st); err != nil {
+		return fmt.Errorf("tool %s: outputSchema: %w", clip(t.GetName(), 64), err)
+	}
+	t.OutputSchema = &st
 	return nil
 }

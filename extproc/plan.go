@@ -65,6 +65,9 @@ type responseStep struct {
 	// caller. addScope: add the member if the server left it out (it means "public").
 	private, addScope bool
 	redact            [][]string // JSON pointer tokens to remove from a tool result
+	// schema: tools/list, the redaction pointers each tool's results get (by name), which
+	// its outputSchema loses (mcp.PruneOutputSchema).
+	schema func(names []string) [][][]string
 	// noResponses: a GET event stream of an app that filters responses; any JSON-RPC
 	// response on it is an error (see Process on GET).
 	noResponses bool
@@ -112,14 +115,12 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 		}
 		st.answering = append(st.answering, msg.ID)
 		step := responseStep{id: msg.ID}
-		if key, ok := listResults[msg.Method]; ok && m.Responses.FilterToolsList {
+		if msg.Method == "tools/list" {
+			st.planToolsList(ctx, &step)
+		} else if key, ok := listResults[msg.Method]; ok && m.Responses.FilterToolsList {
 			step.listOf = key
 			step.keep = st.listFilter(ctx, msg.Method)
 			step.private, step.addScope = true, cacheScopeEra(st.req.ProtocolVersion)
-		}
-		if msg.Method == "tools/list" && m.Tools.Pinning.Mode != policy.PinOff {
-			step.listOf = "tools"
-			step.pin = st.pinFilter()
 		}
 		if msg.Method == "tools/list" && !st.isGRPC && (step.listOf == "tools" || mirrorEra(st.req.ProtocolVersion)) {
 			// The annotations the Mcp-Param-* headers are checked against. Free when the
@@ -145,12 +146,111 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 	}
 }
 
-// listFilter is the list-time decision: an entry is kept if the caller could use it,
-// deciding rules and Rego as if it were called with no arguments. Decisions are cached
-// per identity; those not cached are made concurrently when there are many Rego
-// evaluations (listWorkers), since Envoy holds the response until it is filtered. Rego
-// evaluations stop when ctx (the stream's) ends; their entries are then dropped.
+// planToolsList plans a tools/list response: entries filtered to what the caller may
+// call (filterToolsList), pinned, and the outputSchema of tools whose results are
+// redacted pruned to match (responses.redact, or the Rego decision's redact at list
+// time, input.mcp.listing). One list-time decision per tool serves both the filter and
+// the schema.
+func (st *stream) planToolsList(ctx context.Context, step *responseStep) {
+	m := st.app.MCP
+	var verdicts func([]string) []listVerdict
+	if m.Responses.FilterToolsList || m.Tools.Rego != nil {
+		verdicts = onceVerdicts(st.listVerdicts(ctx, "tools/list"))
+	}
+	if m.Responses.FilterToolsList {
+		step.listOf = "tools"
+		step.keep = allowedOf(verdicts)
+		step.private, step.addScope = true, cacheScopeEra(st.req.ProtocolVersion)
+	}
+	if m.Tools.Pinning.Mode != policy.PinOff {
+		step.listOf = "tools"
+		step.pin = st.pinFilter()
+	}
+	if m.Tools.Rego == nil && !redactsStructured(m) {
+		return
+	}
+	step.listOf = "tools"
+	if m.Tools.Rego != nil {
+		// Rego's redactions may differ per caller: so may the schemas.
+		step.private, step.addScope = true, cacheScopeEra(st.req.ProtocolVersion)
+	}
+	step.schema = func(names []string) [][][]string {
+		var vs []listVerdict
+		if verdicts != nil {
+			vs = verdicts(names)
+		}
+		out := make([][][]string, len(names))
+		for i, name := range names {
+			for _, red := range m.Responses.Redact {
+				if policy.MatchAny(red.Tools, name) {
+					for _, p := range red.Pointers {
+						out[i] = append(out[i], p.Tokens)
+					}
+				}
+			}
+			if vs != nil {
+				out[i] = append(out[i], vs[i].redact...)
+			}
+		}
+		return out
+	}
+}
+
+// redactsStructured reports whether responses.redact removes anything from
+// structuredContent (and so from some outputSchema).
+func redactsStructured(m *policy.MCP) bool {
+	for _, red := range m.Responses.Redact {
+		for _, p := range red.Pointers {
+			if len(p.Tokens) > 0 && p.Tokens[0] == "structuredContent" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// listVerdict is a list-time decision: whether the caller may use the entry, and what
+// the decision redacts from its results.
+type listVerdict struct {
+	allow  bool
+	redact [][]string
+}
+
+// onceVerdicts makes the decisions for a list once, however many steps ask for them
+// with the same names.
+func onceVerdicts(f func([]string) []listVerdict) func([]string) []listVerdict {
+	var last []string
+	var vs []listVerdict
+	return func(names []string) []listVerdict {
+		if vs == nil || len(names) != len(last) || (len(names) > 0 && &names[0] != &last[0]) {
+			last, vs = names, f(names)
+		}
+		return vs
+	}
+}
+
+func allowedOf(f func([]string) []listVerdict) func([]string) []bool {
+	return func(names []string) []bool {
+		vs := f(names)
+		keep := make([]bool, len(vs))
+		for i, v := range vs {
+			keep[i] = v.allow
+		}
+		return keep
+	}
+}
+
+// listFilter is the list-time decision: an entry is kept if the caller could use it.
 func (st *stream) listFilter(ctx context.Context, listMethod string) func([]string) []bool {
+	return allowedOf(st.listVerdicts(ctx, listMethod))
+}
+
+// listVerdicts decides list entries as if each were called with no arguments (rules and
+// Rego, input.mcp.listing true). Decisions are cached per identity; those not cached are
+// made concurrently when there are many Rego evaluations (listWorkers), since Envoy holds
+// the response until it is filtered. Rego evaluations stop when ctx (the stream's) ends;
+// their entries are then dropped.
+func (st *stream) listVerdicts(ctx context.Context, listMethod string) func([]string) []listVerdict {
 	base := st.req
 	base.Arguments, base.ID, base.Listing = nil, nil, true
 	var callMethod string
@@ -164,14 +264,14 @@ func (st *stream) listFilter(ctx context.Context, listMethod string) func([]stri
 	}
 	m, cache := st.app.MCP, &st.s.listCache
 	prefix := listKeyPrefix(st.snap.Version, &base, callMethod)
-	return func(names []string) []bool {
-		keep := make([]bool, len(names))
+	return func(names []string) []listVerdict {
+		keep := make([]listVerdict, len(names))
 		keys := make([]string, len(names))
 		var todo []int
 		for i, name := range names {
 			keys[i] = prefix + name
-			if allow, ok := cache.get(keys[i]); ok {
-				keep[i] = allow
+			if v, ok := cache.get(keys[i]); ok {
+				keep[i] = v
 			} else {
 				todo = append(todo, i)
 			}
@@ -181,7 +281,10 @@ func (st *stream) listFilter(ctx context.Context, listMethod string) func([]stri
 			r.Method, r.Tool, r.Prompt, r.URI = callMethod, "", "", ""
 			setTarget(&r, callMethod, names[i])
 			d := Decide(ctx, m, &r)
-			keep[i] = d.Allow
+			keep[i].allow = d.Allow
+			for _, p := range d.Redact {
+				keep[i].redact = append(keep[i].redact, p.Tokens)
+			}
 			if ctx.Err() == nil {
 				cache.put(keys[i], keep[i]) // a decision cut short is not the policy's answer
 			}
@@ -237,20 +340,20 @@ func listKeyPrefix(version string, r *Request, method string) string {
 // never serves an old answer; the cache is bounded and simply cleared when full.
 type decisionCache struct {
 	mu  sync.RWMutex
-	m   map[string]bool
+	m   map[string]listVerdict
 	max int
 }
 
 const listCacheSize = 50000
 
-func (c *decisionCache) get(k string) (allow, ok bool) {
+func (c *decisionCache) get(k string) (v listVerdict, ok bool) {
 	if c.max <= 0 {
-		return false, false
+		return v, false
 	}
 	c.mu.RLock()
-	allow, ok = c.m[k]
+	v, ok = c.m[k]
 	c.mu.RUnlock()
-	return allow, ok
+	return v, ok
 }
 
 func (c *decisionCache) len() int {
@@ -259,31 +362,32 @@ func (c *decisionCache) len() int {
 	return len(c.m)
 }
 
-func (c *decisionCache) put(k string, allow bool) {
+func (c *decisionCache) put(k string, v listVerdict) {
 	if c.max <= 0 {
 		return
 	}
 	c.mu.Lock()
 	if c.m == nil || len(c.m) >= c.max {
-		c.m = make(map[string]bool, 1024)
+		c.m = make(map[string]listVerdict, 1024)
 	}
-	c.m[k] = allow
+	c.m[k] = v
 	c.mu.Unlock()
 }
 
 // observeOnly reports whether the step only reads the response (to learn annotations):
 // a response it cannot read then passes unchanged, nothing being decided on it.
 func (s responseStep) observeOnly() bool {
-	return s.keep == nil && s.pin == nil && !s.private && len(s.redact) == 0 && !s.noResponses
+	return s.keep == nil && s.pin == nil && s.schema == nil && !s.private && len(s.redact) == 0 && !s.noResponses
 }
 
-// filtersList reports whether the step keeps only some entries of a list.
-func (s responseStep) filtersList() bool { return s.keep != nil || s.pin != nil }
+// filtersList reports whether the step keeps only some entries of a list, or rewrites
+// some.
+func (s responseStep) filtersList() bool { return s.keep != nil || s.pin != nil || s.schema != nil }
 
 // decideList decides which list entries to keep: the caller's list-time decisions and
 // tool pinning must both keep an entry. entries (each entry's JSON) is only made when
 // pinning needs it.
-func (s responseStep) decideList(names []string, entries func() [][]byte) []bool {
+func (s responseStep) decideList(names []string, entries func() [][]byte) ([]bool, [][]byte, error) {
 	var keep []bool
 	if s.keep != nil {
 		keep = s.keep(names)
@@ -293,7 +397,7 @@ func (s responseStep) decideList(names []string, entries func() [][]byte) []bool
 			keep[i] = true
 		}
 	}
-	if s.learn != nil || s.pin != nil {
+	if s.learn != nil || s.pin != nil || s.schema != nil {
 		all := entries()
 		entries = func() [][]byte { return all }
 	}
@@ -305,7 +409,26 @@ func (s responseStep) decideList(names []string, entries func() [][]byte) []bool
 			keep[i] = keep[i] && ok
 		}
 	}
-	return keep
+	if s.schema == nil {
+		return keep, nil, nil
+	}
+	var replace [][]byte
+	for i, ptrs := range s.schema(names) {
+		if !keep[i] || len(ptrs) == 0 {
+			continue
+		}
+		e, changed, err := mcp.PruneOutputSchema(entries()[i], ptrs)
+		if err != nil {
+			return nil, nil, fmt.Errorf("tool %s: %w", clip(names[i], 64), err)
+		}
+		if changed {
+			if replace == nil {
+				replace = make([][]byte, len(names))
+			}
+			replace[i] = e
+		}
+	}
+	return keep, replace, nil
 }
 
 // apply rewrites one JSON-RPC response object as the step says.
@@ -313,7 +436,7 @@ func (s responseStep) apply(resp []byte) ([]byte, error) {
 	out := resp
 	var err error
 	if s.filtersList() || s.learn != nil {
-		if out, _, err = mcp.FilterListEntries(out, s.listOf, func(names []string, entries [][]byte) []bool {
+		if out, _, err = mcp.EditListEntries(out, s.listOf, func(names []string, entries [][]byte) ([]bool, [][]byte, error) {
 			return s.decideList(names, func() [][]byte { return entries })
 		}); err != nil {
 			return nil, fmt.Errorf("filter %s: %w", s.listOf, err)

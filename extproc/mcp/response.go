@@ -239,6 +239,15 @@ func FilterListBatch(resp []byte, key string, decide func(names []string) []bool
 // FilterListEntries is FilterListBatch with each named entry's JSON as well (what a tool
 // definition pin is computed from); entries[i] is the entry names[i] was read from.
 func FilterListEntries(resp []byte, key string, decide func(names []string, entries [][]byte) []bool) ([]byte, int, error) {
+	return EditListEntries(resp, key, func(names []string, entries [][]byte) ([]bool, [][]byte, error) {
+		return decide(names, entries), nil, nil
+	})
+}
+
+// EditListEntries is FilterListEntries that may also replace kept entries: decide returns
+// the keep decisions and, optionally, a replacement for each entry (nil: unchanged). A
+// replacement must be one valid JSON value; an error from decide is returned as it is.
+func EditListEntries(resp []byte, key string, decide func(names []string, entries [][]byte) (keep []bool, replace [][]byte, err error)) ([]byte, int, error) {
 	field, ok := listKeys[key]
 	if !ok {
 		return nil, 0, fmt.Errorf("mcp: FilterList: unknown list %q", key)
@@ -279,25 +288,33 @@ func FilterListEntries(resp []byte, key string, decide func(names []string, entr
 			i = skipWS(resp, i+1)
 		}
 	}
-	keep := decide(names, raws)
-	if len(keep) != len(names) {
+	keep, replace, err := decide(names, raws)
+	if err != nil {
+		return nil, 0, err
+	}
+	if len(keep) != len(names) || (replace != nil && len(replace) != len(names)) {
 		return nil, 0, fmt.Errorf("mcp: FilterList: %d decisions for %d names", len(keep), len(names))
 	}
 	out := make([]byte, 0, len(resp))
 	out = append(out, resp[:list.start+1]...)
-	removed, kept := 0, 0
+	removed, kept, replaced := 0, 0, 0
 	for _, e := range entries {
 		if e.name >= 0 && keep[e.name] {
 			if kept > 0 {
 				out = append(out, ',')
 			}
-			out = append(out, resp[e.start:e.end]...)
+			if replace != nil && replace[e.name] != nil {
+				out = append(out, replace[e.name]...)
+				replaced++
+			} else {
+				out = append(out, resp[e.start:e.end]...)
+			}
 			kept++
 		} else {
 			removed++ // entries without a string name are removed: fail closed
 		}
 	}
-	if removed == 0 {
+	if removed == 0 && replaced == 0 {
 		return resp, 0, nil
 	}
 	out = append(out, ']')

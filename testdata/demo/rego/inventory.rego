@@ -8,7 +8,17 @@ default decision := {"allow": false, "reason": "no rego rule allowed the call"}
 decision := {"allow": true} if input.mcp.method != "tools/call"
 
 # Listing asks "may this caller use the tool at all?"; argument conditions wait for calls.
-decision := {"allow": true} if input.mcp.listing
+# A listing decision also says what calls will have redacted: mcpgate removes it from the
+# tool's outputSchema in tools/list, so clients that validate results accept them.
+decision := {"allow": true} if {
+	input.mcp.listing
+	not email_hidden
+}
+
+decision := {"allow": true, "redact": ["/structuredContent/email"]} if {
+	input.mcp.listing
+	email_hidden
+}
 
 # get_inventory only for product ids of the form SKU-<digits>.
 decision := {"allow": true} if {
@@ -48,11 +58,15 @@ decision := {"allow": true} if {
 decision := {"allow": true} if {
 	not input.mcp.listing
 	input.mcp.tool == "get_customer"
-	input.subject.claims.tier == "gold"
+	not email_hidden
 }
 
 decision := {"allow": true, "redact": ["/structuredContent/email"]} if {
 	not input.mcp.listing
+	email_hidden
+}
+
+email_hidden if {
 	input.mcp.tool == "get_customer"
 	not input.subject.claims.tier == "gold"
 }

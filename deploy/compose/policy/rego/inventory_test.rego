@@ -45,6 +45,18 @@ test_customer_email_redacted_below_gold if {
 	d.redact == ["/structuredContent/email"]
 }
 
+test_customer_listing_says_what_calls_redact if {
+	listing := {"mcp": {"method": "tools/call", "tool": "get_customer", "arguments": {}, "listing": true}}
+	silver := object.union(object.union(call("get_customer", {}), listing), {"subject": {"sub": "bob", "scopes": [], "claims": {"tier": "silver"}}})
+	d := mcpgate.decision with input as silver
+	d.allow
+	d.redact == ["/structuredContent/email"]
+	gold := object.union(object.union(call("get_customer", {}), listing), {"subject": {"sub": "alice", "scopes": [], "claims": {"tier": "gold"}}})
+	g := mcpgate.decision with input as gold
+	g.allow
+	not g.redact
+}
+
 test_unknown_tool_denied if not mcpgate.decision.allow with input as call("drop_tables", {})
 
 test_protocol_methods_allowed if {
