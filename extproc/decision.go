@@ -329,6 +329,12 @@ var protocolMethods = map[string]bool{
 	"resources/list":           true,
 	"resources/templates/list": true,
 	"logging/setLevel":         true,
+	// Requests about a task are then decided by who created it and for which tool
+	// (tasks.go); tasks/list results are filtered to the caller's own tasks.
+	"tasks/get":    true,
+	"tasks/result": true,
+	"tasks/cancel": true,
+	"tasks/list":   true,
 }
 
 // IsProtocolMethod reports whether method is allowed when no rule names it.

@@ -109,7 +109,7 @@ func TestEveryExitRecordsOnce(t *testing.T) {
 		{"malformed", envoyRequest{md: agentMD, body: `{"jsonrpc":"2.0","id":1,"method":`}, envoyUpstream{}, 400, ruleParse, 1},
 		{"header mismatch", envoyRequest{md: agentMD, body: customer, headers: []string{"mcp-protocol-version", "2026-07-28", "mcp-method", "tools/call", "mcp-name", "get_inventory"}}, envoyUpstream{}, 400, ruleHeaders, 1},
 		{"session", envoyRequest{md: agentMD, body: customer, headers: []string{"mcp-session-id", "forged"}}, envoyUpstream{}, 404, ruleSession, 1},
-		{"task", envoyRequest{md: agentMD, body: `{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"get_customer","arguments":{"id":"c1"},"task":{}}}`}, envoyUpstream{}, 200, ruleTask, 1},
+		{"task", envoyRequest{md: agentMD, body: `{"jsonrpc":"2.0","id":5,"method":"tasks/get","params":{"taskId":"nobody-made-it"}}`}, envoyUpstream{}, 200, ruleTask, 1},
 		{"batch", envoyRequest{md: agentMD, body: "[" + call(1, "get_inventory", `{"product_id":"SKU-1"}`) + "," + call(2, "delete_product", `{}`) + "]"}, envoyUpstream{}, 200, ruleBatch, 2},
 		{"response unreadable", envoyRequest{md: agentMD, body: customer}, envoyUpstream{contentType: "application/json", headers: []string{"content-encoding", "gzip"}, chunks: []string{"x"}}, 502, ruleResponse, 2},
 		{"GET", envoyRequest{md: agentMD, method: "GET"}, envoyUpstream{}, 0, ruleProtocol, 1},

@@ -68,6 +68,8 @@ type responseStep struct {
 	// schema: tools/list, the redaction pointers each tool's results get (by name), which
 	// its outputSchema loses (mcp.PruneOutputSchema).
 	schema func(names []string) [][][]string
+	// created: a task-augmented tools/call; remembers the task its answer creates.
+	created func(resp []byte)
 	// noResponses: a GET event stream of an app that filters responses; any JSON-RPC
 	// response on it is an error (see Process on GET).
 	noResponses bool
@@ -77,20 +79,6 @@ type responseStep struct {
 func filtersResponses(m *policy.MCP) bool {
 	return m.Responses.FilterToolsList || len(m.Responses.Redact) > 0 || m.Tools.Rego != nil ||
 		m.Tools.Pinning.Mode != policy.PinOff
-}
-
-// redactsResult reports whether a tools/call of tool, decided d, has its result redacted
-// (by responses.redact or by the Rego decision).
-func (st *stream) redactsResult(tool string, d Decision) bool {
-	if len(d.Redact) > 0 {
-		return true
-	}
-	for _, red := range st.app.MCP.Responses.Redact {
-		if policy.MatchAny(red.Tools, tool) {
-			return true
-		}
-	}
-	return false
 }
 
 // errResponseOnGET ends a GET stream that carries a JSON-RPC response.
@@ -136,11 +124,26 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 					}
 				}
 			}
+			var rego [][]string
+			for _, p := range rd.d.Redact {
+				rego = append(rego, p.Tokens)
+			}
+			step.redact = append(step.redact, rego...)
+			if msg.Task {
+				step.created = st.taskRecorder(&rd.r, msg.Tool, rego)
+			}
+		}
+		if msg.Method == "tasks/result" && rd.task != nil {
+			step.redact = taskRedactions(m, rd.task)
 			for _, p := range rd.d.Redact {
 				step.redact = append(step.redact, p.Tokens)
 			}
 		}
-		if step.filtersList() || step.learn != nil || len(step.redact) > 0 {
+		if msg.Method == "tasks/list" {
+			step.listOf, step.keep = "tasks", st.taskListFilter(&rd.r)
+			step.private, step.addScope = true, cacheScopeEra(st.req.ProtocolVersion)
+		}
+		if step.filtersList() || step.learn != nil || len(step.redact) > 0 || step.created != nil {
 			st.plan = append(st.plan, step)
 		}
 	}
@@ -435,6 +438,9 @@ func (s responseStep) decideList(names []string, entries func() [][]byte) ([]boo
 func (s responseStep) apply(resp []byte) ([]byte, error) {
 	out := resp
 	var err error
+	if s.created != nil {
+		s.created(resp)
+	}
 	if s.filtersList() || s.learn != nil {
 		if out, _, err = mcp.EditListEntries(out, s.listOf, func(names []string, entries [][]byte) ([]bool, [][]byte, error) {
 			return s.decideList(names, func() [][]byte { return entries })

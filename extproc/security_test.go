@@ -222,23 +222,6 @@ func TestMetricLabelsBounded(t *testing.T) {
 	}
 }
 
-// Finding 4: a task-augmented call's result comes on tasks/result, beyond redaction: such
-// calls are refused for tools whose results are redacted, and only for them.
-func TestTaskAugmentedCallsOfRedactedTools(t *testing.T) {
-	s := newDemoServer(t)
-	task := func(id int, tool, args string) string {
-		return fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":%q,"arguments":%s,"task":{"ttl":60000}}}`, id, tool, args)
-	}
-	res := runEnvoy(t, s, envoyRequest{md: agentMD, body: task(3, "get_customer", `{"id":"c1"}`)}, envoyUpstream{})
-	requireJSONRPCError(t, res.immediate, 200, 3, -32001, "task-augmented")
-	if res := runEnvoy(t, s, envoyRequest{md: agentMD, body: task(4, "get_inventory", `{"product_id":"SKU-1"}`)}, envoyUpstream{}); res.immediate != nil {
-		t.Fatalf("a task-augmented call of a tool without redaction was refused: %s", res.immediate.GetBody())
-	}
-	if res := runEnvoy(t, s, envoyRequest{md: agentMD, body: call(5, "get_customer", `{"id":"c1"}`)}, envoyUpstream{}); res.immediate != nil {
-		t.Fatalf("a plain call of get_customer was refused: %s", res.immediate.GetBody())
-	}
-}
-
 // Mcp-Session-Id is bound to the caller that opened the session: the client sees the
 // server's id with a tag, and only the same identity can present it.
 func TestSessionBoundToCaller(t *testing.T) {

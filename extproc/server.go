@@ -84,6 +84,8 @@ type Server struct {
 	// showed of tools' x-mcp-header annotations (params.go).
 	pins   *pinState
 	params *paramState
+	// tasks are the MCP tasks callers created through this replica (tasks.go).
+	tasks taskTable
 
 	// records are logged and counted by one background goroutine, off the request path;
 	// no audit line is ever dropped (see decisionlog.Queue.Add).
@@ -570,6 +572,7 @@ type requestDecision struct {
 	d        Decision
 	r        Request         // the request as decided
 	id       json.RawMessage // the message's id
+	task     *taskRecord     // the task a tasks/get, tasks/result or tasks/cancel is about
 }
 
 func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
@@ -633,13 +636,17 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 				d = pd
 			}
 		}
-		if d.Allow && m.Task && m.Method == "tools/call" && st.redactsResult(m.Tool, d) {
-			// The result of a task-augmented call comes later, on tasks/result, from a
-			// stream that does not know which tool it came from: it would escape
-			// redaction. Such calls are refused; plain calls of the tool still work.
-			d = Decision{Rule: ruleTask, Reason: "task-augmented tools/call is not available for tools whose results are redacted"}
+		var task *taskRecord
+		if d.Allow && taskMethods[m.Method] {
+			// The request names a task, not a tool: it is decided by who created the task
+			// and for which tool (tasks.go).
+			redact := d.Redact
+			if d, task = st.decideTask(ctx, &r, m.TaskID); task != nil {
+				d.Redact = redact
+				r.Tool = task.tool // logged as the task's tool
+			}
 		}
-		decisions = append(decisions, requestDecision{msgIndex: i, d: d, r: r, id: m.ID})
+		decisions = append(decisions, requestDecision{msgIndex: i, d: d, r: r, id: m.ID, task: task})
 		if !d.Allow && denied < 0 {
 			denied = len(decisions) - 1
 		}

@@ -266,28 +266,33 @@ func TestSecurityCompressedResponses(t *testing.T) {
 }
 
 // Finding 4 (MEDIUM). A task-augmented call is answered with a handle; the result, ssn
-// included, came on tasks/result, which nothing redacted.
+// included, came on tasks/result, which nothing redacted. Now the task is remembered with
+// its tool: its result is redacted as the tool's, and it is its creator's alone.
 func TestSecurityTaskResults(t *testing.T) {
 	ts := startTSServer(t)
-	m := startMeshTo(t, ts.addr, func(m *mesh) {
-		// A policy that lets my-agent use tasks at all (the demo's does not).
-		replaceInFile(t, filepath.Join(m.dir, "inventory.yaml"), "methods: [initialize, ping,", "methods: [initialize, ping, tasks/get, tasks/result,")
-	})
+	m := startMeshTo(t, ts.addr, nil) // the demo's policy: no tasks/* method named
 	resp, out := m.postAs(t, "", `{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"get_customer","arguments":{"id":"c1"},"task":{"ttl":60000}}}`)
-	if taskID := regexp.MustCompile(`"taskId":"([^"]+)"`).FindStringSubmatch(out); taskID != nil {
-		_, result := m.postAs(t, "", `{"jsonrpc":"2.0","id":6,"method":"tasks/result","params":{"taskId":"`+taskID[1]+`"}}`)
-		t.Fatalf("the task was created (%s); tasks/result: %s", out, result)
+	taskID := regexp.MustCompile(`"taskId":"([^"]+)"`).FindStringSubmatch(out)
+	if resp.StatusCode != 200 || taskID == nil {
+		t.Fatalf("HTTP %d %s, want a task handle", resp.StatusCode, out)
 	}
-	if resp.StatusCode != 200 || !strings.Contains(out, "task-augmented") {
-		t.Fatalf("HTTP %d %s, want a JSON-RPC denial of the task-augmented call", resp.StatusCode, out)
-	}
-	if got := ts.calls(); len(got) != 0 {
-		t.Fatalf("the server ran %v", got)
-	}
-	// A plain call of the same tool works, redacted: the TypeScript SDK polls its own task.
-	resp, out = m.postAs(t, "", `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get_customer","arguments":{"id":"c1"}}}`)
+	resp, out = m.postAs(t, "", `{"jsonrpc":"2.0","id":6,"method":"tasks/result","params":{"taskId":"`+taskID[1]+`"}}`)
 	if resp.StatusCode != 200 || strings.Contains(out, "123-45-6789") || !strings.Contains(out, "Ann Example") {
-		t.Fatalf("plain call: HTTP %d %s", resp.StatusCode, out)
+		t.Fatalf("tasks/result: HTTP %d %s", resp.StatusCode, out)
+	}
+	// Another subject of the same caller App ID, with the same scopes.
+	req := mcpPost(t, m.invokeURL, m.token(t, map[string]any{"sub": "mallory@example.com"}), `{"jsonrpc":"2.0","id":7,"method":"tasks/result","params":{"taskId":"`+taskID[1]+`"}}`)
+	r, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	if strings.Contains(string(b), "Ann Example") || !strings.Contains(string(b), "unknown task") {
+		t.Fatalf("another subject's tasks/result: HTTP %d %s", r.StatusCode, b)
+	}
+	if got := ts.calls(); len(got) != 1 {
+		t.Fatalf("the server ran %v", got)
 	}
 }
 

@@ -34,6 +34,14 @@ type tsStep struct {
 		AtMs     int64   `json:"atMs"`
 	} `json:"progress"`
 	ResultAtMs int64 `json:"resultAtMs"`
+	// Task ops.
+	TaskID string `json:"taskId"`
+	Events []struct {
+		Type   string `json:"type"`
+		TaskID string `json:"taskId"`
+		Status string `json:"status"`
+	} `json:"events"`
+	TaskIDs []string `json:"taskIds"`
 }
 
 // runTSClient runs the official TypeScript MCP SDK client (npm, pinned) against url.

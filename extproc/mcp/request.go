@@ -151,6 +151,8 @@ type Message struct {
 	// 2025-11-25 tasks), answered with a task handle, its result fetched later with
 	// tasks/result.
 	Task bool
+	// TaskID is params.taskId of tasks/get, tasks/result and tasks/cancel.
+	TaskID string
 
 	start, end int // the message object in the body
 	params     span
@@ -356,7 +358,7 @@ func raw(body []byte, s span) json.RawMessage { return json.RawMessage(body[s.st
 // extract reads what decisions need from params. It runs for notifications too: a server
 // that wrongly acts on a tools/call sent without an id must not act on an unchecked one.
 func (m *Message) extract(body []byte, x spanIndex) *Error {
-	var name, uri, args, meta = absent, absent, absent, absent
+	var name, uri, args, meta, taskID = absent, absent, absent, absent, absent
 	if m.params.ok() {
 		var mb member
 		for it := newMembers(body, m.params.start, x); it.next(&mb); {
@@ -370,6 +372,8 @@ func (m *Message) extract(body []byte, x spanIndex) *Error {
 				args = s
 			case mb.is("_meta"):
 				meta = s
+			case mb.is("taskId"):
+				taskID = s
 			case mb.is("task"):
 				m.Task = true // whatever its value: a server may take any as a request for a task
 			}
@@ -409,6 +413,12 @@ func (m *Message) extract(body []byte, x spanIndex) *Error {
 			return err
 		}
 		m.URI = u
+	case "tasks/get", "tasks/result", "tasks/cancel":
+		id, err := nameParam(body, taskID, m, m.Method, "taskId")
+		if err != nil {
+			return err
+		}
+		m.TaskID = id
 	}
 	return nil
 }

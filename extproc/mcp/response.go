@@ -210,6 +210,34 @@ var listKeys = map[string]string{
 	"prompts":           "name",
 	"resources":         "uri",
 	"resourceTemplates": "uriTemplate",
+	"tasks":             "taskId",
+}
+
+// TaskHandle reads result.task of a JSON-RPC response object: the handle a task-augmented
+// request is answered with (MCP 2025-11-25 CreateTaskResult). ok is false when the
+// response has no result.task.taskId string (an error, or a plain result); ttl is
+// result.task.ttl in milliseconds, 0 when absent or null (unlimited).
+func TaskHandle(resp []byte) (taskID string, ttl int64, ok bool, err error) {
+	v, err := validateIndexed(resp, respMaxDepth, 3)
+	defer v.release()
+	if err != nil {
+		return "", 0, false, newError(CodeParseError, nil, "parse error: %v", err)
+	}
+	idx := v.index()
+	task, err := findResultMember(resp, "task", idx)
+	if err != nil || !task.ok() || resp[task.start] != '{' {
+		return "", 0, false, err
+	}
+	id := findMember(resp, task.start, "taskId", idx)
+	if !id.ok() || resp[id.start] != '"' {
+		return "", 0, false, nil
+	}
+	if t := findMember(resp, task.start, "ttl", idx); t.ok() && isNumberStart(resp[t.start]) {
+		if n, err := strconv.ParseFloat(string(resp[t.start:t.end]), 64); err == nil && n > 0 {
+			ttl = int64(min(n, math.MaxInt64/2))
+		}
+	}
+	return stringValue(resp, id.start, id.end), ttl, true, nil
 }
 
 // FilterList keeps, in the result.<key> array of a JSON-RPC response object, only the

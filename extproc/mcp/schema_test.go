@@ -104,3 +104,24 @@ func TestEditListEntriesReplaces(t *testing.T) {
 		t.Fatalf("got  %s\nwant %s", out, want)
 	}
 }
+
+func TestTaskRequestsAndHandles(t *testing.T) {
+	b, err := ParseBody([]byte(`{"jsonrpc":"2.0","id":1,"method":"tasks/result","params":{"taskId":"t-1"}}`), Limits{})
+	if err != nil || b.Messages[0].TaskID != "t-1" {
+		t.Fatalf("%v %+v", err, b)
+	}
+	for _, bad := range []string{`{"taskId":7}`, `{}`, `{"taskId":"a\u0000b"}`} {
+		if _, err := ParseBody([]byte(`{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":`+bad+`}`), Limits{}); err == nil {
+			t.Errorf("tasks/get with params %s accepted", bad)
+		}
+	}
+	id, ttl, ok, err := TaskHandle([]byte(`{"jsonrpc":"2.0","id":1,"result":{"task":{"taskId":"t-\u0031","status":"working","ttl":60000}}}`))
+	if err != nil || !ok || id != "t-1" || ttl != 60000 {
+		t.Fatalf("TaskHandle = %q %d %v %v", id, ttl, ok, err)
+	}
+	for _, resp := range []string{`{"jsonrpc":"2.0","id":1,"result":{"content":[]}}`, `{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}`, `{"jsonrpc":"2.0","id":1,"result":{"task":{"taskId":1}}}`} {
+		if _, _, ok, err := TaskHandle([]byte(resp)); ok || err != nil {
+			t.Errorf("TaskHandle(%s) = %v %v", resp, ok, err)
+		}
+	}
+}

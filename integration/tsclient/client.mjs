@@ -6,7 +6,9 @@
 //
 // Prints one JSON line per step: {"op","ok":true,"result",...} or {"op","ok":false,"error"}.
 // Progress notifications of a call are reported with their arrival time, so a test can
-// check they came before the result. Exit status 0 unless the client could not connect.
+// check they came before the result. Task ops (MCP tasks, the SDK's experimental API):
+// {"op":"taskcall","name",...} (create, poll, fetch the result), and taskget, taskresult,
+// taskcancel with "taskId", and tasklist. Exit status 0 unless the client could not connect.
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 
@@ -62,6 +64,35 @@ for (const step of args.steps) {
         timeout: 30000,
       });
       emit({ op: "call", name: step.name, ok: !r.isError, result: r, progress, resultAtMs: Date.now() - started });
+    } else if (step.op === "taskcall") {
+      // A task-augmented call (MCP tasks): the SDK creates the task, polls tasks/get until
+      // it ends and fetches tasks/result, validating it against the tool's outputSchema.
+      const events = [];
+      let result = null;
+      let error = null;
+      const stream = client.experimental.tasks.callToolStream({ name: step.name, arguments: step.arguments ?? {} }, undefined, {
+        task: { ttl: step.ttl ?? 60000 },
+        timeout: 30000,
+      });
+      for await (const m of stream) {
+        if (m.type === "taskCreated" || m.type === "taskStatus") events.push({ type: m.type, taskId: m.task.taskId, status: m.task.status });
+        else if (m.type === "result") result = m.result;
+        else if (m.type === "error") error = errorOf(m.error);
+      }
+      emit({ op: "taskcall", name: step.name, ok: error === null && result !== null && !result.isError, result, error, events,
+        taskId: events[0]?.taskId ?? null });
+    } else if (step.op === "taskget") {
+      const r = await client.experimental.tasks.getTask(step.taskId);
+      emit({ op: "taskget", ok: true, task: r });
+    } else if (step.op === "taskresult") {
+      const r = await client.experimental.tasks.getTaskResult(step.taskId);
+      emit({ op: "taskresult", ok: true, result: r });
+    } else if (step.op === "tasklist") {
+      const r = await client.experimental.tasks.listTasks();
+      emit({ op: "tasklist", ok: true, taskIds: r.tasks.map((t) => t.taskId) });
+    } else if (step.op === "taskcancel") {
+      const r = await client.experimental.tasks.cancelTask(step.taskId);
+      emit({ op: "taskcancel", ok: true, task: r });
     } else {
       emit({ op: step.op, ok: false, error: { code: null, message: "unknown op" } });
     }

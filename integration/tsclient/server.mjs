@@ -46,6 +46,8 @@ function newServer() {
   server.experimental.tasks.registerToolTask('get_customer', {
     description: 'A customer record (its ssn is what policies redact)',
     inputSchema: { id: z.string() },
+    // Every field required, no others: what clients validate results against.
+    outputSchema: z.object({ id: z.string(), name: z.string(), email: z.string(), ssn: z.string() }).strict(),
     execution: { taskSupport: 'optional' },
   }, {
     async createTask({ id }, { taskStore: store, taskRequestedTtl }) {

@@ -1,0 +1,172 @@
+package extproc
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/mcpgate/mcpgate/extproc/mcp"
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// MCP tasks (2025-11-25): a task-augmented tools/call is answered with a handle, and the
+// task's status and result are fetched later with tasks/get and tasks/result (tasks/list
+// lists them, tasks/cancel ends one). Those requests name no tool, so mcpgate remembers
+// every task it saw created: which app, which caller (App ID, namespace, subject) and
+// which tool, with the redactions of the call that created it.
+//
+//   - tasks/get, tasks/result and tasks/cancel are allowed, like protocol methods, when
+//     the task is one this caller created through this mcpgate and the caller may still
+//     use its tool (the list-time decision under the current policy); otherwise they are
+//     denied as an unknown task, whoever created it. A rule that names these methods still
+//     decides them first (a deny there wins; an allow never skips the ownership check).
+//   - tasks/result gets the redactions of the tool's results: responses.redact as the
+//     current policy says, and what the creating call's Rego decision redacted.
+//   - tasks/list is filtered to the caller's own tasks.
+//
+// Tasks are remembered in memory per mcpgate replica, until their ttl (capped at
+// maxTaskTTL, maxTaskTTL when the server gives none) and at most maxTasks at a time: a
+// task mcpgate does not know (created through another replica, before a restart, or
+// when the table was full) is denied, failing closed.
+
+const (
+	maxTasks   = 100000
+	maxTaskTTL = 24 * time.Hour
+)
+
+// taskMethods are the requests about an existing task.
+var taskMethods = map[string]bool{"tasks/get": true, "tasks/result": true, "tasks/cancel": true}
+
+type taskKey struct{ app, id string }
+
+// taskOwner is who created a task: they alone may use it.
+type taskOwner struct{ appID, namespace, subject string }
+
+type taskRecord struct {
+	owner   taskOwner
+	tool    string
+	redact  [][]string // the creating call's Rego redactions
+	expires time.Time
+}
+
+type taskTable struct {
+	mu sync.Mutex
+	m  map[taskKey]*taskRecord
+}
+
+func ownerOf(r *Request) taskOwner {
+	return taskOwner{appID: r.Caller.AppID, namespace: r.Caller.Namespace, subject: r.Subject}
+}
+
+// add remembers a task a server created; it reports false when it could not (the table
+// is full, or the id is another caller's: a server must not hand out one id twice).
+func (t *taskTable) add(k taskKey, rec *taskRecord, now time.Time) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.m == nil {
+		t.m = make(map[taskKey]*taskRecord)
+	}
+	if old, ok := t.m[k]; ok && old.owner != rec.owner && now.Before(old.expires) {
+		return false
+	}
+	if len(t.m) >= maxTasks {
+		for key, r := range t.m {
+			if !now.Before(r.expires) {
+				delete(t.m, key)
+			}
+		}
+		if len(t.m) >= maxTasks {
+			return false
+		}
+	}
+	t.m[k] = rec
+	return true
+}
+
+// get returns the task if it is the owner's and has not expired.
+func (t *taskTable) get(k taskKey, owner taskOwner, now time.Time) (*taskRecord, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	rec, ok := t.m[k]
+	if !ok || rec.owner != owner {
+		return nil, false
+	}
+	if !now.Before(rec.expires) {
+		delete(t.m, k)
+		return nil, false
+	}
+	return rec, true
+}
+
+func (t *taskTable) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.m)
+}
+
+const unknownTask = "unknown task: not one this caller created through mcpgate, or expired"
+
+// decideTask decides a request about an existing task that the rules allowed: the task
+// must be the caller's, and its tool still allowed to them.
+func (st *stream) decideTask(ctx context.Context, r *Request, taskID string) (Decision, *taskRecord) {
+	rec, ok := st.s.tasks.get(taskKey{st.app.ID, taskID}, ownerOf(r), st.s.now())
+	if !ok {
+		return Decision{Rule: ruleTask, Reason: unknownTask}, nil
+	}
+	lr := *r
+	lr.Method, lr.Tool, lr.Arguments, lr.ID, lr.Listing = "tools/call", rec.tool, nil, nil, true
+	if d := Decide(ctx, st.app.MCP, &lr); !d.Allow {
+		return Decision{Rule: ruleTask, Reason: "the task's tool " + strconvQuote(rec.tool) + " is not allowed"}, nil
+	}
+	return Decision{Allow: true, Rule: ruleTask}, rec
+}
+
+// taskRedactions are the pointers a task's result loses: the tool's responses.redact
+// under the current policy, and the creating call's Rego redactions.
+func taskRedactions(m *policy.MCP, rec *taskRecord) [][]string {
+	var out [][]string
+	for _, red := range m.Responses.Redact {
+		if policy.MatchAny(red.Tools, rec.tool) {
+			for _, p := range red.Pointers {
+				out = append(out, p.Tokens)
+			}
+		}
+	}
+	return append(out, rec.redact...)
+}
+
+// taskRecorder returns what remembers the task a task-augmented tools/call of tool was
+// answered with.
+func (st *stream) taskRecorder(r *Request, tool string, redact [][]string) func(resp []byte) {
+	s, app, owner := st.s, st.app.ID, ownerOf(r)
+	return func(resp []byte) {
+		id, ttl, ok, err := mcp.TaskHandle(resp)
+		if err != nil || !ok {
+			return // a plain result (the server ran the call at once), or an error
+		}
+		now := s.now()
+		life := maxTaskTTL
+		if ttl > 0 && time.Duration(ttl)*time.Millisecond < life {
+			life = time.Duration(ttl) * time.Millisecond
+		}
+		if !s.tasks.add(taskKey{app, id}, &taskRecord{owner: owner, tool: tool, redact: redact, expires: now.Add(life)}, now) {
+			s.shared.log.Warn("a task is not remembered: its requests will be denied",
+				zap.String("target", app), zap.String("tool", tool), zap.Int("tasks", s.tasks.len()))
+		}
+	}
+}
+
+// taskListFilter keeps the caller's own tasks in a tasks/list result.
+func (st *stream) taskListFilter(r *Request) func([]string) []bool {
+	s, app, owner := st.s, st.app.ID, ownerOf(r)
+	return func(ids []string) []bool {
+		keep := make([]bool, len(ids))
+		now := s.now()
+		for i, id := range ids {
+			_, keep[i] = s.tasks.get(taskKey{app, id}, owner, now)
+		}
+		return keep
+	}
+}
