@@ -2,6 +2,9 @@ package extproc
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"sync"
 	"time"
 
@@ -26,10 +29,12 @@ import (
 //     current policy says, and what the creating call's Rego decision redacted.
 //   - tasks/list is filtered to the caller's own tasks.
 //
-// Tasks are remembered in memory per mcpgate replica, until their ttl (capped at
-// maxTaskTTL, maxTaskTTL when the server gives none) and at most maxTasks at a time: a
-// task mcpgate does not know (created through another replica, before a restart, or
-// when the table was full) is denied, failing closed.
+// Tasks are remembered in memory, until their ttl (capped at maxTaskTTL, maxTaskTTL when
+// the server gives none) and at most maxTasks at a time, and, when the Mesh names a Redis
+// (spec.rateLimits.redis), in Redis too, so that a task created through one replica can be
+// polled through another. A task mcpgate does not know (created through a replica
+// without the shared store, before a restart without it, when the table was full, or
+// while Redis does not answer) is denied, failing closed.
 
 const (
 	maxTasks   = 100000
@@ -111,9 +116,12 @@ const unknownTask = "unknown task: not one this caller created through mcpgate, 
 // decideTask decides a request about an existing task that the rules allowed: the task
 // must be the caller's, and its tool still allowed to them.
 func (st *stream) decideTask(ctx context.Context, r *Request, taskID string) (Decision, *taskRecord) {
-	rec, ok := st.s.tasks.get(taskKey{st.app.ID, taskID}, ownerOf(r), st.s.now())
+	k, owner, now := taskKey{st.app.ID, taskID}, ownerOf(r), st.s.now()
+	rec, ok := st.s.tasks.get(k, owner, now)
 	if !ok {
-		return Decision{Rule: ruleTask, Reason: unknownTask}, nil
+		if rec, ok = st.sharedTask(ctx, k, owner, now); !ok {
+			return Decision{Rule: ruleTask, Reason: unknownTask}, nil
+		}
 	}
 	lr := *r
 	lr.Method, lr.Tool, lr.Arguments, lr.ID, lr.Listing = "tools/call", rec.tool, nil, nil, true
@@ -140,7 +148,7 @@ func taskRedactions(m *policy.MCP, rec *taskRecord) [][]string {
 // taskRecorder returns what remembers the task a task-augmented tools/call of tool was
 // answered with.
 func (st *stream) taskRecorder(r *Request, tool string, redact [][]string) func(resp []byte) {
-	s, app, owner := st.s, st.app.ID, ownerOf(r)
+	s, app, owner, cfg := st.s, st.app.ID, ownerOf(r), st.snap.Mesh.RateLimits
 	return func(resp []byte) {
 		id, ttl, ok, err := mcp.TaskHandle(resp)
 		if err != nil || !ok {
@@ -151,11 +159,64 @@ func (st *stream) taskRecorder(r *Request, tool string, redact [][]string) func(
 		if ttl > 0 && time.Duration(ttl)*time.Millisecond < life {
 			life = time.Duration(ttl) * time.Millisecond
 		}
-		if !s.tasks.add(taskKey{app, id}, &taskRecord{owner: owner, tool: tool, redact: redact, expires: now.Add(life)}, now) {
+		k, rec := taskKey{app, id}, &taskRecord{owner: owner, tool: tool, redact: redact, expires: now.Add(life)}
+		if store := s.shared.get(cfg); store != nil && store.r != nil {
+			// Shared first: if another caller holds the id in Redis, this replica must not
+			// hand it to this one either.
+			val, _ := json.Marshal(sharedTaskRecord{Tool: tool, Redact: redact})
+			claimed, err := store.r.Claim(context.Background(), k.shared(), owner.String(), val, life)
+			if err != nil {
+				s.shared.log.Warn("a task is remembered by this replica only: redis did not answer",
+					zap.String("target", app), zap.String("tool", tool), zap.Error(err))
+			} else if !claimed {
+				s.shared.log.Warn("a server answered with the id of another caller's task: not remembered",
+					zap.String("target", app), zap.String("tool", tool))
+				return
+			}
+		}
+		if !s.tasks.add(k, rec, now) {
 			s.shared.log.Warn("a task is not remembered: its requests will be denied",
 				zap.String("target", app), zap.String("tool", tool), zap.Int("tasks", s.tasks.len()))
 		}
 	}
+}
+
+// sharedTaskRecord is a task as the replicas share it in Redis, keyed by app and task id
+// and owned by its creator.
+type sharedTaskRecord struct {
+	Tool   string     `json:"tool"`
+	Redact [][]string `json:"redact,omitempty"`
+}
+
+// shared is the task's key in the shared store: hashed, since task ids are the server's
+// and of any length.
+func (k taskKey) shared() string {
+	sum := sha256.Sum256([]byte(lengthPrefixed(k.app, k.id)))
+	return "task:" + hex.EncodeToString(sum[:])
+}
+
+// String is the owner as the shared store compares it.
+func (o taskOwner) String() string { return lengthPrefixed(o.appID, o.namespace, o.subject) }
+
+// sharedTask looks a task this replica does not know up in the shared store, if the
+// Mesh names one, and remembers it here when it is the owner's.
+func (st *stream) sharedTask(ctx context.Context, k taskKey, owner taskOwner, now time.Time) (*taskRecord, bool) {
+	store := st.s.shared.get(st.snap.Mesh.RateLimits)
+	if store == nil || store.r == nil {
+		return nil, false
+	}
+	val, left, ok, err := store.r.Owned(ctx, k.shared(), owner.String())
+	if err != nil {
+		st.s.shared.log.Warn("a task could not be looked up: redis did not answer", zap.String("target", k.app), zap.Error(err))
+		return nil, false
+	}
+	var sr sharedTaskRecord
+	if !ok || json.Unmarshal(val, &sr) != nil || sr.Tool == "" {
+		return nil, false
+	}
+	rec := &taskRecord{owner: owner, tool: sr.Tool, redact: sr.Redact, expires: now.Add(left)}
+	st.s.tasks.add(k, rec, now)
+	return rec, true
 }
 
 // taskListFilter keeps the caller's own tasks in a tasks/list result.

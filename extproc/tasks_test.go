@@ -11,6 +11,8 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/mcpgate/mcpgate/envoy/contract"
+	"github.com/mcpgate/mcpgate/integration/redistest"
+	"github.com/mcpgate/mcpgate/policy"
 )
 
 // withSubject is md with another subject (and its claims) or scopes.
@@ -120,5 +122,47 @@ func TestTaskIDsAreNotReassigned(t *testing.T) {
 	}
 	if res := runEnvoy(t, s, envoyRequest{md: agentMD, body: taskReq(4, "tasks/get", "same")}, envoyUpstream{}); res.immediate != nil {
 		t.Fatalf("alice lost her task: %s", res.immediate.GetBody())
+	}
+}
+
+// TestTasksSharedAcrossReplicas: with the Mesh's Redis, a task created through one
+// replica is its creator's through any other, redacted there as well; without Redis the
+// other replica does not know it and denies it.
+func TestTasksSharedAcrossReplicas(t *testing.T) {
+	srv := redistest.Start(t)
+	bob := withSubject(agentMD, "bob", `{"sub":"bob","azp":"my-agent","tier":"silver"}`)
+	create := func(s *Server, id, taskID string, md *corev3.Metadata) {
+		t.Helper()
+		res := runEnvoy(t, s, envoyRequest{md: md, body: `{"jsonrpc":"2.0","id":` + id + `,"method":"tools/call","params":{"name":"get_customer","arguments":{"id":"c1"},"task":{}}}`},
+			envoyUpstream{contentType: "application/json", chunks: []string{`{"jsonrpc":"2.0","id":` + id + `,"result":{"task":{"taskId":"` + taskID + `","status":"working","ttl":60000}}}`}})
+		if res.immediate != nil {
+			t.Fatalf("task call: %s", res.immediate.GetBody())
+		}
+	}
+	result := `{"jsonrpc":"2.0","id":2,"result":{"content":[],"structuredContent":{"name":"Ann","email":"ann@example.com","ssn":"123-45-6789"}}}`
+
+	rs := newReplicas(t, 2, func(s *policy.Snapshot) { s.Mesh.RateLimits = redisStore(srv.Addr(), policy.FailLocal) })
+	create(rs.servers[0], "1", "shared-1", bob)
+	res := runEnvoy(t, rs.servers[1], envoyRequest{md: bob, body: taskReq(2, "tasks/result", "shared-1")}, envoyUpstream{contentType: "application/json", chunks: []string{result}})
+	if res.immediate != nil || strings.Contains(res.clientBody, "123-45-6789") || strings.Contains(res.clientBody, "ann@example.com") || !strings.Contains(res.clientBody, "Ann") {
+		t.Fatalf("tasks/result through the other replica: answered %v, client got %s", res.immediate, res.clientBody)
+	}
+	if res := runEnvoy(t, rs.servers[1], envoyRequest{md: agentMD, body: taskReq(3, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate == nil {
+		t.Fatal("another subject got bob's task through the other replica")
+	}
+	// A server reusing bob's id for alice, through the replica that has not seen it yet.
+	create(rs.servers[1], "4", "shared-1", agentMD)
+	rs2 := newReplicas(t, 1, func(s *policy.Snapshot) { s.Mesh.RateLimits = redisStore(srv.Addr(), policy.FailLocal) })
+	if res := runEnvoy(t, rs2.servers[0], envoyRequest{md: agentMD, body: taskReq(5, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate == nil {
+		t.Fatal("a reused task id changed hands in Redis")
+	}
+	if res := runEnvoy(t, rs2.servers[0], envoyRequest{md: bob, body: taskReq(6, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate != nil {
+		t.Fatalf("bob lost his task: %s", res.immediate.GetBody())
+	}
+
+	local := newReplicas(t, 2, func(*policy.Snapshot) {})
+	create(local.servers[0], "7", "local-1", bob)
+	if res := runEnvoy(t, local.servers[1], envoyRequest{md: bob, body: taskReq(8, "tasks/get", "local-1")}, envoyUpstream{}); res.immediate == nil {
+		t.Fatal("a replica without the shared store served a task it never saw")
 	}
 }
