@@ -8,6 +8,9 @@
 // Lua script, run atomically by Redis: no read-modify-write race between replicas, and
 // one round trip however many limits a call must pass. Time is Redis's own clock (TIME),
 // never a replica's, so replicas with skewed clocks agree.
+//
+// The same Redis holds small records that belong to one owner, shared by the replicas
+// too (claim.go: mcpgate's MCP task table).
 package ratelimit
 
 import (
