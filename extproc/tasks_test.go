@@ -166,3 +166,23 @@ func TestTasksSharedAcrossReplicas(t *testing.T) {
 		t.Fatal("a replica without the shared store served a task it never saw")
 	}
 }
+
+// TestTasksOnAnUnfilteredApp: an app whose responses mcpgate otherwise leaves alone still
+// has its task handles read, so its tasks can be used; a handle it cannot read passes
+// unchanged, and that task is then unknown (denied).
+func TestTasksOnAnUnfilteredApp(t *testing.T) {
+	s := loadPlainApp(t, "")
+	body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"run","arguments":{},"task":{}}}`
+	res := runEnvoy(t, s, envoyRequest{md: appMD, body: body},
+		envoyUpstream{contentType: "text/event-stream", chunks: []string{`event: message` + "\ndata: " + `{"jsonrpc":"2.0","id":1,"result":{"task":{"taskId":"p-1","status":"working"}}}` + "\n\n"}})
+	if res.immediate != nil || !strings.Contains(res.clientBody, "p-1") {
+		t.Fatalf("task call: answered %v, client got %q", res.immediate, res.clientBody)
+	}
+	if res := runEnvoy(t, s, envoyRequest{md: appMD, body: taskReq(2, "tasks/get", "p-1")}, envoyUpstream{}); res.immediate != nil {
+		t.Fatalf("tasks/get: %s", res.immediate.GetBody())
+	}
+	res = runEnvoy(t, s, envoyRequest{md: appMD, body: body}, envoyUpstream{contentType: "application/json", chunks: []string{"\x1f\x8b"}, headers: []string{"content-encoding", "gzip"}})
+	if res.immediate != nil || res.clientBody != "\x1f\x8b" {
+		t.Fatalf("unreadable handle: answered %v, client got %q", res.immediate, res.clientBody)
+	}
+}
