@@ -638,12 +638,14 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 		}
 		var task *taskRecord
 		if d.Allow && taskMethods[m.Method] {
-			// The request names a task, not a tool: it is decided by who created the task
-			// and for which tool (tasks.go).
-			redact := d.Redact
-			if d, task = st.decideTask(ctx, &r, m.TaskID); task != nil {
-				d.Redact = redact
-				r.Tool = task.tool // logged as the task's tool
+			// The request names a task, not a tool: it is the task's creator's, while its
+			// tool is allowed to them (tasks.go). Rules and Rego saw it without a tool, as
+			// a method; the log names the task's tool.
+			task = st.lookupTask(ctx, &r, m.TaskID)
+			if d = st.decideTask(ctx, &r, task, d); task != nil && d.Allow {
+				r.Tool = task.tool
+			} else {
+				task = nil
 			}
 		}
 		decisions = append(decisions, requestDecision{msgIndex: i, d: d, r: r, id: m.ID, task: task})

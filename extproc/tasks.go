@@ -113,22 +113,31 @@ func (t *taskTable) len() int {
 
 const unknownTask = "unknown task: not one this caller created through mcpgate, or expired"
 
-// decideTask decides a request about an existing task that the rules allowed: the task
-// must be the caller's, and its tool still allowed to them.
-func (st *stream) decideTask(ctx context.Context, r *Request, taskID string) (Decision, *taskRecord) {
+// lookupTask returns the task a request names if it is the caller's: this replica's
+// table first, then the shared store.
+func (st *stream) lookupTask(ctx context.Context, r *Request, taskID string) *taskRecord {
 	k, owner, now := taskKey{st.app.ID, taskID}, ownerOf(r), st.s.now()
-	rec, ok := st.s.tasks.get(k, owner, now)
-	if !ok {
-		if rec, ok = st.sharedTask(ctx, k, owner, now); !ok {
-			return Decision{Rule: ruleTask, Reason: unknownTask}, nil
-		}
+	if rec, ok := st.s.tasks.get(k, owner, now); ok {
+		return rec
+	}
+	if rec, ok := st.sharedTask(ctx, k, owner, now); ok {
+		return rec
+	}
+	return nil
+}
+
+// decideTask decides a request about a task that the rules and Rego allowed (d): the
+// task must be the caller's (rec, from lookupTask), and its tool still allowed to them.
+func (st *stream) decideTask(ctx context.Context, r *Request, rec *taskRecord, d Decision) Decision {
+	if rec == nil {
+		return Decision{Rule: ruleTask, Reason: unknownTask}
 	}
 	lr := *r
 	lr.Method, lr.Tool, lr.Arguments, lr.ID, lr.Listing = "tools/call", rec.tool, nil, nil, true
-	if d := Decide(ctx, st.app.MCP, &lr); !d.Allow {
-		return Decision{Rule: ruleTask, Reason: "the task's tool " + strconvQuote(rec.tool) + " is not allowed"}, nil
+	if ld := Decide(ctx, st.app.MCP, &lr); !ld.Allow {
+		return Decision{Rule: ruleTask, Reason: "the task's tool " + strconvQuote(rec.tool) + " is not allowed"}
 	}
-	return Decision{Allow: true, Rule: ruleTask}, rec
+	return Decision{Allow: true, Rule: ruleTask, Redact: d.Redact}
 }
 
 // taskRedactions are the pointers a task's result loses: the tool's responses.redact
