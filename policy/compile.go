@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"errors"
 	"fmt"
 	"io/fs"
 	"net"
@@ -417,7 +418,120 @@ func (l *loader) compileMCP(d *document, spec *MCPSpec, mesh *Mesh) *MCP {
 	m.Responses = l.compileResponses(d, spec.Responses)
 	m.Limits = l.compileLimits(d, spec.Limits)
 	m.Resiliency = l.compileResiliency(d, spec.Resiliency)
+	if spec.CORS != nil {
+		if m.Transport == TransportGRPC {
+			// Browsers do not speak gRPC over HTTP/2 trailers; a preflight would never
+			// match the gRPC routes (they require a gRPC content-type).
+			l.errf(d, p+".cors", "is only for transport %s: browsers cannot call gRPC MCP", TransportStreamableHTTP)
+		}
+		m.CORS = l.compileCORS(d, spec.CORS)
+	}
 	return m
+}
+
+// compileCORS validates spec.mcp.cors and applies the defaults. Origins are compared
+// byte for byte with the Origin header (Envoy's exact matchers), so each must be
+// written as browsers serialize it (RFC 6454 §6.2): lowercase scheme and host, no
+// default port, no path.
+func (l *loader) compileCORS(d *document, spec *CORSSpec) *CORS {
+	const p = "spec.mcp.cors"
+	c := &CORS{AllowCredentials: spec.AllowCredentials, MaxAge: DefaultCORSMaxAge}
+	if len(spec.AllowOrigins) == 0 {
+		l.errf(d, p+".allowOrigins", "at least one origin is required (an exact origin such as https://app.example.com, or \"*\")")
+	}
+	seen := map[string]bool{}
+	for i, o := range spec.AllowOrigins {
+		at := fmt.Sprintf("%s.allowOrigins[%d]", p, i)
+		if seen[o] {
+			l.errf(d, at, "duplicate origin %q", o)
+			continue
+		}
+		seen[o] = true
+		if o == "*" {
+			c.AnyOrigin = true
+			continue
+		}
+		if err := checkOrigin(o); err != nil {
+			l.errf(d, at, "%v", err)
+			continue
+		}
+		c.AllowOrigins = append(c.AllowOrigins, o)
+	}
+	if c.AnyOrigin {
+		if len(spec.AllowOrigins) > 1 {
+			l.errf(d, p+".allowOrigins", "\"*\" allows every origin: it must be the only entry")
+		}
+		if spec.AllowCredentials {
+			// Browsers refuse credentials with a wildcard origin (Fetch standard, CORS
+			// check), and Envoy would echo any Origin back, granting every site the
+			// user's cookies: refused rather than made to work.
+			l.errf(d, p+".allowCredentials", "must not be true with allowOrigins \"*\": list the origins that may send credentials")
+		}
+		c.AllowOrigins = nil
+	}
+	c.AllowMethods = l.corsTokens(d, p+".allowMethods", spec.AllowMethods, DefaultCORSMethods)
+	c.AllowHeaders = l.corsTokens(d, p+".allowHeaders", spec.AllowHeaders, DefaultCORSHeaders)
+	c.ExposeHeaders = l.corsTokens(d, p+".exposeHeaders", spec.ExposeHeaders, DefaultCORSExposeHeaders)
+	if spec.MaxAge != "" {
+		t, err := time.ParseDuration(string(spec.MaxAge))
+		switch {
+		case err != nil || t < time.Second:
+			l.errf(d, p+".maxAge", "%q is not a duration of at least 1s (e.g. 10m)", spec.MaxAge)
+		case t%time.Second != 0:
+			l.errf(d, p+".maxAge", "%q is not a whole number of seconds (Access-Control-Max-Age counts seconds)", spec.MaxAge)
+		default:
+			c.MaxAge = t
+		}
+	}
+	return c
+}
+
+// corsTokens checks a list of methods or header names (RFC 9110 tokens), or returns def
+// when the list is left out. "*" is refused: Envoy and browsers give it different
+// meanings (with credentials, browsers read it as a header named "*").
+func (l *loader) corsTokens(d *document, p string, list, def []string) []string {
+	if len(list) == 0 {
+		return slices.Clone(def)
+	}
+	for i, v := range list {
+		switch {
+		case v == "*":
+			l.errf(d, fmt.Sprintf("%s[%d]", p, i), "\"*\" is not allowed: list the names")
+		case !IsToken(v):
+			l.errf(d, fmt.Sprintf("%s[%d]", p, i), "%q is not an HTTP token (RFC 9110 §5.6.2)", v)
+		}
+	}
+	return slices.Clone(list)
+}
+
+// checkOrigin accepts an origin as a browser serializes it in the Origin header:
+// scheme "://" host [":" port], lowercase, without the scheme's default port.
+func checkOrigin(o string) error {
+	u, err := url.Parse(o)
+	switch {
+	case o == "null":
+		// Sandboxed frames, file: pages and redirects all send "null": allowing it
+		// allows anyone who can make a browser send it.
+		return errors.New(`"null" is not allowed: every opaque origin sends it`)
+	case err != nil || u.Scheme == "" || u.Host == "" || u.Opaque != "":
+		return fmt.Errorf("%q is not an origin: want scheme://host[:port], e.g. https://app.example.com", o)
+	case u.User != nil || u.Path != "" || u.RawQuery != "" || u.ForceQuery || u.Fragment != "" || strings.Contains(o, "#"):
+		return fmt.Errorf("%q is not an origin: no user, path (not even \"/\"), query or fragment", o)
+	case strings.ToLower(o) != o:
+		return fmt.Errorf("%q must be lowercase, as browsers send it", o)
+	}
+	if port := u.Port(); port != "" {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("%q has an invalid port", o)
+		}
+		if u.Scheme == "https" && port == "443" || u.Scheme == "http" && port == "80" {
+			return fmt.Errorf("%q names the default port: browsers omit it, so it would never match", o)
+		}
+	}
+	if u.Hostname() == "" {
+		return fmt.Errorf("%q has no host", o)
+	}
+	return nil
 }
 
 // MetadataURL derives the RFC 9728 §3.1 protected resource metadata URL: the well-known

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 const meshYAML = `apiVersion: mcpgate.dev/v1alpha1
@@ -483,6 +485,71 @@ spec:
 			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "{appId: my-agent, defaultAction: allow}", "{appId: my-agent, defaultAction: allow, operations: [{name: /a/**/b, httpVerb: [POST], action: deny}, {name: /c, httpVerb: [FETCH], action: allow}]}", 1)},
 			want:  []string{`operations[0].name: "/a/**/b": "**" may only be the last segment`, `operations[1].httpVerb[0]: "FETCH" is not an HTTP verb`},
 		},
+		{
+			name: "cors origins",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    cors:
+      allowOrigins:
+        - https://app.example.com/
+        - HTTPS://App.example.com
+        - https://app.example.com:443
+        - app.example.com
+        - "null"
+        - https://app.example.com?x=1
+        - https://app.example.com
+        - https://app.example.com
+`},
+			want: []string{
+				`app.yaml:26: spec.mcp.cors.allowOrigins[0]: "https://app.example.com/" is not an origin: no user, path`,
+				`app.yaml:27: spec.mcp.cors.allowOrigins[1]: "HTTPS://App.example.com" must be lowercase`,
+				`app.yaml:28: spec.mcp.cors.allowOrigins[2]: "https://app.example.com:443" names the default port`,
+				`app.yaml:29: spec.mcp.cors.allowOrigins[3]: "app.example.com" is not an origin: want scheme://host[:port]`,
+				`app.yaml:30: spec.mcp.cors.allowOrigins[4]: "null" is not allowed`,
+				`app.yaml:31: spec.mcp.cors.allowOrigins[5]: "https://app.example.com?x=1" is not an origin`,
+				`app.yaml:33: spec.mcp.cors.allowOrigins[7]: duplicate origin "https://app.example.com"`,
+			},
+		},
+		{
+			name: "cors wildcard with credentials",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    cors:
+      allowOrigins: ["*", https://app.example.com]
+      allowCredentials: true
+`},
+			want: []string{
+				`app.yaml:25: spec.mcp.cors.allowOrigins: "*" allows every origin: it must be the only entry`,
+				`app.yaml:26: spec.mcp.cors.allowCredentials: must not be true with allowOrigins "*"`,
+			},
+		},
+		{
+			name: "cors empty, bad tokens, max age, unknown field",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    cors:
+      allowOrigins: []
+      allowMethods: [POST, "GET POST"]
+      allowHeaders: ["*"]
+      exposeHeaders: ["mcp-session-id", "x:y"]
+      maxAge: 1500ms
+      allowOrigin: [https://app.example.com]
+`},
+			want: []string{
+				`app.yaml:25: spec.mcp.cors.allowOrigins: at least one origin is required`,
+				`app.yaml:26: spec.mcp.cors.allowMethods[1]: "GET POST" is not an HTTP token`,
+				`app.yaml:27: spec.mcp.cors.allowHeaders[0]: "*" is not allowed: list the names`,
+				`app.yaml:28: spec.mcp.cors.exposeHeaders[1]: "x:y" is not an HTTP token`,
+				`app.yaml:29: spec.mcp.cors.maxAge: "1500ms" is not a whole number of seconds`,
+				`app.yaml:30: spec.mcp.cors: unknown field "allowOrigin"`,
+			},
+		},
+		{
+			name: "cors max age not a duration",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    cors: {allowOrigins: ["*"], maxAge: forever}
+`},
+			want: []string{`app.yaml:24: spec.mcp.cors.maxAge: "forever" is not a duration of at least 1s`},
+		},
+		{
+			name: "cors on a grpc app",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "  mcp:\n", "  mcp:\n    transport: grpc\n", 1) + `    cors: {allowOrigins: ["*"]}
+`},
+			want: []string{`app.yaml:25: spec.mcp.cors: is only for transport streamable-http`},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -699,5 +766,44 @@ func TestLoadTracing(t *testing.T) {
 	}
 	if requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML}).Mesh.Tracing != nil {
 		t.Error("without spec.tracing, tracing must be off")
+	}
+}
+
+// TestLoadCORS pins the compiled CORS policy: the defaults a browser-based MCP client
+// needs when only origins are given, what the file says otherwise, and no CORS at all
+// when the block is absent.
+func TestLoadCORS(t *testing.T) {
+	if m := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML}).App("inventory").MCP; m.CORS != nil {
+		t.Fatalf("no cors block, got %+v", m.CORS)
+	}
+	defaults := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    cors:
+      allowOrigins: [https://app.example.com, "http://localhost:5173"]
+`}).App("inventory").MCP.CORS
+	want := &CORS{
+		AllowOrigins:  []string{"https://app.example.com", "http://localhost:5173"},
+		AllowMethods:  []string{"GET", "POST", "DELETE", "OPTIONS"},
+		AllowHeaders:  []string{"content-type", "accept", "authorization", "mcp-protocol-version", "mcp-session-id", "last-event-id", "mcp-method", "mcp-name"},
+		ExposeHeaders: []string{"mcp-session-id", "mcp-protocol-version", "www-authenticate"},
+		MaxAge:        10 * time.Minute,
+	}
+	if diff := cmp.Diff(want, defaults); diff != "" {
+		t.Errorf("defaults (-want +got):\n%s", diff)
+	}
+	explicit := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    cors:
+      allowOrigins: ["*"]
+      allowMethods: [POST]
+      allowHeaders: [content-type, authorization]
+      exposeHeaders: [mcp-session-id]
+      maxAge: 1h
+`}).App("inventory").MCP.CORS
+	want = &CORS{AnyOrigin: true, AllowMethods: []string{"POST"}, AllowHeaders: []string{"content-type", "authorization"},
+		ExposeHeaders: []string{"mcp-session-id"}, MaxAge: time.Hour}
+	if diff := cmp.Diff(want, explicit); diff != "" {
+		t.Errorf("explicit (-want +got):\n%s", diff)
+	}
+	creds := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + `    cors: {allowOrigins: ["https://app.example.com:8443"], allowCredentials: true}
+`}).App("inventory").MCP.CORS
+	if !creds.AllowCredentials || creds.AnyOrigin || len(creds.AllowOrigins) != 1 {
+		t.Errorf("credentials: %+v", creds)
 	}
 }

@@ -101,7 +101,38 @@ type MCP struct {
 	Responses      Responses
 	Limits         Limits
 	Resiliency     Resiliency
+	// CORS is nil when the app has no CORS policy: Envoy then refuses preflights.
+	CORS *CORS
 }
+
+// CORS is the compiled CORS policy of an app's MCP endpoint, defaults applied.
+type CORS struct {
+	// AllowOrigins are exact origins; empty when AnyOrigin.
+	AllowOrigins     []string
+	AnyOrigin        bool
+	AllowMethods     []string
+	AllowHeaders     []string
+	ExposeHeaders    []string
+	MaxAge           time.Duration // whole seconds
+	AllowCredentials bool
+}
+
+// CORS defaults: what a browser-based MCP client needs on Streamable HTTP.
+var (
+	// DefaultCORSMethods are the methods of Streamable HTTP: POST messages, GET the
+	// event stream, DELETE the session.
+	DefaultCORSMethods = []string{"GET", "POST", "DELETE", "OPTIONS"}
+	// DefaultCORSHeaders are the request headers MCP clients send, the 2026-07-28
+	// mirror headers (Mcp-Method, Mcp-Name) included.
+	DefaultCORSHeaders = []string{"content-type", "accept", "authorization", "mcp-protocol-version",
+		"mcp-session-id", "last-event-id", "mcp-method", "mcp-name"}
+	// DefaultCORSExposeHeaders are the response headers a browser client must read:
+	// the session id, the protocol version, and the RFC 9728 challenge of a 401.
+	DefaultCORSExposeHeaders = []string{"mcp-session-id", "mcp-protocol-version", "www-authenticate"}
+)
+
+// DefaultCORSMaxAge is how long a browser may cache a preflight's answer.
+const DefaultCORSMaxAge = 10 * time.Minute
 
 // Authentication is the compiled authentication block.
 type Authentication struct {

@@ -170,6 +170,23 @@ type MCPSpec struct {
 	Responses      ResponsesSpec      `yaml:"responses"`
 	Limits         LimitsSpec         `yaml:"limits"`
 	Resiliency     ResiliencySpec     `yaml:"resiliency"`
+	// CORS lets browser-based MCP clients on the listed origins call the app: Envoy
+	// answers their preflights from this policy (granting nothing else) and adds the
+	// Access-Control-* headers to responses. Absent, preflights are refused.
+	CORS *CORSSpec `yaml:"cors"`
+}
+
+// CORSSpec is the CORS policy of an app's MCP endpoint. Every list left out takes the
+// default that MCP's Streamable HTTP transport needs (DefaultCORS*).
+type CORSSpec struct {
+	// AllowOrigins are exact origins (scheme://host[:port], as browsers send them) or
+	// "*" for any origin (not with allowCredentials).
+	AllowOrigins     []string `yaml:"allowOrigins"`
+	AllowMethods     []string `yaml:"allowMethods"`
+	AllowHeaders     []string `yaml:"allowHeaders"`
+	ExposeHeaders    []string `yaml:"exposeHeaders"`
+	MaxAge           Duration `yaml:"maxAge"`
+	AllowCredentials bool     `yaml:"allowCredentials"`
 }
 
 // AuthenticationSpec says which bearer tokens the app accepts.
