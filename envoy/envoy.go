@@ -18,6 +18,7 @@ import (
 
 // Well-known names of the Envoy extensions mcpgate configures.
 const (
+	FilterCORS     = "envoy.filters.http.cors"
 	FilterExtAuthz = "envoy.filters.http.ext_authz"
 	FilterExtProc  = "envoy.filters.http.ext_proc"
 	FilterRouter   = "envoy.filters.http.router"

@@ -3,11 +3,17 @@ package envoy
 import (
 	"strings"
 	"testing"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	corsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/cors/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/testing/protocmp"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 func requireValid(t *testing.T, m proto.Message) {
@@ -180,5 +186,49 @@ func TestUpstreamMTLSHTTP2(t *testing.T) {
 		if san := c.GetCombinedValidationContext().DefaultValidationContext.MatchTypedSubjectAltNames[0].Matcher.GetExact(); san != "spiffe://example.org/ns/default/b" {
 			t.Errorf("peer SAN %q", san)
 		}
+	}
+}
+
+// TestCORSPolicy pins the per-route CORS policy: exact origins, or one regex for "*",
+// the lists joined as Envoy sends them, max_age in seconds, and non-matching preflights
+// forwarded down the chain (to ext_authz, which refuses them) rather than answered.
+func TestCORSPolicy(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		o    CORSOptions
+		want *corsv3.CorsPolicy
+	}{{
+		name: "exact origins",
+		o: CORSOptions{Origins: []string{"https://a.example.com", "http://localhost:5173"}, Methods: []string{"GET", "POST"},
+			Headers: []string{"content-type", "authorization"}, ExposeHeaders: []string{"mcp-session-id"}, MaxAge: 10 * time.Minute, AllowCredentials: true},
+		want: &corsv3.CorsPolicy{
+			AllowOriginStringMatch: []*matcherv3.StringMatcher{
+				{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: "https://a.example.com"}},
+				{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: "http://localhost:5173"}},
+			},
+			AllowMethods: "GET,POST", AllowHeaders: "content-type,authorization", ExposeHeaders: "mcp-session-id", MaxAge: "600",
+			AllowCredentials: wrapperspb.Bool(true), ForwardNotMatchingPreflights: wrapperspb.Bool(true),
+		},
+	}, {
+		name: "any origin",
+		o:    CORSOptions{AnyOrigin: true, Methods: []string{"POST"}},
+		want: &corsv3.CorsPolicy{
+			AllowOriginStringMatch: []*matcherv3.StringMatcher{{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: ".*"}}}},
+			AllowMethods:           "POST", AllowCredentials: wrapperspb.Bool(false), ForwardNotMatchingPreflights: wrapperspb.Bool(true),
+		},
+	}} {
+		t.Run(tt.name, func(t *testing.T) {
+			a, err := CORSPolicy(tt.o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got corsv3.CorsPolicy
+			if err := a.UnmarshalTo(&got); err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tt.want, &got, protocmp.Transform()); diff != "" {
+				t.Errorf("CorsPolicy (-want +got):\n%s", diff)
+			}
+		})
 	}
 }

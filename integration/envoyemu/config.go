@@ -13,6 +13,7 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	corsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/cors/v3"
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
@@ -27,6 +28,7 @@ import (
 
 // Filter names as Envoy registers them; typed_per_filter_config is keyed by them.
 const (
+	filterCORS     = "envoy.filters.http.cors"
 	filterExtAuthz = "envoy.filters.http.ext_authz"
 	filterExtProc  = "envoy.filters.http.ext_proc"
 	filterRouter   = "envoy.filters.http.router"
@@ -76,6 +78,7 @@ type filterCfg struct {
 	disabled bool // HttpFilter.disabled: off unless a route enables it
 	authz    *extauthzv3.ExtAuthz
 	proc     *extprocfilterv3.ExternalProcessor
+	cors     bool
 	router   bool
 }
 
@@ -376,6 +379,13 @@ func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
 				return nil, fmt.Errorf("http filter %q: %w", f.GetName(), err)
 			}
 			fcfg.proc = m
+		case *corsv3.Cors:
+			// The emulator runs its encoder side last, after every other filter's
+			// (stream.write), which is where Envoy runs it when it is first.
+			if i != 0 {
+				return nil, fmt.Errorf("http filter %q: the CORS filter is emulated only as the first filter", f.GetName())
+			}
+			fcfg.cors = true
 		case *routerv3.Router:
 			// The router must be the last filter (source/common/http/filter_chain_helper.cc).
 			if i != len(hcm.GetHttpFilters())-1 {
@@ -418,6 +428,10 @@ func parsePerFilter(m map[string]*anypb.Any) (map[string]proto.Message, error) {
 		}
 		switch msg := msg.(type) {
 		case *extauthzv3.ExtAuthzPerRoute, *routev3.FilterConfig:
+		case *corsv3.CorsPolicy:
+			if err := checkCORSPolicy(msg); err != nil {
+				return nil, fmt.Errorf("typed_per_filter_config %q: %w", name, err)
+			}
 		case *extprocfilterv3.ExtProcPerRoute:
 			// ExtProcOverrides: processing_mode, failure_mode_allow and the forwarding
 			// namespaces are emulated (ext_proc.cc FilterConfigPerRoute).
@@ -441,6 +455,10 @@ func parsePerFilter(m map[string]*anypb.Any) (map[string]proto.Message, error) {
 func parseRoutes(rc *routev3.RouteConfiguration) (*routeCfg, error) {
 	out := &routeCfg{name: rc.GetName()}
 	for _, v := range rc.GetVirtualHosts() {
+		//lint:ignore SA1019 Envoy still reads the deprecated field, so a config using it must be refused
+		if v.GetCors() != nil {
+			return nil, fmt.Errorf("virtual host %q: cors (deprecated; typed_per_filter_config CorsPolicy is emulated) is not emulated", v.GetName())
+		}
 		pf, err := parsePerFilter(v.GetTypedPerFilterConfig())
 		if err != nil {
 			return nil, fmt.Errorf("virtual host %q: %w", v.GetName(), err)
@@ -492,6 +510,10 @@ func checkRoute(r *routev3.Route) error {
 		}
 		if a.Route.GetRegexRewrite() != nil || a.Route.GetPathRewritePolicy() != nil {
 			return errors.New("only prefix_rewrite is emulated")
+		}
+		//lint:ignore SA1019 Envoy still reads the deprecated field, so a config using it must be refused
+		if a.Route.GetCors() != nil {
+			return errors.New("route cors (deprecated; typed_per_filter_config CorsPolicy is emulated) is not emulated")
 		}
 	case *routev3.Route_DirectResponse:
 		if b := a.DirectResponse.GetBody(); b != nil && b.GetFilename() != "" {

@@ -51,6 +51,7 @@ type stream struct {
 	// respAdd are response headers ext_authz asked for (OkHttpResponse.response_headers_to_add).
 	respAdd []*corev3.HeaderValueOption
 	procs   []*procFilter // ext_proc filters that took part in decoding
+	cors    *corsState    // set when the CORS filter took a request as a CORS request
 
 	// The response state, shared with the goroutine that streams the request body
 	// upstream (a streamed body's processor may end the stream at any time).
@@ -394,6 +395,10 @@ func (s *stream) decode() *response {
 			continue
 		}
 		switch {
+		case f.cors:
+			if resp := s.corsDecode(f); resp != nil {
+				return resp
+			}
 		case f.authz != nil:
 			if lr := s.extAuthz(f); lr != nil {
 				return s.localResponse(lr)
@@ -985,6 +990,12 @@ func (s *stream) write(w http.ResponseWriter, resp *response) {
 	if resp == nil { // cannot happen: every nil response comes with a pending reply
 		resp = s.localResponse(&localReply{status: http.StatusInternalServerError, details: "no_response"})
 	}
+	// The CORS filter, when it took part in decoding, is the first filter and so the
+	// last encoder of every response: the upstream's, a direct response, a local reply
+	// of a later filter, and its own preflight answer (decoder_callbacks_->encodeHeaders
+	// starts at the first encoder filter, filter_manager.cc encodeHeaders(nullptr, ...);
+	// a browser ignores Access-Control-Expose-Headers on a preflight).
+	s.corsEncode(resp)
 	s.sent = true
 	s.status = resp.status
 	s.mu.Unlock()
