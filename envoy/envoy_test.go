@@ -33,7 +33,7 @@ func TestFilterOrder(t *testing.T) {
 		requireValid(t, f)
 		names = append(names, f.Name)
 	}
-	if got := strings.Join(names, ","); got != FilterExtAuthz+","+FilterExtProc+","+FilterRouter {
+	if got := strings.Join(names, ","); got != FilterCORS+","+FilterExtAuthz+","+FilterExtProc+","+FilterRouter {
 		t.Fatalf("filter order %s", got)
 	}
 }

@@ -55,6 +55,14 @@ func SocketAddress(host string, port uint32) *corev3.Address {
 
 // HTTPFilters is the HTTP filter chain of every listener that enforces policy. The order
 // is the contract with mcpgate and is defined here only:
+//  0. cors: first, so that a preflight from an allowed origin is answered before
+//     ext_authz would refuse it for having no credentials (browsers never send them on
+//     a preflight), and so that its encodeHeaders runs on ext_authz's and ext_proc's
+//     local replies too: a 401 then carries Access-Control-Allow-Origin and
+//     Access-Control-Expose-Headers, and a browser client can read the
+//     WWW-Authenticate challenge (a local reply is encoded through the filters that
+//     decoded the request, source/common/http/filter_manager.cc). It acts only on
+//     routes with a CorsPolicy (CORSFilter); elsewhere it passes everything through.
 //  1. ext_authz: who is calling (mTLS identity, App-ID access control, bearer token). It
 //     needs no body, so a refused caller costs no buffering, and it writes the dynamic
 //     metadata (envoy.filters.http.ext_authz) that ext_proc reads: Envoy only forwards
@@ -63,6 +71,10 @@ func SocketAddress(host string, port uint32) *corev3.Address {
 //     identity ext_authz established; it fails closed when that metadata is missing.
 //  3. router: Envoy requires the terminal filter last.
 func HTTPFilters(authzCluster string) ([]*hcmv3.HttpFilter, error) {
+	cors, err := CORSFilter()
+	if err != nil {
+		return nil, err
+	}
 	authz, err := ExtAuthzFilter(authzCluster)
 	if err != nil {
 		return nil, err
@@ -75,7 +87,7 @@ func HTTPFilters(authzCluster string) ([]*hcmv3.HttpFilter, error) {
 	if err != nil {
 		return nil, err
 	}
-	return []*hcmv3.HttpFilter{authz, proc, router}, nil
+	return []*hcmv3.HttpFilter{cors, authz, proc, router}, nil
 }
 
 // OutboundFilters is the filter chain of an App's outbound listener when some of its

@@ -282,8 +282,8 @@ func (t *translator) inbound(app *policy.App) {
 	}, envoy.HCMOptions{StatPrefix: ListenerInbound, RouteConfig: RouteInbound}, ts)
 }
 
-// policyListener adds a listener whose filter chain enforces policy: ext_authz,
-// ext_proc, router.
+// policyListener adds a listener whose filter chain enforces policy: cors, ext_authz,
+// ext_proc, router (envoy.HTTPFilters).
 func (t *translator) policyListener(lo envoy.ListenerOptions, ho envoy.HCMOptions, ts *corev3.TransportSocket) {
 	var err error
 	if ho.Filters, err = envoy.HTTPFilters(ClusterAuthz); err != nil {
@@ -317,6 +317,19 @@ func (t *translator) mcpRoutes(app *policy.App, path string, ext map[string]stri
 		return nil
 	}
 	per := map[string]*anypb.Any{envoy.FilterExtAuthz: authz}
+	if c := m.CORS; c != nil {
+		// Only apps with spec.mcp.cors get a CorsPolicy; on every other route the CORS
+		// filter does nothing, so a preflight goes to ext_authz and is refused.
+		cors, err := envoy.CORSPolicy(envoy.CORSOptions{
+			Origins: c.AllowOrigins, AnyOrigin: c.AnyOrigin, Methods: c.AllowMethods, Headers: c.AllowHeaders,
+			ExposeHeaders: c.ExposeHeaders, MaxAge: c.MaxAge, AllowCredentials: c.AllowCredentials,
+		})
+		if err != nil {
+			t.errf("app %s: cors: %w", app.ID, err)
+			return nil
+		}
+		per[envoy.FilterCORS] = cors
+	}
 	rewrite := ""
 	if path != m.Path {
 		rewrite = m.Path

@@ -12,14 +12,17 @@ import (
 	"testing"
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	corsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/cors/v3"
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/mcpgate/mcpgate/envoy"
 	"github.com/mcpgate/mcpgate/policy"
@@ -43,6 +46,7 @@ var goldenCases = map[string]string{
 	"many-apps":      "../testdata/xds/many-apps",
 	"authz-mtls":     "../testdata/xds/authz-mtls",
 	"grpc":           "../testdata/xds/grpc",
+	"cors":           "../testdata/xds/cors",
 }
 
 // goldenNodes limits the nodes pinned for large cases (every node is still translated
@@ -162,16 +166,16 @@ func TestInboundContract(t *testing.T) {
 	for _, f := range hcm.HttpFilters {
 		names = append(names, f.Name)
 	}
-	if want := []string{envoy.FilterExtAuthz, envoy.FilterExtProc, envoy.FilterRouter}; !cmp.Equal(names, want) {
+	if want := []string{envoy.FilterCORS, envoy.FilterExtAuthz, envoy.FilterExtProc, envoy.FilterRouter}; !cmp.Equal(names, want) {
 		t.Fatalf("filter order %v, want %v", names, want)
 	}
 	var authz extauthzv3.ExtAuthz
-	requireUnpack(t, hcm.HttpFilters[0].GetTypedConfig(), &authz)
+	requireUnpack(t, hcm.HttpFilters[1].GetTypedConfig(), &authz)
 	if authz.FailureModeAllow || authz.GetGrpcService().GetEnvoyGrpc().GetClusterName() != ClusterAuthz {
 		t.Errorf("ext_authz must fail closed and call %s: %v", ClusterAuthz, &authz)
 	}
 	var proc extprocv3.ExternalProcessor
-	requireUnpack(t, hcm.HttpFilters[1].GetTypedConfig(), &proc)
+	requireUnpack(t, hcm.HttpFilters[2].GetTypedConfig(), &proc)
 	pm := proc.GetProcessingMode()
 	if proc.FailureModeAllow || !proc.AllowModeOverride || pm.GetRequestBodyMode() != extprocv3.ProcessingMode_BUFFERED ||
 		pm.GetResponseBodyMode() != extprocv3.ProcessingMode_NONE || proc.GetMessageTimeout().AsDuration() < envoy.ExtProcMessageTimeout ||
@@ -185,6 +189,9 @@ func TestInboundContract(t *testing.T) {
 			continue
 		}
 		mcpRoutes++
+		if r.TypedPerFilterConfig[envoy.FilterCORS] != nil {
+			t.Errorf("route %s: a CorsPolicy on an app without spec.mcp.cors", r.Name)
+		}
 		var per extauthzv3.ExtAuthzPerRoute
 		requireUnpack(t, r.TypedPerFilterConfig[envoy.FilterExtAuthz], &per)
 		if got := per.GetCheckSettings().GetContextExtensions()["app_id"]; got != "inventory" {
@@ -331,4 +338,80 @@ func deepValidate(m protoreflect.Message) error {
 		return err == nil
 	})
 	return err
+}
+
+// TestTranslateCORS pins where CORS policies go: on the MCP routes of apps with
+// spec.mcp.cors, in the sidecar and at the gateway, and nowhere else; and the CORS
+// filter before ext_authz on every policy listener.
+func TestTranslateCORS(t *testing.T) {
+	snap := requireLoad(t, "../testdata/xds/cors")
+	want := map[string]*corsv3.CorsPolicy{
+		"inventory": {
+			AllowOriginStringMatch: []*matcherv3.StringMatcher{
+				{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: "https://app.example.com"}},
+				{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: "http://localhost:5173"}},
+			},
+			AllowMethods:     "GET,POST,DELETE,OPTIONS",
+			AllowHeaders:     "content-type,accept,authorization,mcp-protocol-version,mcp-session-id,last-event-id,mcp-method,mcp-name",
+			ExposeHeaders:    "mcp-session-id,mcp-protocol-version,www-authenticate",
+			MaxAge:           "600",
+			AllowCredentials: wrapperspb.Bool(true), ForwardNotMatchingPreflights: wrapperspb.Bool(true),
+		},
+		"catalog": {
+			AllowOriginStringMatch: []*matcherv3.StringMatcher{{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: ".*"}}}},
+			AllowMethods:           "POST,OPTIONS", AllowHeaders: "content-type,accept,mcp-protocol-version,mcp-session-id",
+			ExposeHeaders: "mcp-session-id", MaxAge: "3600",
+			AllowCredentials: wrapperspb.Bool(false), ForwardNotMatchingPreflights: wrapperspb.Bool(true),
+		},
+	}
+	for _, node := range []string{"inventory", "catalog", "billing", "edge"} {
+		res, err := Translate(snap, node)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range res.Listeners {
+			if l.Name == ListenerOutbound {
+				continue
+			}
+			var hcm hcmv3.HttpConnectionManager
+			requireUnpack(t, l.FilterChains[0].Filters[0].GetTypedConfig(), &hcm)
+			if len(hcm.HttpFilters) < 2 || hcm.HttpFilters[0].Name != envoy.FilterCORS || hcm.HttpFilters[1].Name != envoy.FilterExtAuthz {
+				t.Errorf("%s listener %s: the CORS filter must come first, before ext_authz", node, l.Name)
+			}
+		}
+		policies := 0
+		for _, rc := range res.Routes {
+			for _, vh := range rc.VirtualHosts {
+				if vh.TypedPerFilterConfig[envoy.FilterCORS] != nil {
+					t.Errorf("%s: virtual host %s has a CorsPolicy: it belongs on the MCP routes", node, vh.Name)
+				}
+				for _, r := range vh.Routes {
+					a := r.TypedPerFilterConfig[envoy.FilterCORS]
+					var ctx extauthzv3.ExtAuthzPerRoute
+					if r.TypedPerFilterConfig[envoy.FilterExtAuthz] != nil {
+						requireUnpack(t, r.TypedPerFilterConfig[envoy.FilterExtAuthz], &ctx)
+					}
+					app := ctx.GetCheckSettings().GetContextExtensions()["app_id"]
+					w := want[app]
+					switch {
+					case w == nil && a != nil:
+						t.Errorf("%s: route %s (app %q) has a CorsPolicy", node, r.Name, app)
+					case w != nil && a == nil:
+						t.Errorf("%s: route %s of app %s has no CorsPolicy", node, r.Name, app)
+					case w != nil:
+						policies++
+						var got corsv3.CorsPolicy
+						requireUnpack(t, a, &got)
+						if diff := cmp.Diff(w, &got, protocmp.Transform()); diff != "" {
+							t.Errorf("%s: route %s CorsPolicy (-want +got):\n%s", node, r.Name, diff)
+						}
+					}
+				}
+			}
+		}
+		// The GET stream and POST routes of the sidecar, and of the gateway's inventory route.
+		if wantN := map[string]int{"inventory": 2, "catalog": 2, "billing": 0, "edge": 2}[node]; policies != wantN {
+			t.Errorf("%s: %d routes with a CorsPolicy, want %d", node, policies, wantN)
+		}
+	}
 }
