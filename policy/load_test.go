@@ -807,3 +807,29 @@ func TestLoadCORS(t *testing.T) {
 		t.Errorf("credentials: %+v", creds)
 	}
 }
+
+// TestREADMECORSExample loads the README's cors example, so that what users copy works.
+func TestREADMECORSExample(t *testing.T) {
+	b, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(b), "\n## Browsers and CORS\n")
+	if !ok {
+		t.Fatal("README has no ## Browsers and CORS section")
+	}
+	_, rest, ok = strings.Cut(rest, "```yaml\n# inventory.yaml, under spec.mcp:\n")
+	block, _, ok2 := strings.Cut(rest, "```\n")
+	if !ok || !ok2 {
+		t.Fatal("README's CORS section has no inventory.yaml block")
+	}
+	c := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + block}).App("inventory").MCP.CORS
+	want := &CORS{
+		AllowOrigins: []string{"https://app.example.com", "http://localhost:5173"}, AllowCredentials: true,
+		AllowMethods: DefaultCORSMethods, AllowHeaders: DefaultCORSHeaders, ExposeHeaders: DefaultCORSExposeHeaders,
+		MaxAge: DefaultCORSMaxAge,
+	}
+	if diff := cmp.Diff(want, c); diff != "" {
+		t.Errorf("README example (-want +got):\n%s", diff)
+	}
+}
