@@ -5,6 +5,7 @@ import (
 	"strings"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	corsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/cors/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -73,4 +74,24 @@ func CORSPolicy(o CORSOptions) (*anypb.Any, error) {
 			MatchPattern: &matcherv3.StringMatcher_Exact{Exact: origin}})
 	}
 	return Any(p)
+}
+
+// PublicCORSHeaders are the response headers of a public document Envoy answers itself
+// (the RFC 9728 metadata document): the CORS filter does nothing on direct-response
+// routes (cors_filter.cc decodeHeaders continues when the route has no routeEntry), so a
+// browser-based client could not read the document, nor get a preflight to it answered,
+// without them. The document is public and read without credentials, so any origin may
+// read it ("*", never with credentials); the preflight a client sends first (its GET
+// carries MCP-Protocol-Version) is answered by the same direct response, 200 with these
+// headers, on any method.
+func PublicCORSHeaders(allowHeaders []string, maxAge time.Duration) []*corev3.HeaderValueOption {
+	h := map[string]string{
+		"access-control-allow-origin":  "*",
+		"access-control-allow-methods": "GET,OPTIONS",
+		"access-control-allow-headers": strings.Join(allowHeaders, ","),
+	}
+	if maxAge > 0 {
+		h["access-control-max-age"] = strconv.FormatInt(int64(maxAge/time.Second), 10)
+	}
+	return headers(h)
 }

@@ -5,6 +5,7 @@ package integration
 import (
 	"io"
 	"net/http"
+	"net/url"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -178,6 +179,36 @@ func TestCORS(t *testing.T) {
 		}
 		if n := optionsAtServer(); n != 0 {
 			t.Errorf("the MCP server received %d OPTIONS requests", n)
+		}
+	})
+
+	t.Run("the metadata document is readable cross-origin", func(t *testing.T) {
+		// Where the 401's challenge points a browser client to discover the authorization
+		// server; Envoy answers it itself, so the CORS filter does not, and the route says
+		// it: any origin, no credentials.
+		resp, _ := send(t, mcpPost(t, m.invokeURL, "", initialize))
+		raw := strings.SplitN(strings.SplitN(resp.Header.Get("Www-Authenticate"), `resource_metadata="`, 2)[1], `"`, 2)[0]
+		u, err := url.Parse(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		docURL := "http://" + m.agent.Listener("outbound") + "/v1.0/invoke/inventory/method" + u.Path
+		req, _ := http.NewRequest(http.MethodOptions, docURL, nil)
+		req.Header.Set("Origin", browserOrigin)
+		req.Header.Set("Access-Control-Request-Method", "GET")
+		req.Header.Set("Access-Control-Request-Headers", "mcp-protocol-version")
+		pre, _ := send(t, req)
+		if pre.StatusCode != http.StatusOK || pre.Header.Get("Access-Control-Allow-Origin") != "*" ||
+			!slices.Contains(strings.Split(pre.Header.Get("Access-Control-Allow-Headers"), ","), "mcp-protocol-version") {
+			t.Fatalf("preflight of the metadata document: HTTP %d %v", pre.StatusCode, pre.Header)
+		}
+		req, _ = http.NewRequest(http.MethodGet, docURL, nil)
+		req.Header.Set("Origin", browserOrigin)
+		req.Header.Set("MCP-Protocol-Version", "2025-11-25")
+		doc, body := send(t, req)
+		if doc.StatusCode != http.StatusOK || !strings.Contains(body, `"authorization_servers"`) || doc.Header.Get("Access-Control-Allow-Origin") != "*" ||
+			doc.Header.Get("Access-Control-Allow-Credentials") != "" {
+			t.Fatalf("metadata document: HTTP %d %v %s", doc.StatusCode, doc.Header, body)
 		}
 	})
 }

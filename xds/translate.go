@@ -437,7 +437,12 @@ func (t *translator) prmRoutes(app *policy.App) []*routev3.Route {
 		if i > 0 {
 			name += "-root"
 		}
-		routes = append(routes, envoy.DirectResponse(name, envoy.ExactPath(p), 200, "application/json", string(body), per))
+		r := envoy.DirectResponse(name, envoy.ExactPath(p), 200, "application/json", string(body), per)
+		if c := m.CORS; c != nil {
+			// Browser clients discover the authorization server from this document.
+			r.ResponseHeadersToAdd = append(r.ResponseHeadersToAdd, envoy.PublicCORSHeaders(c.AllowHeaders, c.MaxAge)...)
+		}
+		routes = append(routes, r)
 	}
 	return routes
 }
