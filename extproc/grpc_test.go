@@ -1,6 +1,7 @@
 package extproc
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -278,6 +279,27 @@ func TestGRPCResponsesFiltered(t *testing.T) {
 	}
 	if strings.Join(names, ",") != "get_inventory,list_items,get_customer" {
 		t.Fatalf("the client sees tools %v", names)
+	}
+
+	// get_customer's output_schema loses the redacted ssn, as on Streamable HTTP.
+	schema, _ := structpb.NewStruct(map[string]any{"type": "object", "additionalProperties": false, "required": []any{"name", "ssn"},
+		"properties": map[string]any{"name": map[string]any{"type": "string"}, "ssn": map[string]any{"type": "string"}}})
+	res = runGRPC(t, s, grpcCall{md: agentMD, method: "ListTools", chunks: [][]byte{frames(t, &mcpv1.ListToolsRequest{})}},
+		grpcUpstream{chunks: [][]byte{frames(t, &mcpv1.ListToolsResponse{Tools: []*mcpv1.Tool{{Name: "get_customer", OutputSchema: schema}, {Name: "get_inventory", OutputSchema: schema}}})}})
+	if res.immediate != nil {
+		t.Fatal(res.immediate)
+	}
+	lt.Reset()
+	readOne(t, res.client, &lt)
+	if len(lt.GetTools()) != 2 {
+		t.Fatalf("tools %v", lt.GetTools())
+	}
+	cust, inv := lt.GetTools()[0].GetOutputSchema().AsMap(), lt.GetTools()[1].GetOutputSchema().AsMap()
+	if _, ok := cust["properties"].(map[string]any)["ssn"]; ok || fmt.Sprint(cust["required"]) != "[name]" || cust["additionalProperties"] != false {
+		t.Errorf("get_customer's output_schema = %v", cust)
+	}
+	if fmt.Sprint(inv["required"]) != "[name ssn]" {
+		t.Errorf("get_inventory's output_schema changed: %v", inv)
 	}
 
 	sc, _ := structpb.NewStruct(map[string]any{"name": "Ann", "ssn": "123-45-6789"})
