@@ -1,6 +1,7 @@
 package extproc
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"math"
@@ -71,6 +72,13 @@ func newParamState() *paramState {
 func (p *paramState) learn(app string, names []string, entries [][]byte) {
 	learned := make(map[string]toolParams, len(names))
 	for i, raw := range entries {
+		if !bytes.Contains(raw, []byte("x-mcp-header")) && !bytes.Contains(raw, []byte(`\u`)) {
+			// No annotation can be in it (a key spelled with \u escapes takes the long way):
+			// most tools, decoded for nothing, were most of a list's cost. entries come from
+			// a validated response and names[i] was read from raw.
+			learned[names[i]] = toolParams{}
+			continue
+		}
 		var e struct {
 			Name        string          `json:"name"`
 			InputSchema json.RawMessage `json:"inputSchema"`

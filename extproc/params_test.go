@@ -196,3 +196,23 @@ func TestParamHeadersFollowPatches(t *testing.T) {
 		t.Fatalf("server got body %s with header %q (set %v)", res.forwardedBody, res.requestSet["Mcp-Param-Region"], res.requestSet)
 	}
 }
+
+// TestParamLearnSkipsOnlyWhatCannotBind: the fast path that skips tools without the
+// annotation's name still learns an annotation spelled with escapes, and records that a
+// tool lost its annotations.
+func TestParamLearnSkipsOnlyWhatCannotBind(t *testing.T) {
+	p := &paramState{tools: map[string]map[string]toolParams{}}
+	p.learn("app", []string{"a", "b"}, [][]byte{
+		[]byte(`{"name":"a","inputSchema":{"properties":{"q":{"type":"string","x\u002dmcp-header":"Q"}}}}`),
+		[]byte(`{"name":"b","inputSchema":{"properties":{"q":{"type":"string","x-mcp-header":"Q"}}}}`),
+	})
+	for _, name := range []string{"a", "b"} {
+		if tp, ok := p.lookup("app", name); !ok || len(tp.bindings) != 1 {
+			t.Fatalf("%s: %+v %v", name, tp, ok)
+		}
+	}
+	p.learn("app", []string{"b"}, [][]byte{[]byte(`{"name":"b","inputSchema":{"properties":{"q":{"type":"string"}}}}`)})
+	if tp, ok := p.lookup("app", "b"); !ok || len(tp.bindings) != 0 {
+		t.Fatalf("b after losing its annotation: %+v %v", tp, ok)
+	}
+}
