@@ -85,6 +85,7 @@ fuzz: ## Run each fuzz target briefly (FUZZTIME=15s); seeds live in testdata/fuz
 	go test -run '^$$' -fuzz '^FuzzParseBody$$' -fuzztime $(FUZZTIME) ./extproc/mcp
 	go test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./extproc/mcp
 	go test -run '^$$' -fuzz '^FuzzResponse$$' -fuzztime $(FUZZTIME) ./extproc/mcp
+	go test -run '^$$' -fuzz '^FuzzPruneOutputSchema$$' -fuzztime $(FUZZTIME) ./extproc/mcp
 	go test -run '^$$' -fuzz '^FuzzErrorBodies$$' -fuzztime $(FUZZTIME) ./extproc
 	go test -run '^$$' -fuzz '^FuzzGRPCFramer$$' -fuzztime $(FUZZTIME) ./extproc/grpcframe
 

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
 	"unicode/utf8"
 )
@@ -299,6 +301,51 @@ func FuzzResponse(f *testing.F) {
 			}
 			if again, n2, err := Redact(out, ptrs[:1]); err != nil || n2 != 0 || !bytes.Equal(again, out) {
 				t.Fatalf("Redact is not idempotent: %d %v", n2, err)
+			}
+		}
+	})
+}
+
+// FuzzPruneOutputSchema: a server's tool definition is untrusted input. Pruning never
+// panics, and what it returns is one valid JSON object that no longer describes the
+// pruned property at its place in properties or required.
+func FuzzPruneOutputSchema(f *testing.F) {
+	for _, s := range []string{
+		`{"name":"t","outputSchema":{"type":"object","properties":{"ssn":{}},"required":["ssn"],"additionalProperties":false}}`,
+		`{"name":"t","outputSchema":{"oneOf":[{"required":["ssn"]},{"$ref":"#/x"}],"anyOf":[true],"dependentRequired":{"ssn":["a"],"a":["ssn"]}}}`,
+		`{"name":"t","outputSchema":{"properties":{"ssn":{"properties":{"ssn":{}}}},"items":{"properties":{"ssn":{}}},"prefixItems":[{"required":["ssn"]}]}}`,
+		`{"name":"t","outputSchema":true}`,
+		`{"name":"t","outputSchema":{"then":{"required":["ssn"]},"else":7,"dependentSchemas":{"a":{"required":["ssn"]}}}}`,
+	} {
+		f.Add([]byte(s), "ssn")
+		f.Add([]byte(s), "0/ssn")
+	}
+	f.Fuzz(func(t *testing.T, entry []byte, pointer string) {
+		toks := append([]string{"structuredContent"}, strings.Split(pointer, "/")...)
+		out, changed, err := PruneOutputSchema(entry, [][]string{toks})
+		if err != nil {
+			return
+		}
+		if !changed {
+			if string(out) != string(entry) {
+				t.Fatalf("unchanged but rewritten: %q -> %q", entry, out)
+			}
+			return
+		}
+		var v map[string]any
+		if err := json.Unmarshal(out, &v); err != nil {
+			t.Fatalf("pruned %q into invalid JSON %q: %v", entry, out, err)
+		}
+		if len(toks) == 2 {
+			if s, ok := v["outputSchema"].(map[string]any); ok {
+				if p, ok := s["properties"].(map[string]any); ok {
+					if _, still := p[toks[1]]; still {
+						t.Fatalf("%q still describes %q: %s", entry, toks[1], out)
+					}
+				}
+				if r, ok := s["required"].([]any); ok && slices.Contains(r, any(toks[1])) {
+					t.Fatalf("%q still requires %q: %s", entry, toks[1], out)
+				}
 			}
 		}
 	})
