@@ -36,7 +36,7 @@ const (
 	// ruleRateLimitDown: the shared rate-limit store was unreachable, failureMode deny.
 	ruleRateLimitDown = "ratelimit_unavailable"
 	ruleBatch         = "batch"     // not processed: another message of the batch was denied
-	ruleTask          = "task"      // task-augmented call of a tool whose results are redacted
+	ruleTask          = "task"      // a request about a task: its creator's, while its tool is allowed (tasks.go)
 	ruleAbandoned     = "abandoned" // the stream ended before the decision
 	ruleResponse      = "response"  // the server's answer could not be filtered
 	ruleRego          = "rego"      // Rego's decision, or a patch of it that failed
