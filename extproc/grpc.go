@@ -341,16 +341,7 @@ func (st *stream) grpcStep(ctx context.Context, r *Request, d Decision) (respons
 		step.private, step.addScope = false, false // no cacheScope on the gRPC transport
 	}
 	if r.Method == "tools/call" {
-		for _, red := range m.Responses.Redact {
-			if policy.MatchAny(red.Tools, r.Tool) {
-				for _, p := range red.Pointers {
-					step.redact = append(step.redact, p.Tokens)
-				}
-			}
-		}
-		for _, p := range d.Redact {
-			step.redact = append(step.redact, p.Tokens)
-		}
+		step.redact = append(toolRedactions(m, r.Tool), pointerTokens(d.Redact)...)
 	}
 	return step, step.filtersList() || len(step.redact) > 0
 }

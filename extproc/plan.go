@@ -117,27 +117,16 @@ func (st *stream) planResponse(ctx context.Context, b *mcp.Body, ds []requestDec
 			step.learn = st.paramLearner()
 		}
 		if msg.Method == "tools/call" {
-			for _, red := range m.Responses.Redact {
-				if policy.MatchAny(red.Tools, msg.Tool) {
-					for _, p := range red.Pointers {
-						step.redact = append(step.redact, p.Tokens)
-					}
-				}
-			}
-			var rego [][]string
-			for _, p := range rd.d.Redact {
-				rego = append(rego, p.Tokens)
-			}
-			step.redact = append(step.redact, rego...)
+			rego := pointerTokens(rd.d.Redact)
+			step.redact = append(toolRedactions(m, msg.Tool), rego...)
 			if msg.Task {
 				step.created = st.taskRecorder(&rd.r, msg.Tool, rego)
 			}
 		}
 		if msg.Method == "tasks/result" && rd.task != nil {
-			step.redact = taskRedactions(m, rd.task)
-			for _, p := range rd.d.Redact {
-				step.redact = append(step.redact, p.Tokens)
-			}
+			// The tool's results' redactions, the creating call's Rego ones, and this
+			// request's.
+			step.redact = append(append(toolRedactions(m, rd.task.tool), rd.task.redact...), pointerTokens(rd.d.Redact)...)
 		}
 		if msg.Method == "tasks/list" {
 			step.listOf, step.keep = "tasks", st.taskListFilter(&rd.r)
@@ -184,19 +173,33 @@ func (st *stream) planToolsList(ctx context.Context, step *responseStep) {
 		}
 		out := make([][][]string, len(names))
 		for i, name := range names {
-			for _, red := range m.Responses.Redact {
-				if policy.MatchAny(red.Tools, name) {
-					for _, p := range red.Pointers {
-						out[i] = append(out[i], p.Tokens)
-					}
-				}
-			}
+			out[i] = toolRedactions(m, name)
 			if vs != nil {
 				out[i] = append(out[i], vs[i].redact...)
 			}
 		}
 		return out
 	}
+}
+
+// toolRedactions are the pointers responses.redact removes from tool's results.
+func toolRedactions(m *policy.MCP, tool string) [][]string {
+	var out [][]string
+	for _, red := range m.Responses.Redact {
+		if policy.MatchAny(red.Tools, tool) {
+			out = append(out, pointerTokens(red.Pointers)...)
+		}
+	}
+	return out
+}
+
+// pointerTokens are the reference tokens of pointers (as the response rewriters take them).
+func pointerTokens(ps []policy.Pointer) [][]string {
+	var out [][]string
+	for _, p := range ps {
+		out = append(out, p.Tokens)
+	}
+	return out
 }
 
 // redactsStructured reports whether responses.redact removes anything from
@@ -284,10 +287,7 @@ func (st *stream) listVerdicts(ctx context.Context, listMethod string) func([]st
 			r.Method, r.Tool, r.Prompt, r.URI = callMethod, "", "", ""
 			setTarget(&r, callMethod, names[i])
 			d := Decide(ctx, m, &r)
-			keep[i].allow = d.Allow
-			for _, p := range d.Redact {
-				keep[i].redact = append(keep[i].redact, p.Tokens)
-			}
+			keep[i].allow, keep[i].redact = d.Allow, pointerTokens(d.Redact)
 			if ctx.Err() == nil {
 				cache.put(keys[i], keep[i]) // a decision cut short is not the policy's answer
 			}

@@ -11,7 +11,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/mcpgate/mcpgate/extproc/mcp"
-	"github.com/mcpgate/mcpgate/policy"
 )
 
 // MCP tasks (2025-11-25): a task-augmented tools/call is answered with a handle, and the
@@ -138,20 +137,6 @@ func (st *stream) decideTask(ctx context.Context, r *Request, rec *taskRecord, d
 		return Decision{Rule: ruleTask, Reason: "the task's tool " + strconvQuote(rec.tool) + " is not allowed"}
 	}
 	return Decision{Allow: true, Rule: ruleTask, Redact: d.Redact}
-}
-
-// taskRedactions are the pointers a task's result loses: the tool's responses.redact
-// under the current policy, and the creating call's Rego redactions.
-func taskRedactions(m *policy.MCP, rec *taskRecord) [][]string {
-	var out [][]string
-	for _, red := range m.Responses.Redact {
-		if policy.MatchAny(red.Tools, rec.tool) {
-			for _, p := range red.Pointers {
-				out = append(out, p.Tokens)
-			}
-		}
-	}
-	return append(out, rec.redact...)
 }
 
 // taskRecorder returns what remembers the task a task-augmented tools/call of tool was
