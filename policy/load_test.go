@@ -729,21 +729,9 @@ func TestLoadRateLimits(t *testing.T) {
 // The README's rate-limit example says it copies as it is: its Mesh part and its limits
 // part, dropped into a Mesh and an App, must load and mean what the README says.
 func TestREADMERateLimitExample(t *testing.T) {
-	b, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, rest, ok := strings.Cut(string(b), "\n### Limits\n")
-	if !ok {
-		t.Fatal("README has no ### Limits section")
-	}
-	_, rest, ok = strings.Cut(rest, "```yaml\n")
-	block, _, ok2 := strings.Cut(rest, "```\n")
-	if !ok || !ok2 {
-		t.Fatal("README's Limits section has no yaml block")
-	}
+	block := readmeBlock(t, "### Limits", "```yaml\n")
 	meshPart, appPart, ok := strings.Cut(block, "# inventory.yaml, under spec.mcp:\n")
-	_, meshPart, ok2 = strings.Cut(meshPart, "\nspec:\n")
+	_, meshPart, ok2 := strings.Cut(meshPart, "\nspec:\n")
 	if !ok || !ok2 {
 		t.Fatalf("the block is not a mesh.yaml part then an inventory.yaml part:\n%s", block)
 	}
@@ -808,21 +796,29 @@ func TestLoadCORS(t *testing.T) {
 	}
 }
 
-// TestREADMECORSExample loads the README's cors example, so that what users copy works.
-func TestREADMECORSExample(t *testing.T) {
+// readmeBlock returns the first code block of the README's section heading that starts
+// with start (start excluded), up to its closing fence.
+func readmeBlock(t *testing.T, heading, start string) string {
+	t.Helper()
 	b, err := os.ReadFile("../README.md")
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, rest, ok := strings.Cut(string(b), "\n## Browsers and CORS\n")
+	_, rest, ok := strings.Cut(string(b), "\n"+heading+"\n")
 	if !ok {
-		t.Fatal("README has no ## Browsers and CORS section")
+		t.Fatalf("README has no %s section", heading)
 	}
-	_, rest, ok = strings.Cut(rest, "```yaml\n# inventory.yaml, under spec.mcp:\n")
+	_, rest, ok = strings.Cut(rest, start)
 	block, _, ok2 := strings.Cut(rest, "```\n")
 	if !ok || !ok2 {
-		t.Fatal("README's CORS section has no inventory.yaml block")
+		t.Fatalf("README's %s section has no block starting %q", heading, start)
 	}
+	return block
+}
+
+// TestREADMECORSExample loads the README's cors example, so that what users copy works.
+func TestREADMECORSExample(t *testing.T) {
+	block := readmeBlock(t, "## Browsers and CORS", "```yaml\n# inventory.yaml, under spec.mcp:\n")
 	c := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + block}).App("inventory").MCP.CORS
 	want := &CORS{
 		AllowOrigins: []string{"https://app.example.com", "http://localhost:5173"}, AllowCredentials: true,
