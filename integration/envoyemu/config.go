@@ -213,11 +213,12 @@ func (e *Emulator) with(c *config, typeURL string, resp *discoveryv3.DiscoveryRe
 				errs = append(errs, err)
 				continue
 			}
-			if err := e.parseSecret(&s); err != nil {
+			rs, err := e.parseSecret(&s)
+			if err != nil {
 				errs = append(errs, fmt.Errorf("secret %q: %w", s.GetName(), err))
 				continue
 			}
-			n.secrets[s.GetName()] = &s
+			n.secrets[s.GetName()] = rs
 		}
 	default:
 		// Envoy NACKs a type it did not subscribe to.

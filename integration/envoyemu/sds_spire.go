@@ -194,10 +194,11 @@ func (e *Emulator) sdsSecret(name string, resp *discoveryv3.DiscoveryResponse) (
 		if s.GetName() != name {
 			continue
 		}
-		if err := e.parseSecret(&s); err != nil {
+		rs, err := e.parseSecret(&s)
+		if err != nil {
 			return nil, fmt.Errorf("secret %q: %w", name, err)
 		}
-		return &s, nil
+		return rs, nil
 	}
 	return nil, fmt.Errorf("response without secret %q", name)
 }

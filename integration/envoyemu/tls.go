@@ -169,28 +169,49 @@ func checkValidation(v *tlsv3.CertificateValidationContext) error {
 	return nil
 }
 
-// parseSecret checks an SDS secret as Envoy does on receipt: its data sources must be
-// readable and hold PEM (source/common/secret/sds_api.cc onConfigUpdate resolves the
-// files; an unreadable one rejects the update).
-func (e *Emulator) parseSecret(s *tlsv3.Secret) error {
+// parseSecret checks an SDS secret as Envoy does on receipt and returns what the
+// emulator keeps of it: its data sources must be readable and TLS ones hold PEM
+// (source/common/secret/sds_api.cc onConfigUpdate resolves the files; an unreadable one
+// rejects the update). A generic secret is read once, here, as its consumers read it on
+// each update (source/common/secret/secret_provider_impl.cc
+// ThreadLocalGenericSecretProvider::update, Config::DataSource::read with allow_empty:
+// an unset or empty source is the empty value); the copy returned holds that value
+// inline, so that a request reads what was delivered, not what a file holds later. Its
+// secrets map (the multi-value form) is kept as received and never read: the credential
+// injector uses secret only.
+func (e *Emulator) parseSecret(s *tlsv3.Secret) (*tlsv3.Secret, error) {
 	switch t := s.GetType().(type) {
 	case *tlsv3.Secret_TlsCertificate:
-		_, err := e.loadCertificate(t.TlsCertificate)
-		return err
+		if _, err := e.loadCertificate(t.TlsCertificate); err != nil {
+			return nil, err
+		}
+		return s, nil
 	case *tlsv3.Secret_ValidationContext:
 		if err := checkValidation(t.ValidationContext); err != nil {
-			return err
+			return nil, err
 		}
 		if _, _, err := e.loadRoots(t.ValidationContext); err != nil {
-			return err
+			return nil, err
 		}
 		if sc, _ := spiffeConfig(t.ValidationContext); sc != nil {
-			_, err := e.loadSPIFFE(sc)
-			return err
+			if _, err := e.loadSPIFFE(sc); err != nil {
+				return nil, err
+			}
 		}
-		return nil
+		return s, nil
+	case *tlsv3.Secret_GenericSecret:
+		var value []byte
+		if src := t.GenericSecret.GetSecret(); src.GetSpecifier() != nil {
+			var err error
+			if value, err = e.readSource(src); err != nil {
+				return nil, fmt.Errorf("generic_secret: %w", err)
+			}
+		}
+		r := proto.Clone(s).(*tlsv3.Secret)
+		r.GetGenericSecret().Secret = &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: value}}
+		return r, nil
 	default:
-		return fmt.Errorf("secret type %T is not emulated", s.GetType())
+		return nil, fmt.Errorf("secret type %T is not emulated", s.GetType())
 	}
 }
 

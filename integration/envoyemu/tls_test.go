@@ -7,6 +7,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -289,5 +291,43 @@ func TestSDSMissingFilesNACK(t *testing.T) {
 	}
 	if e.Listener("inbound") != "" {
 		t.Fatal("a listener without its secrets was bound")
+	}
+}
+
+// TestParseSecretGeneric: a generic secret is read once, on receipt, as Envoy's generic
+// secret provider reads it on each update: an inline value, a file under FileRoot, an
+// unset source (the empty value); an unreadable file rejects the secret.
+func TestParseSecretGeneric(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "tokens"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "tokens", "api"), []byte("from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e := &Emulator{opts: Options{FileRoot: root}}
+	generic := func(src *corev3.DataSource) *tlsv3.Secret {
+		return &tlsv3.Secret{Name: "s", Type: &tlsv3.Secret_GenericSecret{GenericSecret: &tlsv3.GenericSecret{Secret: src}}}
+	}
+	for _, c := range []struct {
+		name string
+		src  *corev3.DataSource
+		want string
+	}{
+		{"inline_string", &corev3.DataSource{Specifier: &corev3.DataSource_InlineString{InlineString: "tok"}}, "tok"},
+		{"inline_bytes", &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: []byte("tok")}}, "tok"},
+		{"filename", &corev3.DataSource{Specifier: &corev3.DataSource_Filename{Filename: "/tokens/api"}}, "from-file\n"},
+		{"unset", nil, ""},
+	} {
+		s, err := e.parseSecret(generic(c.src))
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got := string(s.GetGenericSecret().GetSecret().GetInlineBytes()); got != c.want {
+			t.Errorf("%s: value %q, want %q", c.name, got, c.want)
+		}
+	}
+	if _, err := e.parseSecret(generic(&corev3.DataSource{Specifier: &corev3.DataSource_Filename{Filename: "/tokens/missing"}})); err == nil {
+		t.Error("an unreadable generic secret was accepted")
 	}
 }
