@@ -14,6 +14,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	corsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/cors/v3"
+	credinjv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/credential_injector/v3"
 	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
@@ -79,7 +80,22 @@ type filterCfg struct {
 	authz    *extauthzv3.ExtAuthz
 	proc     *extprocfilterv3.ExternalProcessor
 	cors     bool
+	inject   *injectorCfg // credential_injector with the generic credential (credinj.go)
 	router   bool
+}
+
+// secretNames are the SDS secrets the listener waits for: its TLS context's and its
+// credential injectors' (generic/config.cc: the injector's secret provider is an init
+// target of the listener, as a TLS context's is), those of disabled filters too (a
+// disabled filter is still configured).
+func (l *listenerCfg) secretNames() []string {
+	names := l.tls.secretNames()
+	for _, f := range l.filters {
+		if f.inject != nil {
+			names = append(names, f.inject.secret)
+		}
+	}
+	return names
 }
 
 type routeCfg struct {
@@ -258,7 +274,7 @@ func (c *config) edsNames() []string {
 func (c *config) secretNames() []string {
 	var names []string
 	for _, l := range c.listeners {
-		names = append(names, l.tls.secretNames()...)
+		names = append(names, l.secretNames()...)
 	}
 	for _, cl := range c.clusters {
 		names = append(names, cl.tls.secretNames()...)
@@ -277,8 +293,8 @@ func (c *config) warm() error {
 		if l.routeName != "" && c.routes[l.routeName] == nil {
 			return fmt.Errorf("listener %s waits for route configuration %s", l.name, l.routeName)
 		}
-		if !c.secretsReady(l.tls) {
-			return fmt.Errorf("listener %s waits for secrets %v", l.name, l.tls.secretNames())
+		if !c.received(l.secretNames()) {
+			return fmt.Errorf("listener %s waits for secrets %v", l.name, l.secretNames())
 		}
 	}
 	for _, cl := range c.clusters {
@@ -387,6 +403,10 @@ func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
 				return nil, fmt.Errorf("http filter %q: the CORS filter is emulated only as the first filter", f.GetName())
 			}
 			fcfg.cors = true
+		case *credinjv3.CredentialInjector:
+			if fcfg.inject, err = parseCredentialInjector(m); err != nil {
+				return nil, fmt.Errorf("http filter %q: %w", f.GetName(), err)
+			}
 		case *routerv3.Router:
 			// The router must be the last filter (source/common/http/filter_chain_helper.cc).
 			if i != len(hcm.GetHttpFilters())-1 {

@@ -387,8 +387,8 @@ func (e *Emulator) stream(ctx context.Context, st *adsState) error {
 		}
 		e.opts.Logf("envoyemu: ACK %s version %s", t, resp.GetVersionInfo())
 		// New names to subscribe to: RDS for listeners, EDS for clusters, SDS for the
-		// secrets their TLS contexts name (sds_config: ads; source/common/secret/
-		// sds_api.cc subscribes by name over the ADS mux).
+		// secrets their TLS contexts and credential injectors name (sds_config: ads;
+		// source/common/secret/sds_api.cc subscribes by name over the ADS mux).
 		for _, sub := range []struct {
 			typeURL string
 			names   []string
@@ -406,9 +406,10 @@ func (e *Emulator) stream(ctx context.Context, st *adsState) error {
 
 // syncListeners binds new listeners and closes removed ones. Listeners bind on
 // 127.0.0.1:0 whatever their configured address: tests run many nodes on one host. A
-// TLS listener binds once its SDS secrets are in (a new listener warms until its init
-// targets, SDS included, are ready: source/common/listener_manager/listener_impl.cc);
-// secret updates after that apply to new handshakes without a re-bind.
+// listener with SDS secrets (a TLS context's, a credential injector's) binds once they
+// are in (a new listener warms until its init targets, SDS included, are ready:
+// source/common/listener_manager/listener_impl.cc); secret updates after that apply to
+// new handshakes and the next requests without a re-bind.
 func (e *Emulator) syncListeners(c *config) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -420,7 +421,7 @@ func (e *Emulator) syncListeners(c *config) {
 		}
 	}
 	for name, l := range c.listeners {
-		if e.bound[name] != nil || (l.tls != nil && !c.secretsReady(l.tls)) {
+		if e.bound[name] != nil || !c.received(l.secretNames()) {
 			continue
 		}
 		ln, err := net.Listen("tcp", "127.0.0.1:0")

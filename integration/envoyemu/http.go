@@ -403,6 +403,12 @@ func (s *stream) decode() *response {
 			if lr := s.extAuthz(f); lr != nil {
 				return s.localResponse(lr)
 			}
+		case f.inject != nil:
+			// A local reply, encoded like the router's response through the filters
+			// that decoded the request (sendLocalReply via the filter chain).
+			if lr := s.injectCredential(f); lr != nil {
+				return s.encode(s.localResponse(lr))
+			}
 		case f.proc != nil:
 			p := s.newProc(f)
 			s.procs = append(s.procs, p)
@@ -421,7 +427,13 @@ func (s *stream) decode() *response {
 	if resp == nil {
 		return nil
 	}
-	// Encoder filters run in reverse order (filter_manager.cc encodeHeaders).
+	return s.encode(resp)
+}
+
+// encode runs the encoder filters that took part in decoding on a response, in reverse
+// order (filter_manager.cc encodeHeaders); CORS, always first, is left to write. It
+// returns nil when a local reply is pending instead.
+func (s *stream) encode(resp *response) *response {
 	for i := len(s.procs) - 1; i >= 0; i-- {
 		if resp = s.procs[i].encode(resp); resp == nil {
 			return nil

@@ -536,8 +536,11 @@ func (e *Emulator) localPrincipal(c *config, l *listenerCfg) string {
 
 // secretsReady reports whether every SDS secret of t has been received (a listener or
 // cluster warms until then: source/common/secret/sds_api.h init target).
-func (c *config) secretsReady(t *tlsCfg) bool {
-	for _, n := range t.secretNames() {
+func (c *config) secretsReady(t *tlsCfg) bool { return c.received(t.secretNames()) }
+
+// received reports whether every named SDS secret has been received.
+func (c *config) received(names []string) bool {
+	for _, n := range names {
 		if c.secrets[n] == nil {
 			return false
 		}
