@@ -82,12 +82,25 @@ type ClientCredentials struct {
 	lastErr  error
 	failedAt time.Time // when lastErr happened
 	fetches  int
+
+	// Kept (Keep): renewed before expiry without waiting for a call, onChange called when
+	// the token that Current returns changes.
+	keep      bool
+	closed    bool
+	onChange  func()
+	published string        // what Current returned when onChange last ran
+	backoff   time.Duration // between background retries after failures
+	timer     *time.Timer
 }
 
 // retryAfterFailure is how long a failed fetch is the answer for callers without a valid
 // token, so that an outage or a wrong secret costs the token endpoint one request per
 // interval, not one per call.
 const retryAfterFailure = time.Second
+
+// maxBackoff bounds the wait between the background retries of a kept source whose token
+// endpoint keeps failing (they start at retryAfterFailure and double).
+const maxBackoff = time.Minute
 
 // NewClientCredentials returns the source of cfg. Nothing is fetched until Token.
 func NewClientCredentials(cfg Config) *ClientCredentials {
@@ -160,6 +173,112 @@ func (c *ClientCredentials) refreshBefore(t *oauth2.Token) time.Duration {
 	return min(max(life/10, 5*time.Second), 5*time.Minute)
 }
 
+// Current is the cached token while it is valid, without fetching ("", false otherwise).
+func (c *ClientCredentials) Current() (string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.currentLocked()
+}
+
+func (c *ClientCredentials) currentLocked() (string, bool) {
+	if t := c.tok; t != nil && c.cfg.Now().Before(t.Expiry) {
+		return t.AccessToken, true
+	}
+	return "", false
+}
+
+// Keep makes c hold a token without waiting for calls: it fetches one now if it has
+// none, renews it when its renewal window opens, retries failures in the background
+// (from a second, doubling up to a minute, until the cached token expires), and calls
+// onChange (outside its lock) whenever what Current returns changes: a token obtained
+// or renewed, or expired without a renewal. This is how sidecars get the token to
+// inject themselves (SDS): no call reaches mcpgate to trigger a renewal. Later calls
+// keep the first onChange. Close ends it.
+func (c *ClientCredentials) Keep(onChange func()) {
+	c.mu.Lock()
+	if c.keep || c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.keep, c.onChange = true, onChange
+	c.published, _ = c.currentLocked()
+	if _, ok := c.currentLocked(); !ok && c.fetching == nil {
+		c.startFetch()
+	}
+	c.rearmLocked()
+	c.mu.Unlock()
+}
+
+// Close stops the background renewals of a kept source (its endpoint left the policy or
+// its auth changed). Token still works, fetching on demand.
+func (c *ClientCredentials) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed, c.keep = true, false
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+}
+
+// rearmLocked sets when a kept source looks next: the start of the renewal window (not
+// sooner than a second after a renewal, so a token shorter-lived than its window is not
+// fetched in a loop), after a backoff when the last fetch failed, and in any case at the
+// expiry of the cached token, which must then stop being published. c.mu is held.
+func (c *ClientCredentials) rearmLocked() {
+	if !c.keep {
+		return
+	}
+	now := c.cfg.Now()
+	t := c.tok
+	valid := t != nil && now.Before(t.Expiry)
+	next := time.Duration(-1)
+	switch {
+	case c.fetching != nil: // the fetch rearms when it ends
+	case c.lastErr == nil && valid:
+		next = max(t.Expiry.Add(-c.refreshBefore(t)).Sub(now), retryAfterFailure)
+	default:
+		next = max(c.backoff, retryAfterFailure)
+	}
+	if valid && (next < 0 || t.Expiry.Sub(now) < next) {
+		next = t.Expiry.Sub(now)
+	}
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	if next >= 0 {
+		c.timer = time.AfterFunc(next, c.wake)
+	}
+}
+
+// wake is a kept source's timer: renew when due, publish an expiry.
+func (c *ClientCredentials) wake() {
+	c.mu.Lock()
+	if !c.keep {
+		c.mu.Unlock()
+		return
+	}
+	t := c.tok
+	due := t == nil || c.lastErr != nil || !c.cfg.Now().Before(t.Expiry.Add(-c.refreshBefore(t)))
+	if due && c.fetching == nil {
+		c.startFetch()
+	}
+	c.rearmLocked()
+	notify := c.publishLocked()
+	c.mu.Unlock()
+	notify()
+}
+
+// publishLocked returns onChange when what Current returns differs from what was last
+// published, else a no-op. c.mu is held; the caller runs the result unlocked.
+func (c *ClientCredentials) publishLocked() func() {
+	cur, _ := c.currentLocked()
+	if !c.keep || cur == c.published || c.onChange == nil {
+		return func() {}
+	}
+	c.published = cur
+	return c.onChange
+}
+
 // startFetch starts the one fetch. c.mu is held.
 func (c *ClientCredentials) startFetch() {
 	done := make(chan struct{})
@@ -169,13 +288,17 @@ func (c *ClientCredentials) startFetch() {
 		t, err := c.fetch()
 		c.mu.Lock()
 		if err == nil {
-			c.tok, c.lastErr = t, nil
+			c.tok, c.lastErr, c.backoff = t, nil, 0
 		} else {
 			c.lastErr, c.failedAt = err, c.cfg.Now()
+			c.backoff = min(max(2*c.backoff, retryAfterFailure), maxBackoff)
 		}
 		c.fetching = nil
+		c.rearmLocked()
+		notify := c.publishLocked()
 		c.mu.Unlock()
 		close(done)
+		notify()
 	}()
 }
 

@@ -92,7 +92,7 @@ func source(t *testing.T, e *tokenEndpoint, file string, clk *clock) *ClientCred
 
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(10 * time.Second) // a kept source's retries back off to seconds
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
@@ -242,5 +242,49 @@ func TestConfigOfPolicy(t *testing.T) {
 	}
 	if _, ok := ConfigOf(nil); ok {
 		t.Error("a grant for no endpoint")
+	}
+}
+
+// TestKeptTokenRenewedWithoutCalls is the source of a token sidecars inject themselves:
+// no call reaches mcpgate, so it renews on its own before expiry, stops publishing a
+// token that expired while the token endpoint was down, recovers when it is back, and
+// Close ends the renewals.
+func TestKeptTokenRenewedWithoutCalls(t *testing.T) {
+	e := newTokenEndpoint(t, "s1", 2)
+	c := NewClientCredentials(Config{Endpoint: "github-mcp", TokenURL: e.URL, ClientID: "agent", SecretFile: secretFile(t, "s1"),
+		RefreshBefore: time.Second})
+	var mu sync.Mutex
+	var seen []string
+	c.Keep(func() {
+		tok, _ := c.Current()
+		mu.Lock()
+		seen = append(seen, tok)
+		mu.Unlock()
+	})
+	last := func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(seen) == 0 {
+			return "(none)"
+		}
+		return seen[len(seen)-1]
+	}
+	eventually(t, "the first token, unasked", func() bool { return last() == "tok-1" })
+	eventually(t, "a renewal before expiry, without a call", func() bool { return last() == "tok-2" })
+	if tok, ok := c.Current(); !ok || tok != "tok-2" {
+		t.Fatalf("Current %q %v", tok, ok)
+	}
+	e.down.Store(true)
+	eventually(t, "the expired token withdrawn while the endpoint is down", func() bool { return last() == "" })
+	if _, ok := c.Current(); ok {
+		t.Fatal("an expired token is still current")
+	}
+	e.down.Store(false)
+	eventually(t, "a token again once the endpoint is back", func() bool { return strings.HasPrefix(last(), "tok-") })
+	c.Close()
+	n := e.calls.Load()
+	time.Sleep(2500 * time.Millisecond) // longer than a renewal period: none may come
+	if m := e.calls.Load(); m != n {
+		t.Errorf("%d fetches after Close", m-n)
 	}
 }
