@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"sync"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -70,13 +69,13 @@ func (s *Server) outbound(ctx context.Context, snap *policy.Snapshot, r *request
 	if !ep.MayUseCredentials(src.ID) {
 		return d.deny(http.StatusForbidden, ReasonNotEndpointCaller, fmt.Sprintf("App %s may not call HTTPEndpoint %s (spec.callers)", src.ID, ep.Name))
 	}
-	source := s.sources.get(ep)
-	if source.client == nil && source.exchange == nil {
+	source := s.sources.Get(ep)
+	if source.Client == nil && source.Exchange == nil {
 		return d.deny(http.StatusForbidden, ReasonNoCredentials, fmt.Sprintf("HTTPEndpoint %q has no grant mcpgate knows", ep.Name))
 	}
 	var token string
 	var err error
-	if source.exchange != nil {
+	if source.Exchange != nil {
 		subject, present, ok := bearerToken(r.auth)
 		switch {
 		case !present:
@@ -89,9 +88,9 @@ func (s *Server) outbound(ctx context.Context, snap *policy.Snapshot, r *request
 			return d.upstreamChallenge(ep, "invalid_token", "token_"+bearer.Reason(verr), "the token to exchange is not valid: "+verr.Error())
 		}
 		d.Principal = p
-		token, err = source.exchange.Token(ctx, subject)
+		token, err = source.Exchange.Token(ctx, subject)
 	} else {
-		token, err = source.client.Token(ctx)
+		token, err = source.Client.Token(ctx)
 	}
 	if err != nil {
 		d.Error = "temporarily_unavailable"
@@ -175,44 +174,4 @@ func certSpiffeID(c *x509.Certificate) (string, bool) {
 		}
 	}
 	return "", false
-}
-
-// credentialSources hold one token source per HTTPEndpoint, kept across policy reloads
-// while the endpoint's auth is unchanged (its cached token with it), replaced when it
-// changes.
-type credentialSources struct {
-	mu sync.Mutex
-	m  map[string]*credentialSource
-}
-
-type credentialSource struct {
-	auth     *policy.HTTPEndpointAuthSpec // the snapshot's, compared by pointer first
-	key      string                       // the auth's JSON, compared when the pointer differs
-	client   *outbound.ClientCredentials
-	exchange *outbound.TokenExchange
-}
-
-func (c *credentialSources) get(ep *policy.HTTPEndpoint) *credentialSource {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	cs := c.m[ep.Name]
-	if cs != nil && cs.auth == ep.Auth {
-		return cs
-	}
-	b, _ := json.Marshal(ep.Auth)
-	if cs != nil && cs.key == string(b) {
-		cs.auth = ep.Auth
-		return cs
-	}
-	cs = &credentialSource{auth: ep.Auth, key: string(b)}
-	if cfg, ok := outbound.ConfigOf(ep); ok {
-		cs.client = outbound.NewClientCredentials(cfg)
-	} else if cfg, ok := outbound.ExchangeConfigOf(ep); ok {
-		cs.exchange = outbound.NewTokenExchange(cfg)
-	}
-	if c.m == nil {
-		c.m = map[string]*credentialSource{}
-	}
-	c.m[ep.Name] = cs
-	return cs
 }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
+	outbound "github.com/mcpgate/mcpgate/extauthz/credentials"
 	"github.com/mcpgate/mcpgate/policy"
 	"github.com/mcpgate/mcpgate/policy/decisionlog"
 )
@@ -37,6 +38,9 @@ type Options struct {
 	// Tracer records a span per Check under the policy's Mesh.spec.tracing, the child
 	// of the request's traceparent; nil: no spans.
 	Tracer *decisionlog.Tracer
+	// Credentials are the token sources of outbound calls to HTTPEndpoints, shared with
+	// the xDS server when it runs in the same process; default: the server's own.
+	Credentials *outbound.Sources
 }
 
 // Server implements envoy.service.auth.v3.Authorization.
@@ -54,7 +58,7 @@ type Server struct {
 	principals valueCache[*bearer.Principal, *principalValues]
 	routes     valueCache[routeKey, *routeValues]
 	// sources acquire the tokens of outbound calls to HTTPEndpoints (outbound.go).
-	sources credentialSources
+	sources *outbound.Sources
 
 	// Decisions are logged and counted by one background goroutine, off the request
 	// path: encoding a JSON log line and updating histograms cost more than deciding.
@@ -84,7 +88,10 @@ func attrSet(k attrKey) attribute.Set {
 
 // NewServer returns a Server reading policy from opts.Store.
 func NewServer(opts Options) (*Server, error) {
-	s := &Server{store: opts.Store, verifier: opts.Verifier, log: opts.DecisionLog, tracer: opts.Tracer}
+	s := &Server{store: opts.Store, verifier: opts.Verifier, log: opts.DecisionLog, tracer: opts.Tracer, sources: opts.Credentials}
+	if s.sources == nil {
+		s.sources = outbound.NewSources()
+	}
 	s.principals.build, s.routes.build = newPrincipalValues, newRouteValues
 	s.attrs = decisionlog.NewAttrSets(10000, attrSet)
 	if s.log == nil {
