@@ -41,6 +41,18 @@ type Options struct {
 	Logger *zap.Logger
 	// Meter counts snapshots, translation errors and NACKs; default: no-op.
 	Meter metric.Meter
+	// Tokens, when set, are the outbound tokens the sidecars inject themselves
+	// (TranslateWith); the server re-translates when they change. nil: outbound calls to
+	// endpoints with client credentials ask ext_authz for theirs.
+	Tokens TokenSource
+}
+
+// TokenSource is Tokens that say when a token may have changed, and forget endpoints
+// that left the policy (extauthz/credentials.Sources).
+type TokenSource interface {
+	Tokens
+	Changes() (ch <-chan struct{}, stop func())
+	Retain(snap *policy.Snapshot)
 }
 
 // Stats are the server's counters, for tests and /debug.
@@ -53,12 +65,13 @@ type Stats struct {
 // Server is the ADS server: go-control-plane's snapshot cache and xDS server, fed by
 // translating the policy for every node group (node.cluster) with an open stream.
 type Server struct {
-	store *policy.Store
-	log   *zap.Logger
-	cache cachev3.SnapshotCache
-	xds   serverv3.Server
-	sub   <-chan struct{}
-	unsub func() // removes sub from the store; idempotent
+	store  *policy.Store
+	tokens TokenSource
+	log    *zap.Logger
+	cache  cachev3.SnapshotCache
+	xds    serverv3.Server
+	sub    <-chan struct{}
+	unsub  func() // removes sub from the store; idempotent
 
 	snapshots, translationErrors, nacks metric.Int64Counter
 	stats                               struct{ snapshots, translationErrors, nacks atomic.Int64 }
@@ -98,6 +111,7 @@ func NewServer(ctx context.Context, o Options) (*Server, error) {
 	}
 	s := &Server{
 		store:   o.Store,
+		tokens:  o.Tokens,
 		log:     o.Logger,
 		groups:  map[string]int{},
 		streams: map[streamKey]*streamState{},
@@ -154,12 +168,20 @@ func (s *Server) Stats() Stats {
 // until ctx ends; then it unsubscribes from the store, so Run is called once per Server.
 func (s *Server) Run(ctx context.Context) error {
 	defer s.unsub()
+	var tokens <-chan struct{} // nil without Tokens: never ready
+	if s.tokens != nil {
+		ch, stop := s.tokens.Changes()
+		defer stop()
+		tokens = ch
+	}
 	s.updateAll(ctx)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-s.sub:
+			s.updateAll(ctx)
+		case <-tokens:
 			s.updateAll(ctx)
 		}
 	}
@@ -171,6 +193,9 @@ func (s *Server) updateAll(ctx context.Context) {
 	snap := s.store.Current()
 	if snap == nil {
 		return
+	}
+	if s.tokens != nil {
+		s.tokens.Retain(snap)
 	}
 	s.mu.Lock()
 	groups := make([]string, 0, len(s.groups))
@@ -186,7 +211,7 @@ func (s *Server) updateAll(ctx context.Context) {
 // updateGroup translates the policy for one node group and sets its snapshot, unless the
 // content is unchanged. A translation error keeps the last good snapshot.
 func (s *Server) updateGroup(ctx context.Context, snap *policy.Snapshot, group string) {
-	res, err := Translate(snap, group)
+	res, err := s.translate(snap, group)
 	switch {
 	case errors.Is(err, ErrUnknownNode):
 		// An empty snapshot, not none: Envoy gets an answer (and drops what it had, if
@@ -224,6 +249,14 @@ func (s *Server) updateGroup(ctx context.Context, snap *policy.Snapshot, group s
 	s.log.Info("xds snapshot set", zap.String("node_cluster", group), zap.String("version", version),
 		zap.String("policy_version", snap.Version), zap.Int("listeners", len(res.Listeners)),
 		zap.Int("clusters", len(res.Clusters)), zap.Int("routes", len(res.Routes)))
+}
+
+func (s *Server) translate(snap *policy.Snapshot, group string) (Resources, error) {
+	var tokens Tokens // nil, not a TokenSource holding nil, when there are none
+	if s.tokens != nil {
+		tokens = s.tokens
+	}
+	return TranslateWith(snap, group, tokens)
 }
 
 // join registers a stream's node group on its first request and, for a group not seen

@@ -58,6 +58,13 @@ func ClusterEndpoint(name string) string { return "endpoint|" + name }
 // ListenerGateway names a gateway's listener and route configuration.
 func ListenerGateway(name string) string { return "gateway|" + name }
 
+// FilterCredentials is the outbound listener's credential_injector filter of an
+// HTTPEndpoint with client credentials.
+func FilterCredentials(endpoint string) string { return "mcpgate.credentials." + endpoint }
+
+// SecretToken is the SDS secret holding that endpoint's current access token.
+func SecretToken(endpoint string) string { return "outbound-token|" + endpoint }
+
 // authzMaxRequests is the circuit breaker of the mcpgate cluster. Every in-flight request
 // holds an ext_proc stream to mcpgate, so Envoy's default of 1024 would turn load into
 // 503s (the filters fail closed) long before mcpgate is busy.
@@ -76,10 +83,24 @@ type Resources struct {
 // node: an App ID (its sidecar) or a Gateway name. It does no I/O, reports every problem
 // it finds (errors.Join), and validates every resource (ValidateAll) before returning.
 func Translate(snap *policy.Snapshot, node string) (Resources, error) {
+	return TranslateWith(snap, node, nil)
+}
+
+// Tokens give the current access token of an HTTPEndpoint with client credentials, ""
+// while there is none; asking keeps it fresh. mcpgate's credential sources implement it
+// (extauthz/credentials.Sources).
+type Tokens interface {
+	Token(ep *policy.HTTPEndpoint) string
+}
+
+// TranslateWith is Translate with the outbound tokens sidecars inject themselves: the
+// route of an endpoint whose token tokens has uses Envoy's credential_injector with it
+// (an SDS secret), the others ask ext_authz. nil tokens: every such route asks ext_authz.
+func TranslateWith(snap *policy.Snapshot, node string, tokens Tokens) (Resources, error) {
 	if snap == nil || snap.Mesh == nil {
 		return Resources{}, errors.New("no policy snapshot")
 	}
-	t := &translator{snap: snap, node: node, clusters: map[string]*clusterv3.Cluster{}}
+	t := &translator{snap: snap, node: node, tokens: tokens, clusters: map[string]*clusterv3.Cluster{}}
 	if app := snap.Apps[node]; app != nil && app.Sidecar != nil {
 		t.sidecar(app)
 	} else if gw := snap.Gateways[node]; gw != nil {
@@ -107,6 +128,7 @@ func (r Resources) Validate() error {
 type translator struct {
 	snap      *policy.Snapshot
 	node      string
+	tokens    Tokens
 	errs      []error
 	listeners []*listenerv3.Listener
 	routes    []*routev3.RouteConfiguration
@@ -531,6 +553,7 @@ func (t *translator) outbound(app *policy.App) {
 		byHeader = append(byHeader, t.headerRoute(id, "", fo))
 	}
 	credentials := false
+	var injectors []*hcmv3.HttpFilter
 	for _, name := range sortedKeys(t.snap.Endpoints) {
 		if targets[name] {
 			continue // an App of the same name wins, as its routes come first
@@ -561,6 +584,30 @@ func (t *translator) outbound(app *policy.App) {
 			}
 			fo.PerFilter = map[string]*anypb.Any{envoy.FilterExtAuthz: authz}
 			credentials = true
+			if ep.Auth.ClientCredentials != nil {
+				// The token is the same for every call: while mcpgate has one, the sidecar
+				// injects it itself and no call waits for a Check (envoy/credentials.go).
+				filter, secret := FilterCredentials(name), SecretToken(name)
+				f, err := envoy.CredentialInjectorFilter(filter, secret)
+				if err != nil {
+					t.errf("endpoint %s: %w", name, err)
+					continue
+				}
+				injectors = append(injectors, f)
+				token := ""
+				if t.tokens != nil {
+					token = t.tokens.Token(ep)
+				}
+				t.secrets = append(t.secrets, envoy.TokenSecret(secret, token))
+				if token != "" {
+					on, err := envoy.CredentialInjectorEnabled()
+					if err != nil {
+						t.errf("endpoint %s: %w", name, err)
+						continue
+					}
+					fo.PerFilter = map[string]*anypb.Any{filter: on} // ext_authz is turned off below
+				}
+			}
 		case !ep.Passthrough:
 			// No token passthrough: whatever the agent holds was not issued for this
 			// upstream (spec.passthrough: true keeps it).
@@ -577,6 +624,9 @@ func (t *translator) outbound(app *policy.App) {
 		// ext_authz runs only on the credential routes; every other route turns it off.
 		t.authzCluster(app.SpiffeID)
 		chain, err = envoy.OutboundFilters(ClusterAuthz)
+		if err == nil {
+			chain = append(chain[:len(chain)-1], append(injectors, chain[len(chain)-1])...) // before the router
+		}
 		off, offErr := envoy.ExtAuthzDisabled()
 		err = errors.Join(err, offErr)
 		for _, r := range routes {

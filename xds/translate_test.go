@@ -25,6 +25,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/mcpgate/mcpgate/envoy"
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -412,6 +413,105 @@ func TestTranslateCORS(t *testing.T) {
 		// The GET stream and POST routes of the sidecar, and of the gateway's inventory route.
 		if wantN := map[string]int{"inventory": 2, "catalog": 2, "billing": 0, "edge": 2}[node]; policies != wantN {
 			t.Errorf("%s: %d routes with a CorsPolicy, want %d", node, policies, wantN)
+		}
+	}
+}
+
+type fixedTokens map[string]string
+
+func (f fixedTokens) Token(ep *policy.HTTPEndpoint) string { return f[ep.Name] }
+
+// TestTranslateInjectedToken pins how a client-credentials token reaches the upstream:
+// while mcpgate has it, the endpoint's routes enable the credential injector and turn
+// ext_authz off, and the SDS secret carries it; without it the routes ask ext_authz. The
+// listener and clusters are the same either way (a token's arrival or expiry must not
+// make Envoy drain the listener), and only callers' sidecars get the secret.
+func TestTranslateInjectedToken(t *testing.T) {
+	snap := requireLoad(t, "../testdata/xds/endpoint")
+	without, err := TranslateWith(snap, "agent", fixedTokens{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	with, err := TranslateWith(snap, "agent", fixedTokens{"with-token": "tok-123"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	requireDeepValid(t, with)
+	if len(with.Listeners) != len(without.Listeners) || !proto.Equal(with.Listeners[0], without.Listeners[0]) {
+		t.Error("the outbound listener changes with the token's state")
+	}
+	for i := range with.Clusters {
+		if !proto.Equal(with.Clusters[i], without.Clusters[i]) {
+			t.Errorf("cluster %s changes with the token's state", with.Clusters[i].Name)
+		}
+	}
+	secret := func(r Resources) string {
+		for _, s := range r.Secrets {
+			if s.Name == SecretToken("with-token") {
+				return s.GetGenericSecret().GetSecret().GetInlineString()
+			}
+		}
+		t.Fatalf("no secret %s", SecretToken("with-token"))
+		return ""
+	}
+	if got := secret(with); got != "tok-123" {
+		t.Errorf("secret holds %q", got)
+	}
+	if got := secret(without); got != "" {
+		t.Errorf("secret without a token holds %q", got)
+	}
+	var injector *hcmv3.HttpFilter
+	hcm := &hcmv3.HttpConnectionManager{}
+	requireUnpack(t, with.Listeners[0].FilterChains[0].Filters[0].GetTypedConfig(), hcm)
+	for _, f := range hcm.HttpFilters {
+		if f.Name == FilterCredentials("with-token") {
+			injector = f
+		}
+	}
+	if injector == nil || !injector.Disabled {
+		t.Fatalf("want the injector on the listener, disabled by default: %v", injector)
+	}
+	if last := hcm.HttpFilters[len(hcm.HttpFilters)-1].Name; last != envoy.FilterRouter {
+		t.Errorf("last filter %s", last)
+	}
+	routes := func(r Resources) map[string]*routev3.Route {
+		m := map[string]*routev3.Route{}
+		for _, rt := range r.Routes[0].VirtualHosts[0].Routes {
+			m[rt.Name] = rt
+		}
+		return m
+	}
+	for _, name := range []string{"invoke/with-token", "header/with-token"} {
+		on := routes(with)[name].TypedPerFilterConfig
+		if on[FilterCredentials("with-token")] == nil {
+			t.Errorf("%s: the injector is not enabled with a token", name)
+		}
+		az := &extauthzv3.ExtAuthzPerRoute{}
+		requireUnpack(t, on[envoy.FilterExtAuthz], az)
+		if !az.GetDisabled() {
+			t.Errorf("%s: ext_authz still runs with a token: %v", name, az)
+		}
+		off := routes(without)[name].TypedPerFilterConfig
+		if off[FilterCredentials("with-token")] != nil {
+			t.Errorf("%s: the injector is enabled without a token", name)
+		}
+		requireUnpack(t, off[envoy.FilterExtAuthz], az)
+		if az.GetDisabled() || az.GetCheckSettings().GetContextExtensions()[contract.ContextEndpoint] != "with-token" {
+			t.Errorf("%s: without a token ext_authz must supply it: %v", name, az)
+		}
+	}
+	for _, node := range nodesOf(snap) {
+		if node == "agent" {
+			continue
+		}
+		res, err := TranslateWith(snap, node, fixedTokens{"with-token": "tok-123"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range res.Secrets {
+			if strings.Contains(s.String(), "tok-123") {
+				t.Errorf("node %s, not among the callers, gets the token", node)
+			}
 		}
 	}
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/mcpgate/mcpgate"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
+	outbound "github.com/mcpgate/mcpgate/extauthz/credentials"
 	"github.com/mcpgate/mcpgate/extproc"
 	"github.com/mcpgate/mcpgate/policy"
 	"github.com/mcpgate/mcpgate/policy/decisionlog"
@@ -222,8 +223,12 @@ func serve(ctx context.Context, f *serveFlags) error {
 		defer cancel()
 		tracer.Shutdown(ctx)
 	}()
+	// One set of outbound credential sources: ext_authz answers with their tokens while a
+	// sidecar has none, and the xDS server gives the sidecars the tokens to inject.
+	credentials := outbound.NewSources()
 	if f.grpcAddr != "" {
 		authz, err := extauthz.NewServer(extauthz.Options{
+			Credentials: credentials,
 			Store:       store,
 			Verifier:    bearer.NewVerifier(bearer.Options{}),
 			DecisionLog: log.Named("decision"),
@@ -263,7 +268,7 @@ func serve(ctx context.Context, f *serveFlags) error {
 	}
 
 	if f.xdsAddr != "" {
-		if err := startXDS(ctx, g, f.xdsAddr, store, log, tel, grpcOpts...); err != nil {
+		if err := startXDS(ctx, g, f.xdsAddr, store, credentials, log, tel, grpcOpts...); err != nil {
 			return err
 		}
 	}

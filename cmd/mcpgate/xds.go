@@ -14,6 +14,7 @@ import (
 
 	"github.com/mcpgate/mcpgate"
 	"github.com/mcpgate/mcpgate/envoy"
+	outbound "github.com/mcpgate/mcpgate/extauthz/credentials"
 	"github.com/mcpgate/mcpgate/policy"
 	"github.com/mcpgate/mcpgate/xds"
 )
@@ -133,8 +134,8 @@ SPIFFE mTLS: the Envoy presents its SVID and accepts only mcpgate's.`,
 
 // startXDS serves ADS on its own gRPC listener at addr, re-translating on every policy
 // change, until ctx ends. opts carry the transport credentials, if any.
-func startXDS(ctx context.Context, g *errgroup.Group, addr string, store *policy.Store, log *zap.Logger, tel *telemetry, opts ...grpc.ServerOption) error {
-	srv, err := xds.NewServer(ctx, xds.Options{Store: store, Logger: log.Named("xds"), Meter: tel.meter})
+func startXDS(ctx context.Context, g *errgroup.Group, addr string, store *policy.Store, tokens *outbound.Sources, log *zap.Logger, tel *telemetry, opts ...grpc.ServerOption) error {
+	srv, err := xds.NewServer(ctx, xds.Options{Store: store, Tokens: tokens, Logger: log.Named("xds"), Meter: tel.meter})
 	if err != nil {
 		return err
 	}
