@@ -70,8 +70,7 @@ func startOutboundMesh(t *testing.T, githubTokenLifetime time.Duration) *outboun
 		endpoint := func(name, base, auth string) string {
 			return fmt.Sprintf("---\napiVersion: mcpgate.dev/v1alpha1\nkind: HTTPEndpoint\nmetadata: {name: %s}\nspec:\n  baseUrl: %s\n  callers: [my-agent]\n  auth:\n%s", name, base, auth)
 		}
-		extra := endpoint("cold-mcp", om.github.URL(), fmt.Sprintf("    clientCredentials: {tokenUrl: %q, clientId: mcpgate-cold, clientSecretFile: %q}\n", om.as.TokenURL(), filepath.Join(om.secrets, "cold"))) +
-			endpoint("wrong-mcp", om.github.URL(), fmt.Sprintf("    clientCredentials: {tokenUrl: %q, clientId: mcpgate-github, clientSecretFile: %q}\n", om.as.TokenURL(), filepath.Join(om.secrets, "wrong"))) +
+		extra := endpoint("wrong-mcp", om.github.URL(), fmt.Sprintf("    clientCredentials: {tokenUrl: %q, clientId: mcpgate-github, clientSecretFile: %q}\n", om.as.TokenURL(), filepath.Join(om.secrets, "wrong"))) +
 			endpoint("files-mcp", om.files.URL(), fmt.Sprintf("    tokenExchange: {tokenUrl: %q, clientId: mcpgate-obo, clientSecretFile: %q, audience: %q, scopes: [files:read], subjectIssuers: [users]}\n",
 				om.as.TokenURL(), filepath.Join(om.secrets, "obo"), oboAudience)) +
 			// No auth: the agent's Authorization header is removed all the same.
@@ -192,29 +191,52 @@ func TestOutboundTokenRefreshAndRotation(t *testing.T) {
 	})
 }
 
+// TestOutboundTokenEndpointDown: the sidecar's injected token keeps working during an
+// outage until it expires; then the route asks ext_authz again, which answers 503 naming
+// the endpoint; once the token endpoint is back, calls work again. An endpoint added
+// during the outage (no token ever) and one with a wrong secret get the same 503.
 func TestOutboundTokenEndpointDown(t *testing.T) {
-	om := startOutboundMesh(t, time.Hour)
-	whoami(t, om.githubURL, nil) // github-mcp has its token; cold-mcp has none yet
+	om := startOutboundMesh(t, 6*time.Second)
+	whoami(t, om.githubURL, nil) // github-mcp has its token
 	om.as.Stop()
-	for range 3 {
-		if got := whoami(t, om.githubURL, nil); !strings.Contains(got, "sub=mcpgate-github") {
-			t.Fatalf("with a cached token, during the outage: %q", got)
-		}
+	if got := whoami(t, om.githubURL, nil); !strings.Contains(got, "sub=mcpgate-github") {
+		t.Fatalf("with a cached token, during the outage: %q", got)
 	}
-	cold := strings.Replace(om.githubURL, "github-mcp", "cold-mcp", 1)
-	code, body := rawCall(t, cold, "")
-	var denial struct{ Error, Reason, Endpoint string }
-	_ = json.Unmarshal([]byte(body), &denial)
-	if code != http.StatusServiceUnavailable || denial.Endpoint != "cold-mcp" || denial.Error != "temporarily_unavailable" || !strings.Contains(denial.Reason, `endpoint "cold-mcp"`) {
-		t.Fatalf("no cached token, token endpoint down: %d %s", code, body)
+	unavailable := func(url, endpoint string) (bool, string) {
+		code, body := rawCall(t, url, "")
+		var denial struct{ Error, Reason, Endpoint string }
+		_ = json.Unmarshal([]byte(body), &denial)
+		return code == http.StatusServiceUnavailable && denial.Endpoint == endpoint && denial.Error == "temporarily_unavailable" &&
+			strings.Contains(denial.Reason, fmt.Sprintf("endpoint %q", endpoint)), fmt.Sprintf("%d %s", code, body)
+	}
+	requireEventually(t, 20*time.Second, "github-mcp's expired token withdrawn (503 naming it)", func() bool {
+		ok, _ := unavailable(om.githubURL, "github-mcp")
+		return ok
+	})
+	om.editPolicy(t, "cold-mcp added during the outage", func() {
+		cold := fmt.Sprintf("---\napiVersion: mcpgate.dev/v1alpha1\nkind: HTTPEndpoint\nmetadata: {name: cold-mcp}\nspec:\n  baseUrl: %s\n  callers: [my-agent]\n  auth:\n"+
+			"    clientCredentials: {tokenUrl: %q, clientId: mcpgate-cold, clientSecretFile: %q}\n", om.github.URL(), om.as.TokenURL(), filepath.Join(om.secrets, "cold"))
+		if err := os.WriteFile(filepath.Join(om.mesh.dir, "cold.yaml"), []byte(cold), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+	coldURL := strings.Replace(om.githubURL, "github-mcp", "cold-mcp", 1)
+	requireEventually(t, 10*time.Second, "cold-mcp routed", func() bool {
+		code, _ := rawCall(t, coldURL, "")
+		return code != http.StatusNotFound
+	})
+	if ok, got := unavailable(coldURL, "cold-mcp"); !ok {
+		t.Fatalf("no token ever, token endpoint down: %s", got)
 	}
 	om.as.Restart(t)
-	requireEventually(t, 10*time.Second, "cold-mcp to work once the token endpoint is back", func() bool {
-		code, _ := rawCall(t, cold, "")
-		return code == http.StatusOK
-	})
+	for _, url := range []string{om.githubURL, coldURL} {
+		requireEventually(t, 15*time.Second, url+" to work once the token endpoint is back", func() bool {
+			code, _ := rawCall(t, url, "")
+			return code == http.StatusOK
+		})
+	}
 	// A wrong secret: 503 naming the endpoint and the OAuth error.
-	code, body = rawCall(t, strings.Replace(om.githubURL, "github-mcp", "wrong-mcp", 1), "")
+	code, body := rawCall(t, strings.Replace(om.githubURL, "github-mcp", "wrong-mcp", 1), "")
 	if code != http.StatusServiceUnavailable || !strings.Contains(body, `"oauth_error":"invalid_client"`) || !strings.Contains(body, `"endpoint":"wrong-mcp"`) {
 		t.Fatalf("wrong secret: %d %s", code, body)
 	}

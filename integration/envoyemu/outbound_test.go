@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
+	"github.com/mcpgate/mcpgate/extauthz/credentials"
 	"github.com/mcpgate/mcpgate/integration/idp"
 	"github.com/mcpgate/mcpgate/policy"
 	"github.com/mcpgate/mcpgate/xds"
@@ -31,10 +33,18 @@ import (
 type outboundEnv struct {
 	as       *idp.Server
 	outbound string // the sidecar's outbound listener
+	checks   atomic.Int64
 
 	mu    sync.Mutex
 	auths []string
 }
+
+// How the sidecar gets the token: injected from SDS while mcpgate has it (what mcpgate
+// serve does), or from a Check on every call (the path while it has none).
+const (
+	viaSDS      = true
+	viaExtAuthz = false
+)
 
 const outboundEnvPolicy = `apiVersion: mcpgate.dev/v1alpha1
 kind: Mesh
@@ -67,7 +77,7 @@ spec:
     clientCredentials: {tokenUrl: TOKEN_URL, clientId: agent-sidecar, clientSecretFile: SECRET_FILE, audience: "https://upstream.example.com"}
 `
 
-func requireOutboundEnv(t testing.TB) *outboundEnv {
+func requireOutboundEnv(t testing.TB, injected bool) *outboundEnv {
 	t.Helper()
 	env := &outboundEnv{}
 	env.as = idp.Start(t, idp.Client{ID: "agent-sidecar", Secret: "sidecar-secret", Audiences: []string{"https://upstream.example.com"}})
@@ -99,15 +109,26 @@ func requireOutboundEnv(t testing.TB) *outboundEnv {
 	}
 	store := policy.NewStore(snap)
 	ctx, cancel := context.WithCancel(context.Background())
-	x, err := xds.NewServer(ctx, xds.Options{Store: store})
+	sources := credentials.NewSources() // shared, as mcpgate serve does
+	xo := xds.Options{Store: store}
+	if injected {
+		xo.Tokens = sources
+	}
+	x, err := xds.NewServer(ctx, xo)
 	if err != nil {
 		t.Fatal(err)
 	}
-	authz, err := extauthz.NewServer(extauthz.Options{Store: store, Verifier: bearer.NewVerifier(bearer.Options{})})
+	authz, err := extauthz.NewServer(extauthz.Options{Store: store, Verifier: bearer.NewVerifier(bearer.Options{}), Credentials: sources})
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer(extauthz.ServerOptions()...)
+	countChecks := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		if strings.HasSuffix(info.FullMethod, "/Check") {
+			env.checks.Add(1)
+		}
+		return h(ctx, req)
+	}
+	g := grpc.NewServer(append(extauthz.ServerOptions(), grpc.ChainUnaryInterceptor(countChecks))...)
 	x.Register(g)
 	authv3.RegisterAuthorizationServer(g, authz)
 	grpcAddr := requireGRPC(t, g)
@@ -155,41 +176,93 @@ func (env *outboundEnv) lastAuth() string {
 	return env.auths[len(env.auths)-1]
 }
 
-// TestOutboundCredentialInjection: the emulated sidecar applies mcpgate's OK answer as
-// Envoy's ext_authz filter does (the Authorization header overwritten before the router
-// forwards), the route's spec.headers are added, and on the route without auth the
-// router removes the agent's header (request_headers_to_remove).
+// TestOutboundCredentialInjection: the upstream gets mcpgate's token, never the agent's,
+// with the route's spec.headers, and on the route without auth the router removes the
+// agent's header (request_headers_to_remove). Both ways the sidecar gets the token:
+// mcpgate's OK answer applied as Envoy's ext_authz filter does (the header overwritten
+// before the router forwards), and, once mcpgate has the token, Envoy's credential
+// injector from the SDS secret, with no Check at all.
 func TestOutboundCredentialInjection(t *testing.T) {
-	env := requireOutboundEnv(t)
-	c := &http.Client{Timeout: 10 * time.Second}
-	code, body := env.call(t, c, "tokened", "Bearer agent-token")
-	if code != 200 || body != "ok /api/tools" {
-		t.Fatalf("tokened: %d %q", code, body)
-	}
-	got := env.lastAuth()
-	if !strings.HasPrefix(got, "Bearer ey") || strings.Contains(got, "agent-token") || !strings.HasSuffix(got, "|acme") {
-		t.Fatalf("upstream got %q, want the acquired token and x-tenant", got)
-	}
-	if code, _ := env.call(t, c, "plain", "Bearer agent-token"); code != 200 || env.lastAuth() != "|" {
-		t.Fatalf("plain: %d, upstream got %q, want no Authorization", code, env.lastAuth())
-	}
-	if n := env.as.Count("client_credentials"); n != 1 {
-		t.Errorf("%d tokens issued, want 1", n)
+	for _, tc := range []struct {
+		name     string
+		injected bool
+	}{{"sds", viaSDS}, {"ext_authz", viaExtAuthz}} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := requireOutboundEnv(t, tc.injected)
+			c := &http.Client{Timeout: 10 * time.Second}
+			if tc.injected {
+				// The sidecar connected, mcpgate fetched the token and pushed it: calls
+				// stop reaching ext_authz (the first may still have).
+				deadline := time.Now().Add(10 * time.Second)
+				for before := env.checks.Load(); ; before = env.checks.Load() {
+					if code, body := env.call(t, c, "tokened", ""); code != 200 {
+						t.Fatalf("tokened: %d %s", code, body)
+					}
+					if env.checks.Load() == before {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatal("calls still ask ext_authz for the token")
+					}
+				}
+			}
+			checks := env.checks.Load()
+			for range 20 {
+				code, body := env.call(t, c, "tokened", "Bearer agent-token")
+				if code != 200 || body != "ok /api/tools" {
+					t.Fatalf("tokened: %d %q", code, body)
+				}
+				got := env.lastAuth()
+				if !strings.HasPrefix(got, "Bearer ey") || strings.Contains(got, "agent-token") || !strings.HasSuffix(got, "|acme") {
+					t.Fatalf("upstream got %q, want the acquired token and x-tenant", got)
+				}
+			}
+			switch n := env.checks.Load() - checks; {
+			case tc.injected && n != 0:
+				t.Errorf("%d Checks for 20 calls with an injected token, want none", n)
+			case !tc.injected && n != 20:
+				t.Errorf("%d Checks for 20 calls, want 20", n)
+			}
+			if code, _ := env.call(t, c, "plain", "Bearer agent-token"); code != 200 || env.lastAuth() != "|" {
+				t.Fatalf("plain: %d, upstream got %q, want no Authorization", code, env.lastAuth())
+			}
+			if n := env.as.Count("client_credentials"); n != 1 {
+				t.Errorf("%d tokens issued, want 1", n)
+			}
+		})
 	}
 }
 
 // BenchmarkOutboundCredentials is the cost of credentials on the outbound path: the
 // same request through the emulated sidecar to one upstream, on a route without auth
-// and on one whose cached token mcpgate supplies, alternating so both see the same
-// machine noise. added-p50-µs is the difference of the p50s (issue 13: ≤ 50 µs).
+// and on one with client credentials, alternating so both see the same machine noise.
+// added-p50-µs is the difference of the p50s (issue 13: ≤ 50 µs). sds is what mcpgate
+// serve does once it has the token (Envoy injects it); ext_authz is a Check per call,
+// the path while there is none.
 func BenchmarkOutboundCredentials(b *testing.B) {
-	env := requireOutboundEnv(b)
+	b.Run("sds", func(b *testing.B) { benchOutbound(b, viaSDS) })
+	b.Run("ext_authz", func(b *testing.B) { benchOutbound(b, viaExtAuthz) })
+}
+
+func benchOutbound(b *testing.B, injected bool) {
+	env := requireOutboundEnv(b, injected)
 	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 	for _, ep := range []string{"plain", "tokened"} {
 		if code, body := env.call(b, c, ep, ""); code != 200 { // warm connections and the token cache
 			b.Fatalf("%s: %d %s", ep, code, body)
 		}
 	}
+	if injected {
+		deadline := time.Now().Add(10 * time.Second)
+		for before := int64(-1); before != env.checks.Load(); {
+			if time.Now().After(deadline) {
+				b.Fatal("calls still ask ext_authz for the token")
+			}
+			before = env.checks.Load()
+			env.call(b, c, "tokened", "")
+		}
+	}
+	checks := env.checks.Load()
 	timed := func(ep string) time.Duration {
 		t0 := time.Now()
 		if code, _ := env.call(b, c, ep, ""); code != 200 {
@@ -217,5 +290,8 @@ func BenchmarkOutboundCredentials(b *testing.B) {
 	b.ReportMetric(float64((pt-pp).Nanoseconds())/1e3, "added-p50-µs")
 	if n := env.as.Count("client_credentials"); n != 1 {
 		b.Errorf("%d tokens issued during the benchmark, want 1", n)
+	}
+	if n := env.checks.Load() - checks; injected && n != 0 {
+		b.Errorf("%d Checks with the token injected, want none", n)
 	}
 }
