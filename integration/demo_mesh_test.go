@@ -141,7 +141,7 @@ func TestDemoMesh(t *testing.T) {
 		}
 		line("github-mcp whoami", "ALLOWED", "the server saw "+got)
 	}
-	reqs := om.as.Requests()
+	reqs := om.tokenRequests("mcpgate-github")
 	if n := om.as.Count("client_credentials"); n != 1 || len(reqs) != 1 {
 		t.Fatalf("%d tokens issued, %d token requests", n, len(reqs))
 	}

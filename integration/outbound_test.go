@@ -84,6 +84,18 @@ func startOutboundMesh(t *testing.T, githubTokenLifetime time.Duration) *outboun
 	return om
 }
 
+// tokenRequests are the token endpoint's requests from one client (mcpgate fetches the
+// token of every endpoint a connected sidecar may spend, wrong-mcp's refused ones too).
+func (om *outboundMesh) tokenRequests(clientID string) []idp.Request {
+	var out []idp.Request
+	for _, r := range om.as.Requests() {
+		if r.ClientID == clientID {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
 func (om *outboundMesh) writeSecret(t *testing.T, name, secret string) {
 	t.Helper()
 	// Written and renamed, as a Kubernetes Secret volume updates.
@@ -149,7 +161,7 @@ func TestOutboundClientCredentials(t *testing.T) {
 			t.Fatalf("the remote server received Authorization %q", a)
 		}
 	}
-	reqs := om.as.Requests()
+	reqs := om.tokenRequests("mcpgate-github")
 	if reqs[0].Audience != githubAudience || reqs[0].Scope != "repo:read" || reqs[0].ClientID != "mcpgate-github" {
 		t.Errorf("token request = %+v", reqs[0])
 	}
