@@ -90,7 +90,7 @@ func (s *Server) outbound(ctx context.Context, snap *policy.Snapshot, r *request
 		d.Principal = p
 		token, err = source.Exchange.Token(ctx, subject)
 	} else {
-		token, err = source.Client.Token(ctx)
+		token, err = s.sources.ClientToken(ctx, source)
 	}
 	if err != nil {
 		d.Error = "temporarily_unavailable"

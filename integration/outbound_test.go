@@ -84,8 +84,8 @@ func startOutboundMesh(t *testing.T, githubTokenLifetime time.Duration) *outboun
 	return om
 }
 
-// tokenRequests are the token endpoint's requests from one client (mcpgate fetches the
-// token of every endpoint a connected sidecar may spend, wrong-mcp's refused ones too).
+// tokenRequests are the token endpoint's requests from one client (mcpgate renews the
+// tokens of endpoints once called, and retries refused ones, in the background).
 func (om *outboundMesh) tokenRequests(clientID string) []idp.Request {
 	var out []idp.Request
 	for _, r := range om.as.Requests() {

@@ -87,8 +87,9 @@ func Translate(snap *policy.Snapshot, node string) (Resources, error) {
 }
 
 // Tokens give the current access token of an HTTPEndpoint with client credentials, ""
-// while there is none; asking keeps it fresh. mcpgate's credential sources implement it
-// (extauthz/credentials.Sources).
+// while there is none. mcpgate's credential sources implement it
+// (extauthz/credentials.Sources): a token is there once a call has used it through
+// ext_authz, renewed by mcpgate from then on.
 type Tokens interface {
 	Token(ep *policy.HTTPEndpoint) string
 }

@@ -1,6 +1,7 @@
 package credentials
 
 import (
+	"context"
 	"encoding/json"
 	"sync"
 
@@ -9,8 +10,9 @@ import (
 
 // Sources hold one token source per HTTPEndpoint, kept across policy reloads while the
 // endpoint's auth is unchanged (its cached token with it), replaced when it changes.
-// ext_authz asks them for the token of each outbound call it sees; the xDS server asks
-// them for the tokens sidecars inject themselves (Token), which keeps those fresh. One
+// ext_authz asks them for the token of each outbound call it sees (ClientToken), which
+// keeps that token fresh from then on; the xDS server asks them for the tokens sidecars
+// inject themselves (Token). One
 // Sources is shared by both when they run in one process. Safe for concurrent use.
 type Sources struct {
 	mu   sync.Mutex
@@ -66,15 +68,33 @@ func (s *Sources) getLocked(ep *policy.HTTPEndpoint) (cs *Source, replaced bool)
 	return cs, old != nil
 }
 
-// Token is the current access token of an endpoint with client credentials, "" while
-// there is none (yet, or the token endpoint fails). It never waits: the first call starts
-// the source keeping a token (Keep), and Changes fires when the answer changes.
+// ClientToken is the token of a client-credentials source for a call (waiting for the
+// fetch when there is none), and from then on the source is kept (Keep): renewed before
+// expiry without calls, and published through Token. Nothing is fetched for an endpoint
+// nobody calls.
+func (s *Sources) ClientToken(ctx context.Context, src *Source) (string, error) {
+	src.Client.Keep(s.notify)
+	return src.Client.Token(ctx)
+}
+
+// Token is the current access token of an endpoint with client credentials that calls
+// have used (ClientToken), "" otherwise or while there is none (the token endpoint
+// fails). It never waits and never starts a fetch; Changes fires when its answer may
+// have changed.
 func (s *Sources) Token(ep *policy.HTTPEndpoint) string {
-	cs := s.Get(ep)
+	s.mu.Lock()
+	if s.m[ep.Name] == nil {
+		s.mu.Unlock()
+		return ""
+	}
+	cs, replaced := s.getLocked(ep) // a changed auth: a new source, not used yet
+	s.mu.Unlock()
+	if replaced {
+		s.notify()
+	}
 	if cs.Client == nil {
 		return ""
 	}
-	cs.Client.Keep(s.notify)
 	tok, _ := cs.Client.Current()
 	return tok
 }

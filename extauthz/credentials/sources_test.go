@@ -1,15 +1,16 @@
 package credentials
 
 import (
+	"context"
 	"testing"
 	"time"
 
 	"github.com/mcpgate/mcpgate/policy"
 )
 
-// TestSourcesToken: Token never waits; the first ask starts a kept source and Changes
-// fires when its token arrives. An auth change replaces the source (its renewals end),
-// and Retain forgets endpoints that left the policy.
+// TestSourcesToken: Token never waits nor fetches; the first call's ClientToken makes the
+// source kept and published. An auth change replaces the source (its renewals end), and
+// Retain forgets endpoints that left the policy.
 func TestSourcesToken(t *testing.T) {
 	e := newTokenEndpoint(t, "s1", 3600)
 	ep := &policy.HTTPEndpoint{Name: "github-mcp", Auth: &policy.HTTPEndpointAuthSpec{ClientCredentials: &policy.ClientCredentialsSpec{
@@ -17,8 +18,11 @@ func TestSourcesToken(t *testing.T) {
 	s := NewSources()
 	changes, stop := s.Changes()
 	defer stop()
-	if tok := s.Token(ep); tok != "" {
-		t.Fatalf("Token waited for a fetch: %q", tok)
+	if tok := s.Token(ep); tok != "" || e.calls.Load() != 0 {
+		t.Fatalf("Token for an endpoint nobody called: %q, %d fetches", tok, e.calls.Load())
+	}
+	if tok, err := s.ClientToken(context.Background(), s.Get(ep)); err != nil || tok != "tok-1" {
+		t.Fatalf("ClientToken %q %v", tok, err)
 	}
 	select {
 	case <-changes:
