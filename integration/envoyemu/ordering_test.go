@@ -32,16 +32,7 @@ func do(t *testing.T, method, url, body string, hdr ...string) (*http.Response, 
 	for i := 0; i+1 < len(hdr); i += 2 {
 		req.Header.Set(hdr[i], hdr[i+1])
 	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp, string(b)
+	return getBodyReq(t, http.DefaultClient, req)
 }
 
 // ordering_test.cc DefaultOrderingGet: headers only, both ways.
