@@ -282,9 +282,17 @@ func TestKeptTokenRenewedWithoutCalls(t *testing.T) {
 	e.down.Store(false)
 	eventually(t, "a token again once the endpoint is back", func() bool { return strings.HasPrefix(last(), "tok-") })
 	c.Close()
-	n := e.calls.Load()
-	time.Sleep(2500 * time.Millisecond) // longer than a renewal period: none may come
-	if m := e.calls.Load(); m != n {
+	eventually(t, "no fetch in flight", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return c.fetching == nil })
+	n := c.Fetches()
+	c.mu.Lock()
+	pending := c.timer.Stop()             // true: Close left the renewal timer running
+	c.lastErr = errors.New("renewal due") // so that a kept source's wake would fetch
+	c.mu.Unlock()
+	if pending {
+		t.Error("Close left a renewal scheduled")
+	}
+	c.wake() // a timer that fired just before Close
+	if m := c.Fetches(); m != n {
 		t.Errorf("%d fetches after Close", m-n)
 	}
 }
