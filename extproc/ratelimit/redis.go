@@ -266,6 +266,46 @@ func (r *Redis) AllowN(ctx context.Context, reqs []Request) ([]Result, error) {
 	return out, nil
 }
 
+// refundSource gives requests back, kept in its own file to be read as Lua.
+//
+//go:embed refund.lua
+var refundSource string
+
+// refundScript gives one request back to every bucket of KEYS (ARGV: each bucket's
+// emission interval in microseconds): the bucket's TAT moves one interval earlier, and a
+// bucket full again loses its key.
+var refundScript = redis.NewScript(refundSource)
+
+// Refund gives back the requests that an AllowN of the same reqs took, for a call that
+// was admitted but will never be made (mcpgate decided before the call's body arrived,
+// and the body was not the call the decision was for). It is one round trip, bounded by
+// the timeout like a decision.
+//
+// A refund is exact while the bucket holds requests taken after the refunded one, and
+// gives back at most one interval otherwise: a bucket that refilled since holds no
+// trace of the request, and refunding it leaves it full. Refund a call at most once,
+// and only one that AllowN admitted: a refused call took nothing.
+func (r *Redis) Refund(ctx context.Context, reqs []Request) error {
+	if len(reqs) == 0 {
+		return nil
+	}
+	keys := make([]string, len(reqs))
+	args := make([]any, len(reqs))
+	for i, q := range reqs {
+		interval, _, err := q.Limit.gcra()
+		if err != nil {
+			return fmt.Errorf("request %d: %w", i, err)
+		}
+		keys[i], args[i] = r.prefix+q.Key, interval
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	if err := refundScript.Run(ctx, r.c, keys, args...).Err(); err != nil {
+		return r.wrap(err)
+	}
+	return nil
+}
+
 // gcra is l's emission interval (Per/N rounded up) and burst tolerance (interval ×
 // burst), in microseconds.
 func (l Limit) gcra() (interval, tolerance int64, err error) {

@@ -272,6 +272,65 @@ func TestAllowNSameKeyTwice(t *testing.T) {
 	}
 }
 
+// TestRefund checks that a refund gives back exactly the requests a call took, in every
+// bucket of the call, and that a bucket full again loses its key rather than going below
+// full.
+func TestRefund(t *testing.T) {
+	srv := redistest.Start(t)
+	r := newStore(t, Options{Address: srv.Addr()})
+	raw := rawClient(t, srv.Addr())
+	ctx := context.Background()
+	caller := Request{Key: "caller", Limit: Limit{N: 3, Per: time.Hour}}
+	tool := Request{Key: "tool", Limit: Limit{N: 2, Per: time.Hour}}
+
+	requireAllowN(t, r, caller, tool)
+	before := rawValues(t, raw, "mcpgate:rl:caller", "mcpgate:rl:tool")
+	requireAllowN(t, r, caller, tool)
+	if err := r.Refund(ctx, []Request{caller, tool}); err != nil {
+		t.Fatalf("Refund: %v", err)
+	}
+	if after := rawValues(t, raw, "mcpgate:rl:caller", "mcpgate:rl:tool"); !slices.Equal(before, after) {
+		t.Fatalf("after a call and its refund the buckets hold %v, want %v as before the call", after, before)
+	}
+	// The tool's second request is back: one more call passes, then none.
+	if res := requireAllowN(t, r, caller, tool); !res[0].Allowed || !res[1].Allowed || res[1].Remaining != 0 {
+		t.Fatalf("call after the refund: %+v", res)
+	}
+	if res := requireAllowN(t, r, caller, tool); res[1].Allowed {
+		t.Fatalf("third call on a limit of 2: %+v", res)
+	}
+
+	// Refunding every request leaves the buckets full: no keys, the same as never used.
+	for range 2 {
+		if err := r.Refund(ctx, []Request{caller, tool}); err != nil {
+			t.Fatalf("Refund: %v", err)
+		}
+	}
+	if n := raw.Exists(ctx, "mcpgate:rl:caller", "mcpgate:rl:tool").Val(); n != 0 {
+		t.Fatalf("%d keys left after every request was given back", n)
+	}
+	// A refund of a bucket that holds nothing changes nothing and creates no key.
+	if err := r.Refund(ctx, []Request{caller}); err != nil {
+		t.Fatalf("Refund: %v", err)
+	}
+	if n := raw.Exists(ctx, "mcpgate:rl:caller").Val(); n != 0 {
+		t.Fatal("a refund created a bucket")
+	}
+	if res := requireAllowN(t, r, tool, tool); !res[0].Allowed || !res[1].Allowed || res[1].Remaining != 0 {
+		t.Fatalf("a full bucket after refunds: %+v, want 2 requests and none left", res)
+	}
+	// A key twice in the refund gives back two requests.
+	if err := r.Refund(ctx, []Request{tool, tool}); err != nil {
+		t.Fatalf("Refund: %v", err)
+	}
+	if n := raw.Exists(ctx, "mcpgate:rl:tool").Val(); n != 0 {
+		t.Fatal("two requests given back to a bucket of 2 that held 2: want it full")
+	}
+	if err := r.Refund(ctx, []Request{{Key: "x", Limit: Limit{N: 0, Per: time.Second}}}); !errors.Is(err, ErrInvalidLimit) {
+		t.Fatalf("Refund of an invalid limit: %v, want ErrInvalidLimit", err)
+	}
+}
+
 func rawValues(t *testing.T, c *redis.Client, keys ...string) []any {
 	t.Helper()
 	v, err := c.MGet(context.Background(), keys...).Result()
