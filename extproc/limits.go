@@ -32,6 +32,10 @@ import (
 // trip however many limits apply (ratelimit.Redis.AllowN, all or nothing). Without it, or
 // while Redis is unreachable under failureMode local, they live in this replica's memory
 // (limiters), all or nothing as well.
+//
+// With Redis, the decision is taken on the request's headers when they say which buckets
+// the body's message spends from (earlyLimit), so that Redis answers while the body is on
+// its way; it is the same decision as on the body.
 
 // Values of the decision label of mcpgate.ratelimit.decisions.
 const (
@@ -148,9 +152,17 @@ func (st *stream) rateLimit(ctx context.Context, r *Request, now time.Time) (lim
 	}
 	s := st.s
 	if store := s.shared.get(st.snap.Mesh.RateLimits); store != nil {
-		v, refused, err := store.decide(ctx, s, st.app.ID, checks, now)
+		var res []ratelimit.Result
+		var err error
+		if e := st.takeEarly(); e != nil && e.store == store && e.decides(checks) {
+			<-e.done // bounded by the store's timeout
+			res, err = e.res, e.err
+		} else {
+			e.release()
+			_, res, err = store.spend(ctx, st.app.ID, checks, now)
+		}
 		if err == nil {
-			return v, refused
+			return verdict(s, st.app.ID, checks, res)
 		}
 		switch store.cfg.FailureMode {
 		case policy.FailAllow:
@@ -166,6 +178,113 @@ func (st *stream) rateLimit(ctx context.Context, r *Request, now time.Time) (lim
 		return st.localLimits(checks, now, limitLocalAllowed, limitLocalRefused)
 	}
 	return st.localLimits(checks, now, limitAllowed, limitRefused)
+}
+
+// earlyLimit is a decision on the shared limits taken when a request's headers arrive,
+// for the message its body will hold, while Envoy buffers the body and sends it: the
+// round trip to Redis then overlaps the ext_proc round trip of the headers, as Envoy's
+// own rate-limit filter decides on headers, instead of adding to the call's latency.
+//
+// It is made only when the headers say which buckets the body's message spends from
+// (earlyChecks), and used only if the message, once parsed, has exactly those buckets
+// (decides). Otherwise, and when the body never comes or is refused before its limits,
+// the requests it took are given back (release): a call is limited as if decided on its
+// body, whatever its headers said.
+type earlyLimit struct {
+	store  *sharedStore
+	checks []limitCheck
+	done   chan struct{} // closed when reqs, res and err are set
+	reqs   []ratelimit.Request
+	res    []ratelimit.Result
+	err    error
+}
+
+// limitEarly starts the early decision on the request whose headers st holds, when
+// there is one to make (earlyChecks).
+func (st *stream) limitEarly(ctx context.Context, now time.Time) {
+	store := st.s.shared.get(st.snap.Mesh.RateLimits)
+	if store == nil || store.r == nil || store.skipping(now) {
+		// Local limits cost no round trip, and a store being skipped decides nothing.
+		return
+	}
+	checks := st.earlyChecks()
+	if len(checks) == 0 {
+		return
+	}
+	e := &earlyLimit{store: store, checks: checks, done: make(chan struct{})}
+	target := st.app.ID
+	go func() {
+		defer close(e.done)
+		e.reqs, e.res, e.err = store.spend(ctx, target, checks, now)
+	}()
+	st.early = e
+}
+
+// earlyChecks are the buckets that the message of the body to come will spend from, when
+// the headers say so: nil when they do not.
+//
+// A body may hold several messages (a JSON-RPC batch) only in protocol 2025-03-26, the
+// one a request without MCP-Protocol-Version speaks: there the count is unknown. Later
+// versions send one message per POST. Its buckets are then known from the MCP 2026-07-28
+// Mcp-Method and Mcp-Name headers, which the body must match (checkHeaders refuses it
+// otherwise), or without them when the app has no perTool limit, whose buckets are the
+// same for every message.
+func (st *stream) earlyChecks() []limitCheck {
+	if v := st.req.ProtocolVersion; v == "" || v == "2025-03-26" {
+		return nil
+	}
+	r := st.req
+	switch {
+	case st.mcpMethodHeader != "":
+		r.Method = st.mcpMethodHeader
+		setTarget(&r, st.mcpMethodHeader, st.mcpNameHeader)
+	case len(st.app.MCP.Limits.PerTool) == 0:
+		r.Method = "" // any: no limit depends on it
+	default:
+		return nil
+	}
+	return st.limitChecks(&r, nil)
+}
+
+// takeEarly hands over the stream's early decision, if any, to be used or released.
+func (st *stream) takeEarly() *earlyLimit {
+	e := st.early
+	st.early = nil
+	return e
+}
+
+// decides reports whether the early decision was on exactly the buckets of checks.
+func (e *earlyLimit) decides(checks []limitCheck) bool {
+	if len(checks) != len(e.checks) {
+		return false
+	}
+	for i := range checks {
+		if checks[i].key != e.checks[i].key {
+			return false
+		}
+	}
+	return true
+}
+
+// release gives back what an unused early decision took, once it is known, without
+// waiting for it: the stream goes on. A refund that fails (Redis gone meanwhile) leaves
+// the requests spent, as a call that was made would have. Nil e is a no-op.
+func (e *earlyLimit) release() {
+	if e == nil {
+		return
+	}
+	go func() {
+		<-e.done
+		if e.err != nil {
+			return
+		}
+		for _, r := range e.res {
+			if !r.Allowed {
+				return // refused: nothing was taken
+			}
+		}
+		_ = e.store.r.Refund(context.Background(), e.reqs)
+	}()
 }
 
 // localLimits decides in this replica's buckets, all or nothing: a message refused by
@@ -366,17 +485,18 @@ func redisTLS(cfg policy.RateLimitStore) (*tls.Config, error) {
 
 var errStoreSkipped = errors.New("skipped after a recent failure")
 
-// decide takes one request from every bucket of checks in Redis, in one round trip. An
-// error means Redis did not decide (down, slow, refusing): the failure mode does.
-func (ss *sharedStore) decide(ctx context.Context, s *Server, target string, checks []limitCheck, now time.Time) (limitVerdict, bool, error) {
+// spend takes one request from every bucket of checks in Redis, in one round trip, and
+// returns Redis's answers (verdict reads them). An error means Redis did not decide
+// (down, slow, refusing): the failure mode does. It touches no stream state, so an early
+// decision can run it beside the stream's own goroutine.
+func (ss *sharedStore) spend(ctx context.Context, target string, checks []limitCheck, now time.Time) ([]ratelimit.Request, []ratelimit.Result, error) {
 	if ss.r == nil {
-		return limitVerdict{}, false, ss.cfgErr
+		return nil, nil, ss.cfgErr
 	}
-	if until := ss.skipUntil.Load(); until != 0 && now.UnixNano() < until {
-		return limitVerdict{}, false, ss.currentErr()
+	if ss.skipping(now) {
+		return nil, nil, ss.currentErr()
 	}
-	var buf [4]ratelimit.Request
-	reqs := buf[:0]
+	reqs := make([]ratelimit.Request, 0, len(checks))
 	for _, c := range checks {
 		reqs = append(reqs, ratelimit.Request{Key: sharedKey(target, c), Limit: ratelimit.Limit{N: c.limit.N, Per: c.limit.Per, Burst: c.limit.Burst}})
 	}
@@ -384,20 +504,31 @@ func (ss *sharedStore) decide(ctx context.Context, s *Server, target string, che
 	if err != nil {
 		if ctx.Err() != nil {
 			// The call ended (the client went away): that says nothing about Redis.
-			return limitVerdict{}, false, err
+			return nil, nil, err
 		}
 		ss.markDown(err, now)
-		return limitVerdict{}, false, err
+		return nil, nil, err
 	}
 	ss.markUp()
+	return reqs, res, nil
+}
+
+// skipping reports whether decisions skip the store after a recent failure.
+func (ss *sharedStore) skipping(now time.Time) bool {
+	until := ss.skipUntil.Load()
+	return until != 0 && now.UnixNano() < until
+}
+
+// verdict reads Redis's answers on checks (from spend), counting the decision.
+func verdict(s *Server, target string, checks []limitCheck, res []ratelimit.Result) (limitVerdict, bool) {
 	for i, r := range res {
 		if !r.Allowed {
 			s.countLimit(target, checks[i].kind, limitRefused)
-			return refusedBy(checks[i], r.RetryAfter), true, nil
+			return refusedBy(checks[i], r.RetryAfter), true
 		}
 	}
 	s.countLimits(target, checks, limitAllowed)
-	return limitVerdict{}, false, nil
+	return limitVerdict{}, false
 }
 
 // sharedKey is the Redis key of c's bucket: the app and kind in clear, for operators

@@ -3,11 +3,15 @@ package extproc
 import (
 	"context"
 	"encoding/json"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"github.com/redis/go-redis/v9"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -231,15 +235,30 @@ func waitShared(t *testing.T, rs *replicas, s *Server, req envoyRequest) envoyRe
 // Redis killed mid-test: each failure mode decides, readyz says so, and once Redis is
 // back the limits are shared again, with no restart.
 func TestRedisDownFailureModes(t *testing.T) {
-	for _, mode := range []policy.FailureMode{policy.FailLocal, policy.FailDeny, policy.FailAllow} {
-		t.Run(string(mode), func(t *testing.T) {
+	// Decided on the body (protocol 2025-03-26: a body may be a batch) or on the MCP
+	// 2026-07-28 headers, while the body is on its way: the same outcomes.
+	for _, tc := range []struct {
+		mode    policy.FailureMode
+		decided string
+		headers []string
+	}{
+		{policy.FailLocal, "body", nil}, {policy.FailDeny, "body", nil}, {policy.FailAllow, "body", nil},
+		{policy.FailLocal, "headers", era2026}, {policy.FailDeny, "headers", era2026}, {policy.FailAllow, "headers", era2026},
+	} {
+		mode := tc.mode
+		alice := func() envoyRequest {
+			r := as("alice", "", "get_inventory")
+			r.headers = tc.headers
+			return r
+		}
+		t.Run(string(mode)+"/on "+tc.decided, func(t *testing.T) {
 			srv := redistest.Start(t)
 			rs := newReplicas(t, 2, func(s *policy.Snapshot) {
 				s.Mesh.RateLimits = redisStore(srv.Addr(), mode)
 				s.App("inventory").MCP.Limits.PerCaller = &policy.RateLimit{N: 2, Per: time.Hour}
 			})
 			a, b := rs.servers[0], rs.servers[1]
-			requireForwarded(t, runEnvoy(t, a, as("alice", "", "get_inventory"), envoyUpstream{}), "shared call 1")
+			requireForwarded(t, runEnvoy(t, a, alice(), envoyUpstream{}), "shared call 1")
 			if st := a.RateLimitStatus(context.Background()); !st.Reachable || st.Store != "redis" {
 				t.Errorf("status with Redis up: %+v", st)
 			}
@@ -249,14 +268,14 @@ func TestRedisDownFailureModes(t *testing.T) {
 			case policy.FailLocal:
 				// Each replica counts on its own: 2 each, then refused.
 				for _, s := range []*Server{a, a, b, b} {
-					requireForwarded(t, runEnvoy(t, s, as("alice", "", "get_inventory"), envoyUpstream{}), "local call")
+					requireForwarded(t, runEnvoy(t, s, alice(), envoyUpstream{}), "local call")
 				}
-				requireLimited(t, runEnvoy(t, a, as("alice", "", "get_inventory"), envoyUpstream{}), "3rd local call", "perCaller", "q=2;w=3600")
+				requireLimited(t, runEnvoy(t, a, alice(), envoyUpstream{}), "3rd local call", "perCaller", "q=2;w=3600")
 				if got := rs.limitCounts(t); got["caller/local_allowed"] != 4 || got["caller/local_refused"] != 1 {
 					t.Errorf("decisions = %v, want 4 local_allowed and 1 local_refused", got)
 				}
 			case policy.FailDeny:
-				res := runEnvoy(t, a, as("alice", "", "get_inventory"), envoyUpstream{})
+				res := runEnvoy(t, a, alice(), envoyUpstream{})
 				requireJSONRPCError(t, res.immediate, 503, 1, -32001, "rate limits unavailable: redis "+srv.Addr())
 				if h := immediateHeaders(res.immediate); h["retry-after"] != "1" {
 					t.Errorf("Retry-After = %q, want 1", h["retry-after"])
@@ -266,7 +285,7 @@ func TestRedisDownFailureModes(t *testing.T) {
 				}
 			case policy.FailAllow:
 				for range 5 {
-					requireForwarded(t, runEnvoy(t, b, as("alice", "", "get_inventory"), envoyUpstream{}), "failure mode allow")
+					requireForwarded(t, runEnvoy(t, b, alice(), envoyUpstream{}), "failure mode allow")
 				}
 				if got := rs.limitCounts(t); got["caller/unavailable_allowed"] != 5 {
 					t.Errorf("decisions = %v, want 5 unavailable_allowed", got)
@@ -284,9 +303,9 @@ func TestRedisDownFailureModes(t *testing.T) {
 			// starts again, 2 between both replicas. Each replica tries Redis again at
 			// most a second after its last failure.
 			srv.Restart(t)
-			requireForwarded(t, waitShared(t, rs, b, as("alice", "", "get_inventory")), "1st shared call after the restart")
-			requireForwarded(t, waitShared(t, rs, a, as("alice", "", "get_inventory")), "2nd shared call after the restart")
-			requireLimited(t, runEnvoy(t, b, as("alice", "", "get_inventory"), envoyUpstream{}), "3rd shared call", "perCaller", "q=2;w=3600")
+			requireForwarded(t, waitShared(t, rs, b, alice()), "1st shared call after the restart")
+			requireForwarded(t, waitShared(t, rs, a, alice()), "2nd shared call after the restart")
+			requireLimited(t, runEnvoy(t, b, alice(), envoyUpstream{}), "3rd shared call", "perCaller", "q=2;w=3600")
 			if st := b.RateLimitStatus(context.Background()); !st.Reachable {
 				t.Errorf("status with Redis back: %+v", st)
 			}
@@ -341,5 +360,196 @@ func TestRedisUnusableConfig(t *testing.T) {
 	requireJSONRPCError(t, res.immediate, 503, 1, -32001, "tls.caFile")
 	if st := rs.servers[0].RateLimitStatus(context.Background()); st.Reachable || !strings.Contains(st.Error, "/nonexistent/redis-ca.pem") {
 		t.Errorf("status: %+v", st)
+	}
+}
+
+// headersOnly sends a POST's request headers down a new stream of s, as Envoy does
+// before the body, and returns the stream, with the body still to send.
+func headersOnly(t *testing.T, s *Server, md *corev3.Metadata, body string, extra ...string) (*fakeStream, context.CancelFunc) {
+	t.Helper()
+	f, cancel := openStream(t, s)
+	hdrs := append([]string{":method", "POST", ":path", "/mcp", ":authority", "inventory", "content-type", "application/json",
+		"accept", "application/json, text/event-stream", "content-length", strconv.Itoa(len(body))}, extra...)
+	resp := f.exchange(t, &extprocv3.ProcessingRequest{MetadataContext: md, Request: &extprocv3.ProcessingRequest_RequestHeaders{
+		RequestHeaders: &extprocv3.HttpHeaders{Headers: headerMap(hdrs...)}}})
+	if ir := resp.GetImmediateResponse(); ir != nil {
+		t.Fatalf("headers answered with %d: %s", ir.GetStatus().GetCode(), ir.GetBody())
+	}
+	return f, cancel
+}
+
+func sendBody(t *testing.T, f *fakeStream, body string) *extprocv3.ProcessingResponse {
+	t.Helper()
+	return f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{
+		RequestBody: &extprocv3.HttpBody{Body: []byte(body), EndOfStream: true}}})
+}
+
+// waitKeys polls Redis until it holds n keys (the buckets spent and not given back).
+func waitKeys(t *testing.T, c *redis.Client, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got, err := c.DBSize(context.Background()).Result()
+		if err == nil && got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redis holds %d keys (err %v), want %d", got, err, n)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// With Redis, a request whose headers say which buckets its message spends from is
+// decided on its headers, while the body is on its way; the body then uses that
+// decision, and a body that is not the message decided on gives back what it took.
+func TestEarlyLimitDecision(t *testing.T) {
+	srv := redistest.Start(t)
+	raw := redis.NewClient(&redis.Options{Addr: srv.Addr(), Protocol: 2, DisableIdentity: true})
+	t.Cleanup(func() { _ = raw.Close() })
+	md := metadata("inventory", "my-agent", "mcp:tools", "inventory:read")
+	getInv := call(1, "get_inventory", `{"product_id":"SKU-42"}`)
+	era2025 := []string{"mcp-protocol-version", "2025-06-18"}
+	fresh := func(t *testing.T, perTool bool) *replicas {
+		t.Helper()
+		if err := raw.FlushDB(context.Background()).Err(); err != nil {
+			t.Fatal(err)
+		}
+		return newReplicas(t, 2, func(s *policy.Snapshot) {
+			s.Mesh.RateLimits = redisStore(srv.Addr(), policy.FailDeny)
+			lim := &s.App("inventory").MCP.Limits
+			lim.PerCaller = &policy.RateLimit{N: 1, Per: time.Hour}
+			if perTool {
+				g, err := policy.CompileGlob("get_*")
+				if err != nil {
+					t.Fatal(err)
+				}
+				lim.PerTool = []policy.ToolRate{{Tool: g, Rate: policy.RateLimit{N: 1, Per: time.Hour}, Per: policy.PerCaller}}
+			}
+		})
+	}
+	full := func(s *Server, headers []string) envoyResult {
+		return runEnvoy(t, s, envoyRequest{md: md, body: getInv, headers: headers}, envoyUpstream{})
+	}
+
+	t.Run("mcp-method headers", func(t *testing.T) {
+		rs := fresh(t, true)
+		f, _ := headersOnly(t, rs.servers[0], md, getInv, era2026...)
+		// Both buckets (perCaller, perTool) are spent before the body is sent: the other
+		// replica already refuses the same call.
+		waitKeys(t, raw, 2)
+		requireLimited(t, full(rs.servers[1], era2026), "a call while the first is buffered", "perCaller", "q=1;w=3600")
+		// The body uses the decision taken on its headers: no second request is taken
+		// (the limit is 1: a second would be refused).
+		if ir := sendBody(t, f, getInv).GetImmediateResponse(); ir != nil {
+			t.Fatalf("body refused: %d %s", ir.GetStatus().GetCode(), ir.GetBody())
+		}
+		requireLimited(t, full(rs.servers[0], era2026), "the next call", "perCaller", "q=1;w=3600")
+		if got := rs.limitCounts(t); got["caller/allowed"] != 1 || got["tool/allowed"] != 1 || got["caller/refused"] != 2 {
+			t.Errorf("mcpgate.ratelimit.decisions = %v, want each bucket allowed once and 2 refusals", got)
+		}
+	})
+
+	t.Run("refused on the headers", func(t *testing.T) {
+		rs := fresh(t, true)
+		requireForwarded(t, full(rs.servers[0], era2026), "first call")
+		f, _ := headersOnly(t, rs.servers[1], md, getInv, era2026...)
+		res := envoyResult{immediate: sendBody(t, f, getInv).GetImmediateResponse()}
+		requireLimited(t, res, "second call", "perCaller", "q=1;w=3600")
+	})
+
+	t.Run("body not the message of the headers", func(t *testing.T) {
+		rs := fresh(t, true)
+		other := call(1, "list_products", `{}`)
+		f, _ := headersOnly(t, rs.servers[0], md, other, era2026...)
+		waitKeys(t, raw, 2) // spent on the headers
+		requireJSONRPCError(t, sendBody(t, f, other).GetImmediateResponse(), 400, 1, CodeHeaderMismatch, "do not match the body")
+		waitKeys(t, raw, 0) // given back
+		requireForwarded(t, full(rs.servers[1], era2026), "the call after the refused one")
+	})
+
+	t.Run("without mcp-method, no perTool limit", func(t *testing.T) {
+		rs := fresh(t, false)
+		f, _ := headersOnly(t, rs.servers[0], md, getInv, era2025...)
+		waitKeys(t, raw, 1)
+		if ir := sendBody(t, f, getInv).GetImmediateResponse(); ir != nil {
+			t.Fatalf("body refused: %d %s", ir.GetStatus().GetCode(), ir.GetBody())
+		}
+		requireLimited(t, full(rs.servers[1], era2025), "the next call", "perCaller", "q=1;w=3600")
+	})
+
+	t.Run("a response spends nothing", func(t *testing.T) {
+		rs := fresh(t, false)
+		answer := `{"jsonrpc":"2.0","id":"srv-1","result":{}}`
+		f, _ := headersOnly(t, rs.servers[0], md, answer, era2025...)
+		waitKeys(t, raw, 1)
+		if ir := sendBody(t, f, answer).GetImmediateResponse(); ir != nil {
+			t.Fatalf("the client's answer refused: %d %s", ir.GetStatus().GetCode(), ir.GetBody())
+		}
+		waitKeys(t, raw, 0)
+		requireForwarded(t, full(rs.servers[1], era2025), "a call after the answer")
+	})
+
+	t.Run("unparsable body", func(t *testing.T) {
+		rs := fresh(t, false)
+		f, _ := headersOnly(t, rs.servers[0], md, "{", era2025...)
+		waitKeys(t, raw, 1)
+		if ir := sendBody(t, f, "{").GetImmediateResponse(); ir.GetStatus().GetCode() != 400 {
+			t.Fatalf("unparsable body answered %v", ir)
+		}
+		waitKeys(t, raw, 0)
+		requireForwarded(t, full(rs.servers[1], era2025), "a call after the refused body")
+	})
+
+	t.Run("body never sent", func(t *testing.T) {
+		rs := fresh(t, false)
+		_, cancel := headersOnly(t, rs.servers[0], md, getInv, era2025...)
+		waitKeys(t, raw, 1)
+		cancel() // Envoy gave up on the request
+		waitKeys(t, raw, 0)
+		requireForwarded(t, full(rs.servers[1], era2025), "a call after the abandoned one")
+	})
+}
+
+// The headers say which buckets a body spends from only in the cases earlyChecks lists.
+func TestEarlyChecks(t *testing.T) {
+	g, err := policy.CompileGlob("get_*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	perTool := []policy.ToolRate{{Tool: g, Rate: policy.RateLimit{N: 1, Per: time.Hour}, Per: policy.PerCaller}}
+	for _, tc := range []struct {
+		name            string
+		version, method string
+		tool            string
+		perTool         bool
+		want            []string // the kinds of the buckets, nil: no early decision
+	}{
+		{"2025-03-26 may be a batch", "2025-03-26", "", "", false, nil},
+		{"no version may be a batch", "", "", "", false, nil},
+		{"2025-06-18 without perTool", "2025-06-18", "", "", false, []string{"caller", "subject"}},
+		{"2025-06-18 with perTool", "2025-06-18", "", "", true, nil},
+		{"2026-07-28 tools/call", "2026-07-28", "tools/call", "get_inventory", true, []string{"caller", "subject", "tool"}},
+		{"2026-07-28 tools/call of an unlimited tool", "2026-07-28", "tools/call", "list_products", true, []string{"caller", "subject"}},
+		{"2026-07-28 tools/list", "2026-07-28", "tools/list", "", true, []string{"caller", "subject"}},
+		{"2026-07-28 without Mcp-Method", "2026-07-28", "", "", true, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			app := &policy.App{ID: "inventory", MCP: &policy.MCP{}}
+			app.MCP.Limits.PerCaller = &policy.RateLimit{N: 1, Per: time.Hour}
+			app.MCP.Limits.PerSubject, app.MCP.Limits.SubjectClaim = &policy.RateLimit{N: 1, Per: time.Hour}, "sub"
+			if tc.perTool {
+				app.MCP.Limits.PerTool = perTool
+			}
+			st := &stream{app: app, mcpMethodHeader: tc.method, mcpNameHeader: tc.tool,
+				req: Request{ProtocolVersion: tc.version, Caller: policy.Caller{AppID: "my-agent"}, Subject: "alice"}}
+			var got []string
+			for _, c := range st.earlyChecks() {
+				got = append(got, c.kind)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("buckets %v, want %v", got, tc.want)
+			}
+		})
 	}
 }

@@ -174,6 +174,7 @@ func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	// (without one, OPA watches ctx with a new goroutine for every evaluation).
 	defer context.AfterFunc(ctx, st.cancel.Cancel)()
 	defer func() {
+		st.takeEarly().release() // the body never came
 		if st.span != nil {
 			st.span.End()
 		}
@@ -234,6 +235,7 @@ type stream struct {
 	upstreamSession   string                     // the server's session id, when one was presented
 	isGRPC            bool                       // the request is gRPC MCP (grpc.go)
 	claims            map[string]json.RawMessage // the token's, once a limit needs one (claim)
+	early             *earlyLimit                // the limits decided on the headers, until the body uses them
 	span              trace.Span                 // nil unless traced; ended with the stream
 	grpc              *grpcStream
 	answering         []json.RawMessage // ids of the requests of the body
@@ -263,7 +265,11 @@ func (st *stream) handle(ctx context.Context, req *extprocv3.ProcessingRequest) 
 		if st.phase != expectRequestBody {
 			return nil, errProtocol("request body not expected here")
 		}
-		return st.requestBody(ctx, r.RequestBody), nil
+		resp := st.requestBody(ctx, r.RequestBody)
+		// An early decision on the limits that the body did not use (it was not the
+		// message decided on, or it was refused first) takes nothing.
+		st.takeEarly().release()
+		return resp, nil
 	case *extprocv3.ProcessingRequest_RequestTrailers:
 		// Trailers are not part of an MCP decision; they pass unchanged.
 		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_RequestTrailers{RequestTrailers: &extprocv3.TrailersResponse{}}}, nil
@@ -451,6 +457,7 @@ func (st *stream) requestHeaders(ctx context.Context, req *extprocv3.ProcessingR
 			return st.refuse(st.denial(d, nil))
 		}
 	}
+	st.limitEarly(ctx, time.Now())
 	st.phase = expectRequestBody
 	return st.continueHeaders(st.upstreamHeaders())
 }
