@@ -350,20 +350,33 @@ func BenchmarkGRPCStreamThroughput(b *testing.B) {
 // in the same run and alternating, as BenchmarkExchange does. The limits are out of
 // reach so every call is admitted (and spends from three buckets).
 //
+// on-body is a 2025-06-18 call: with a perTool limit its buckets are known only from
+// its body, and Redis's round trip adds to the call. on-headers is a 2026-07-28 call,
+// whose Mcp-Method and Mcp-Name headers name the tool: the decision is taken on the
+// headers and Redis answers while the body is on its way (earlyLimit).
+//
 // redis-own-core leaves redis-server a CPU of its own (GOMAXPROCS one below the CPUs),
 // as where Redis runs on another machine or container; shared-cores lets mcpgate, the
 // benchmark's client and Redis contend for every CPU, which on a 2-CPU machine is most
 // of the difference between the two.
 func BenchmarkRedisLimitedExchange(b *testing.B) {
 	srv := redistest.Start(b)
-	b.Run("redis-own-core", func(b *testing.B) {
-		defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(max(1, runtime.NumCPU()-1)))
-		benchLimited(b, srv)
-	})
-	b.Run("shared-cores", func(b *testing.B) { benchLimited(b, srv) })
+	for _, decided := range []struct {
+		name    string
+		headers []string
+	}{
+		{"on-body", []string{"mcp-protocol-version", "2025-06-18"}},
+		{"on-headers", []string{"mcp-protocol-version", "2026-07-28", "mcp-method", "tools/call", "mcp-name", "get_inventory"}},
+	} {
+		b.Run(decided.name+"/redis-own-core", func(b *testing.B) {
+			defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(max(1, runtime.NumCPU()-1)))
+			benchLimited(b, srv, decided.headers)
+		})
+		b.Run(decided.name+"/shared-cores", func(b *testing.B) { benchLimited(b, srv, decided.headers) })
+	}
 }
 
-func benchLimited(b *testing.B, srv *redistest.Server) {
+func benchLimited(b *testing.B, srv *redistest.Server, headers []string) {
 	unlimited, limited := newDemoServer(b), newDemoServer(b)
 	b.Cleanup(unlimited.Close)
 	b.Cleanup(limited.Close)
@@ -389,8 +402,8 @@ func benchLimited(b *testing.B, srv *redistest.Server) {
 		session := s.bindSession("s1", identityOf(ident))
 		return []*extprocv3.ProcessingRequest{
 			{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
-				Headers: headerMap(":method", "POST", ":path", "/mcp", "content-type", "application/json", "content-length", fmt.Sprint(len(body)),
-					"mcp-protocol-version", "2025-06-18", "mcp-session-id", session, "accept", "application/json, text/event-stream")}}},
+				Headers: headerMap(append([]string{":method", "POST", ":path", "/mcp", "content-type", "application/json", "content-length", fmt.Sprint(len(body)),
+					"mcp-session-id", session, "accept", "application/json, text/event-stream"}, headers...)...)}}},
 			{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: []byte(body), EndOfStream: true}}},
 			{Request: &extprocv3.ProcessingRequest_ResponseHeaders{ResponseHeaders: &extprocv3.HttpHeaders{
 				Headers: headerMap(":status", "200", "content-type", "application/json")}}},
