@@ -112,21 +112,7 @@ func (l *limiters) len() int {
 	return len(l.m)
 }
 
-func rateString(rl policy.RateLimit) string {
-	if rl.Burst > 0 && rl.Burst != rl.N {
-		return rateString(policy.RateLimit{N: rl.N, Per: rl.Per}) + " burst " + strconv.Itoa(rl.Burst)
-	}
-	unit := rl.Per.String() // policy accepts only s, m and h
-	switch rl.Per {
-	case time.Second:
-		unit = "s"
-	case time.Minute:
-		unit = "m"
-	case time.Hour:
-		unit = "h"
-	}
-	return strconv.Itoa(rl.N) + "/" + unit
-}
+func rateString(rl policy.RateLimit) string { return rl.String() }
 
 // retryAfter renders a delay for the Retry-After header (whole seconds, at least 1).
 func retryAfter(d time.Duration) string {

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/url"
+	"strconv"
 	"time"
 
 	"github.com/open-policy-agent/opa/v1/rego"
@@ -275,6 +276,24 @@ type RateLimit struct {
 	N     int
 	Per   time.Duration
 	Burst int
+}
+
+// String is the rate as the policy writes it, "100/m", with " burst 20" when the burst
+// is not N. It names the rate in bucket keys (extproc), so it must not change.
+func (r RateLimit) String() string {
+	if r.Burst > 0 && r.Burst != r.N {
+		return RateLimit{N: r.N, Per: r.Per}.String() + " burst " + strconv.Itoa(r.Burst)
+	}
+	unit := r.Per.String() // the policy accepts only s, m and h
+	switch r.Per {
+	case time.Second:
+		unit = "s"
+	case time.Minute:
+		unit = "m"
+	case time.Hour:
+		unit = "h"
+	}
+	return strconv.Itoa(r.N) + "/" + unit
 }
 
 // Capacity is the requests a full bucket allows at once.

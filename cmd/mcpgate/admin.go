@@ -124,17 +124,87 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 type appView struct {
-	ID        string   `json:"id"`
-	Namespace string   `json:"namespace"`
-	SpiffeID  string   `json:"spiffe_id"`
-	Source    string   `json:"source"`
-	MCPPath   string   `json:"mcp_path,omitempty"`
-	Metadata  string   `json:"resource_metadata,omitempty"`
-	Issuers   []string `json:"issuers,omitempty"`
-	Scopes    []string `json:"scopes,omitempty"`
-	Rules     []string `json:"rules,omitempty"`
-	Rego      string   `json:"rego,omitempty"`
-	Pinning   *pinView `json:"pinning,omitempty"`
+	ID        string      `json:"id"`
+	Namespace string      `json:"namespace"`
+	SpiffeID  string      `json:"spiffe_id"`
+	Source    string      `json:"source"`
+	MCPPath   string      `json:"mcp_path,omitempty"`
+	Metadata  string      `json:"resource_metadata,omitempty"`
+	Issuers   []string    `json:"issuers,omitempty"`
+	Scopes    []string    `json:"scopes,omitempty"`
+	Rules     []string    `json:"rules,omitempty"`
+	Rego      string      `json:"rego,omitempty"`
+	Pinning   *pinView    `json:"pinning,omitempty"`
+	Limits    *limitsView `json:"limits,omitempty"`
+	CORS      *corsView   `json:"cors,omitempty"`
+}
+
+// limitsView is an app's limits, rates as the policy writes them ("100/m"); where they
+// are counted is the snapshot's rate_limits.
+type limitsView struct {
+	MaxRequestBytes int64          `json:"max_request_bytes"`
+	PerCaller       string         `json:"per_caller,omitempty"`
+	PerSubject      string         `json:"per_subject,omitempty"`
+	SubjectClaim    string         `json:"subject_claim,omitempty"`
+	PerTenant       string         `json:"per_tenant,omitempty"`
+	TenantClaim     string         `json:"tenant_claim,omitempty"`
+	PerTool         []toolRateView `json:"per_tool,omitempty"` // in the order they are tried
+}
+
+// toolRateView is one perTool limit: counted for all callers together (per "all"), or
+// per caller, subject or tenant (claim names the token claim of the last two).
+type toolRateView struct {
+	Tool  string `json:"tool"`
+	Rate  string `json:"rate"`
+	Per   string `json:"per"`
+	Claim string `json:"claim,omitempty"`
+}
+
+// corsView is an app's CORS policy with its defaults applied, as Envoy's cors filter
+// gets it.
+type corsView struct {
+	AllowOrigins     []string `json:"allow_origins"`
+	AllowMethods     []string `json:"allow_methods"`
+	AllowHeaders     []string `json:"allow_headers"`
+	ExposeHeaders    []string `json:"expose_headers"`
+	MaxAge           string   `json:"max_age"`
+	AllowCredentials bool     `json:"allow_credentials"`
+}
+
+func describeLimits(l *policy.Limits) *limitsView {
+	v := &limitsView{MaxRequestBytes: l.MaxRequestBytes}
+	if l.PerCaller != nil {
+		v.PerCaller = l.PerCaller.String()
+	}
+	if l.PerSubject != nil {
+		v.PerSubject, v.SubjectClaim = l.PerSubject.String(), l.SubjectClaim
+	}
+	if l.PerTenant != nil {
+		v.PerTenant, v.TenantClaim = l.PerTenant.String(), l.TenantClaim
+	}
+	for _, tr := range l.PerTool {
+		tv := toolRateView{Tool: tr.Tool.String(), Rate: tr.Rate.String(), Per: string(tr.Per)}
+		switch tr.Per {
+		case policy.PerApp:
+			tv.Per = "all"
+		case policy.PerSubject, policy.PerTenant:
+			tv.Claim = tr.Claim
+		}
+		v.PerTool = append(v.PerTool, tv)
+	}
+	return v
+}
+
+func describeCORS(c *policy.CORS) *corsView {
+	if c == nil {
+		return nil
+	}
+	v := &corsView{AllowOrigins: c.AllowOrigins, AllowMethods: c.AllowMethods, AllowHeaders: c.AllowHeaders,
+		ExposeHeaders: c.ExposeHeaders, MaxAge: c.MaxAge.String(), AllowCredentials: c.AllowCredentials}
+	if c.AnyOrigin {
+		v.AllowOrigins = []string{"*"}
+	}
+	return v
 }
 
 // pinView is an app's tool pinning: the pins the policy holds, the tools its lists have
@@ -163,6 +233,7 @@ func describeSnapshot(s *policy.Snapshot, st policy.Status, pins pinSource) any 
 			if m.Tools.Rego != nil {
 				v.Rego = m.Tools.Rego.File
 			}
+			v.Limits, v.CORS = describeLimits(&m.Limits), describeCORS(m.CORS)
 			if pn := m.Tools.Pinning; pn.Mode != policy.PinOff {
 				v.Pinning = &pinView{Mode: pn.Mode, File: pn.File, Pinned: slices.Sorted(maps.Keys(pn.Pins)), Learned: []string{}}
 				if pins != nil {

@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -182,5 +184,84 @@ func TestAdminShowsNoSecrets(t *testing.T) {
 		if p == "/debug/snapshot" && !strings.Contains(rec.Body.String(), "github-mcp") {
 			t.Errorf("GET %s does not list the endpoint: %s", p, rec.Body.String())
 		}
+	}
+}
+
+// /debug/snapshot shows each app's limits and CORS policy as compiled, defaults applied:
+// what an operator needs to see to know why a call got 429 or a browser was refused.
+func TestDebugSnapshotLimitsAndCORS(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, os.DirFS("../../testdata/demo")); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "inventory.yaml")
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edited := strings.Replace(string(b), "      perCaller: 100/m\n", `      perCaller: {rate: 600/m, burst: 50}
+      perSubject: 100/m
+      perTenant: {rate: 1000/h, claim: org}
+`, 1)
+	edited = strings.Replace(edited, "        get_inventory: 10/s\n", `        get_inventory: {rate: 10/s, per: subject}
+        "delete_*": 5/m
+`, 1)
+	edited = strings.Replace(edited, "    limits:\n", `    cors:
+      allowOrigins: [https://app.example.com]
+      allowCredentials: true
+    limits:
+`, 1)
+	if edited == string(b) || strings.Count(edited, "perSubject") != 1 || !strings.Contains(edited, "delete_*") {
+		t.Fatal("the demo's inventory.yaml no longer has the limits this test edits")
+	}
+	if err := os.WriteFile(p, []byte(edited), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := policy.LoadDir(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tel, err := newTelemetry()
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := policy.NewStore(nil)
+	store.Set(snap)
+	rec := httptest.NewRecorder()
+	adminHandler(store, tel, nil, nil).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/debug/snapshot", nil))
+	var got struct {
+		Apps []appView `json:"apps"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil {
+		t.Fatalf("%v: %s", err, rec.Body.String())
+	}
+	var inv, agent *appView
+	for i := range got.Apps {
+		switch got.Apps[i].ID {
+		case "inventory":
+			inv = &got.Apps[i]
+		case "my-agent":
+			agent = &got.Apps[i]
+		}
+	}
+	if inv == nil || agent == nil {
+		t.Fatalf("apps %+v", got.Apps)
+	}
+	wantLimits := &limitsView{MaxRequestBytes: 1048576, PerCaller: "600/m burst 50", PerSubject: "100/m", SubjectClaim: "sub",
+		PerTenant: "1000/h", TenantClaim: "org", PerTool: []toolRateView{
+			// In the order they are tried (the first match applies): the globs sorted.
+			{Tool: "delete_*", Rate: "5/m", Per: "all"},
+			{Tool: "get_inventory", Rate: "10/s", Per: "subject", Claim: "sub"},
+		}}
+	if !reflect.DeepEqual(inv.Limits, wantLimits) {
+		t.Errorf("inventory limits\n got %+v\nwant %+v", inv.Limits, wantLimits)
+	}
+	wantCORS := &corsView{AllowOrigins: []string{"https://app.example.com"}, AllowCredentials: true, MaxAge: "10m0s",
+		AllowMethods: policy.DefaultCORSMethods, AllowHeaders: policy.DefaultCORSHeaders, ExposeHeaders: policy.DefaultCORSExposeHeaders}
+	if !reflect.DeepEqual(inv.CORS, wantCORS) {
+		t.Errorf("inventory cors\n got %+v\nwant %+v", inv.CORS, wantCORS)
+	}
+	if agent.Limits != nil || agent.CORS != nil {
+		t.Errorf("my-agent (no mcp policy) shows limits %+v, cors %+v", agent.Limits, agent.CORS)
 	}
 }
