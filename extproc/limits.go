@@ -230,7 +230,7 @@ func (st *stream) limitEarly(ctx context.Context, now time.Time) {
 // otherwise), or without them when the app has no perTool limit, whose buckets are the
 // same for every message.
 func (st *stream) earlyChecks() []limitCheck {
-	if v := st.req.ProtocolVersion; v == "" || v == "2025-03-26" {
+	if batchEra(st.req.ProtocolVersion) {
 		return nil
 	}
 	r := st.req

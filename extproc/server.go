@@ -489,6 +489,11 @@ func (st *stream) upstreamHeaders() *extprocv3.HeaderMutation {
 	return mut
 }
 
+// batchEra reports whether a body of this protocol version may be a JSON-RPC batch: only
+// 2025-03-26, the version of a request without the header; later versions send one
+// message per POST. Limits decided on the headers (earlyChecks) rely on it too.
+func batchEra(version string) bool { return version == "" || version == "2025-03-26" }
+
 // mirrorEra reports whether a protocol version mirrors the JSON-RPC method, name and
 // annotated arguments in headers (MCP 2026-07-28 and later; versions are dates, and a
 // request without the header speaks 2025-03-26).
@@ -598,7 +603,7 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 		return st.refuse(st.tooLarge())
 	}
 	v := st.req.ProtocolVersion
-	parsed, err := mcpParse(body, int(st.maxLen), v == "" || v == "2025-03-26")
+	parsed, err := mcpParse(body, int(st.maxLen), batchEra(v))
 	if err != nil {
 		return st.refuse(st.parseError(err))
 	}
