@@ -16,7 +16,7 @@ import (
 )
 
 // limitedMesh is a mesh whose mcpgate counts limits in the Redis at addr, with
-// inventory's perCaller limit at 3 an hour (the demo's is 100/m).
+// inventory's perCaller limit at 3 an hour (the demo's is 100/m) and no perTool limit.
 func limitedMesh(t *testing.T, addr string) *mesh {
 	t.Helper()
 	m := &mesh{iss: bearertest.NewIssuer(t)}
@@ -31,6 +31,7 @@ func limitedMesh(t *testing.T, addr string) *mesh {
 			t.Fatal(err)
 		}
 		replaceInFile(t, filepath.Join(m.dir, "inventory.yaml"), "perCaller: 100/m", "perCaller: 3/h")
+		replaceInFile(t, filepath.Join(m.dir, "inventory.yaml"), "      perTool:\n        get_inventory: 10/s\n", "")
 	})
 	return m
 }
@@ -79,8 +80,14 @@ func TestRateLimitsSharedByReplicas(t *testing.T) {
 	srv := redistest.Start(t)
 	m1, m2 := limitedMesh(t, srv.Addr()), limitedMesh(t, srv.Addr())
 
-	for i, m := range []*mesh{m1, m2, m1} {
+	for i, m := range []*mesh{m1, m2} {
 		m.requireInitialize(t, http.StatusOK, "call "+string(rune('1'+i)))
+	}
+	// A request of a protocol after 2025-03-26 (one message per POST), to an app without
+	// perTool limits, is decided on its headers while Envoy buffers its body: the same
+	// bucket, the same Redis.
+	if early, body := m1.postAs(t, "", initialize, "Mcp-Protocol-Version", "2025-06-18"); early.StatusCode != http.StatusOK {
+		t.Fatalf("3rd call, decided on its headers: HTTP %d: %s", early.StatusCode, body)
 	}
 	resp := m2.requireInitialize(t, http.StatusTooManyRequests, "4th call, on the other replica")
 	if ra := resp.Header.Get("Retry-After"); ra == "" || ra == "0" {
