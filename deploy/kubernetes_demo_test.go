@@ -618,19 +618,20 @@ func kustomizeBin(t *testing.T) string {
 	return exe
 }
 
-// TestKubernetesDemoRender renders the overlay with kustomize (pinned: the one kubectl
-// v1.32 embeds, so the same as deploy/README.md's kubectl kustomize) and checks what
-// kustomize made of the patches and generators.
-func TestKubernetesDemoRender(t *testing.T) {
+// kustomizeBuild renders an overlay as deploy/README.md says (kubectl kustomize
+// --load-restrictor LoadRestrictionsNone: the overlays list the base's files one by one)
+// with the pinned kustomize.
+func kustomizeBuild(t *testing.T, dir string) []k8sDoc {
+	t.Helper()
 	kustomize := kustomizeBin(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, kustomize, "build", "--load-restrictor", "LoadRestrictionsNone", k8sDemoDir)
+	cmd := exec.CommandContext(ctx, kustomize, "build", "--load-restrictor", "LoadRestrictionsNone", dir)
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("kustomize build %s: %v\n%s", k8sDemoDir, err, stderr.String())
+		t.Fatalf("kustomize build %s: %v\n%s", dir, err, stderr.String())
 	}
 	var docs []k8sDoc
 	dec := yaml.NewDecoder(bytes.NewReader(out))
@@ -639,10 +640,18 @@ func TestKubernetesDemoRender(t *testing.T) {
 		if err := dec.Decode(&d); errors.Is(err, io.EOF) {
 			break
 		} else if err != nil {
-			t.Fatalf("kustomize build output: %v", err)
+			t.Fatalf("kustomize build %s output: %v", dir, err)
 		}
-		docs = append(docs, k8sDoc{"(rendered)", d})
+		docs = append(docs, k8sDoc{"(rendered " + dir + ")", d})
 	}
+	return docs
+}
+
+// TestKubernetesDemoRender renders the overlay with kustomize (pinned: the one kubectl
+// v1.32 embeds, so the same as deploy/README.md's kubectl kustomize) and checks what
+// kustomize made of the patches and generators.
+func TestKubernetesDemoRender(t *testing.T) {
+	docs := kustomizeBuild(t, k8sDemoDir)
 	o := loadOverlay(t)
 	for _, d := range docs {
 		if ns := str(get(d.doc, "metadata", "namespace")); ns != o.k.Namespace {
@@ -662,7 +671,7 @@ func TestKubernetesDemoRender(t *testing.T) {
 	}
 	data, _ := policyCMs[0].doc["data"].(map[string]any)
 	want := map[string]any{}
-	err = filepath.WalkDir(composePolicyDir, func(p string, e fs.DirEntry, err error) error {
+	err := filepath.WalkDir(composePolicyDir, func(p string, e fs.DirEntry, err error) error {
 		if err != nil || e.IsDir() {
 			return err
 		}

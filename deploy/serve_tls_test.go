@@ -1,7 +1,10 @@
 package deploy
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"io"
 	"io/fs"
 	"net"
 	"path/filepath"
@@ -12,6 +15,7 @@ import (
 	"testing/fstest"
 
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/mcpgate/mcpgate/policy"
 	"github.com/mcpgate/mcpgate/xds"
@@ -267,7 +271,15 @@ func TestNoShippedInsecureListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, f := range files {
-		for _, d := range yamlDocs(t, f) {
+		// Any YAML, not only mappings: a JSON patch (kubernetes/ha) is a list.
+		dec := yaml.NewDecoder(bytes.NewReader(readFile(t, f)))
+		for {
+			var d any
+			if err := dec.Decode(&d); errors.Is(err, io.EOF) {
+				break
+			} else if err != nil {
+				t.Fatalf("%s: %v", f, err)
+			}
 			walk(f, d)
 		}
 	}
