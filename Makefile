@@ -130,12 +130,12 @@ clean: ## Remove build outputs
 # (authz.spiffeId), so their xds_cluster is SPIFFE mTLS; the issuer, the only other change
 # in deploy/compose/policy, is not part of a bootstrap.
 .PHONY: bootstraps
-bootstraps: ## Regenerate deploy/compose/policy and the Kubernetes ConfigMaps (testdata/demo plus mcpgate's SPIFFE ID) and envoy/bootstrap/*.yaml (mcpgate bootstrap: xDS over SPIFFE mTLS)
+bootstraps: ## Regenerate deploy/compose/policy, envoy/bootstrap/*.yaml (mcpgate bootstrap: xDS over SPIFFE mTLS), the Kubernetes ConfigMaps (testdata/demo plus mcpgate's SPIFFE ID) and deploy/kubernetes/ha/mesh.yaml
 	go test -count=1 -run '^TestComposePolicy$$' ./deploy -update
 	@mkdir -p envoy/bootstrap
 	go run ./cmd/mcpgate bootstrap --config deploy/compose/policy --app inventory --xds-address mcpgate:18000 > envoy/bootstrap/inventory.yaml
 	go run ./cmd/mcpgate bootstrap --config deploy/compose/policy --app my-agent --xds-address mcpgate:18000 > envoy/bootstrap/my-agent.yaml
-	go test -count=1 -run '^TestKubernetesConfigMaps$$' ./deploy -update
+	go test -count=1 -run '^(TestKubernetesConfigMaps|TestKubernetesHAPolicy)$$' ./deploy -update
 
 # SPIRE server and agent for the integration suite (issue 6), built from the pinned tools
 # module integration/tools/spire (its own go.mod; see ../shared/TOOLING.md). Skipped when

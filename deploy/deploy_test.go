@@ -925,8 +925,9 @@ func k8sDocs(t *testing.T) []k8sDoc {
 	t.Helper()
 	var out []k8sDoc
 	err := filepath.WalkDir(k8sDir, func(p string, e fs.DirEntry, err error) error {
-		if err == nil && e.IsDir() && p == filepath.FromSlash(k8sDemoDir) {
-			return fs.SkipDir // the demo overlay patches these manifests: kubernetes_demo_test.go
+		if err == nil && e.IsDir() && (p == filepath.FromSlash(k8sDemoDir) || p == filepath.FromSlash(k8sHADir)) {
+			// The overlays patch these manifests: kubernetes_demo_test.go, kubernetes_ha_test.go.
+			return fs.SkipDir
 		}
 		if err != nil || e.IsDir() || (!strings.HasSuffix(p, ".yaml") && !strings.HasSuffix(p, ".yml")) {
 			return err
