@@ -575,14 +575,19 @@ func atoi(s string) int {
 
 // selectsPods reports whether a NetworkPolicy's podSelector.matchLabels selects d's pods.
 func selectsPods(np, d k8sDoc) bool {
-	sel, _ := get(np.doc, "spec", "podSelector", "matchLabels").(map[string]any)
+	return matchLabelsSelect(get(np.doc, "spec", "podSelector", "matchLabels"), d)
+}
+
+// matchLabelsSelect reports whether matchLabels (non-empty) selects d's pods.
+func matchLabelsSelect(sel any, d k8sDoc) bool {
+	m, _ := sel.(map[string]any)
 	labels, _ := get(d.doc, "spec", "template", "metadata", "labels").(map[string]any)
-	for k, v := range sel {
+	for k, v := range m {
 		if str(labels[k]) != str(v) {
 			return false
 		}
 	}
-	return len(sel) > 0
+	return len(m) > 0
 }
 
 // kustomizeVersion is the kustomize that kubectl v1.32 embeds (kubectl kustomize, the

@@ -251,27 +251,16 @@ func TestKubernetesHAKustomization(t *testing.T) {
 	}
 }
 
-// matchLabelsSelect reports whether matchLabels (non-empty) selects d's pods.
-func matchLabelsSelect(sel any, d k8sDoc) bool {
-	m, _ := sel.(map[string]any)
-	labels, _ := get(d.doc, "spec", "template", "metadata", "labels").(map[string]any)
-	for k, v := range m {
-		if str(labels[k]) != str(v) {
-			return false
-		}
-	}
-	return len(m) > 0
-}
-
 // secretFile says which Secret and key a container reads at file: the read-only mount of
 // the directory holding it, a secret or projected volume, the item that projects it.
 func secretFile(t *testing.T, d k8sDoc, c map[string]any, file string) (secret, key string) {
 	t.Helper()
 	var mount map[string]any
-	for _, m := range strsMaps(get(c, "volumeMounts")) {
+	dir := "" // the mount's path, the longest that holds file
+	for _, m := range mappings(get(c, "volumeMounts")) {
 		mp := strings.TrimSuffix(str(m["mountPath"]), "/")
-		if strings.HasPrefix(file, mp+"/") && (mount == nil || len(mp) > len(str(mount["mountPath"]))) {
-			mount = m
+		if strings.HasPrefix(file, mp+"/") && (mount == nil || len(mp) > len(dir)) {
+			mount, dir = m, mp
 		}
 	}
 	where := d.name() + "/" + str(c["name"])
@@ -284,19 +273,19 @@ func secretFile(t *testing.T, d k8sDoc, c map[string]any, file string) (secret, 
 	if mount["subPath"] != nil {
 		t.Errorf("%s: %s is a subPath mount, which never sees a rotated Secret", where, mount["mountPath"])
 	}
-	rel := strings.TrimPrefix(file, strings.TrimSuffix(str(mount["mountPath"]), "/")+"/")
+	rel := strings.TrimPrefix(file, dir+"/")
 	v := volume(t, d, str(mount["name"]))
 	var sources []map[string]any // {name, items, optional}
 	if s, ok := v["secret"].(map[string]any); ok {
 		sources = append(sources, map[string]any{"name": s["secretName"], "items": s["items"], "optional": s["optional"]})
 	}
-	for _, s := range strsMaps(get(v, "projected", "sources")) {
+	for _, s := range mappings(get(v, "projected", "sources")) {
 		if s, ok := s["secret"].(map[string]any); ok {
 			sources = append(sources, s)
 		}
 	}
 	for _, s := range sources {
-		items, k := strsMaps(s["items"]), ""
+		items, k := mappings(s["items"]), ""
 		if len(items) == 0 {
 			k = rel // every key of the Secret is a file
 		}
@@ -317,8 +306,8 @@ func secretFile(t *testing.T, d k8sDoc, c map[string]any, file string) (secret, 
 	return "", ""
 }
 
-// strsMaps is a YAML list of mappings.
-func strsMaps(v any) []map[string]any {
+// mappings is a YAML list of mappings (the items that are not are left out).
+func mappings(v any) []map[string]any {
 	l, _ := v.([]any)
 	var out []map[string]any
 	for _, x := range l {
@@ -331,7 +320,7 @@ func strsMaps(v any) []map[string]any {
 
 // envSecret is the Secret and key a container's environment variable comes from.
 func envSecret(c map[string]any, name string) (secret, key string) {
-	for _, e := range strsMaps(c["env"]) {
+	for _, e := range mappings(c["env"]) {
 		if str(e["name"]) == name {
 			ref := get(e, "valueFrom", "secretKeyRef")
 			return str(get(ref, "name")), str(get(ref, "key"))
@@ -409,7 +398,7 @@ func renderHA(t *testing.T) haRender {
 	v := volumeAt(t, r.mcpgate, r.mcpgateC, cfg)
 	cm := findIn(t, r.docs, where, "ConfigMap", str(get(v, "configMap", "name")))
 	fsys := fstest.MapFS{}
-	for _, it := range strsMaps(get(v, "configMap", "items")) {
+	for _, it := range mappings(get(v, "configMap", "items")) {
 		data, ok := get(cm.doc, "data", str(it["key"])).(string)
 		if !ok {
 			t.Fatalf("ConfigMap %s has no key %s", cm.name(), it["key"])
@@ -510,12 +499,12 @@ func TestKubernetesHARender(t *testing.T) {
 		if n := len(podContainers(r.mcpgate)); n != 1 {
 			t.Errorf("rendered Deployment mcpgate has %d containers, the base 1", n)
 		}
-		for _, m := range strsMaps(get(container(t, bd, mcpgateContainer), "volumeMounts")) {
-			if !slices.ContainsFunc(strsMaps(r.mcpgateC["volumeMounts"]), func(x map[string]any) bool { return reflect.DeepEqual(x, m) }) {
+		for _, m := range mappings(get(container(t, bd, mcpgateContainer), "volumeMounts")) {
+			if !slices.ContainsFunc(mappings(r.mcpgateC["volumeMounts"]), func(x map[string]any) bool { return reflect.DeepEqual(x, m) }) {
 				t.Errorf("the overlay dropped or changed the base's mcpgate mount %v", m)
 			}
 		}
-		for _, v := range strsMaps(get(bd.doc, "spec", "template", "spec", "volumes")) {
+		for _, v := range mappings(get(bd.doc, "spec", "template", "spec", "volumes")) {
 			if !reflect.DeepEqual(volume(t, r.mcpgate, str(v["name"])), v) {
 				t.Errorf("the overlay changed the base's mcpgate volume %s", v["name"])
 			}
@@ -528,7 +517,7 @@ func TestKubernetesHARender(t *testing.T) {
 		}
 		// Preferred, not required: on different nodes when there are nodes to spare.
 		spread := false
-		for _, c := range strsMaps(get(r.mcpgate.doc, "spec", "template", "spec", "topologySpreadConstraints")) {
+		for _, c := range mappings(get(r.mcpgate.doc, "spec", "template", "spec", "topologySpreadConstraints")) {
 			if str(c["topologyKey"]) != hostnameKey {
 				continue
 			}
@@ -540,7 +529,7 @@ func TestKubernetesHARender(t *testing.T) {
 			}
 			spread = spread || atoi(str(c["maxSkew"])) == 1
 		}
-		for _, a := range strsMaps(get(r.mcpgate.doc, "spec", "template", "spec", "affinity", "podAntiAffinity", "preferredDuringSchedulingIgnoredDuringExecution")) {
+		for _, a := range mappings(get(r.mcpgate.doc, "spec", "template", "spec", "affinity", "podAntiAffinity", "preferredDuringSchedulingIgnoredDuringExecution")) {
 			term := get(a, "podAffinityTerm")
 			spread = spread || str(get(term, "topologyKey")) == hostnameKey && matchLabelsSelect(get(term, "labelSelector", "matchLabels"), r.mcpgate)
 		}
@@ -621,7 +610,7 @@ func TestKubernetesHARender(t *testing.T) {
 		host, port := hostPort(t, "rateLimits.redis.address", rl.Address)
 		svc := findIn(t, r.docs, "the rendered overlay", "Service", host)
 		target := 0
-		for _, p := range strsMaps(get(svc.doc, "spec", "ports")) {
+		for _, p := range mappings(get(svc.doc, "spec", "ports")) {
 			if atoi(str(p["port"])) == port {
 				target = atoi(str(p["targetPort"]))
 				if p["targetPort"] == nil {
@@ -686,7 +675,7 @@ func TestKubernetesHARender(t *testing.T) {
 			dir = v
 		}
 		var data map[string]any
-		for _, m := range strsMaps(c["volumeMounts"]) {
+		for _, m := range mappings(c["volumeMounts"]) {
 			if str(m["mountPath"]) == dir {
 				data = volume(t, r.redis, str(m["name"]))
 			}
@@ -761,16 +750,16 @@ func TestKubernetesHARender(t *testing.T) {
 		if !slices.Contains(strs(get(np.doc, "spec", "policyTypes")), "Ingress") {
 			t.Errorf("NetworkPolicy %s policyTypes %v lack Ingress", np.name(), get(np.doc, "spec", "policyTypes"))
 		}
-		rules := strsMaps(get(np.doc, "spec", "ingress"))
+		rules := mappings(get(np.doc, "spec", "ingress"))
 		if len(rules) != 1 {
 			t.Fatalf("NetworkPolicy %s has %d ingress rules, want 1 (mcpgate's pods on %d)", np.name(), len(rules), r.redisPort)
 		}
-		from := strsMaps(rules[0]["from"])
+		from := mappings(rules[0]["from"])
 		if len(from) != 1 || len(from[0]) != 1 || from[0]["podSelector"] == nil ||
 			get(from[0], "podSelector", "matchExpressions") != nil || !matchLabelsSelect(get(from[0], "podSelector", "matchLabels"), r.mcpgate) {
 			t.Errorf("NetworkPolicy %s admits %v, want only a podSelector matching the mcpgate pods %v (this namespace)", np.name(), rules[0]["from"], podLabels(r.mcpgate))
 		}
-		ports := strsMaps(rules[0]["ports"])
+		ports := mappings(rules[0]["ports"])
 		if len(ports) != 1 || atoi(str(ports[0]["port"])) != r.redisPort || (ports[0]["protocol"] != nil && str(ports[0]["protocol"]) != "TCP") || ports[0]["endPort"] != nil {
 			t.Errorf("NetworkPolicy %s opens %v, want only TCP %d (Redis's port)", np.name(), rules[0]["ports"], r.redisPort)
 		}
@@ -783,9 +772,17 @@ func TestKubernetesHARender(t *testing.T) {
 // refuse an unauthenticated client, keep nothing on disk, and its readiness probe must
 // pass with the password and fail without it or with another.
 func TestKubernetesHARedisServer(t *testing.T) {
+	// As integration/redistest looks for them: the PATH, then where the Debian package
+	// puts them (a test's PATH may lack /usr/bin). make test installs them (make redis).
+	bins := map[string]string{}
 	for _, p := range []string{"redis-server", "redis-cli", "sh"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s not installed (apt-get install -y redis-server): %v", p, err)
+		for _, c := range []string{p, "/usr/bin/" + p} {
+			if b, err := exec.LookPath(c); err == nil && bins[p] == "" {
+				bins[p] = b
+			}
+		}
+		if bins[p] == "" {
+			t.Skipf("%s not installed (make redis: the Debian package redis-server)", p)
 		}
 	}
 	r := renderHA(t)
@@ -798,7 +795,7 @@ func TestKubernetesHARedisServer(t *testing.T) {
 
 	// The container's environment: values as written, the Secret's keys as the password.
 	env := map[string]string{}
-	for _, e := range strsMaps(c["env"]) {
+	for _, e := range mappings(c["env"]) {
 		if ref := get(e, "valueFrom", "secretKeyRef"); ref != nil {
 			if str(get(ref, "name")) != redisSecret || str(get(ref, "key")) != redisSecretKey {
 				t.Fatalf("Redis env %s from %v: only Secret %s key %s is known here", e["name"], ref, redisSecret, redisSecretKey)
@@ -826,7 +823,7 @@ func TestKubernetesHARedisServer(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	srv := exec.CommandContext(ctx, "redis-server", args...)
+	srv := exec.CommandContext(ctx, bins["redis-server"], args...)
 	out, err := srv.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -838,7 +835,7 @@ func TestKubernetesHARedisServer(t *testing.T) {
 	// when it accepts connections, eof when it has exited; log is complete after eof.
 	ready, eof := make(chan struct{}), make(chan struct{})
 	var log bytes.Buffer
-	go func() {
+	go func(ready chan struct{}) {
 		defer close(eof)
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
@@ -848,7 +845,7 @@ func TestKubernetesHARedisServer(t *testing.T) {
 				ready = nil
 			}
 		}
-	}()
+	}(ready)
 	t.Cleanup(func() {
 		_ = srv.Process.Kill() // fails harmlessly once it has exited
 		<-eof
@@ -866,7 +863,11 @@ func TestKubernetesHARedisServer(t *testing.T) {
 	// ("" for none).
 	run := func(auth string, name string, a ...string) (string, error) {
 		cmd := exec.CommandContext(ctx, name, a...)
-		cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "REDISCLI_AUTH=") })
+		cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool {
+			return strings.HasPrefix(kv, "REDISCLI_AUTH=") || strings.HasPrefix(kv, "PATH=")
+		})
+		// The probe's sh finds redis-cli as the image's PATH would.
+		cmd.Env = append(cmd.Env, "PATH="+filepath.Dir(bins["redis-cli"])+string(os.PathListSeparator)+os.Getenv("PATH"))
 		for k, v := range env {
 			if k != "REDISCLI_AUTH" {
 				cmd.Env = append(cmd.Env, k+"="+v)
@@ -878,11 +879,11 @@ func TestKubernetesHARedisServer(t *testing.T) {
 		b, err := cmd.CombinedOutput()
 		return string(b), err
 	}
-	if got, _ := run("", "redis-cli", "-s", sock, "ping"); !strings.Contains(got, "NOAUTH") {
+	if got, _ := run("", bins["redis-cli"], "-s", sock, "ping"); !strings.Contains(got, "NOAUTH") {
 		t.Errorf("redis-cli ping without the password: %q, want NOAUTH (--requirepass)", got)
 	}
 	for k, want := range map[string]string{"save": "", "appendonly": "no"} {
-		got, err := run(password, "redis-cli", "-s", sock, "--raw", "config", "get", k)
+		got, err := run(password, bins["redis-cli"], "-s", sock, "--raw", "config", "get", k)
 		if err != nil || got != k+"\n"+want+"\n" {
 			t.Errorf("CONFIG GET %s: %q %v, want %q", k, got, err, want)
 		}
@@ -914,7 +915,7 @@ func TestKubernetesHARedisServer(t *testing.T) {
 	}
 
 	// Nothing on disk, even at a clean shutdown (where Redis saves if --save allows it).
-	if got, err := run(password, "redis-cli", "-s", sock, "shutdown"); err != nil {
+	if got, err := run(password, bins["redis-cli"], "-s", sock, "shutdown"); err != nil {
 		t.Fatalf("redis-cli shutdown: %v %s", err, got)
 	}
 	select {
