@@ -46,6 +46,13 @@ type kustomization struct {
 	Resources          []string        `yaml:"resources"`
 	Patches            []kustPatch     `yaml:"patches"`
 	ConfigMapGenerator []kustGenerator `yaml:"configMapGenerator"`
+	// Images is what `kustomize edit set image` writes, as deploy/README.md tells users to.
+	Images []struct {
+		Name    string `yaml:"name"`
+		NewName string `yaml:"newName"`
+		NewTag  string `yaml:"newTag"`
+		Digest  string `yaml:"digest"`
+	} `yaml:"images"`
 }
 
 type kustPatch struct {

@@ -488,6 +488,7 @@ func TestKubernetesHARender(t *testing.T) {
 			}
 			delete(c, "args")
 			delete(c, "volumeMounts")
+			delete(c, "image") // kustomize edit set image (deploy/README.md) may change it
 			return spec, pod, c
 		}
 		s1, p1, c1 := strip(r.mcpgate)
