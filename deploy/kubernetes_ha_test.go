@@ -783,7 +783,7 @@ func TestKubernetesHARedisServer(t *testing.T) {
 			}
 		}
 		if bins[p] == "" {
-			t.Skipf("%s not installed (make redis: the Debian package redis-server)", p)
+			t.Fatalf("%s not installed: run make redis (the Debian package redis-server), as make test does", p)
 		}
 	}
 	r := renderHA(t)
