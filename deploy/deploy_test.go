@@ -614,13 +614,7 @@ func TestComposeMcpgate(t *testing.T) {
 		}
 	}
 	// The compose command must not drift from the Dockerfile's CMD: it may only add flags.
-	for _, f := range serveFlagsShared {
-		a, _ := flagValue(args, f)
-		b, _ := flagValue(d.cmd, f)
-		if a != b {
-			t.Errorf("mcpgate --%s is %q in compose, %q in the Dockerfile", f, a, b)
-		}
-	}
+	checkSharedServeFlags(t, "compose mcpgate", args, d.cmd)
 	for _, p := range []int{authzPort, xdsPort, listenPort(t, args, "admin-addr")} {
 		if !s.exposes(p) {
 			t.Errorf("mcpgate does not expose %d (expose: %v)", p, s.Expose)
@@ -684,6 +678,19 @@ func TestComposeMcpgate(t *testing.T) {
 // serveFlagsShared are the serve flags whose values the compose command and the
 // Kubernetes Deployment share with the Dockerfile's CMD (they may only add flags).
 var serveFlagsShared = []string{"config", "grpc-addr", "xds-addr", "admin-addr", "spiffe-socket", "allowed-client-ids"}
+
+// checkSharedServeFlags fails unless args (what runs as what) give every flag of
+// serveFlagsShared the value the Dockerfile's CMD gives it.
+func checkSharedServeFlags(t *testing.T, what string, args, cmd []string) {
+	t.Helper()
+	for _, f := range serveFlagsShared {
+		a, _ := flagValue(args, f)
+		b, _ := flagValue(cmd, f)
+		if a != b {
+			t.Errorf("%s --%s %q, Dockerfile CMD %q", what, f, a, b)
+		}
+	}
+}
 
 // dependsOn lists a compose service's depends_on, in either of its forms.
 func dependsOn(s service) []string {
@@ -1070,14 +1077,7 @@ func TestKubernetesMcpgate(t *testing.T) {
 	dep := find(t, docs, "Deployment", "mcpgate")
 	c := container(t, dep, "mcpgate")
 	args := strs(c["args"])
-	d := parseDockerfile(t)
-	for _, f := range serveFlagsShared {
-		a, _ := flagValue(args, f)
-		b, _ := flagValue(d.cmd, f)
-		if a != b {
-			t.Errorf("Deployment mcpgate --%s %q, Dockerfile CMD %q", f, a, b)
-		}
-	}
+	checkSharedServeFlags(t, "Deployment mcpgate", args, parseDockerfile(t).cmd)
 	// SPIFFE mTLS: the SVID from the SPIFFE CSI driver's socket, as the sidecars get theirs,
 	// and exactly the sidecars of the policy it serves (the ConfigMap) allowed.
 	deployed := loadDeployed(t)

@@ -585,14 +585,7 @@ func TestKubernetesHARender(t *testing.T) {
 		if want := append(slices.Clone(r.mcpgateBaseArgs), "--session-key-file", file); !slices.Equal(args, want) {
 			t.Errorf("rendered mcpgate args %q, want the base's %q plus --session-key-file", args, r.mcpgateBaseArgs)
 		}
-		d := parseDockerfile(t)
-		for _, f := range serveFlagsShared {
-			a, _ := flagValue(args, f)
-			b, _ := flagValue(d.cmd, f)
-			if a != b {
-				t.Errorf("rendered mcpgate --%s %q, Dockerfile CMD %q", f, a, b)
-			}
-		}
+		checkSharedServeFlags(t, "rendered mcpgate", args, parseDockerfile(t).cmd)
 		checkServeTLS(t, "rendered "+k8sHADir+" mcpgate", args, r.snap)
 	})
 
