@@ -35,12 +35,7 @@ func TestPinsExport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tel, err := newTelemetry()
-	if err != nil {
-		t.Fatal(err)
-	}
-	store := policy.NewStore(nil)
-	store.Set(snap)
+	store, tel := adminState(t, snap)
 	srv := httptest.NewServer(adminHandler(store, tel, nil, fakePins{"get_inventory": pin}))
 	t.Cleanup(srv.Close)
 	addr := strings.TrimPrefix(srv.URL, "http://")

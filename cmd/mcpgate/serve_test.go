@@ -141,23 +141,9 @@ func TestAuthzTLSMismatch(t *testing.T) {
 // to Envoys, never appear on it.
 func TestAdminShowsNoSecrets(t *testing.T) {
 	const secret = "s3cr3t-admin-test-token"
-	dir := t.TempDir()
-	if err := os.CopyFS(dir, os.DirFS("../../testdata/demo")); err != nil {
-		t.Fatal(err)
-	}
-	ep := filepath.Join(dir, "github.yaml")
-	b, err := os.ReadFile(ep)
-	if err != nil {
-		t.Fatal(err)
-	}
-	withHeader := strings.Replace(string(b), "  baseUrl: ", "  headers: {X-Api-Key: "+secret+"}\n  baseUrl: ", 1)
-	if err := os.WriteFile(ep, []byte(withHeader), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	snap, err := policy.LoadDir(context.Background(), dir)
-	if err != nil {
-		t.Fatal(err)
-	}
+	snap := demoWith(t, "github.yaml", func(b string) string {
+		return strings.Replace(b, "  baseUrl: ", "  headers: {X-Api-Key: "+secret+"}\n  baseUrl: ", 1)
+	})
 	var inPolicy bool
 	for _, e := range snap.Endpoints {
 		inPolicy = inPolicy || e.Headers["X-Api-Key"] == secret
@@ -165,12 +151,7 @@ func TestAdminShowsNoSecrets(t *testing.T) {
 	if !inPolicy {
 		t.Fatal("the test policy's HTTPEndpoint does not carry the header")
 	}
-	tel, err := newTelemetry()
-	if err != nil {
-		t.Fatal(err)
-	}
-	store := policy.NewStore(nil)
-	store.Set(snap)
+	store, tel := adminState(t, snap)
 	h := adminHandler(store, tel, nil, nil)
 	for _, p := range []string{"/debug/snapshot", "/readyz", "/metrics", "/healthz"} {
 		rec := httptest.NewRecorder()
@@ -190,43 +171,25 @@ func TestAdminShowsNoSecrets(t *testing.T) {
 // /debug/snapshot shows each app's limits and CORS policy as compiled, defaults applied:
 // what an operator needs to see to know why a call got 429 or a browser was refused.
 func TestDebugSnapshotLimitsAndCORS(t *testing.T) {
-	dir := t.TempDir()
-	if err := os.CopyFS(dir, os.DirFS("../../testdata/demo")); err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, "inventory.yaml")
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	edited := strings.Replace(string(b), "      perCaller: 100/m\n", `      perCaller: {rate: 600/m, burst: 50}
+	snap := demoWith(t, "inventory.yaml", func(b string) string {
+		edited := strings.Replace(b, "      perCaller: 100/m\n", `      perCaller: {rate: 600/m, burst: 50}
       perSubject: 100/m
       perTenant: {rate: 1000/h, claim: org}
 `, 1)
-	edited = strings.Replace(edited, "        get_inventory: 10/s\n", `        get_inventory: {rate: 10/s, per: subject}
+		edited = strings.Replace(edited, "        get_inventory: 10/s\n", `        get_inventory: {rate: 10/s, per: subject}
         "delete_*": 5/m
 `, 1)
-	edited = strings.Replace(edited, "    limits:\n", `    cors:
+		edited = strings.Replace(edited, "    limits:\n", `    cors:
       allowOrigins: [https://app.example.com]
       allowCredentials: true
     limits:
 `, 1)
-	if edited == string(b) || strings.Count(edited, "perSubject") != 1 || !strings.Contains(edited, "delete_*") {
-		t.Fatal("the demo's inventory.yaml no longer has the limits this test edits")
-	}
-	if err := os.WriteFile(p, []byte(edited), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	snap, err := policy.LoadDir(context.Background(), dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tel, err := newTelemetry()
-	if err != nil {
-		t.Fatal(err)
-	}
-	store := policy.NewStore(nil)
-	store.Set(snap)
+		if edited == b || strings.Count(edited, "perSubject") != 1 || !strings.Contains(edited, "delete_*") {
+			t.Fatal("the demo's inventory.yaml no longer has the limits this test edits")
+		}
+		return edited
+	})
+	store, tel := adminState(t, snap)
 	rec := httptest.NewRecorder()
 	adminHandler(store, tel, nil, nil).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/debug/snapshot", nil))
 	var got struct {
@@ -264,4 +227,38 @@ func TestDebugSnapshotLimitsAndCORS(t *testing.T) {
 	if agent.Limits != nil || agent.CORS != nil {
 		t.Errorf("my-agent (no mcp policy) shows limits %+v, cors %+v", agent.Limits, agent.CORS)
 	}
+}
+
+// demoWith loads testdata/demo with one of its files changed by edit.
+func demoWith(t *testing.T, file string, edit func(string) string) *policy.Snapshot {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, os.DirFS("../../testdata/demo")); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, file)
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, []byte(edit(string(b))), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := policy.LoadDir(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return snap
+}
+
+// adminState is what adminHandler serves from: a store holding snap, and telemetry.
+func adminState(t *testing.T, snap *policy.Snapshot) (*policy.Store, *telemetry) {
+	t.Helper()
+	tel, err := newTelemetry()
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := policy.NewStore(nil)
+	store.Set(snap)
+	return store, tel
 }
