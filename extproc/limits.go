@@ -79,15 +79,15 @@ func (st *stream) limitChecks(r *Request, buf []limitCheck) []limitCheck {
 			who = "sub:" + r.Subject // JWT-only callers without an App ID: per subject
 		}
 		buf = append(buf, limitCheck{name: "perCaller", kind: "caller", limit: *pc, whose: " for this caller",
-			key: lengthPrefixed(app, "caller", rateString(*pc), who)})
+			key: lengthPrefixed(app, "caller", pc.String(), who)})
 	}
 	if ps := lim.PerSubject; ps != nil {
 		buf = append(buf, limitCheck{name: "perSubject", kind: "subject", limit: *ps, whose: " for this user",
-			key: lengthPrefixed(app, "subject", rateString(*ps), lim.SubjectClaim, st.claim(lim.SubjectClaim))})
+			key: lengthPrefixed(app, "subject", ps.String(), lim.SubjectClaim, st.claim(lim.SubjectClaim))})
 	}
 	if pt := lim.PerTenant; pt != nil {
 		buf = append(buf, limitCheck{name: "perTenant", kind: "tenant", limit: *pt, whose: " for this tenant",
-			key: lengthPrefixed(app, "tenant", rateString(*pt), lim.TenantClaim, st.claim(lim.TenantClaim))})
+			key: lengthPrefixed(app, "tenant", pt.String(), lim.TenantClaim, st.claim(lim.TenantClaim))})
 	}
 	if r.Method == "tools/call" {
 		for _, tr := range lim.PerTool {
@@ -107,7 +107,7 @@ func (st *stream) limitChecks(r *Request, buf []limitCheck) []limitCheck {
 			case policy.PerTenant:
 				who, c.whose = tr.Claim+"="+st.claim(tr.Claim), " for this tenant"
 			}
-			c.key = lengthPrefixed(app, "tool", rateString(tr.Rate), tr.Tool.String(), string(tr.Per), who)
+			c.key = lengthPrefixed(app, "tool", tr.Rate.String(), tr.Tool.String(), string(tr.Per), who)
 			buf = append(buf, c)
 			break // the first matching limit applies
 		}
@@ -315,7 +315,7 @@ func refusedBy(c limitCheck, wait time.Duration) limitVerdict {
 	ra := retryAfter(wait)
 	name := sfString(c.name)
 	return limitVerdict{status: 429, rule: ruleRateLimit, wait: wait,
-		reason: "rate limit exceeded: limits." + strings.Replace(c.name, ".", " ", 1) + " " + rateString(c.limit) + c.whose,
+		reason: "rate limit exceeded: limits." + strings.Replace(c.name, ".", " ", 1) + " " + c.limit.String() + c.whose,
 		headers: []*corev3.HeaderValueOption{
 			rawHeader("retry-after", ra),
 			rawHeader("ratelimit-policy", name+";q="+strconv.Itoa(c.limit.N)+";w="+strconv.Itoa(int(c.limit.Per/time.Second))),

@@ -112,8 +112,6 @@ func (l *limiters) len() int {
 	return len(l.m)
 }
 
-func rateString(rl policy.RateLimit) string { return rl.String() }
-
 // retryAfter renders a delay for the Retry-After header (whole seconds, at least 1).
 func retryAfter(d time.Duration) string {
 	return strconv.Itoa(int(math.Max(1, math.Ceil(d.Seconds()))))
