@@ -96,12 +96,18 @@ type Options struct {
 	Timeout      time.Duration // bounds each decision (dial, read, write); 0: DefaultTimeout
 	// KeyPrefix starts every key; "": DefaultKeyPrefix.
 	KeyPrefix string
+	// Cluster: Address is one node of a Redis Cluster (or a managed service's
+	// configuration endpoint), from which the client learns the others and which node
+	// holds which slot. All keys of one AllowN or Refund must then hash to one slot
+	// (share a {hash tag}); DB must be 0, and Address host:port.
+	Cluster bool
 }
 
-// Redis is the shared store, over one go-redis connection pool. It is safe for
-// concurrent use, dials lazily and reconnects by itself after Redis comes back.
+// Redis is the shared store, over one go-redis connection pool (one per node of a
+// cluster). It is safe for concurrent use, dials lazily and reconnects by itself after
+// Redis comes back.
 type Redis struct {
-	c       *redis.Client
+	c       redis.UniversalClient
 	addr    string // Options.Address, for errors (never the password)
 	timeout time.Duration
 	prefix  string
@@ -137,6 +143,13 @@ func NewRedis(o Options) (*Redis, error) {
 		if addr == "" {
 			return nil, fmt.Errorf("ratelimit: redis %s: no socket path", o.Address)
 		}
+		if o.Cluster {
+			// Cluster nodes announce host:port to each other and to clients.
+			return nil, fmt.Errorf("ratelimit: redis %s: a cluster is reached on host:port, not a unix socket", o.Address)
+		}
+	}
+	if o.Cluster && o.DB != 0 {
+		return nil, fmt.Errorf("ratelimit: redis %s: a cluster has only database 0, not %d", o.Address, o.DB)
 	}
 	var creds func(context.Context) (string, string, error)
 	if file := o.PasswordFile; file != "" {
@@ -156,7 +169,39 @@ func NewRedis(o Options) (*Redis, error) {
 			return "", pw, nil
 		}
 	}
-	c := redis.NewClient(&redis.Options{
+	r := &Redis{addr: o.Address, timeout: o.Timeout, prefix: o.KeyPrefix}
+	if o.Cluster {
+		r.c = redis.NewClusterClient(&redis.ClusterOptions{
+			Addrs:                      []string{addr},
+			Password:                   o.Password,
+			CredentialsProviderContext: creds,
+			TLSConfig:                  o.TLS,
+
+			DialTimeout:           o.Timeout,
+			ReadTimeout:           o.Timeout,
+			WriteTimeout:          o.Timeout,
+			PoolTimeout:           o.Timeout,
+			ContextTimeoutEnabled: true,
+			DialerRetries:         1,
+			// A node's own client never retries (MaxRetries -1, as below). The cluster
+			// client's attempts follow MOVED and ASK, which a node answers without
+			// running anything (a slot moved by a resharding or a failover), and READONLY
+			// from a demoted primary; the scripts that spend run as commands marked
+			// NoRetry (see once), so a lost reply is never sent again. Three redirects,
+			// go-redis's default.
+			MaxRetries:   -1,
+			MaxRedirects: 3,
+			// EVALSHA goes to the primary of its first key's slot; no COMMAND round trip
+			// to learn routing policies.
+			DisableRoutingPolicies: true,
+
+			Protocol:                 2,
+			DisableIdentity:          true,
+			MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
+		})
+		return r, nil
+	}
+	r.c = redis.NewClient(&redis.Options{
 		Network:  network,
 		Addr:     addr,
 		Password: o.Password,
@@ -177,8 +222,8 @@ func NewRedis(o Options) (*Redis, error) {
 		// apart, which a 50ms budget cannot use. A refused dial then fails at once.
 		DialerRetries: 1,
 		// No command retries: a script that ran but whose reply was lost would spend
-		// twice, and the budget is one attempt anyway. (Script.Run's EVAL after NOSCRIPT
-		// is not a retry: the EVALSHA ran nothing.)
+		// twice, and the budget is one attempt anyway. (The EVAL after NOSCRIPT is not a
+		// retry: the EVALSHA ran nothing.)
 		MaxRetries: -1,
 
 		// RESP2: the script's reply is a flat array of integers, and RESP3's push
@@ -189,7 +234,7 @@ func NewRedis(o Options) (*Redis, error) {
 		DisableIdentity:          true,
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 	})
-	return &Redis{c: c, addr: o.Address, timeout: o.Timeout, prefix: o.KeyPrefix}, nil
+	return r, nil
 }
 
 var quietOnce sync.Once
@@ -208,7 +253,7 @@ var gcraSource string
 // allows one more request it takes one from each (and sets each key to expire when its
 // bucket is full again); otherwise it changes nothing. It answers {allowed, then per key:
 // allowed, remaining, retry µs, reset µs}.
-var gcraScript = redis.NewScript(gcraSource)
+var gcraScript = newScript(gcraSource)
 
 // Allow takes one request from the bucket key under l, if it allows one, in one round
 // trip (EVALSHA; EVAL once after Redis lost its script cache, as on a restart).
@@ -226,8 +271,8 @@ func (r *Redis) Allow(ctx context.Context, key string, l Limit) (Result, error) 
 // spends none of the others. The results are in the order of reqs. A key given twice is
 // two requests from one bucket. No reqs: no round trip, no results.
 //
-// All keys of one call must live on one Redis node (a standalone Redis, or a primary of
-// Sentinel): Redis Cluster would refuse the script with CROSSSLOT.
+// In a cluster (Options.Cluster) all keys of one call must hash to one slot: give them
+// one {hash tag}. Keys of several slots are an error of the call (Redis's CROSSSLOT).
 func (r *Redis) AllowN(ctx context.Context, reqs []Request) ([]Result, error) {
 	if len(reqs) == 0 {
 		return nil, nil
@@ -246,7 +291,7 @@ func (r *Redis) AllowN(ctx context.Context, reqs []Request) ([]Result, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
-	v, err := gcraScript.Run(ctx, r.c, keys, args...).Int64Slice()
+	v, err := r.once(ctx, gcraScript, keys, args).Int64Slice()
 	if err != nil {
 		return nil, r.wrap(err)
 	}
@@ -274,7 +319,7 @@ var refundSource string
 // refundScript gives one request back to every bucket of KEYS (ARGV: each bucket's
 // emission interval in microseconds): the bucket's TAT moves one interval earlier, and a
 // bucket full again loses its key.
-var refundScript = redis.NewScript(refundSource)
+var refundScript = newScript(refundSource)
 
 // Refund gives back the requests that an AllowN of the same reqs took, for a call that
 // was admitted but will never be made (mcpgate decided before the call's body arrived,
@@ -300,7 +345,7 @@ func (r *Redis) Refund(ctx context.Context, reqs []Request) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
-	if err := refundScript.Run(ctx, r.c, keys, args...).Err(); err != nil {
+	if err := r.once(ctx, refundScript, keys, args).Err(); err != nil {
 		return r.wrap(err)
 	}
 	return nil
@@ -329,6 +374,46 @@ func (l Limit) gcra() (interval, tolerance int64, err error) {
 	}
 	return interval, interval * burst, nil
 }
+
+// script is a Lua script and its SHA-1, for EVALSHA.
+type script struct {
+	src, sha string
+}
+
+func newScript(src string) script {
+	return script{src: src, sha: redis.NewScript(src).Hash()}
+}
+
+// once runs s over keys with args as one EVALSHA, and as one EVAL if Redis has not
+// cached the script (NOSCRIPT: after a restart or a failover; the EVALSHA ran nothing).
+// Neither is sent twice: a script that spends, whose reply was lost, may have run, and
+// running it again would take a second request. go-redis would re-send a command after
+// a lost connection or a timeout if retries were on: they are off in a standalone
+// client, and a cluster client skips commands marked NoRetry, as these are, while still
+// following MOVED and ASK.
+func (r *Redis) once(ctx context.Context, s script, keys []string, args []any) *redis.Cmd {
+	cmd := scriptCmd(ctx, "evalsha", s.sha, keys, args)
+	_ = r.c.Process(ctx, noRetry{cmd})
+	if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
+		cmd = scriptCmd(ctx, "eval", s.src, keys, args)
+		_ = r.c.Process(ctx, noRetry{cmd})
+	}
+	return cmd
+}
+
+func scriptCmd(ctx context.Context, name, script string, keys []string, args []any) *redis.Cmd {
+	a := make([]any, 0, 3+len(keys)+len(args))
+	a = append(a, name, script, len(keys))
+	for _, k := range keys {
+		a = append(a, k)
+	}
+	return redis.NewCmd(ctx, append(a, args...)...)
+}
+
+// noRetry is a command that go-redis must not send again after an error.
+type noRetry struct{ *redis.Cmd }
+
+func (noRetry) NoRetry() bool { return true }
 
 // Ping checks that Redis answers within the timeout (for readiness).
 func (r *Redis) Ping(ctx context.Context) error {

@@ -513,7 +513,8 @@ func TestGCRAInterval(t *testing.T) {
 }
 
 func TestNewRedisOptions(t *testing.T) {
-	for _, o := range []Options{{}, {Address: "unix://"}, {Address: "127.0.0.1:1", DB: -1}, {Address: "127.0.0.1:1", Timeout: -time.Second}} {
+	for _, o := range []Options{{}, {Address: "unix://"}, {Address: "127.0.0.1:1", DB: -1}, {Address: "127.0.0.1:1", Timeout: -time.Second},
+		{Address: "unix:///run/redis.sock", Cluster: true}, {Address: "127.0.0.1:1", DB: 1, Cluster: true}} {
 		if _, err := NewRedis(o); err == nil {
 			t.Errorf("NewRedis(%+v) accepted", o)
 		}
@@ -678,7 +679,7 @@ func TestRedisDownAndBack(t *testing.T) {
 	srv.Restart(t)
 	// go-redis drops dead pooled connections when it takes them (a read check) and
 	// dials anew; after a run of failed dials it fails fast for up to a second, until its
-	// background probe reaches Redis. The restarted Redis has no scripts: Script.Run
+	// background probe reaches Redis. The restarted Redis has no scripts: the store
 	// answers NOSCRIPT with EVAL.
 	back := time.Now()
 	deadline := back.Add(5 * time.Second)

@@ -43,6 +43,7 @@ type Server struct {
 	bin  string
 	dir  string
 	port int
+	bus  int // the cluster bus port of a cluster node; 0: not a cluster node
 
 	mu   sync.Mutex
 	proc *process // nil when not running
@@ -63,6 +64,13 @@ type process struct {
 // hide that the shared limit is untested) with a message saying to run `make redis`.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	return startServer(t, false)
+}
+
+// startServer starts a server, a cluster node (cluster-enabled, with a free bus port
+// too) when node is set.
+func startServer(t testing.TB, node bool) *Server {
+	t.Helper()
 	bin, err := findBinary()
 	if err != nil {
 		t.Fatalf("redistest: %v: run `make redis` to install it (Debian package redis-server)", err)
@@ -76,6 +84,11 @@ func Start(t testing.TB) *Server {
 			t.Fatalf("redistest: %v", err)
 		}
 		s.port = port
+		if node {
+			if s.bus, err = freePort(); err != nil {
+				t.Fatalf("redistest: %v", err)
+			}
+		}
 		err = s.start()
 		if err == nil {
 			return s
@@ -155,6 +168,13 @@ func (s *Server) start() error {
 		"--daemonize", "no",
 		"--logfile", logFile,
 	)
+	if s.bus != 0 {
+		cmd.Args = append(cmd.Args,
+			"--cluster-enabled", "yes",
+			"--cluster-port", strconv.Itoa(s.bus),
+			"--cluster-config-file", filepath.Join(s.dir, "nodes.conf"),
+		)
+	}
 	cmd.Dir = s.dir
 	cmd.SysProcAttr = sysProcAttr()
 	if err := cmd.Start(); err != nil {

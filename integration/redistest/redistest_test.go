@@ -103,3 +103,37 @@ func requirePing(t *testing.T, addr string) {
 		t.Fatalf("PING %s: %v", addr, err)
 	}
 }
+
+// TestCluster checks that StartCluster serves every slot across its nodes, that NodeOf
+// names the node holding a key, and that MoveSlot moves a slot with its keys.
+func TestCluster(t *testing.T) {
+	c := StartCluster(t, 3)
+	key := "{moved}:k"
+	from := c.NodeOf(t, key)
+	if _, err := Do(c.Nodes[from].Addr(), "SET", key, "v"); err != nil {
+		t.Fatalf("SET on the slot's node: %v", err)
+	}
+	other := (from + 1) % 3
+	if _, err := Do(c.Nodes[other].Addr(), "GET", key); err == nil || !strings.HasPrefix(err.Error(), "MOVED") {
+		t.Fatalf("GET on node %d that does not serve the slot: err %v, want MOVED", other, err)
+	}
+	// Three nodes serve three slot ranges: keys with other tags reach the other nodes.
+	seen := map[int]bool{}
+	for i := 0; i < 100 && len(seen) < 3; i++ {
+		seen[c.NodeOf(t, fmt.Sprintf("{%d}", i))] = true
+	}
+	if len(seen) != 3 {
+		t.Fatalf("100 tags reached nodes %v, want all 3", seen)
+	}
+
+	c.MoveSlot(t, c.KeySlot(t, key), from, other)
+	if got := c.NodeOf(t, key); got != other {
+		t.Fatalf("after MoveSlot the key is on node %d, want %d", got, other)
+	}
+	if v, err := Do(c.Nodes[other].Addr(), "GET", key); err != nil || v != "v" {
+		t.Fatalf("GET after MoveSlot = %q, %v: want the key moved with its slot", v, err)
+	}
+	if _, err := Do(c.Nodes[from].Addr(), "GET", key); err == nil || !strings.HasPrefix(err.Error(), "MOVED") {
+		t.Fatalf("GET on the old node: err %v, want MOVED", err)
+	}
+}

@@ -1,0 +1,249 @@
+package redistest
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Slots is the number of hash slots of a Redis Cluster.
+const Slots = 16384
+
+// Cluster is a Redis Cluster of primaries (no replicas) that a test started, each node a
+// Server on its own free loopback port and bus port, the slots split evenly between
+// them in node order.
+type Cluster struct {
+	Nodes []*Server
+}
+
+// StartCluster starts n cluster nodes, assigns the slots, joins the nodes and returns
+// once every node sees the whole cluster serving (cluster_state:ok, all slots, n nodes).
+// t.Cleanup stops the nodes.
+func StartCluster(t testing.TB, n int) *Cluster {
+	t.Helper()
+	if n < 1 {
+		t.Fatalf("redistest: a cluster needs a node, got %d", n)
+	}
+	c := &Cluster{}
+	for range n {
+		c.Nodes = append(c.Nodes, startServer(t, true))
+	}
+	for i, s := range c.Nodes {
+		from, to := i*Slots/n, (i+1)*Slots/n-1
+		mustDo(t, s.Addr(), "CLUSTER", "ADDSLOTSRANGE", strconv.Itoa(from), strconv.Itoa(to))
+		if i > 0 {
+			mustDo(t, c.Nodes[0].Addr(), "CLUSTER", "MEET", "127.0.0.1", strconv.Itoa(s.port), strconv.Itoa(s.bus))
+		}
+	}
+	c.waitServing(t)
+	return c
+}
+
+// Addr is the first node's address: the one address a client needs to learn the rest.
+func (c *Cluster) Addr() string { return c.Nodes[0].Addr() }
+
+// waitServing polls CLUSTER INFO on every node until each reports the cluster ok with
+// every slot served by the nodes it knows, all of them.
+func (c *Cluster) waitServing(t testing.TB) {
+	t.Helper()
+	want := []string{"cluster_state:ok", "cluster_slots_ok:" + strconv.Itoa(Slots), "cluster_known_nodes:" + strconv.Itoa(len(c.Nodes))}
+	deadline := time.Now().Add(readyTimeout)
+	for {
+		var missing string
+		for _, s := range c.Nodes {
+			info, err := Do(s.Addr(), "CLUSTER", "INFO")
+			if err != nil {
+				missing = fmt.Sprintf("%s: %v", s.Addr(), err)
+				break
+			}
+			for _, w := range want {
+				if !strings.Contains(info, w+"\r\n") {
+					missing = fmt.Sprintf("%s: no %q in CLUSTER INFO", s.Addr(), w)
+					break
+				}
+			}
+			if missing != "" {
+				break
+			}
+		}
+		if missing == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("redistest: cluster not serving within %s: %s", readyTimeout, missing)
+		}
+		time.Sleep(pollInterval)
+	}
+}
+
+// NodeOf returns the index of the node that serves key's slot, in that node's own view.
+func (c *Cluster) NodeOf(t testing.TB, key string) int {
+	t.Helper()
+	slot := c.KeySlot(t, key)
+	for i, n := range c.Nodes {
+		id := mustDo(t, n.Addr(), "CLUSTER", "MYID")
+		if holds(mustDo(t, n.Addr(), "CLUSTER", "NODES"), id, slot) {
+			return i
+		}
+	}
+	t.Fatalf("redistest: no node serves slot %d", slot)
+	return -1
+}
+
+// holds reports whether CLUSTER NODES output nodes gives slot to the node id.
+func holds(nodes, id string, slot int) bool {
+	for _, line := range strings.Split(nodes, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 8 || f[0] != id {
+			continue
+		}
+		for _, r := range f[8:] {
+			lo, hi, ok := strings.Cut(r, "-")
+			if !ok {
+				hi = lo
+			}
+			a, err1 := strconv.Atoi(lo)
+			b, err2 := strconv.Atoi(hi)
+			if err1 == nil && err2 == nil && slot >= a && slot <= b {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// KeySlot is key's hash slot (CLUSTER KEYSLOT: the {hash tag} when it has one).
+func (c *Cluster) KeySlot(t testing.TB, key string) int {
+	t.Helper()
+	n, err := strconv.Atoi(mustDo(t, c.Addr(), "CLUSTER", "KEYSLOT", key))
+	if err != nil {
+		t.Fatalf("redistest: CLUSTER KEYSLOT %q: %v", key, err)
+	}
+	return n
+}
+
+// MoveSlot moves slot, with its keys, from node from to node to, as a resharding does
+// (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE on every node). Clients that cached the
+// old owner get MOVED from it afterwards.
+func (c *Cluster) MoveSlot(t testing.TB, slot, from, to int) {
+	t.Helper()
+	src, dst := c.Nodes[from], c.Nodes[to]
+	srcID := mustDo(t, src.Addr(), "CLUSTER", "MYID")
+	dstID := mustDo(t, dst.Addr(), "CLUSTER", "MYID")
+	s := strconv.Itoa(slot)
+	mustDo(t, dst.Addr(), "CLUSTER", "SETSLOT", s, "IMPORTING", srcID)
+	mustDo(t, src.Addr(), "CLUSTER", "SETSLOT", s, "MIGRATING", dstID)
+	for {
+		keys := mustDo(t, src.Addr(), "CLUSTER", "GETKEYSINSLOT", s, "100")
+		if keys == "" {
+			break
+		}
+		args := []string{"MIGRATE", "127.0.0.1", strconv.Itoa(dst.port), "", "0", "5000", "KEYS"}
+		mustDo(t, src.Addr(), append(args, strings.Split(keys, "\n")...)...)
+	}
+	for _, n := range c.Nodes {
+		mustDo(t, n.Addr(), "CLUSTER", "SETSLOT", s, "NODE", dstID)
+	}
+	deadline := time.Now().Add(readyTimeout)
+	for !c.everyoneAgrees(t, slot, to) {
+		if time.Now().After(deadline) {
+			t.Fatalf("redistest: slot %d not on node %d everywhere within %s", slot, to, readyTimeout)
+		}
+		time.Sleep(pollInterval)
+	}
+}
+
+// everyoneAgrees reports whether every node's view gives slot to node owner.
+func (c *Cluster) everyoneAgrees(t testing.TB, slot, owner int) bool {
+	t.Helper()
+	id := mustDo(t, c.Nodes[owner].Addr(), "CLUSTER", "MYID")
+	for _, n := range c.Nodes {
+		if !holds(mustDo(t, n.Addr(), "CLUSTER", "NODES"), id, slot) {
+			return false
+		}
+	}
+	return true
+}
+
+func mustDo(t testing.TB, addr string, args ...string) string {
+	t.Helper()
+	r, err := Do(addr, args...)
+	if err != nil {
+		t.Fatalf("redistest: %s %s: %v", addr, strings.Join(args, " "), err)
+	}
+	return r
+}
+
+// Do sends one command to addr on a new connection and returns its reply as text: a
+// status or bulk string as is, an integer in decimal, an array's elements one per line,
+// a nil as "". A Redis error reply is an error. Enough of RESP for tests to set up and
+// look at a server without a client library.
+func Do(addr string, args ...string) (string, error) {
+	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	var b strings.Builder
+	fmt.Fprintf(&b, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+	}
+	if _, err := conn.Write([]byte(b.String())); err != nil {
+		return "", err
+	}
+	return readReply(bufio.NewReader(conn))
+}
+
+func readReply(r *bufio.Reader) (string, error) {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	line = strings.TrimSuffix(line, "\r\n")
+	if line == "" {
+		return "", errors.New("empty reply line")
+	}
+	switch body := line[1:]; line[0] {
+	case '+', ':':
+		return body, nil
+	case '-':
+		return "", errors.New(body)
+	case '$':
+		n, err := strconv.Atoi(body)
+		if err != nil {
+			return "", fmt.Errorf("bulk length %q: %w", body, err)
+		}
+		if n < 0 {
+			return "", nil
+		}
+		buf := make([]byte, n+2)
+		if _, err := io.ReadFull(r, buf); err != nil {
+			return "", err
+		}
+		return string(buf[:n]), nil
+	case '*':
+		n, err := strconv.Atoi(body)
+		if err != nil {
+			return "", fmt.Errorf("array length %q: %w", body, err)
+		}
+		items := make([]string, 0, max(n, 0))
+		for range n {
+			item, err := readReply(r)
+			if err != nil {
+				return "", err
+			}
+			items = append(items, item)
+		}
+		return strings.Join(items, "\n"), nil
+	default:
+		return "", fmt.Errorf("unknown reply %q", line)
+	}
+}
