@@ -422,7 +422,7 @@ func (sl *sharedLimits) swapLocked(n *sharedStore) {
 	old := sl.cur.Swap(n)
 	if n != nil {
 		sl.log.Info("rate limits are counted in redis, shared by the replicas",
-			zap.String("address", n.cfg.Address), zap.Int("db", n.cfg.DB), zap.String("failure_mode", string(n.cfg.FailureMode)))
+			zap.String("address", n.cfg.Address), zap.Bool("cluster", n.cfg.Cluster), zap.Int("db", n.cfg.DB), zap.String("failure_mode", string(n.cfg.FailureMode)))
 	} else if old != nil {
 		sl.log.Info("rate limits are counted in each replica (no spec.rateLimits.redis)")
 	}
@@ -440,7 +440,7 @@ func (sl *sharedLimits) close() {
 
 func newSharedStore(cfg policy.RateLimitStore, log *zap.Logger) *sharedStore {
 	ss := &sharedStore{cfg: cfg, log: log}
-	opts := ratelimit.Options{Address: cfg.Address, DB: cfg.DB, PasswordFile: cfg.PasswordFile, Timeout: cfg.Timeout}
+	opts := ratelimit.Options{Address: cfg.Address, DB: cfg.DB, PasswordFile: cfg.PasswordFile, Timeout: cfg.Timeout, Cluster: cfg.Cluster}
 	if cfg.TLS {
 		tc, err := redisTLS(cfg)
 		if err != nil {
@@ -462,7 +462,9 @@ func newSharedStore(cfg policy.RateLimitStore, log *zap.Logger) *sharedStore {
 
 func redisTLS(cfg policy.RateLimitStore) (*tls.Config, error) {
 	tc := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: cfg.ServerName}
-	if tc.ServerName == "" && !strings.HasPrefix(cfg.Address, "unix://") {
+	// A cluster's nodes are each verified by the host they announce (Go's TLS dial
+	// takes the name from the address when ServerName is empty).
+	if tc.ServerName == "" && !cfg.Cluster && !strings.HasPrefix(cfg.Address, "unix://") {
 		host, _, _ := strings.Cut(cfg.Address, ":")
 		if strings.HasPrefix(cfg.Address, "[") {
 			host, _, _ = strings.Cut(strings.TrimPrefix(cfg.Address, "["), "]")
@@ -533,10 +535,12 @@ func verdict(s *Server, target string, checks []limitCheck, res []ratelimit.Resu
 
 // sharedKey is the Redis key of c's bucket: the app and kind in clear, for operators
 // reading Redis, and the rest (rate, claim values: who the caller is) as a hash, so that
-// Redis holds no user identifiers and keys stay short.
+// Redis holds no user identifiers and keys stay short. The app is the key's Redis Cluster
+// hash tag ({app}: an App ID is a DNS label, never a brace), so that every bucket of one
+// call, all of its target, lives in one slot and is decided by one script on one node.
 func sharedKey(target string, c limitCheck) string {
 	sum := sha256.Sum256([]byte(c.key))
-	return target + ":" + c.kind + ":" + hex.EncodeToString(sum[:16])
+	return "{" + target + "}:" + c.kind + ":" + hex.EncodeToString(sum[:16])
 }
 
 func (ss *sharedStore) markDown(err error, now time.Time) {

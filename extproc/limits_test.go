@@ -149,6 +149,42 @@ func TestSharedLimitAcrossReplicas(t *testing.T) {
 	requireLimited(t, runEnvoy(t, local.servers[0], as("alice", "", "get_inventory"), envoyUpstream{}), "7th call", "perCaller", "q=3;w=3600")
 }
 
+// On a Redis Cluster two replicas share the limits too: a call's buckets (per caller,
+// per subject, per tool) hash to its app's slot ({inventory}), so one script decides
+// them on one node; keys of several slots would be CROSSSLOT, and with failureMode deny
+// every call refused.
+func TestSharedLimitOnCluster(t *testing.T) {
+	t.Parallel() // a cluster serves 2s after its start
+	c := redistest.StartCluster(t, 3)
+	g, err := policy.CompileGlob("get_*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := newReplicas(t, 2, func(s *policy.Snapshot) {
+		s.Mesh.RateLimits = redisStore(c.Addr(), policy.FailDeny)
+		s.Mesh.RateLimits.Cluster = true
+		lim := &s.App("inventory").MCP.Limits
+		lim.PerCaller = &policy.RateLimit{N: 3, Per: time.Hour}
+		lim.PerSubject, lim.SubjectClaim = &policy.RateLimit{N: 10, Per: time.Hour}, "sub"
+		lim.PerTool = []policy.ToolRate{{Tool: g, Rate: policy.RateLimit{N: 10, Per: time.Hour}, Per: policy.PerSubject, Claim: "sub"}}
+	})
+	for i := range 3 {
+		requireForwarded(t, runEnvoy(t, rs.servers[i%2], as("alice", "", "get_inventory"), envoyUpstream{}), "call "+string(rune('1'+i)))
+	}
+	requireLimited(t, runEnvoy(t, rs.servers[1], as("alice", "", "get_inventory"), envoyUpstream{}), "4th call", "perCaller", "q=3;w=3600")
+	if got := rs.limitCounts(t); got["caller/allowed"] != 3 || got["subject/allowed"] != 3 || got["tool/allowed"] != 3 || got["caller/refused"] != 1 {
+		t.Errorf("mcpgate.ratelimit.decisions = %v, want 3 allowed per bucket, then caller/refused 1", got)
+	}
+	node := c.NodeOf(t, "{inventory}")
+	keys, err := redistest.Do(c.Nodes[node].Addr(), "KEYS", "mcpgate:rl:{inventory}:*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(strings.Fields(keys)); n != 3 {
+		t.Errorf("node %d (the slot of {inventory}) holds %d buckets, want 3: %q", node, n, keys)
+	}
+}
+
 // perSubject keys on the token's subject (or a claim), perTenant on a claim: users and
 // tenants do not spend each other's allowance, in Redis as in memory.
 func TestPerSubjectAndTenantKeys(t *testing.T) {

@@ -260,7 +260,7 @@ func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitS
 		return nil
 	}
 	r := spec.Redis
-	st := &RateLimitStore{Address: r.Address, DB: r.DB, PasswordFile: r.PasswordFile,
+	st := &RateLimitStore{Address: r.Address, Cluster: r.Cluster, DB: r.DB, PasswordFile: r.PasswordFile,
 		TLS: r.TLS.Enabled, CAFile: r.TLS.CAFile, ServerName: r.TLS.ServerName,
 		FailureMode: FailureMode(spec.FailureMode), Timeout: DefaultRateLimitTimeout}
 	switch {
@@ -273,6 +273,9 @@ func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitS
 		if r.TLS.Enabled {
 			l.errf(d, p+".redis.tls", "does not apply to a unix socket")
 		}
+		if r.Cluster {
+			l.errf(d, p+".redis.cluster", "needs a host:port address: cluster nodes are reached on TCP, not a unix socket")
+		}
 	case strings.Contains(r.Address, "://"):
 		l.errf(d, p+".redis.address", "%q: write host:port or unix:///path (TLS is redis.tls, not a rediss:// URL)", r.Address)
 	default:
@@ -280,7 +283,9 @@ func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitS
 			l.errf(d, p+".redis.address", "%v", err)
 		}
 	}
-	if r.DB < 0 || r.DB > 15 {
+	if r.Cluster && r.DB != 0 {
+		l.errf(d, p+".redis.db", "must be 0 with cluster: true (a Redis Cluster has only database 0), got %d", r.DB)
+	} else if r.DB < 0 || r.DB > 15 {
 		// 16 databases is Redis's default; a larger number needs a server configured for it.
 		l.errf(d, p+".redis.db", "must be between 0 and 15, got %d", r.DB)
 	}

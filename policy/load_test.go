@@ -358,6 +358,16 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			},
 		},
 		{
+			name: "cluster on a unix socket or another database",
+			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  rateLimits:
+    redis: {address: "unix:///run/redis.sock", cluster: true, db: 3}
+`},
+			want: []string{
+				`mesh.yaml:17: spec.rateLimits.redis.cluster: needs a host:port address: cluster nodes are reached on TCP`,
+				`mesh.yaml:17: spec.rateLimits.redis.db: must be 0 with cluster: true (a Redis Cluster has only database 0), got 3`,
+			},
+		},
+		{
 			name:  "failure mode without redis",
 			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + "  rateLimits: {failureMode: deny}\n"},
 			want:  []string{`spec.rateLimits.redis: is required with failureMode`},
@@ -720,6 +730,13 @@ func TestLoadRateLimits(t *testing.T) {
 	mesh = meshYAML + "  rateLimits: {redis: {address: \"redis:6380\", tls: true}}\n"
 	if got := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": appYAML}).Mesh.RateLimits; got == nil || !got.TLS || got.CAFile != "" {
 		t.Errorf("tls: true = %+v", got)
+	}
+	mesh = meshYAML + "  rateLimits: {redis: {address: \"clustercfg.example.com:6379\", cluster: true, tls: true}}\n"
+	if got := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": appYAML}).Mesh.RateLimits; got == nil || !got.Cluster || got.Address != "clustercfg.example.com:6379" {
+		t.Errorf("cluster: true = %+v", got)
+	}
+	if got := snap.Mesh.RateLimits; got.Cluster {
+		t.Errorf("cluster defaults to true: %+v", got)
 	}
 	if got := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML}).Mesh.RateLimits; got != nil {
 		t.Errorf("without rateLimits the store is %+v, want nil (per replica)", got)

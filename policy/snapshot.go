@@ -308,6 +308,7 @@ func (r RateLimit) Capacity() int {
 // a Mesh: each replica's memory.
 type RateLimitStore struct {
 	Address      string
+	Cluster      bool // Address is a node (or configuration endpoint) of a Redis Cluster
 	DB           int
 	PasswordFile string
 	TLS          bool

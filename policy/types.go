@@ -85,10 +85,14 @@ type RateLimitsSpec struct {
 	Timeout Duration `yaml:"timeout"`
 }
 
-// RedisSpec is a standalone Redis (or a Sentinel-managed primary behind one address).
+// RedisSpec is a standalone Redis (or a Sentinel-managed primary behind one address), or
+// a Redis Cluster.
 type RedisSpec struct {
 	// Address is host:port, or unix:///path/to.sock.
 	Address string `yaml:"address"`
+	// Cluster: Address is one node of a Redis Cluster, or a managed service's
+	// configuration endpoint; the other nodes are learnt from it. Database 0 only.
+	Cluster bool `yaml:"cluster"`
 	// TLS is true (the system's roots) or {caFile, serverName}.
 	TLS          TLSSpec `yaml:"tls"`
 	PasswordFile string  `yaml:"passwordFile"`

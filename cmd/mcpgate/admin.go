@@ -282,6 +282,6 @@ func describeRateLimits(rl *policy.RateLimitStore) any {
 	if rl == nil {
 		return map[string]string{"store": "local"}
 	}
-	return map[string]any{"store": "redis", "address": rl.Address, "db": rl.DB, "tls": rl.TLS,
+	return map[string]any{"store": "redis", "address": rl.Address, "cluster": rl.Cluster, "db": rl.DB, "tls": rl.TLS,
 		"password_file": rl.PasswordFile, "failure_mode": rl.FailureMode, "timeout": rl.Timeout.String()}
 }

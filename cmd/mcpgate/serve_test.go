@@ -229,6 +229,37 @@ func TestDebugSnapshotLimitsAndCORS(t *testing.T) {
 	}
 }
 
+// TestDebugSnapshotRateLimitStore checks that the snapshot says where limits are
+// counted and how Redis is reached, a cluster included, naming the password file but
+// never holding its contents.
+func TestDebugSnapshotRateLimitStore(t *testing.T) {
+	for _, tc := range []struct {
+		mesh string
+		want map[string]any
+	}{
+		{"", map[string]any{"store": "local"}},
+		{`  rateLimits:
+    redis: {address: "clustercfg.example:6379", cluster: true, passwordFile: /secrets/redis-password}
+    failureMode: deny
+`, map[string]any{"store": "redis", "address": "clustercfg.example:6379", "cluster": true, "db": 0.0, "tls": false,
+			"password_file": "/secrets/redis-password", "failure_mode": "deny", "timeout": "50ms"}},
+	} {
+		snap := demoWith(t, "mesh.yaml", func(b string) string { return b + tc.mesh })
+		store, tel := adminState(t, snap)
+		rec := httptest.NewRecorder()
+		adminHandler(store, tel, nil, nil).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/debug/snapshot", nil))
+		var got struct {
+			RateLimits map[string]any `json:"rate_limits"`
+		}
+		if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil {
+			t.Fatalf("%v: %s", err, rec.Body.String())
+		}
+		if !reflect.DeepEqual(got.RateLimits, tc.want) {
+			t.Errorf("rate_limits\n got %v\nwant %v", got.RateLimits, tc.want)
+		}
+	}
+}
+
 // demoWith loads testdata/demo with one of its files changed by edit.
 func demoWith(t *testing.T, file string, edit func(string) string) *policy.Snapshot {
 	t.Helper()
