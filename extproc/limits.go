@@ -171,7 +171,10 @@ func (st *stream) rateLimit(ctx context.Context, r *Request, now time.Time) (lim
 		case policy.FailDeny:
 			s.countLimits(st.app.ID, checks, limitUnavailableRefused)
 			return limitVerdict{status: 503, rule: ruleRateLimitDown, wait: storeRetry,
-				reason:  "rate limits unavailable: " + err.Error() + " (spec.rateLimits.failureMode deny)",
+				// The caller learns that the store is down, not where it is or what it
+				// said (an internal address, AUTH errors): those are in the outage's log
+				// line and /readyz.
+				reason:  "rate limits unavailable: the shared store did not answer (spec.rateLimits.failureMode deny)",
 				headers: []*corev3.HeaderValueOption{rawHeader("retry-after", retryAfter(storeRetry))}}, true
 		}
 		// failureMode local: this replica's buckets, below.

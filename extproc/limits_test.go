@@ -312,7 +312,10 @@ func TestRedisDownFailureModes(t *testing.T) {
 				}
 			case policy.FailDeny:
 				res := runEnvoy(t, a, alice(), envoyUpstream{})
-				requireJSONRPCError(t, res.immediate, 503, 1, -32001, "rate limits unavailable: redis "+srv.Addr())
+				requireJSONRPCError(t, res.immediate, 503, 1, -32001, "rate limits unavailable: the shared store did not answer")
+				if body := string(res.immediate.GetBody()); strings.Contains(body, srv.Addr()) {
+					t.Errorf("the refusal tells the caller Redis's address: %s", body)
+				}
 				if h := immediateHeaders(res.immediate); h["retry-after"] != "1" {
 					t.Errorf("Retry-After = %q, want 1", h["retry-after"])
 				}
@@ -328,7 +331,7 @@ func TestRedisDownFailureModes(t *testing.T) {
 				}
 			}
 			st := a.RateLimitStatus(context.Background())
-			if st.Reachable || st.Error == "" || st.DownSince.IsZero() || !strings.Contains(st.Effect, "failureMode "+string(mode)) {
+			if st.Reachable || !strings.Contains(st.Error, srv.Addr()) || st.DownSince.IsZero() || !strings.Contains(st.Effect, "failureMode "+string(mode)) {
 				t.Errorf("status with Redis down: %+v", st)
 			}
 			if j, _ := json.Marshal(st); !strings.Contains(string(j), `"reachable":false`) {
