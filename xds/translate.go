@@ -573,6 +573,9 @@ func (t *translator) outbound(app *policy.App) {
 			continue
 		}
 		base := basePath(ep.BaseURL)
+		// An agent's copies of the headers mcpgate vouches for never reach the upstream,
+		// whichever filters run on the route (ext_authz strips them only when it runs).
+		fo.HeadersToRemove = contract.SetHeaders()
 		switch {
 		case ep.Auth != nil:
 			// mcpgate supplies the credentials: ext_authz asks it for the upstream's
@@ -612,7 +615,7 @@ func (t *translator) outbound(app *policy.App) {
 		case !ep.Passthrough:
 			// No token passthrough: whatever the agent holds was not issued for this
 			// upstream (spec.passthrough: true keeps it).
-			fo.HeadersToRemove = []string{"authorization"}
+			fo.HeadersToRemove = append(fo.HeadersToRemove, "authorization")
 		}
 		invoke = append(invoke, t.invokeRoute(name, base, fo))
 		byHeader = append(byHeader, t.headerRoute(name, base, fo))

@@ -145,6 +145,15 @@ const (
 // names the method from the rest of the path (extproc.GRPCService has the same value).
 const GRPCServicePrefix = "/mcpgate.mcp.v1.McpService/"
 
+// SetHeaders are the request headers mcpgate sets towards an app, by name: where no
+// extauthz Check strips what a caller sent (the routes to HTTPEndpoints, on which
+// ext_authz runs only while mcpgate supplies a token), xds has the router remove them,
+// so no upstream sees a caller's forgery of an identity mcpgate would vouch for. (Any
+// other x-mcpgate- name means nothing to anyone; the listeners reject the '_' spellings.)
+func SetHeaders() []string {
+	return []string{HeaderCallerAppID, HeaderDaprCallerAppID, HeaderSubject, HeaderDecisionID}
+}
+
 // IsInternalHeader reports whether a request header is one only mcpgate may set:
 // extauthz removes any the caller sent. Names match in any ASCII case and with '_' for
 // any '-' ("x_mcpgate_caller_app_id", "X-MCPGATE_subject"): many servers read them as

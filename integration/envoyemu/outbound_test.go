@@ -18,6 +18,7 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/grpc"
 
+	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extauthz"
 	"github.com/mcpgate/mcpgate/extauthz/bearer"
 	"github.com/mcpgate/mcpgate/extauthz/credentials"
@@ -35,8 +36,9 @@ type outboundEnv struct {
 	outbound string // the sidecar's outbound listener
 	checks   atomic.Int64
 
-	mu    sync.Mutex
-	auths []string
+	mu     sync.Mutex
+	auths  []string
+	forged []string // the mcpgate headers the upstream got (call forges each)
 }
 
 // How the sidecar gets the token: injected from SDS while mcpgate has it (what mcpgate
@@ -84,6 +86,11 @@ func requireOutboundEnv(t testing.TB, injected bool) *outboundEnv {
 	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		env.mu.Lock()
 		env.auths = append(env.auths, r.Header.Get("Authorization")+"|"+r.Header.Get("X-Tenant"))
+		for _, h := range contract.SetHeaders() {
+			if v := r.Header.Values(h); len(v) > 0 {
+				env.forged = append(env.forged, h+": "+strings.Join(v, ","))
+			}
+		}
 		env.mu.Unlock()
 		_, _ = io.WriteString(w, "ok "+r.URL.Path)
 	})}
@@ -158,6 +165,9 @@ func (env *outboundEnv) call(t testing.TB, c *http.Client, endpoint, auth string
 	if auth != "" {
 		req.Header.Set("Authorization", auth)
 	}
+	for _, h := range contract.SetHeaders() {
+		req.Header.Set(h, "forged-by-the-agent")
+	}
 	resp, err := c.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -228,6 +238,11 @@ func TestOutboundCredentialInjection(t *testing.T) {
 			}
 			if n := env.as.Count("client_credentials"); n != 1 {
 				t.Errorf("%d tokens issued, want 1", n)
+			}
+			env.mu.Lock()
+			defer env.mu.Unlock()
+			if len(env.forged) > 0 {
+				t.Errorf("the upstreams got the agent's copies of mcpgate's headers, %d times: %q", len(env.forged), env.forged[:min(4, len(env.forged))])
 			}
 		})
 	}
