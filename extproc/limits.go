@@ -402,12 +402,12 @@ func (sl *sharedLimits) get(cfg *policy.RateLimitStore) *sharedStore {
 		}
 		return nil
 	}
-	if cur != nil && cur.cfg == *cfg {
+	if cur != nil && cur.cfg.Equal(cfg) {
 		return cur
 	}
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
-	if cur := sl.cur.Load(); cur != nil && cur.cfg == *cfg {
+	if cur := sl.cur.Load(); cur != nil && cur.cfg.Equal(cfg) {
 		return cur
 	}
 	n := newSharedStore(*cfg, sl.log)
@@ -425,7 +425,7 @@ func (sl *sharedLimits) swapLocked(n *sharedStore) {
 	old := sl.cur.Swap(n)
 	if n != nil {
 		sl.log.Info("rate limits are counted in redis, shared by the replicas",
-			zap.String("address", n.cfg.Address), zap.Bool("cluster", n.cfg.Cluster), zap.Int("db", n.cfg.DB), zap.String("failure_mode", string(n.cfg.FailureMode)))
+			zap.String("address", n.cfg.Where()), zap.Bool("cluster", n.cfg.Cluster), zap.Int("db", n.cfg.DB), zap.String("failure_mode", string(n.cfg.FailureMode)))
 	} else if old != nil {
 		sl.log.Info("rate limits are counted in each replica (no spec.rateLimits.redis)")
 	}
@@ -444,6 +444,9 @@ func (sl *sharedLimits) close() {
 func newSharedStore(cfg policy.RateLimitStore, log *zap.Logger) *sharedStore {
 	ss := &sharedStore{cfg: cfg, log: log}
 	opts := ratelimit.Options{Address: cfg.Address, DB: cfg.DB, PasswordFile: cfg.PasswordFile, Timeout: cfg.Timeout, Cluster: cfg.Cluster}
+	if s := cfg.Sentinel; s != nil {
+		opts.Sentinel = &ratelimit.Sentinel{MasterName: s.MasterName, Addrs: s.Addrs, PasswordFile: s.PasswordFile}
+	}
 	if cfg.TLS {
 		tc, err := redisTLS(cfg)
 		if err != nil {
@@ -465,9 +468,10 @@ func newSharedStore(cfg policy.RateLimitStore, log *zap.Logger) *sharedStore {
 
 func redisTLS(cfg policy.RateLimitStore) (*tls.Config, error) {
 	tc := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: cfg.ServerName}
-	// A cluster's nodes are each verified by the host they announce (Go's TLS dial
-	// takes the name from the address when ServerName is empty).
-	if tc.ServerName == "" && !cfg.Cluster && !strings.HasPrefix(cfg.Address, "unix://") {
+	// A cluster's nodes, and the sentinels and the primary they name, are each verified
+	// by their own host (Go's TLS dial takes the name from the address when ServerName
+	// is empty).
+	if tc.ServerName == "" && !cfg.Cluster && cfg.Sentinel == nil && !strings.HasPrefix(cfg.Address, "unix://") {
 		host, _, _ := strings.Cut(cfg.Address, ":")
 		if strings.HasPrefix(cfg.Address, "[") {
 			host, _, _ = strings.Cut(strings.TrimPrefix(cfg.Address, "["), "]")
@@ -477,11 +481,11 @@ func redisTLS(cfg policy.RateLimitStore) (*tls.Config, error) {
 	if cfg.CAFile != "" {
 		pem, err := os.ReadFile(cfg.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("redis %s: tls.caFile: %w", cfg.Address, err)
+			return nil, fmt.Errorf("redis %s: tls.caFile: %w", cfg.Where(), err)
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("redis %s: tls.caFile %s holds no PEM certificate", cfg.Address, cfg.CAFile)
+			return nil, fmt.Errorf("redis %s: tls.caFile %s holds no PEM certificate", cfg.Where(), cfg.CAFile)
 		}
 		tc.RootCAs = pool
 	}
@@ -558,7 +562,7 @@ func (ss *sharedStore) markDown(err error, now time.Time) {
 	ss.mu.Unlock()
 	if !was {
 		ss.log.Warn("rate-limit store unreachable: limited calls follow the failure mode until it answers",
-			zap.String("address", ss.cfg.Address), zap.String("failure_mode", string(ss.cfg.FailureMode)), zap.String("error", msg))
+			zap.String("address", ss.cfg.Where()), zap.String("failure_mode", string(ss.cfg.FailureMode)), zap.String("error", msg))
 	}
 }
 
@@ -573,7 +577,7 @@ func (ss *sharedStore) markUp() {
 	ss.mu.Unlock()
 	if was {
 		ss.log.Info("rate-limit store reachable again: limits are shared by the replicas",
-			zap.String("address", ss.cfg.Address), zap.Duration("down_for", time.Since(since)))
+			zap.String("address", ss.cfg.Where()), zap.Duration("down_for", time.Since(since)))
 	}
 }
 
@@ -607,7 +611,7 @@ func (s *Server) RateLimitStatus(ctx context.Context) RateLimitStatus {
 		return RateLimitStatus{Store: "local", Reachable: true, Effect: "limits are counted in each replica"}
 	}
 	ss := s.shared.get(snap.Mesh.RateLimits)
-	st := RateLimitStatus{Store: "redis", Address: ss.cfg.Address, FailureMode: string(ss.cfg.FailureMode)}
+	st := RateLimitStatus{Store: "redis", Address: ss.cfg.Where(), FailureMode: string(ss.cfg.FailureMode)}
 	err := ss.cfgErr
 	if err == nil {
 		err = ss.r.Ping(ctx)

@@ -185,6 +185,64 @@ func TestSharedLimitOnCluster(t *testing.T) {
 	}
 }
 
+// Through Redis Sentinel two replicas share the limits, and when the primary dies they
+// follow the sentinel to the promoted replica by themselves: calls meanwhile get the
+// failure mode (deny here), then the shared buckets again, as replicated.
+func TestSharedLimitThroughSentinel(t *testing.T) {
+	t.Parallel()
+	primary := redistest.Start(t)
+	replica := redistest.StartReplica(t, primary)
+	sentinel := redistest.StartSentinel(t, "mcpgate", primary)
+	sentinel.WaitReplicas(t, 1)
+	rs := newReplicas(t, 2, func(s *policy.Snapshot) {
+		s.Mesh.RateLimits = redisStore("", policy.FailDeny)
+		s.Mesh.RateLimits.Sentinel = &policy.SentinelStore{MasterName: "mcpgate", Addrs: []string{sentinel.Addr()}}
+		s.App("inventory").MCP.Limits.PerCaller = &policy.RateLimit{N: 4, Per: time.Hour}
+	})
+	for i := range 2 {
+		requireForwarded(t, runEnvoy(t, rs.servers[i], as("alice", "", "get_inventory"), envoyUpstream{}), "call "+string(rune('1'+i)))
+	}
+	if st := rs.servers[0].RateLimitStatus(context.Background()); !st.Reachable || st.Address != "mcpgate (sentinel "+sentinel.Addr()+")" {
+		t.Errorf("status: %+v", st)
+	}
+	key, err := redistest.Do(primary.Addr(), "KEYS", "*")
+	if err != nil || strings.Contains(key, "\n") {
+		t.Fatalf("keys on the primary: %q, %v (want one bucket)", key, err)
+	}
+	want, _ := redistest.Do(primary.Addr(), "GET", key)
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if got, _ := redistest.Do(replica.Addr(), "GET", key); got == want {
+			break // replicated
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the replica never got the bucket %s = %q", key, want)
+		}
+	}
+
+	primary.Kill()
+	deadline := time.Now().Add(15 * time.Second)
+	var refused int
+	for {
+		res := runEnvoy(t, rs.servers[refused%2], as("alice", "", "get_inventory"), envoyUpstream{})
+		if res.immediate == nil {
+			break // decided in the new primary
+		}
+		requireJSONRPCError(t, res.immediate, 503, 1, -32001, "rate limits unavailable")
+		refused++
+		if time.Now().After(deadline) {
+			t.Fatalf("limits still unavailable 15s after the primary died (%d calls refused)", refused)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("%d calls refused (failureMode deny) during the failover", refused)
+	if got := sentinel.Primary(t); got != replica.Addr() {
+		t.Fatalf("the sentinel announces %s, want %s", got, replica.Addr())
+	}
+	// 3 of 4 spent (2 before, 1 after): one more through either replica, then refused.
+	requireForwarded(t, waitShared(t, rs, rs.servers[1], as("alice", "", "get_inventory")), "4th call")
+	requireLimited(t, runEnvoy(t, rs.servers[0], as("alice", "", "get_inventory"), envoyUpstream{}), "5th call", "perCaller", "q=4;w=3600")
+}
+
 // perSubject keys on the token's subject (or a claim), perTenant on a claim: users and
 // tenants do not spend each other's allowance, in Redis as in memory.
 func TestPerSubjectAndTenantKeys(t *testing.T) {

@@ -264,8 +264,10 @@ func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitS
 		TLS: r.TLS.Enabled, CAFile: r.TLS.CAFile, ServerName: r.TLS.ServerName,
 		FailureMode: FailureMode(spec.FailureMode), Timeout: DefaultRateLimitTimeout}
 	switch {
+	case r.Sentinel != nil:
+		st.Sentinel = l.compileSentinel(d, p+".redis", r)
 	case r.Address == "":
-		l.errf(d, p+".redis.address", "is required (host:port or unix:///path/to.sock)")
+		l.errf(d, p+".redis.address", "is required (host:port or unix:///path/to.sock), or sentinel")
 	case strings.HasPrefix(r.Address, "unix://"):
 		if !strings.HasPrefix(strings.TrimPrefix(r.Address, "unix://"), "/") {
 			l.errf(d, p+".redis.address", "%q: a unix socket needs an absolute path (unix:///run/redis.sock)", r.Address)
@@ -311,6 +313,32 @@ func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitS
 		}
 	}
 	return st
+}
+
+// compileSentinel checks redis.sentinel, which replaces redis.address.
+func (l *loader) compileSentinel(d *document, p string, r *RedisSpec) *SentinelStore {
+	s := r.Sentinel
+	if r.Address != "" {
+		l.errf(d, p+".address", "must be empty with sentinel: the sentinels name the primary")
+	}
+	if r.Cluster {
+		l.errf(d, p+".cluster", "does not go with sentinel: a Redis Cluster fails over by itself")
+	}
+	if s.MasterName == "" {
+		l.errf(d, p+".sentinel.masterName", "is required (the name in `sentinel monitor <name> ...`)")
+	}
+	if len(s.Addresses) == 0 {
+		l.errf(d, p+".sentinel.addresses", "is required: one or more sentinels, host:port")
+	}
+	for i, a := range s.Addresses {
+		if err := checkHostPort(a); err != nil {
+			l.errf(d, fmt.Sprintf("%s.sentinel.addresses[%d]", p, i), "%v", err)
+		}
+	}
+	if s.PasswordFile != "" && !strings.HasPrefix(s.PasswordFile, "/") {
+		l.errf(d, p+".sentinel.passwordFile", "must be an absolute path, got %q", s.PasswordFile)
+	}
+	return &SentinelStore{MasterName: s.MasterName, Addrs: slices.Clone(s.Addresses), PasswordFile: s.PasswordFile}
 }
 
 func (l *loader) compileApp(d *document, mesh *Mesh) *App {

@@ -368,6 +368,29 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			},
 		},
 		{
+			name: "bad sentinel",
+			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  rateLimits:
+    redis:
+      address: redis:6379
+      cluster: true
+      sentinel: {addresses: ["sentinel", "s2:26379"], passwordFile: secrets/sentinel}
+`},
+			want: []string{
+				`mesh.yaml:18: spec.rateLimits.redis.address: must be empty with sentinel`,
+				`mesh.yaml:19: spec.rateLimits.redis.cluster: does not go with sentinel`,
+				`mesh.yaml:20: spec.rateLimits.redis.sentinel.masterName: is required`,
+				`mesh.yaml:20: spec.rateLimits.redis.sentinel.addresses[0]: "sentinel" is not host:port`,
+				`mesh.yaml:20: spec.rateLimits.redis.sentinel.passwordFile: must be an absolute path, got "secrets/sentinel"`,
+			},
+		},
+		{
+			name: "sentinel without addresses",
+			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  rateLimits:
+    redis: {sentinel: {masterName: mymaster}}
+`},
+			want: []string{`mesh.yaml:17: spec.rateLimits.redis.sentinel.addresses: is required: one or more sentinels, host:port`},
+		},
+		{
 			name:  "failure mode without redis",
 			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + "  rateLimits: {failureMode: deny}\n"},
 			want:  []string{`spec.rateLimits.redis: is required with failureMode`},
@@ -684,7 +707,7 @@ func TestLoadRateLimits(t *testing.T) {
 	snap := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": app})
 	want := &RateLimitStore{Address: "redis:6379", DB: 2, PasswordFile: "/secrets/redis", TLS: true, CAFile: "/etc/redis-ca.pem",
 		FailureMode: FailLocal, Timeout: DefaultRateLimitTimeout}
-	if got := snap.Mesh.RateLimits; got == nil || *got != *want {
+	if got := snap.Mesh.RateLimits; !got.Equal(want) {
 		t.Errorf("Mesh.RateLimits = %+v, want %+v", got, want)
 	}
 	lim := snap.App("inventory").MCP.Limits
@@ -735,8 +758,22 @@ func TestLoadRateLimits(t *testing.T) {
 	if got := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": appYAML}).Mesh.RateLimits; got == nil || !got.Cluster || got.Address != "clustercfg.example.com:6379" {
 		t.Errorf("cluster: true = %+v", got)
 	}
-	if got := snap.Mesh.RateLimits; got.Cluster {
-		t.Errorf("cluster defaults to true: %+v", got)
+	if got := snap.Mesh.RateLimits; got.Cluster || got.Sentinel != nil {
+		t.Errorf("cluster or sentinel by default: %+v", got)
+	}
+	mesh = meshYAML + `  rateLimits:
+    redis:
+      sentinel: {masterName: mymaster, addresses: ["sentinel-0:26379", "sentinel-1:26379"], passwordFile: /secrets/sentinel}
+      passwordFile: /secrets/redis
+`
+	rl := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": appYAML}).Mesh.RateLimits
+	wantSentinel := &RateLimitStore{PasswordFile: "/secrets/redis", FailureMode: FailLocal, Timeout: DefaultRateLimitTimeout,
+		Sentinel: &SentinelStore{MasterName: "mymaster", Addrs: []string{"sentinel-0:26379", "sentinel-1:26379"}, PasswordFile: "/secrets/sentinel"}}
+	if !rl.Equal(wantSentinel) {
+		t.Errorf("sentinel = %+v %+v, want %+v", rl, rl.Sentinel, wantSentinel.Sentinel)
+	}
+	if w := rl.Where(); w != "mymaster (sentinel sentinel-0:26379,sentinel-1:26379)" {
+		t.Errorf("Where() = %q", w)
 	}
 	if got := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML}).Mesh.RateLimits; got != nil {
 		t.Errorf("without rateLimits the store is %+v, want nil (per replica)", got)
@@ -844,5 +881,35 @@ func TestREADMECORSExample(t *testing.T) {
 	}
 	if diff := cmp.Diff(want, c); diff != "" {
 		t.Errorf("README example (-want +got):\n%s", diff)
+	}
+}
+
+// TestRateLimitStoreEqual checks what makes two stores the same, Sentinel included
+// (a replica keeps its connections when a reload changes none of it).
+func TestRateLimitStoreEqual(t *testing.T) {
+	base := func() *RateLimitStore {
+		return &RateLimitStore{PasswordFile: "/p", FailureMode: FailLocal, Timeout: time.Second,
+			Sentinel: &SentinelStore{MasterName: "m", Addrs: []string{"a:1", "b:2"}}}
+	}
+	if !base().Equal(base()) {
+		t.Error("equal stores differ")
+	}
+	var none *RateLimitStore
+	if !none.Equal(nil) || none.Equal(base()) || base().Equal(nil) {
+		t.Error("nil equals only nil")
+	}
+	for name, change := range map[string]func(*RateLimitStore){
+		"addrs":       func(s *RateLimitStore) { s.Sentinel.Addrs = []string{"a:1"} },
+		"order":       func(s *RateLimitStore) { s.Sentinel.Addrs = []string{"b:2", "a:1"} },
+		"master":      func(s *RateLimitStore) { s.Sentinel.MasterName = "n" },
+		"password":    func(s *RateLimitStore) { s.Sentinel.PasswordFile = "/s" },
+		"no sentinel": func(s *RateLimitStore) { s.Sentinel, s.Address = nil, "a:1" },
+		"timeout":     func(s *RateLimitStore) { s.Timeout = time.Millisecond },
+	} {
+		s := base()
+		change(s)
+		if s.Equal(base()) || base().Equal(s) {
+			t.Errorf("%s changed: still equal", name)
+		}
 	}
 }

@@ -2,7 +2,9 @@ package policy
 
 import (
 	"net/url"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/open-policy-agent/opa/v1/rego"
@@ -307,8 +309,9 @@ func (r RateLimit) Capacity() int {
 // RateLimitStore is where the limits are counted: Redis, shared by the replicas. nil in
 // a Mesh: each replica's memory.
 type RateLimitStore struct {
-	Address      string
-	Cluster      bool // Address is a node (or configuration endpoint) of a Redis Cluster
+	Address      string         // "" with Sentinel
+	Cluster      bool           // Address is a node (or configuration endpoint) of a Redis Cluster
+	Sentinel     *SentinelStore // nil: Address is the primary
 	DB           int
 	PasswordFile string
 	TLS          bool
@@ -316,6 +319,38 @@ type RateLimitStore struct {
 	ServerName   string
 	FailureMode  FailureMode
 	Timeout      time.Duration
+}
+
+// SentinelStore is a primary that Redis Sentinel watches and fails over.
+type SentinelStore struct {
+	MasterName   string
+	Addrs        []string // the sentinels, host:port
+	PasswordFile string   // the sentinels' own password; "" none
+}
+
+// Where names the store for logs and status: its address, or the primary's name and
+// the sentinels. It never holds a password.
+func (s *RateLimitStore) Where() string {
+	if s.Sentinel != nil {
+		return s.Sentinel.MasterName + " (sentinel " + strings.Join(s.Sentinel.Addrs, ",") + ")"
+	}
+	return s.Address
+}
+
+// Equal reports whether s and o describe the same store, reached the same way (nil
+// equals only nil): a replica keeps its connections across a reload that changes
+// neither.
+func (s *RateLimitStore) Equal(o *RateLimitStore) bool {
+	if s == nil || o == nil {
+		return s == o
+	}
+	a, b := *s, *o
+	a.Sentinel, b.Sentinel = nil, nil
+	if a != b || (s.Sentinel == nil) != (o.Sentinel == nil) {
+		return false
+	}
+	return s.Sentinel == nil || s.Sentinel.MasterName == o.Sentinel.MasterName &&
+		s.Sentinel.PasswordFile == o.Sentinel.PasswordFile && slices.Equal(s.Sentinel.Addrs, o.Sentinel.Addrs)
 }
 
 // FailureMode decides limited calls while the shared store is unreachable.

@@ -93,10 +93,22 @@ type RedisSpec struct {
 	// Cluster: Address is one node of a Redis Cluster, or a managed service's
 	// configuration endpoint; the other nodes are learnt from it. Database 0 only.
 	Cluster bool `yaml:"cluster"`
+	// Sentinel finds the primary through Redis Sentinel, instead of Address.
+	Sentinel *SentinelSpec `yaml:"sentinel"`
 	// TLS is true (the system's roots) or {caFile, serverName}.
 	TLS          TLSSpec `yaml:"tls"`
 	PasswordFile string  `yaml:"passwordFile"`
 	DB           int     `yaml:"db"`
+}
+
+// SentinelSpec is a primary watched by Redis Sentinel.
+type SentinelSpec struct {
+	// MasterName is the name the sentinels monitor the primary under.
+	MasterName string `yaml:"masterName"`
+	// Addresses are the sentinels, host:port (26379 is Sentinel's port).
+	Addresses []string `yaml:"addresses"`
+	// PasswordFile holds the sentinels' own password, if they require one.
+	PasswordFile string `yaml:"passwordFile"`
 }
 
 // TLSSpec is written true or false, or as a mapping (which means true).

@@ -282,6 +282,10 @@ func describeRateLimits(rl *policy.RateLimitStore) any {
 	if rl == nil {
 		return map[string]string{"store": "local"}
 	}
-	return map[string]any{"store": "redis", "address": rl.Address, "cluster": rl.Cluster, "db": rl.DB, "tls": rl.TLS,
+	out := map[string]any{"store": "redis", "address": rl.Address, "cluster": rl.Cluster, "db": rl.DB, "tls": rl.TLS,
 		"password_file": rl.PasswordFile, "failure_mode": rl.FailureMode, "timeout": rl.Timeout.String()}
+	if s := rl.Sentinel; s != nil {
+		out["sentinel"] = map[string]any{"master_name": s.MasterName, "addresses": s.Addrs, "password_file": s.PasswordFile}
+	}
+	return out
 }

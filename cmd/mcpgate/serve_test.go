@@ -243,6 +243,11 @@ func TestDebugSnapshotRateLimitStore(t *testing.T) {
     failureMode: deny
 `, map[string]any{"store": "redis", "address": "clustercfg.example:6379", "cluster": true, "db": 0.0, "tls": false,
 			"password_file": "/secrets/redis-password", "failure_mode": "deny", "timeout": "50ms"}},
+		{`  rateLimits:
+    redis: {sentinel: {masterName: mymaster, addresses: ["sentinel:26379"], passwordFile: /secrets/sentinel}}
+`, map[string]any{"store": "redis", "address": "", "cluster": false, "db": 0.0, "tls": false, "password_file": "",
+			"failure_mode": "local", "timeout": "50ms", "sentinel": map[string]any{
+				"master_name": "mymaster", "addresses": []any{"sentinel:26379"}, "password_file": "/secrets/sentinel"}}},
 	} {
 		snap := demoWith(t, "mesh.yaml", func(b string) string { return b + tc.mesh })
 		store, tel := adminState(t, snap)

@@ -101,6 +101,18 @@ type Options struct {
 	// holds which slot. All keys of one AllowN or Refund must then hash to one slot
 	// (share a {hash tag}); DB must be 0, and Address host:port.
 	Cluster bool
+	// Sentinel, when set, finds the primary through Redis Sentinel, and follows it when
+	// Sentinel fails over to a replica; Address is then empty.
+	Sentinel *Sentinel
+}
+
+// Sentinel names a primary that Redis Sentinel watches.
+type Sentinel struct {
+	MasterName string   // the name Sentinel monitors it under (sentinel monitor <name> …)
+	Addrs      []string // host:port of one or more sentinels
+	// PasswordFile, when set, holds the sentinels' own password (their requirepass),
+	// read once, when the store is made. The primary's password is Options'.
+	PasswordFile string
 }
 
 // Redis is the shared store, over one go-redis connection pool (one per node of a
@@ -122,6 +134,9 @@ func NewRedis(o Options) (*Redis, error) {
 		// reports (once per outage, with the failure mode) in its own log.
 		redis.SetLogger(discardLogger{})
 	})
+	if o.Sentinel != nil {
+		return newSentinel(o)
+	}
 	if o.Address == "" {
 		return nil, errors.New("ratelimit: redis address is empty")
 	}
@@ -131,12 +146,7 @@ func NewRedis(o Options) (*Redis, error) {
 	if o.Timeout < 0 {
 		return nil, fmt.Errorf("ratelimit: redis %s: timeout %s is negative", o.Address, o.Timeout)
 	}
-	if o.Timeout == 0 {
-		o.Timeout = DefaultTimeout
-	}
-	if o.KeyPrefix == "" {
-		o.KeyPrefix = DefaultKeyPrefix
-	}
+	o.defaults()
 	network, addr := "tcp", o.Address
 	if rest, ok := strings.CutPrefix(o.Address, "unix://"); ok {
 		network, addr = "unix", rest
@@ -151,23 +161,9 @@ func NewRedis(o Options) (*Redis, error) {
 	if o.Cluster && o.DB != 0 {
 		return nil, fmt.Errorf("ratelimit: redis %s: a cluster has only database 0, not %d", o.Address, o.DB)
 	}
-	var creds func(context.Context) (string, string, error)
-	if file := o.PasswordFile; file != "" {
-		if o.Password != "" {
-			return nil, fmt.Errorf("ratelimit: redis %s: set Password or PasswordFile, not both", o.Address)
-		}
-		creds = func(context.Context) (string, string, error) {
-			b, err := os.ReadFile(file)
-			if err != nil {
-				// The error names the file, never its contents.
-				return "", "", fmt.Errorf("redis password file: %w", err)
-			}
-			pw := strings.TrimRight(string(b), "\r\n")
-			if pw == "" {
-				return "", "", fmt.Errorf("redis password file %s is empty", file)
-			}
-			return "", pw, nil
-		}
+	creds, err := o.credentials(o.Address)
+	if err != nil {
+		return nil, err
 	}
 	r := &Redis{addr: o.Address, timeout: o.Timeout, prefix: o.KeyPrefix}
 	if o.Cluster {
@@ -235,6 +231,97 @@ func NewRedis(o Options) (*Redis, error) {
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 	})
 	return r, nil
+}
+
+// newSentinel is NewRedis for o.Sentinel: a go-redis failover client, which asks the
+// sentinels for the primary's address at each dial and drops its connections when they
+// announce another (+switch-master), with the same timeouts and no retries.
+func newSentinel(o Options) (*Redis, error) {
+	s := o.Sentinel
+	name := fmt.Sprintf("%s (sentinel %s)", s.MasterName, strings.Join(s.Addrs, ","))
+	switch {
+	case o.Address != "":
+		return nil, fmt.Errorf("ratelimit: redis %s: set Address or Sentinel, not both", name)
+	case s.MasterName == "":
+		return nil, errors.New("ratelimit: redis sentinel: no master name")
+	case len(s.Addrs) == 0:
+		return nil, fmt.Errorf("ratelimit: redis %s: no sentinel address", name)
+	case o.Cluster:
+		return nil, fmt.Errorf("ratelimit: redis %s: a cluster has no sentinels", name)
+	case o.DB < 0 || o.Timeout < 0:
+		return nil, fmt.Errorf("ratelimit: redis %s: negative database or timeout", name)
+	}
+	o.defaults()
+	creds, err := o.credentials(name)
+	if err != nil {
+		return nil, err
+	}
+	var sentinelPassword string
+	if s.PasswordFile != "" {
+		if sentinelPassword, err = readPassword(s.PasswordFile); err != nil {
+			return nil, fmt.Errorf("ratelimit: redis %s: sentinel %w", name, err)
+		}
+	}
+	c := redis.NewFailoverClient(&redis.FailoverOptions{
+		MasterName:                 s.MasterName,
+		SentinelAddrs:              s.Addrs,
+		SentinelPassword:           sentinelPassword,
+		Password:                   o.Password,
+		CredentialsProviderContext: creds,
+		DB:                         o.DB,
+		TLSConfig:                  o.TLS,
+
+		DialTimeout:           o.Timeout,
+		ReadTimeout:           o.Timeout,
+		WriteTimeout:          o.Timeout,
+		PoolTimeout:           o.Timeout,
+		ContextTimeoutEnabled: true,
+		DialerRetries:         1,
+		MaxRetries:            -1, // as NewRedis's, and the scripts are NoRetry anyway
+
+		Protocol:        2,
+		DisableIdentity: true,
+	})
+	return &Redis{c: c, addr: name, timeout: o.Timeout, prefix: o.KeyPrefix}, nil
+}
+
+func (o *Options) defaults() {
+	if o.Timeout == 0 {
+		o.Timeout = DefaultTimeout
+	}
+	if o.KeyPrefix == "" {
+		o.KeyPrefix = DefaultKeyPrefix
+	}
+}
+
+// credentials is the credentials provider of o.PasswordFile (nil without one), which
+// reads it at every new connection. name names the store in errors.
+func (o *Options) credentials(name string) (func(context.Context) (string, string, error), error) {
+	file := o.PasswordFile
+	if file == "" {
+		return nil, nil
+	}
+	if o.Password != "" {
+		return nil, fmt.Errorf("ratelimit: redis %s: set Password or PasswordFile, not both", name)
+	}
+	return func(context.Context) (string, string, error) {
+		pw, err := readPassword(file)
+		return "", pw, err
+	}, nil
+}
+
+// readPassword reads a password file, trailing newlines not part of the password.
+// Its errors name the file, never its contents.
+func readPassword(file string) (string, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("redis password file: %w", err)
+	}
+	pw := strings.TrimRight(string(b), "\r\n")
+	if pw == "" {
+		return "", fmt.Errorf("redis password file %s is empty", file)
+	}
+	return pw, nil
 }
 
 var quietOnce sync.Once

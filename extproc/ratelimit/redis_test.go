@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -514,7 +515,11 @@ func TestGCRAInterval(t *testing.T) {
 
 func TestNewRedisOptions(t *testing.T) {
 	for _, o := range []Options{{}, {Address: "unix://"}, {Address: "127.0.0.1:1", DB: -1}, {Address: "127.0.0.1:1", Timeout: -time.Second},
-		{Address: "unix:///run/redis.sock", Cluster: true}, {Address: "127.0.0.1:1", DB: 1, Cluster: true}} {
+		{Address: "unix:///run/redis.sock", Cluster: true}, {Address: "127.0.0.1:1", DB: 1, Cluster: true},
+		{Address: "127.0.0.1:1", Sentinel: &Sentinel{MasterName: "m", Addrs: []string{"127.0.0.1:2"}}},
+		{Sentinel: &Sentinel{Addrs: []string{"127.0.0.1:2"}}}, {Sentinel: &Sentinel{MasterName: "m"}},
+		{Cluster: true, Sentinel: &Sentinel{MasterName: "m", Addrs: []string{"127.0.0.1:2"}}},
+		{Password: "x", PasswordFile: "/p", Sentinel: &Sentinel{MasterName: "m", Addrs: []string{"127.0.0.1:2"}}}} {
 		if _, err := NewRedis(o); err == nil {
 			t.Errorf("NewRedis(%+v) accepted", o)
 		}
@@ -524,6 +529,13 @@ func TestNewRedisOptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
+	// The sentinels' password file is read when the store is made: a missing one is an
+	// error naming the file, not a store that cannot authenticate.
+	missing := filepath.Join(t.TempDir(), "sentinel-password")
+	_, err = NewRedis(Options{Sentinel: &Sentinel{MasterName: "m", Addrs: []string{"127.0.0.1:2"}, PasswordFile: missing}})
+	if err == nil || !strings.Contains(err.Error(), missing) {
+		t.Errorf("missing sentinel password file: %v", err)
+	}
 	if r.timeout != DefaultTimeout || r.prefix != DefaultKeyPrefix {
 		t.Fatalf("defaults: timeout %s, prefix %q", r.timeout, r.prefix)
 	}

@@ -44,6 +44,10 @@ type Server struct {
 	dir  string
 	port int
 	bus  int // the cluster bus port of a cluster node; 0: not a cluster node
+	// conf is a config file given first (a sentinel's, which Sentinel rewrites); extra
+	// are arguments after the defaults (a replica's --replicaof).
+	conf  string
+	extra []string
 
 	mu   sync.Mutex
 	proc *process // nil when not running
@@ -69,13 +73,16 @@ func Start(t testing.TB) *Server {
 
 // startServer starts a server, a cluster node (cluster-enabled, with a free bus port
 // too) when node is set.
-func startServer(t testing.TB, node bool) *Server {
+func startServer(t testing.TB, node bool, set ...func(*Server)) *Server {
 	t.Helper()
 	bin, err := findBinary()
 	if err != nil {
 		t.Fatalf("redistest: %v: run `make redis` to install it (Debian package redis-server)", err)
 	}
 	s := &Server{bin: bin, dir: t.TempDir()}
+	for _, f := range set {
+		f(s)
+	}
 	t.Cleanup(s.Kill)
 	var errs []error
 	for range startAttempts {
@@ -158,7 +165,11 @@ func (s *Server) start() error {
 	}
 	s.runs++
 	logFile := filepath.Join(s.dir, fmt.Sprintf("redis-%d.log", s.runs))
-	cmd := exec.Command(s.bin,
+	var args []string
+	if s.conf != "" {
+		args = append(args, s.conf, "--sentinel")
+	}
+	cmd := exec.Command(s.bin, append(args,
 		"--port", strconv.Itoa(s.port),
 		"--bind", "127.0.0.1",
 		"--protected-mode", "yes",
@@ -167,7 +178,13 @@ func (s *Server) start() error {
 		"--dir", s.dir,
 		"--daemonize", "no",
 		"--logfile", logFile,
-	)
+	)...)
+	if s.conf == "" {
+		// A replica's first sync starts at once, not after Redis's default 5s wait for
+		// more replicas to share it.
+		cmd.Args = append(cmd.Args, "--repl-diskless-sync-delay", "0")
+	}
+	cmd.Args = append(cmd.Args, s.extra...)
 	if s.bus != 0 {
 		cmd.Args = append(cmd.Args,
 			"--cluster-enabled", "yes",

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 func TestStartKillRestart(t *testing.T) {
@@ -135,5 +136,37 @@ func TestCluster(t *testing.T) {
 	}
 	if _, err := Do(c.Nodes[from].Addr(), "GET", key); err == nil || !strings.HasPrefix(err.Error(), "MOVED") {
 		t.Fatalf("GET on the old node: err %v, want MOVED", err)
+	}
+}
+
+// TestSentinelFailover checks that a replica follows its primary, and that when the
+// primary dies the sentinel promotes the replica and announces it.
+func TestSentinelFailover(t *testing.T) {
+	primary := Start(t)
+	replica := StartReplica(t, primary)
+	if _, err := Do(primary.Addr(), "SET", "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	sentinel := StartSentinel(t, "mymaster", primary)
+	if got := sentinel.Primary(t); got != primary.Addr() {
+		t.Fatalf("sentinel announces %s, want %s", got, primary.Addr())
+	}
+	t0 := time.Now()
+	sentinel.WaitReplicas(t, 1)
+	t.Logf("replica known after %s", time.Since(t0))
+	primary.Kill()
+	t0 = time.Now()
+	waitFor(t, "failover to the replica", func() error {
+		if got := sentinel.Primary(t); got != replica.Addr() {
+			return fmt.Errorf("the sentinel announces %s", got)
+		}
+		return nil
+	})
+	t.Logf("failover after %s", time.Since(t0))
+	if v, err := Do(replica.Addr(), "GET", "k"); err != nil || v != "v" {
+		t.Fatalf("the promoted replica has k = %q, %v", v, err)
+	}
+	if _, err := Do(replica.Addr(), "SET", "k2", "v"); err != nil {
+		t.Fatalf("the promoted replica refuses writes: %v", err)
 	}
 }

@@ -228,3 +228,76 @@ func (p *cutter) serve(cl net.Conn) {
 		}
 	}
 }
+
+// TestSentinelFailover checks a store that finds its primary through Redis Sentinel:
+// two stores share the buckets, and when the primary dies and the sentinel promotes its
+// replica, decisions resume on the new primary, on their own (no restart, no reload),
+// with the buckets as replicated.
+func TestSentinelFailover(t *testing.T) {
+	t.Parallel()
+	primary := redistest.Start(t)
+	replica := redistest.StartReplica(t, primary)
+	sentinel := redistest.StartSentinel(t, "limits", primary)
+	sentinel.WaitReplicas(t, 1)
+	o := Options{Sentinel: &Sentinel{MasterName: "limits", Addrs: []string{sentinel.Addr()}}, Timeout: 200 * time.Millisecond}
+	a, b := newStore(t, o), newStore(t, o)
+	l := Limit{N: 10, Per: time.Hour}
+	for want := 9; want >= 7; want-- {
+		if res := requireAllow(t, a, "{app}:caller", l); res.Remaining != want {
+			t.Fatalf("through the sentinel: %+v, want %d remaining", res, want)
+		}
+	}
+	if res := requireAllow(t, b, "{app}:caller", l); res.Remaining != 6 {
+		t.Fatalf("the other store: %+v, want 6 remaining (shared)", res)
+	}
+	key := DefaultKeyPrefix + "{app}:caller"
+	waitReplicated(t, primary.Addr(), replica.Addr(), key)
+
+	primary.Kill()
+	deadline := time.Now().Add(15 * time.Second)
+	var errs int
+	for {
+		res, err := a.Allow(context.Background(), "{app}:caller", l)
+		if err == nil {
+			if res.Remaining != 5 {
+				t.Fatalf("first decision after the failover: %+v, want 5 remaining (the replicated bucket, one spent)", res)
+			}
+			break
+		}
+		errs++
+		if !strings.Contains(err.Error(), "limits (sentinel "+sentinel.Addr()+")") {
+			t.Fatalf("error does not name the store: %v", err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no decision 15s after the primary died (%d errors): %v", errs, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("%d decisions failed during the failover", errs)
+	if got := sentinel.Primary(t); got != replica.Addr() {
+		t.Fatalf("the sentinel announces %s, want the promoted replica %s", got, replica.Addr())
+	}
+	if res := requireAllow(t, b, "{app}:caller", l); res.Remaining != 4 {
+		t.Fatalf("the other store after the failover: %+v, want 4 remaining", res)
+	}
+}
+
+// waitReplicated polls until replica holds key with the primary's value.
+func waitReplicated(t *testing.T, primary, replica, key string) {
+	t.Helper()
+	want, err := redistest.Do(primary, "GET", key)
+	if err != nil || want == "" {
+		t.Fatalf("GET %s on the primary: %q, %v", key, want, err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got, err := redistest.Do(replica, "GET", key)
+		if err == nil && got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica has %s = %q (%v), primary %q", key, got, err, want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
