@@ -445,7 +445,8 @@ func TestReloadKeepsCounters(t *testing.T) {
 }
 
 // A store the replica cannot use (a CA file that is not there) is a failure-mode
-// decision naming the problem, never an admitted call under deny.
+// decision, never an admitted call under deny; /readyz names the problem, the caller
+// does not learn the file.
 func TestRedisUnusableConfig(t *testing.T) {
 	srv := redistest.Start(t)
 	rs := newReplicas(t, 1, func(s *policy.Snapshot) {
@@ -454,7 +455,10 @@ func TestRedisUnusableConfig(t *testing.T) {
 		s.App("inventory").MCP.Limits.PerCaller = &policy.RateLimit{N: 100, Per: time.Hour}
 	})
 	res := runEnvoy(t, rs.servers[0], as("alice", "", "get_inventory"), envoyUpstream{})
-	requireJSONRPCError(t, res.immediate, 503, 1, -32001, "tls.caFile")
+	requireJSONRPCError(t, res.immediate, 503, 1, -32001, "rate limits unavailable")
+	if body := string(res.immediate.GetBody()); strings.Contains(body, "redis-ca.pem") {
+		t.Errorf("the refusal tells the caller mcpgate's configuration: %s", body)
+	}
 	if st := rs.servers[0].RateLimitStatus(context.Background()); st.Reachable || !strings.Contains(st.Error, "/nonexistent/redis-ca.pem") {
 		t.Errorf("status: %+v", st)
 	}
