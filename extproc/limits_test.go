@@ -209,15 +209,7 @@ func TestSharedLimitThroughSentinel(t *testing.T) {
 	if err != nil || strings.Contains(key, "\n") {
 		t.Fatalf("keys on the primary: %q, %v (want one bucket)", key, err)
 	}
-	want, _ := redistest.Do(primary.Addr(), "GET", key)
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if got, _ := redistest.Do(replica.Addr(), "GET", key); got == want {
-			break // replicated
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the replica never got the bucket %s = %q", key, want)
-		}
-	}
+	redistest.WaitReplicated(t, primary, replica, key)
 
 	primary.Kill()
 	deadline := time.Now().Add(15 * time.Second)

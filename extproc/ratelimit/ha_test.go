@@ -251,7 +251,7 @@ func TestSentinelFailover(t *testing.T) {
 		t.Fatalf("the other store: %+v, want 6 remaining (shared)", res)
 	}
 	key := DefaultKeyPrefix + "{app}:caller"
-	waitReplicated(t, primary.Addr(), replica.Addr(), key)
+	redistest.WaitReplicated(t, primary, replica, key)
 
 	primary.Kill()
 	deadline := time.Now().Add(15 * time.Second)
@@ -279,25 +279,5 @@ func TestSentinelFailover(t *testing.T) {
 	}
 	if res := requireAllow(t, b, "{app}:caller", l); res.Remaining != 4 {
 		t.Fatalf("the other store after the failover: %+v, want 4 remaining", res)
-	}
-}
-
-// waitReplicated polls until replica holds key with the primary's value.
-func waitReplicated(t *testing.T, primary, replica, key string) {
-	t.Helper()
-	want, err := redistest.Do(primary, "GET", key)
-	if err != nil || want == "" {
-		t.Fatalf("GET %s on the primary: %q, %v", key, want, err)
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		got, err := redistest.Do(replica, "GET", key)
-		if err == nil && got == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica has %s = %q (%v), primary %q", key, got, err, want)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }

@@ -120,7 +120,7 @@ type Sentinel struct {
 // Redis comes back.
 type Redis struct {
 	c       redis.UniversalClient
-	addr    string // Options.Address, for errors (never the password)
+	addr    string // Options.Address, or the sentinels and primary name: for errors (never the password)
 	timeout time.Duration
 	prefix  string
 }

@@ -53,33 +53,20 @@ func (c *Cluster) Addr() string { return c.Nodes[0].Addr() }
 func (c *Cluster) waitServing(t testing.TB) {
 	t.Helper()
 	want := []string{"cluster_state:ok", "cluster_slots_ok:" + strconv.Itoa(Slots), "cluster_known_nodes:" + strconv.Itoa(len(c.Nodes))}
-	deadline := time.Now().Add(readyTimeout)
-	for {
-		var missing string
+	waitFor(t, "cluster serving", func() error {
 		for _, s := range c.Nodes {
 			info, err := Do(s.Addr(), "CLUSTER", "INFO")
 			if err != nil {
-				missing = fmt.Sprintf("%s: %v", s.Addr(), err)
-				break
+				return fmt.Errorf("%s: %w", s.Addr(), err)
 			}
 			for _, w := range want {
 				if !strings.Contains(info, w+"\r\n") {
-					missing = fmt.Sprintf("%s: no %q in CLUSTER INFO", s.Addr(), w)
-					break
+					return fmt.Errorf("%s: no %q in CLUSTER INFO", s.Addr(), w)
 				}
 			}
-			if missing != "" {
-				break
-			}
 		}
-		if missing == "" {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("redistest: cluster not serving within %s: %s", readyTimeout, missing)
-		}
-		time.Sleep(pollInterval)
-	}
+		return nil
+	})
 }
 
 // NodeOf returns the index of the node that serves key's slot, in that node's own view.
@@ -150,13 +137,12 @@ func (c *Cluster) MoveSlot(t testing.TB, slot, from, to int) {
 	for _, n := range c.Nodes {
 		mustDo(t, n.Addr(), "CLUSTER", "SETSLOT", s, "NODE", dstID)
 	}
-	deadline := time.Now().Add(readyTimeout)
-	for !c.everyoneAgrees(t, slot, to) {
-		if time.Now().After(deadline) {
-			t.Fatalf("redistest: slot %d not on node %d everywhere within %s", slot, to, readyTimeout)
+	waitFor(t, fmt.Sprintf("slot %d on node %d everywhere", slot, to), func() error {
+		if !c.everyoneAgrees(t, slot, to) {
+			return errors.New("a node still gives it to another")
 		}
-		time.Sleep(pollInterval)
-	}
+		return nil
+	})
 }
 
 // everyoneAgrees reports whether every node's view gives slot to node owner.

@@ -31,6 +31,23 @@ func StartReplica(t testing.TB, primary *Server) *Server {
 	return s
 }
 
+// WaitReplicated returns once replica holds key with the value it has on primary
+// (replication is asynchronous: a test that kills the primary waits for it first).
+func WaitReplicated(t testing.TB, primary, replica *Server, key string) {
+	t.Helper()
+	want, err := Do(primary.Addr(), "GET", key)
+	if err != nil || want == "" {
+		t.Fatalf("redistest: GET %s on the primary: %q, %v", key, want, err)
+	}
+	waitFor(t, "replica "+replica.Addr()+" holding "+key, func() error {
+		got, err := Do(replica.Addr(), "GET", key)
+		if err == nil && got != want {
+			err = fmt.Errorf("it holds %q, the primary %q", got, want)
+		}
+		return err
+	})
+}
+
 // Sentinel is a Redis Sentinel (redis-server --sentinel) that a test started, watching
 // one primary under a name. It fails over quickly: the primary is down after 300ms
 // without an answer, and one sentinel is a quorum.
