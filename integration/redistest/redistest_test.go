@@ -154,6 +154,7 @@ func TestSentinelFailover(t *testing.T) {
 	t0 := time.Now()
 	sentinel.WaitReplicas(t, 1)
 	t.Logf("replica known after %s", time.Since(t0))
+	WaitReplicated(t, primary, replica, "k")
 	primary.Kill()
 	t0 = time.Now()
 	waitFor(t, "failover to the replica", func() error {
