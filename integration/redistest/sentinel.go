@@ -49,7 +49,7 @@ func WaitReplicated(t testing.TB, primary, replica *Server, key string) {
 }
 
 // Sentinel is a Redis Sentinel (redis-server --sentinel) that a test started, watching
-// one primary under a name. It fails over quickly: the primary is down after 300ms
+// one primary under a name. It fails over quickly: the primary is down after 500ms
 // without an answer, and one sentinel is a quorum.
 type Sentinel struct {
 	*Server
@@ -63,7 +63,7 @@ func StartSentinel(t testing.TB, name string, primary *Server) *Sentinel {
 	s := startServer(t, false, func(s *Server) {
 		s.conf = filepath.Join(s.dir, "sentinel.conf")
 		conf := fmt.Sprintf("sentinel monitor %[1]s 127.0.0.1 %[2]d 1\n"+
-			"sentinel down-after-milliseconds %[1]s 300\n"+
+			"sentinel down-after-milliseconds %[1]s 500\n"+
 			"sentinel failover-timeout %[1]s 3000\n", name, primary.port)
 		if err := os.WriteFile(s.conf, []byte(conf), 0o600); err != nil {
 			t.Fatalf("redistest: %v", err)
