@@ -803,17 +803,26 @@ func BenchmarkAllow(b *testing.B) {
 // BenchmarkAllowN3 is one decision over three buckets (caller, tool, subject): still
 // one round trip.
 func BenchmarkAllowN3(b *testing.B) {
-	srv := redistest.Start(b)
-	r := newStore(b, Options{Address: srv.Addr()})
 	l := Limit{N: 1 << 30, Per: time.Hour}
-	reqs := []Request{{Key: "caller:my-agent", Limit: l}, {Key: "tool:my-agent:search", Limit: l}, {Key: "subject:alice", Limit: l}}
-	benchDecisions(b, func() error {
-		res, err := r.AllowN(context.Background(), reqs)
-		if err == nil && !res[0].Allowed {
-			err = errors.New("refused")
-		}
-		return err
-	})
+	// One {tag}, as mcpgate's keys have: a cluster needs it, a standalone Redis ignores it.
+	reqs := []Request{{Key: "{app}:caller:my-agent", Limit: l}, {Key: "{app}:tool:my-agent:search", Limit: l}, {Key: "{app}:subject:alice", Limit: l}}
+	for _, topo := range []string{"standalone", "cluster"} {
+		b.Run(topo, func(b *testing.B) {
+			var r *Redis
+			if topo == "cluster" {
+				r = newStore(b, Options{Address: redistest.StartCluster(b, 3).Addr(), Cluster: true})
+			} else {
+				r = newStore(b, Options{Address: redistest.Start(b).Addr()})
+			}
+			benchDecisions(b, func() error {
+				res, err := r.AllowN(context.Background(), reqs)
+				if err == nil && !res[0].Allowed {
+					err = errors.New("refused")
+				}
+				return err
+			})
+		})
+	}
 }
 
 // benchDecisions runs decide b.N times and reports the median and 99th percentile of one
