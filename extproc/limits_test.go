@@ -3,6 +3,8 @@ package extproc
 import (
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +21,7 @@ import (
 	mcpgate "github.com/mcpgate/mcpgate"
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/integration/redistest"
+	"github.com/mcpgate/mcpgate/integration/testpki"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -432,6 +435,62 @@ func TestReloadKeepsCounters(t *testing.T) {
 			snap.Version = "reloaded"
 			rs.store.Set(snap)
 			requireLimited(t, runEnvoy(t, rs.servers[0], as(sub, "", "get_inventory"), envoyUpstream{}), "after reload", "perSubject", "q=2;w=3600")
+		})
+	}
+}
+
+// TLS to Redis, as managed Redis requires: the CA file and server name of the policy
+// verify the server (by the address's host when serverName is unset), and a server that
+// does not verify, or plaintext to a TLS port, is refused, never used.
+func TestRedisTLS(t *testing.T) {
+	ca := testpki.NewCA(t, "example.org")
+	named, namedKey := ca.IssuePEM(t, "", testpki.WithDNS("redis.internal"))
+	byIP, byIPKey := ca.IssuePEM(t, "", testpki.WithIP("127.0.0.1"))
+	dir := t.TempDir()
+	caFile, otherCA := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "other.pem")
+	if err := os.WriteFile(caFile, ca.PEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(otherCA, testpki.NewCA(t, "other.org").PEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	namedSrv, ipSrv := redistest.StartTLS(t, named, namedKey, ca.PEM), redistest.StartTLS(t, byIP, byIPKey, ca.PEM)
+	for _, tc := range []struct {
+		name               string
+		addr               string
+		tls                bool
+		caFile, serverName string
+		ok                 bool
+		statusErr          string
+	}{
+		{"ca and server name", namedSrv.TLSAddr(), true, caFile, "redis.internal", true, ""},
+		{"ca, name from the address", ipSrv.TLSAddr(), true, caFile, "", true, ""},
+		{"another ca", namedSrv.TLSAddr(), true, otherCA, "redis.internal", false, "certificate"},
+		{"wrong server name", namedSrv.TLSAddr(), true, caFile, "other.internal", false, "certificate"},
+		{"name from the address, cert without it", namedSrv.TLSAddr(), true, caFile, "", false, "certificate"},
+		{"plaintext to the TLS port", namedSrv.TLSAddr(), false, "", "", false, namedSrv.TLSAddr()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rs := newReplicas(t, 2, func(s *policy.Snapshot) {
+				s.Mesh.RateLimits = redisStore(tc.addr, policy.FailDeny)
+				s.Mesh.RateLimits.TLS, s.Mesh.RateLimits.CAFile, s.Mesh.RateLimits.ServerName = tc.tls, tc.caFile, tc.serverName
+				s.App("inventory").MCP.Limits.PerCaller = &policy.RateLimit{N: 2, Per: time.Hour}
+			})
+			sub := "tls-" + tc.name
+			if !tc.ok {
+				res := runEnvoy(t, rs.servers[0], as(sub, "", "get_inventory"), envoyUpstream{})
+				if res.immediate == nil {
+					t.Fatal("a call was admitted under failureMode deny with a Redis that cannot be used")
+				}
+				requireJSONRPCError(t, res.immediate, 503, 1, -32001, "rate limits unavailable")
+				if st := rs.servers[0].RateLimitStatus(context.Background()); st.Reachable || !strings.Contains(st.Error, tc.statusErr) {
+					t.Errorf("status: %+v, want an error naming %q", st, tc.statusErr)
+				}
+				return
+			}
+			requireForwarded(t, runEnvoy(t, rs.servers[0], as(sub, "", "get_inventory"), envoyUpstream{}), "1st call")
+			requireForwarded(t, runEnvoy(t, rs.servers[1], as(sub, "", "get_inventory"), envoyUpstream{}), "2nd call")
+			requireLimited(t, runEnvoy(t, rs.servers[0], as(sub, "", "get_inventory"), envoyUpstream{}), "3rd call", "perCaller", "q=2;w=3600")
 		})
 	}
 }

@@ -48,6 +48,10 @@ type Server struct {
 	// are arguments after the defaults (a replica's --replicaof).
 	conf  string
 	extra []string
+	// tlsDir holds server.crt, server.key and ca.crt when the server also listens for
+	// TLS, on tlsPort.
+	tlsDir  string
+	tlsPort int
 
 	mu   sync.Mutex
 	proc *process // nil when not running
@@ -93,6 +97,11 @@ func startServer(t testing.TB, node bool, set ...func(*Server)) *Server {
 		s.port = port
 		if node {
 			if s.bus, err = freePort(); err != nil {
+				t.Fatalf("redistest: %v", err)
+			}
+		}
+		if s.tlsDir != "" {
+			if s.tlsPort, err = freePort(); err != nil {
 				t.Fatalf("redistest: %v", err)
 			}
 		}
@@ -185,6 +194,15 @@ func (s *Server) start() error {
 		cmd.Args = append(cmd.Args, "--repl-diskless-sync-delay", "0")
 	}
 	cmd.Args = append(cmd.Args, s.extra...)
+	if s.tlsDir != "" {
+		cmd.Args = append(cmd.Args,
+			"--tls-port", strconv.Itoa(s.tlsPort),
+			"--tls-cert-file", filepath.Join(s.tlsDir, "server.crt"),
+			"--tls-key-file", filepath.Join(s.tlsDir, "server.key"),
+			"--tls-ca-cert-file", filepath.Join(s.tlsDir, "ca.crt"),
+			"--tls-auth-clients", "no", // server TLS, as managed Redis offers
+		)
+	}
 	if s.bus != 0 {
 		cmd.Args = append(cmd.Args,
 			"--cluster-enabled", "yes",

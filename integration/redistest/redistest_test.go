@@ -1,6 +1,8 @@
 package redistest
 
 import (
+	"bufio"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"runtime"
@@ -8,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
 func TestStartKillRestart(t *testing.T) {
@@ -169,5 +173,27 @@ func TestSentinelFailover(t *testing.T) {
 	}
 	if _, err := Do(replica.Addr(), "SET", "k2", "v"); err != nil {
 		t.Fatalf("the promoted replica refuses writes: %v", err)
+	}
+}
+
+// TestStartTLS checks that a TLS server answers PING over TLS with its certificate, and
+// not in plaintext on its TLS port.
+func TestStartTLS(t *testing.T) {
+	ca := testpki.NewCA(t, "example.org")
+	cert, key := ca.IssuePEM(t, "", testpki.WithIP("127.0.0.1"))
+	s := StartTLS(t, cert, key, ca.PEM)
+	c, err := tls.Dial("tcp", s.TLSAddr(), &tls.Config{RootCAs: ca.Pool, MinVersion: tls.VersionTLS12})
+	if err != nil {
+		t.Fatalf("TLS to %s: %v", s.TLSAddr(), err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte("PING\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := bufio.NewReader(c).ReadString('\n'); err != nil || line != "+PONG\r\n" {
+		t.Fatalf("PING over TLS: %q, %v", line, err)
+	}
+	if err := ping(s.TLSAddr()); err == nil {
+		t.Fatal("the TLS port answers plaintext PING")
 	}
 }

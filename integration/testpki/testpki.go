@@ -71,6 +71,11 @@ func WithIP(ip string) Option {
 	return func(c *x509.Certificate) { c.IPAddresses = append(c.IPAddresses, net.ParseIP(ip)) }
 }
 
+// WithDNS adds a DNS SAN, for a server that clients verify by name.
+func WithDNS(name string) Option {
+	return func(c *x509.Certificate) { c.DNSNames = append(c.DNSNames, name) }
+}
+
 // DER issues a certificate for the SPIFFE ID id (empty: no URI SAN; an ID outside the
 // CA's trust domain forges one) and returns it and its PKCS #8 key, DER-encoded.
 func (ca *CA) DER(t testing.TB, id string, opts ...Option) (certDER, keyDER []byte) {
