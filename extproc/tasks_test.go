@@ -125,10 +125,11 @@ func TestTaskIDsAreNotReassigned(t *testing.T) {
 	}
 }
 
-// TestTasksSharedAcrossReplicas: with the Mesh's Redis, a task created through one
-// replica is its creator's through any other, redacted there as well; without Redis the
+// TestTasksSharedAcrossReplicas: with the Mesh's Redis (standalone or a cluster), a task
+// created through one replica is its creator's through any other, redacted there as well; without Redis the
 // other replica does not know it and denies it.
 func TestTasksSharedAcrossReplicas(t *testing.T) {
+	t.Parallel() // its cluster serves 2s after its start
 	srv := redistest.Start(t)
 	bob := withSubject(agentMD, "bob", `{"sub":"bob","azp":"my-agent","tier":"silver"}`)
 	create := func(s *Server, id, taskID string, md *corev3.Metadata) {
@@ -141,23 +142,35 @@ func TestTasksSharedAcrossReplicas(t *testing.T) {
 	}
 	result := `{"jsonrpc":"2.0","id":2,"result":{"content":[],"structuredContent":{"name":"Ann","email":"ann@example.com","ssn":"123-45-6789"}}}`
 
-	rs := newReplicas(t, 2, func(s *policy.Snapshot) { s.Mesh.RateLimits = redisStore(srv.Addr(), policy.FailLocal) })
-	create(rs.servers[0], "1", "shared-1", bob)
-	res := runEnvoy(t, rs.servers[1], envoyRequest{md: bob, body: taskReq(2, "tasks/result", "shared-1")}, envoyUpstream{contentType: "application/json", chunks: []string{result}})
-	if res.immediate != nil || strings.Contains(res.clientBody, "123-45-6789") || strings.Contains(res.clientBody, "ann@example.com") || !strings.Contains(res.clientBody, "Ann") {
-		t.Fatalf("tasks/result through the other replica: answered %v, client got %s", res.immediate, res.clientBody)
-	}
-	if res := runEnvoy(t, rs.servers[1], envoyRequest{md: agentMD, body: taskReq(3, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate == nil {
-		t.Fatal("another subject got bob's task through the other replica")
-	}
-	// A server reusing bob's id for alice, through the replica that has not seen it yet.
-	create(rs.servers[1], "4", "shared-1", agentMD)
-	rs2 := newReplicas(t, 1, func(s *policy.Snapshot) { s.Mesh.RateLimits = redisStore(srv.Addr(), policy.FailLocal) })
-	if res := runEnvoy(t, rs2.servers[0], envoyRequest{md: agentMD, body: taskReq(5, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate == nil {
-		t.Fatal("a reused task id changed hands in Redis")
-	}
-	if res := runEnvoy(t, rs2.servers[0], envoyRequest{md: bob, body: taskReq(6, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate != nil {
-		t.Fatalf("bob lost his task: %s", res.immediate.GetBody())
+	// A standalone Redis, and a Redis Cluster: task records are one key each, in the
+	// slot of their hash.
+	for _, topo := range []string{"standalone", "cluster"} {
+		t.Run(topo, func(t *testing.T) {
+			store := redisStore(srv.Addr(), policy.FailLocal)
+			if topo == "cluster" {
+				store = redisStore(redistest.StartCluster(t, 3).Addr(), policy.FailLocal)
+				store.Cluster = true
+			}
+			shared := func(s *policy.Snapshot) { s.Mesh.RateLimits = store }
+			rs := newReplicas(t, 2, shared)
+			create(rs.servers[0], "1", "shared-1", bob)
+			res := runEnvoy(t, rs.servers[1], envoyRequest{md: bob, body: taskReq(2, "tasks/result", "shared-1")}, envoyUpstream{contentType: "application/json", chunks: []string{result}})
+			if res.immediate != nil || strings.Contains(res.clientBody, "123-45-6789") || strings.Contains(res.clientBody, "ann@example.com") || !strings.Contains(res.clientBody, "Ann") {
+				t.Fatalf("tasks/result through the other replica: answered %v, client got %s", res.immediate, res.clientBody)
+			}
+			if res := runEnvoy(t, rs.servers[1], envoyRequest{md: agentMD, body: taskReq(3, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate == nil {
+				t.Fatal("another subject got bob's task through the other replica")
+			}
+			// A server reusing bob's id for alice, through the replica that has not seen it yet.
+			create(rs.servers[1], "4", "shared-1", agentMD)
+			rs2 := newReplicas(t, 1, shared)
+			if res := runEnvoy(t, rs2.servers[0], envoyRequest{md: agentMD, body: taskReq(5, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate == nil {
+				t.Fatal("a reused task id changed hands in Redis")
+			}
+			if res := runEnvoy(t, rs2.servers[0], envoyRequest{md: bob, body: taskReq(6, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate != nil {
+				t.Fatalf("bob lost his task: %s", res.immediate.GetBody())
+			}
+		})
 	}
 
 	local := newReplicas(t, 2, func(*policy.Snapshot) {})
