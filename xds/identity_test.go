@@ -26,7 +26,7 @@ func TestADSAuthorizesNodeByIdentity(t *testing.T) {
 		Certificates: []tls.Certificate{ca.TLSCert(t, "spiffe://example.org/ns/default/mcpgate", testpki.WithIP("127.0.0.1"))},
 		ClientAuth:   tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool, MinVersion: tls.VersionTLS12,
 	})
-	addr := startADS(t, zap.NewNop(), grpc.Creds(creds)).addr
+	addr := startADS(t, zap.NewNop(), nil, grpc.Creds(creds)).addr
 
 	fetch := func(t *testing.T, cert tls.Certificate, cluster string) (*discoveryv3.DiscoveryResponse, error) {
 		t.Helper()

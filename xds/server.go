@@ -3,11 +3,14 @@ package xds
 import (
 	"context"
 	"errors"
+	"maps"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/log"
@@ -23,6 +26,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/mcpgate/mcpgate/policy"
 )
@@ -84,6 +88,10 @@ type Server struct {
 	groups  map[string]int             // node.cluster → open streams
 	streams map[streamKey]*streamState // per stream: its node group, what was sent
 	peers   map[streamKey]string       // per TLS stream: the client certificate's SPIFFE ID
+	// dirty are node groups to translate again because what their Envoys hold of the
+	// outbound tokens changed (injectable); regate wakes Run for them.
+	dirty  map[string]bool
+	regate chan struct{}
 }
 
 type streamKey struct {
@@ -94,6 +102,23 @@ type streamKey struct {
 type streamState struct {
 	group string
 	sent  map[string]sentResponse // by type URL: the last response
+	// tokens are the outbound-token secrets this stream's Envoy holds with a token in
+	// them, as of the last Secret response it ACKed; pending is the last one sent, until
+	// its ACK.
+	tokens  map[string]bool
+	pending *secretsSent
+	// proxyless is a gRPC client (grpc-go and the others name themselves "gRPC …" in
+	// node.user_agent_name), which has no HTTP filters, so no injector, and never asks
+	// for the secrets: it does not hold injectable back.
+	proxyless bool
+}
+
+// secretsSent is what a Secret response carried of the outbound tokens: the secrets with
+// a token, and (delta) those without one or removed. A SotW response is the whole set.
+type secretsSent struct {
+	nonce         string
+	whole         bool
+	with, without []string
 }
 
 type sentResponse struct{ nonce, version string }
@@ -116,6 +141,8 @@ func NewServer(ctx context.Context, o Options) (*Server, error) {
 		groups:  map[string]int{},
 		streams: map[streamKey]*streamState{},
 		peers:   map[streamKey]string{},
+		dirty:   map[string]bool{},
+		regate:  make(chan struct{}, 1),
 	}
 	var err error
 	if s.snapshots, err = o.Meter.Int64Counter("mcpgate.xds.snapshots", metric.WithDescription("xDS snapshots set, per node group")); err != nil {
@@ -183,7 +210,111 @@ func (s *Server) Run(ctx context.Context) error {
 			s.updateAll(ctx)
 		case <-tokens:
 			s.updateAll(ctx)
+		case <-s.regate:
+			s.updateDirty(ctx)
 		}
+	}
+}
+
+// updateDirty translates again the node groups whose Envoys' tokens changed.
+func (s *Server) updateDirty(ctx context.Context) {
+	s.update.Lock()
+	defer s.update.Unlock()
+	s.mu.Lock()
+	groups := make([]string, 0, len(s.dirty))
+	for g := range s.dirty {
+		if s.groups[g] > 0 {
+			groups = append(groups, g)
+		}
+	}
+	clear(s.dirty)
+	s.mu.Unlock()
+	if snap := s.store.Current(); snap != nil {
+		for _, g := range groups {
+			s.updateGroup(ctx, snap, g)
+		}
+	}
+}
+
+// markDirtyLocked queues group for updateDirty; s.mu is held.
+func (s *Server) markDirtyLocked(group string) {
+	s.dirty[group] = true
+	select {
+	case s.regate <- struct{}{}:
+	default: // a wake-up is pending already
+	}
+}
+
+// gatedTokens are the Server's tokens for one node group, with injectable.
+type gatedTokens struct {
+	Tokens
+	s     *Server
+	group string
+}
+
+// injectable reports whether every open stream of the group (but proxyless gRPC
+// clients) has ACKed a Secret response holding the endpoint's token. A stream that joins resets it for its group (its Envoy
+// may hold an older secret, an empty one, from another mcpgate replica), so the routes go
+// back to ext_authz until it has the token too.
+func (g gatedTokens) injectable(endpoint string) bool {
+	name := SecretToken(endpoint)
+	g.s.mu.Lock()
+	defer g.s.mu.Unlock()
+	for _, st := range g.s.streams {
+		if st.group == g.group && !st.proxyless && !st.tokens[name] {
+			return false
+		}
+	}
+	return true
+}
+
+// secretsOf reads which outbound-token secrets of resources hold a token.
+func secretsOf(resources []*anypb.Any) (with, without []string) {
+	for _, a := range resources {
+		var sec tlsv3.Secret
+		if a.UnmarshalTo(&sec) != nil || !strings.HasPrefix(sec.GetName(), SecretToken("")) {
+			continue
+		}
+		if sec.GetGenericSecret().GetSecret().GetInlineString() != "" {
+			with = append(with, sec.GetName())
+		} else {
+			without = append(without, sec.GetName())
+		}
+	}
+	return with, without
+}
+
+// secretsSentLocked records the Secret response about to go to the stream; s.mu is held.
+func (s *Server) secretsSentLocked(key streamKey, sent *secretsSent) {
+	if st := s.streams[key]; st != nil {
+		st.pending = sent
+	}
+}
+
+// secretsACKed applies the stream's pending Secret response when nonce ACKs it, and
+// queues its group when what its Envoy holds changed.
+func (s *Server) secretsACKed(key streamKey, nonce string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[key]
+	if st == nil || st.pending == nil || st.pending.nonce != nonce {
+		return
+	}
+	p := st.pending
+	st.pending = nil
+	next := map[string]bool{}
+	if !p.whole {
+		maps.Copy(next, st.tokens)
+	}
+	for _, n := range p.without {
+		delete(next, n)
+	}
+	for _, n := range p.with {
+		next[n] = true
+	}
+	if !maps.Equal(next, st.tokens) {
+		st.tokens = next
+		s.markDirtyLocked(st.group)
 	}
 }
 
@@ -254,7 +385,7 @@ func (s *Server) updateGroup(ctx context.Context, snap *policy.Snapshot, group s
 func (s *Server) translate(snap *policy.Snapshot, group string) (Resources, error) {
 	var tokens Tokens // nil, not a TokenSource holding nil, when there are none
 	if s.tokens != nil {
-		tokens = s.tokens
+		tokens = gatedTokens{Tokens: s.tokens, s: s, group: group}
 	}
 	return TranslateWith(snap, group, tokens)
 }
@@ -269,18 +400,17 @@ func (s *Server) join(key streamKey, node *corev3.Node) {
 		return
 	}
 	group := node.GetCluster()
-	s.streams[key] = &streamState{group: group, sent: map[string]sentResponse{}}
+	s.streams[key] = &streamState{group: group, sent: map[string]sentResponse{}, proxyless: strings.HasPrefix(node.GetUserAgentName(), "gRPC")}
 	s.groups[group]++
-	first := s.groups[group] == 1
 	s.mu.Unlock()
 	s.log.Info("xds stream opened", zap.String("node_cluster", group), zap.String("node_id", node.GetId()), zap.Bool("delta", key.delta))
-	if first {
-		s.update.Lock()
-		if snap := s.store.Current(); snap != nil {
-			s.updateGroup(context.Background(), snap, group)
-		}
-		s.update.Unlock()
+	// Every new stream, not only a group's first: the stream holds no token yet, so the
+	// group's routes go back to ext_authz (injectable) before its first response.
+	s.update.Lock()
+	if snap := s.store.Current(); snap != nil {
+		s.updateGroup(context.Background(), snap, group)
 	}
+	s.update.Unlock()
 }
 
 func (s *Server) leave(key streamKey) {
@@ -296,6 +426,8 @@ func (s *Server) leave(key streamKey) {
 	last := s.groups[st.group] == 0
 	if last {
 		delete(s.groups, st.group)
+	} else {
+		s.markDirtyLocked(st.group) // the streams left may all hold the tokens now
 	}
 	s.mu.Unlock()
 	if last {
@@ -395,6 +527,9 @@ func (s *Server) OnStreamRequest(id int64, req *discoveryv3.DiscoveryRequest) er
 	}
 	s.join(key, req.GetNode())
 	if req.GetErrorDetail() == nil {
+		if req.GetTypeUrl() == resource.SecretType {
+			s.secretsACKed(key, req.GetResponseNonce())
+		}
 		return nil
 	}
 	s.mu.Lock()
@@ -418,6 +553,10 @@ func (s *Server) OnStreamResponse(_ context.Context, id int64, _ *discoveryv3.Di
 	s.mu.Lock()
 	if st := s.streams[streamKey{id: id}]; st != nil {
 		st.sent[resp.GetTypeUrl()] = sentResponse{nonce: resp.GetNonce(), version: resp.GetVersionInfo()}
+	}
+	if resp.GetTypeUrl() == resource.SecretType {
+		with, _ := secretsOf(resp.GetResources())
+		s.secretsSentLocked(streamKey{id: id}, &secretsSent{nonce: resp.GetNonce(), whole: true, with: with})
 	}
 	s.mu.Unlock()
 }
@@ -443,12 +582,31 @@ func (s *Server) OnStreamDeltaRequest(id int64, req *discoveryv3.DeltaDiscoveryR
 	s.join(key, req.GetNode())
 	if req.GetErrorDetail() != nil {
 		s.nack(context.Background(), key, req.GetTypeUrl(), "nonce "+req.GetResponseNonce(), req.GetErrorDetail().GetMessage())
+	} else if req.GetTypeUrl() == resource.SecretType {
+		s.secretsACKed(key, req.GetResponseNonce())
 	}
 	return nil
 }
 
-// OnStreamDeltaResponse implements serverv3.Callbacks.
-func (s *Server) OnStreamDeltaResponse(int64, *discoveryv3.DeltaDiscoveryRequest, *discoveryv3.DeltaDiscoveryResponse) {
+// OnStreamDeltaResponse implements serverv3.Callbacks: it remembers which outbound-token
+// secrets the response changes, for their ACK.
+func (s *Server) OnStreamDeltaResponse(id int64, _ *discoveryv3.DeltaDiscoveryRequest, resp *discoveryv3.DeltaDiscoveryResponse) {
+	if resp.GetTypeUrl() != resource.SecretType {
+		return
+	}
+	anys := make([]*anypb.Any, 0, len(resp.GetResources()))
+	for _, r := range resp.GetResources() {
+		anys = append(anys, r.GetResource())
+	}
+	with, without := secretsOf(anys)
+	for _, n := range resp.GetRemovedResources() {
+		if strings.HasPrefix(n, SecretToken("")) {
+			without = append(without, n)
+		}
+	}
+	s.mu.Lock()
+	s.secretsSentLocked(streamKey{delta: true, id: id}, &secretsSent{nonce: resp.GetNonce(), with: with, without: without})
+	s.mu.Unlock()
 }
 
 // OnFetchRequest implements serverv3.Callbacks (REST fetches are not served).

@@ -34,21 +34,28 @@ type testEnv struct {
 
 func requireADSServer(t testing.TB) *testEnv {
 	t.Helper()
+	return requireADSServerWith(t, nil)
+}
+
+// requireADSServerWith is requireADSServer with outbound tokens (nil: none).
+func requireADSServerWith(t testing.TB, tokens TokenSource) *testEnv {
+	t.Helper()
 	core, logs := observer.New(zap.DebugLevel)
-	env := startADS(t, zap.New(core))
+	env := startADS(t, zap.New(core), tokens)
 	env.logs = logs
 	return env
 }
 
 // startADS copies testdata/demo to a new directory and serves its policy over ADS on
-// loopback, logging to logger, with ServerOptions and opts, until the test ends.
-func startADS(t testing.TB, logger *zap.Logger, opts ...grpc.ServerOption) *testEnv {
+// loopback, with tokens (nil: none), logging to logger, with ServerOptions and opts,
+// until the test ends.
+func startADS(t testing.TB, logger *zap.Logger, tokens TokenSource, opts ...grpc.ServerOption) *testEnv {
 	t.Helper()
 	dir := t.TempDir()
 	requireCopyDir(t, "../testdata/demo", dir)
 	store := policy.NewStore(requireLoad(t, dir))
 	ctx, cancel := context.WithCancel(context.Background())
-	srv, err := NewServer(ctx, Options{Store: store, Logger: logger})
+	srv, err := NewServer(ctx, Options{Store: store, Logger: logger, Tokens: tokens})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -94,6 +94,15 @@ type Tokens interface {
 	Token(ep *policy.HTTPEndpoint) string
 }
 
+// injectGate is what the Server adds to the Tokens it translates with: whether every
+// sidecar of the node already holds the endpoint's token. Until then the token is in the
+// secret but the routes keep asking ext_authz: a route that turns the injector on may
+// reach Envoy before the secret does (ADS orders neither, and go-control-plane's ordered
+// mode sends routes first), and the injector answers a call in between with a 401.
+type injectGate interface {
+	injectable(endpoint string) bool
+}
+
 // TranslateWith is Translate with the outbound tokens sidecars inject themselves: the
 // route of an endpoint whose token tokens has uses Envoy's credential_injector with it
 // (an SDS secret), the others ask ext_authz. nil tokens: every such route asks ext_authz.
@@ -603,7 +612,7 @@ func (t *translator) outbound(app *policy.App) {
 					token = t.tokens.Token(ep)
 				}
 				t.secrets = append(t.secrets, envoy.TokenSecret(secret, token))
-				if token != "" {
+				if gate, ok := t.tokens.(injectGate); token != "" && (!ok || gate.injectable(name)) {
 					on, err := envoy.CredentialInjectorEnabled()
 					if err != nil {
 						t.errf("endpoint %s: %w", name, err)

@@ -1,0 +1,222 @@
+package xds
+
+import (
+	"sync"
+	"testing"
+	"time"
+
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+
+	"github.com/mcpgate/mcpgate/policy"
+)
+
+// fakeTokens is a TokenSource holding one token for every endpoint.
+type fakeTokens struct {
+	mu    sync.Mutex
+	token string
+	ch    chan struct{}
+}
+
+func newFakeTokens() *fakeTokens { return &fakeTokens{ch: make(chan struct{}, 1)} }
+
+func (f *fakeTokens) Token(*policy.HTTPEndpoint) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.token
+}
+func (f *fakeTokens) Changes() (<-chan struct{}, func()) { return f.ch, func() {} }
+func (f *fakeTokens) Retain(*policy.Snapshot)            {}
+func (f *fakeTokens) set(tok string) {
+	f.mu.Lock()
+	f.token = tok
+	f.mu.Unlock()
+	f.ch <- struct{}{}
+}
+
+// envoyView is what one hand-driven Envoy holds of my-agent's github-mcp endpoint: the
+// token in its secret and whether its route injects it, as of the responses it ACKed.
+type envoyView struct {
+	c       *adsClient
+	last    map[string]*discoveryv3.DiscoveryResponse // by type: the last response
+	holdSDS bool                                      // leave Secret responses unACKed
+}
+
+var injectTypes = []string{resource.ClusterType, resource.ListenerType, resource.RouteType, resource.SecretType}
+
+func newEnvoyView(t *testing.T, env *testEnv, id string) *envoyView {
+	t.Helper()
+	v := &envoyView{c: requireADSClient(t, env.addr, "my-agent", id), last: map[string]*discoveryv3.DiscoveryResponse{}}
+	for _, typ := range injectTypes {
+		v.c.send(t, typ, "", "", nil)
+	}
+	return v
+}
+
+// next receives one response and ACKs it, unless it is a held Secret response.
+func (v *envoyView) next(t *testing.T, within time.Duration) *discoveryv3.DiscoveryResponse {
+	t.Helper()
+	r := v.c.recv(t, within)
+	v.last[r.TypeUrl] = r
+	if r.TypeUrl != resource.SecretType || !v.holdSDS {
+		v.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
+	}
+	return r
+}
+
+// ackSecret ACKs the last Secret response held back.
+func (v *envoyView) ackSecret(t *testing.T) {
+	t.Helper()
+	r := v.last[resource.SecretType]
+	if r == nil {
+		t.Fatal("no Secret response to ACK")
+	}
+	v.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
+}
+
+// injects reports whether a route response turns the github-mcp injector on.
+func injects(t *testing.T, r *discoveryv3.DiscoveryResponse) bool {
+	t.Helper()
+	for _, a := range r.Resources {
+		var rc routev3.RouteConfiguration
+		if err := a.UnmarshalTo(&rc); err != nil {
+			t.Fatal(err)
+		}
+		for _, vh := range rc.VirtualHosts {
+			for _, rt := range vh.Routes {
+				if rt.Name == "invoke/github-mcp" && rt.TypedPerFilterConfig[FilterCredentials("github-mcp")] != nil {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+func secretToken(t *testing.T, r *discoveryv3.DiscoveryResponse) string {
+	t.Helper()
+	for _, a := range r.Resources {
+		var s tlsv3.Secret
+		if err := a.UnmarshalTo(&s); err != nil {
+			t.Fatal(err)
+		}
+		if s.Name == SecretToken("github-mcp") {
+			return s.GetGenericSecret().GetSecret().GetInlineString()
+		}
+	}
+	t.Fatalf("no secret %s", SecretToken("github-mcp"))
+	return ""
+}
+
+// untilInjecting drives v until a route response turns the injector on, failing if it
+// does before want says it may; it returns the number of responses seen.
+func (v *envoyView) untilInjecting(t *testing.T, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		r := v.next(t, time.Until(deadline))
+		if r.TypeUrl == resource.RouteType && injects(t, r) {
+			return
+		}
+	}
+}
+
+// quietOrNotInjecting drives v for d, failing if a route response turns the injector on.
+func (v *envoyView) notInjecting(t *testing.T, d time.Duration, why string) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		select {
+		case r, ok := <-v.c.resps:
+			if !ok {
+				t.Fatal("stream closed")
+			}
+			v.last[r.TypeUrl] = r
+			if r.TypeUrl != resource.SecretType || !v.holdSDS {
+				v.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
+			}
+			if r.TypeUrl == resource.RouteType && injects(t, r) {
+				t.Fatalf("the route injects the token %s", why)
+			}
+		case <-time.After(time.Until(deadline)):
+			return
+		}
+	}
+}
+
+// TestInjectorWaitsForTheSecret: when mcpgate gets a token, the sidecars get it in their
+// secret first and the route that injects it only once each of them ACKed that secret;
+// a sidecar that connects sends the group back to ext_authz until it has ACKed the token
+// too. Otherwise a call between the two updates meets an injector with no credential
+// (401), whichever order Envoy receives them in.
+func TestInjectorWaitsForTheSecret(t *testing.T) {
+	tokens := newFakeTokens()
+	env := requireADSServerWith(t, tokens)
+	a := newEnvoyView(t, env, "my-agent-1")
+	a.notInjecting(t, 300*time.Millisecond, "with no token")
+	if a.last[resource.SecretType] == nil || secretToken(t, a.last[resource.SecretType]) != "" {
+		t.Fatal("no empty secret before the token")
+	}
+
+	a.holdSDS = true
+	tokens.set("tok-1")
+	a.notInjecting(t, 500*time.Millisecond, "before the sidecar ACKed the secret")
+	if got := secretToken(t, a.last[resource.SecretType]); got != "tok-1" {
+		t.Fatalf("secret holds %q, want the token", got)
+	}
+	a.ackSecret(t)
+	a.holdSDS = false
+	a.untilInjecting(t, 5*time.Second)
+
+	// A second sidecar of my-agent connects (or the first reconnects from another
+	// mcpgate replica): the group asks ext_authz again until it holds the token.
+	b := newEnvoyView(t, env, "my-agent-2")
+	b.holdSDS = true
+	sawOff := false
+	deadline := time.Now().Add(5 * time.Second)
+	for !sawOff {
+		if time.Now().After(deadline) {
+			t.Fatal("the first sidecar's route still injects while the second holds no token")
+		}
+		select {
+		case r := <-a.c.resps:
+			a.last[r.TypeUrl] = r
+			a.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
+			sawOff = r.TypeUrl == resource.RouteType && !injects(t, r)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	b.notInjecting(t, 500*time.Millisecond, "to a sidecar that has not ACKed the secret")
+	b.ackSecret(t)
+	b.holdSDS = false
+	b.untilInjecting(t, 5*time.Second)
+	a.untilInjecting(t, 5*time.Second)
+
+	// A proxyless gRPC client of the group never asks for secrets (it has no injector):
+	// it does not send the sidecars back to ext_authz.
+	g := requireADSClient(t, env.addr, "my-agent", "grpc-go-my-agent")
+	g.node.UserAgentName = "gRPC Go"
+	g.send(t, resource.ListenerType, "", "", nil)
+	g.recv(t, 5*time.Second)
+	a.notInjectingOff(t, 500*time.Millisecond)
+}
+
+// notInjectingOff drives v for d, failing if a route response turns the injector off.
+func (v *envoyView) notInjectingOff(t *testing.T, d time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		select {
+		case r := <-v.c.resps:
+			v.last[r.TypeUrl] = r
+			v.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
+			if r.TypeUrl == resource.RouteType && !injects(t, r) {
+				t.Fatal("a proxyless gRPC client sent the sidecars back to ext_authz")
+			}
+		case <-time.After(time.Until(deadline)):
+			return
+		}
+	}
+}
