@@ -1,14 +1,18 @@
 package xds
 
 import (
+	"context"
 	"sync"
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/mcpgate/mcpgate/policy"
 )
@@ -218,5 +222,96 @@ func (v *envoyView) notInjectingOff(t *testing.T, d time.Duration) {
 		case <-time.After(time.Until(deadline)):
 			return
 		}
+	}
+}
+
+// TestInjectorWaitsForTheSecretDelta is the same over incremental xDS, whose responses
+// carry only what changed and are ACKed by nonce.
+func TestInjectorWaitsForTheSecretDelta(t *testing.T) {
+	tokens := newFakeTokens()
+	env := requireADSServerWith(t, tokens)
+	conn, err := grpc.NewClient(env.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resps := make(chan *discoveryv3.DeltaDiscoveryResponse, 16)
+	go func() {
+		defer close(resps)
+		for {
+			r, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			resps <- r
+		}
+	}()
+	send := func(r *discoveryv3.DeltaDiscoveryRequest) {
+		t.Helper()
+		if err := stream.Send(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	node := &corev3.Node{Id: "d", Cluster: "my-agent"}
+	for _, typ := range []string{resource.ListenerType, resource.RouteType, resource.SecretType} {
+		send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: typ})
+	}
+	asDiscovery := func(r *discoveryv3.DeltaDiscoveryResponse) *discoveryv3.DiscoveryResponse {
+		out := &discoveryv3.DiscoveryResponse{TypeUrl: r.TypeUrl}
+		for _, res := range r.Resources {
+			out.Resources = append(out.Resources, res.Resource)
+		}
+		return out
+	}
+	// drive ACKs every response (a Secret one only when ackSecrets) for d or until stop
+	// says so, and returns the last Secret response left unACKed.
+	drive := func(d time.Duration, ackSecrets bool, stop func(*discoveryv3.DeltaDiscoveryResponse) bool) (held *discoveryv3.DeltaDiscoveryResponse) {
+		t.Helper()
+		deadline := time.After(d)
+		for {
+			select {
+			case r, ok := <-resps:
+				if !ok {
+					t.Fatal("stream closed")
+				}
+				if r.TypeUrl != resource.SecretType || ackSecrets {
+					send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: r.TypeUrl, ResponseNonce: r.Nonce})
+				} else {
+					held = r
+				}
+				if stop(r) {
+					return held
+				}
+			case <-deadline:
+				return held
+			}
+		}
+	}
+	injecting := func(r *discoveryv3.DeltaDiscoveryResponse) bool {
+		return r.TypeUrl == resource.RouteType && injects(t, asDiscovery(r))
+	}
+	never := func(r *discoveryv3.DeltaDiscoveryResponse) bool {
+		if injecting(r) {
+			t.Fatal("the route injects the token before the sidecar ACKed the secret")
+		}
+		return false
+	}
+	drive(300*time.Millisecond, true, never)
+	tokens.set("tok-1")
+	held := drive(500*time.Millisecond, false, never)
+	if held == nil || secretToken(t, asDiscovery(held)) != "tok-1" {
+		t.Fatalf("no Secret response with the token: %v", held)
+	}
+	send(&discoveryv3.DeltaDiscoveryRequest{TypeUrl: resource.SecretType, ResponseNonce: held.Nonce})
+	saw := false
+	drive(5*time.Second, true, func(r *discoveryv3.DeltaDiscoveryResponse) bool { saw = injecting(r); return saw })
+	if !saw {
+		t.Fatal("the route never injected the token after the sidecar ACKed it")
 	}
 }
