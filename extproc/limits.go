@@ -443,7 +443,7 @@ func (sl *sharedLimits) close() {
 
 func newSharedStore(cfg policy.RateLimitStore, log *zap.Logger) *sharedStore {
 	ss := &sharedStore{cfg: cfg, log: log}
-	opts := ratelimit.Options{Address: cfg.Address, DB: cfg.DB, PasswordFile: cfg.PasswordFile, Timeout: cfg.Timeout, Cluster: cfg.Cluster}
+	opts := ratelimit.Options{Address: cfg.Address, DB: cfg.DB, PasswordFile: cfg.PasswordFile, Timeout: cfg.Timeout, Cluster: cfg.Cluster, KeyPrefix: cfg.KeyPrefix}
 	if s := cfg.Sentinel; s != nil {
 		opts.Sentinel = &ratelimit.Sentinel{MasterName: s.MasterName, Addrs: s.Addrs, PasswordFile: s.PasswordFile}
 	}

@@ -238,6 +238,28 @@ func TestSharedLimitThroughSentinel(t *testing.T) {
 	requireLimited(t, runEnvoy(t, rs.servers[0], as("alice", "", "get_inventory"), envoyUpstream{}), "5th call", "perCaller", "q=4;w=3600")
 }
 
+// Two meshes sharing one Redis with their own keyPrefix keep their limits apart; the
+// keys start with it.
+func TestKeyPrefixSeparatesMeshes(t *testing.T) {
+	srv := redistest.Start(t)
+	mesh := func(prefix string) *replicas {
+		return newReplicas(t, 1, func(s *policy.Snapshot) {
+			s.Mesh.RateLimits = redisStore(srv.Addr(), policy.FailDeny)
+			s.Mesh.RateLimits.KeyPrefix = prefix
+			s.App("inventory").MCP.Limits.PerCaller = &policy.RateLimit{N: 1, Per: time.Hour}
+		})
+	}
+	prod, staging := mesh("prod:rl:"), mesh("staging:rl:")
+	requireForwarded(t, runEnvoy(t, prod.servers[0], as("alice", "", "get_inventory"), envoyUpstream{}), "prod call")
+	requireForwarded(t, runEnvoy(t, staging.servers[0], as("alice", "", "get_inventory"), envoyUpstream{}), "staging call (its own bucket)")
+	requireLimited(t, runEnvoy(t, prod.servers[0], as("alice", "", "get_inventory"), envoyUpstream{}), "2nd prod call", "perCaller", "q=1;w=3600")
+	for _, p := range []string{"prod:rl:{inventory}:caller:*", "staging:rl:{inventory}:caller:*"} {
+		if keys, err := redistest.Do(srv.Addr(), "KEYS", p); err != nil || keys == "" || strings.Contains(keys, "\n") {
+			t.Errorf("KEYS %s = %q, %v: want one bucket", p, keys, err)
+		}
+	}
+}
+
 // perSubject keys on the token's subject (or a claim), perTenant on a claim: users and
 // tenants do not spend each other's allowance, in Redis as in memory.
 func TestPerSubjectAndTenantKeys(t *testing.T) {

@@ -251,6 +251,9 @@ func (l *loader) compileTracing(d *document, spec *TracingSpec) *Tracing {
 	return tr
 }
 
+// maxKeyPrefix bounds rateLimits.redis.keyPrefix: keys stay short.
+const maxKeyPrefix = 64
+
 func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitStore {
 	const p = "spec.rateLimits"
 	if spec.Redis == nil {
@@ -285,6 +288,12 @@ func (l *loader) compileRateLimits(d *document, spec RateLimitsSpec) *RateLimitS
 			l.errf(d, p+".redis.address", "%v", err)
 		}
 	}
+	if len(r.KeyPrefix) > maxKeyPrefix || strings.ContainsAny(r.KeyPrefix, "{}") || strings.IndexFunc(r.KeyPrefix, func(c rune) bool { return c <= ' ' || c > '~' }) >= 0 {
+		// No braces: the app's {hash tag} must be a key's first, or a cluster would put
+		// every app in the prefix's one slot.
+		l.errf(d, p+".redis.keyPrefix", "%q: at most %d printable ASCII characters, no spaces or braces", r.KeyPrefix, maxKeyPrefix)
+	}
+	st.KeyPrefix = r.KeyPrefix
 	if r.Cluster && r.DB != 0 {
 		l.errf(d, p+".redis.db", "must be 0 with cluster: true (a Redis Cluster has only database 0), got %d", r.DB)
 	} else if r.DB < 0 || r.DB > 15 {

@@ -358,6 +358,13 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			},
 		},
 		{
+			name: "bad key prefix",
+			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  rateLimits:
+    redis: {address: "redis:6379", keyPrefix: "{mesh}:"}
+`},
+			want: []string{`mesh.yaml:17: spec.rateLimits.redis.keyPrefix: "{mesh}:": at most 64 printable ASCII characters, no spaces or braces`},
+		},
+		{
 			name: "cluster on a unix socket or another database",
 			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  rateLimits:
     redis: {address: "unix:///run/redis.sock", cluster: true, db: 3}
@@ -693,7 +700,7 @@ func TestLoadDefaults(t *testing.T) {
 
 func TestLoadRateLimits(t *testing.T) {
 	mesh := meshYAML + `  rateLimits:
-    redis: {address: "redis:6379", db: 2, passwordFile: /secrets/redis, tls: {caFile: /etc/redis-ca.pem}}
+    redis: {address: "redis:6379", db: 2, passwordFile: /secrets/redis, tls: {caFile: /etc/redis-ca.pem}, keyPrefix: "prod:"}
 `
 	app := appYAML + `    limits:
       perCaller: 100/m
@@ -705,7 +712,7 @@ func TestLoadRateLimits(t *testing.T) {
         delete_product: {rate: 1/h, per: tenant, claim: org}
 `
 	snap := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": app})
-	want := &RateLimitStore{Address: "redis:6379", DB: 2, PasswordFile: "/secrets/redis", TLS: true, CAFile: "/etc/redis-ca.pem",
+	want := &RateLimitStore{Address: "redis:6379", DB: 2, PasswordFile: "/secrets/redis", TLS: true, CAFile: "/etc/redis-ca.pem", KeyPrefix: "prod:",
 		FailureMode: FailLocal, Timeout: DefaultRateLimitTimeout}
 	if got := snap.Mesh.RateLimits; !got.Equal(want) {
 		t.Errorf("Mesh.RateLimits = %+v, want %+v", got, want)

@@ -312,6 +312,7 @@ type RateLimitStore struct {
 	Address      string         // "" with Sentinel
 	Cluster      bool           // Address is a node (or configuration endpoint) of a Redis Cluster
 	Sentinel     *SentinelStore // nil: Address is the primary
+	KeyPrefix    string         // "": the store's default
 	DB           int
 	PasswordFile string
 	TLS          bool

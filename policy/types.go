@@ -95,6 +95,10 @@ type RedisSpec struct {
 	Cluster bool `yaml:"cluster"`
 	// Sentinel finds the primary through Redis Sentinel, instead of Address.
 	Sentinel *SentinelSpec `yaml:"sentinel"`
+	// KeyPrefix starts every key mcpgate writes (default "mcpgate:rl:"): meshes sharing
+	// one Redis keep their limits and tasks apart with their own, as db cannot on a
+	// cluster.
+	KeyPrefix string `yaml:"keyPrefix"`
 	// TLS is true (the system's roots) or {caFile, serverName}.
 	TLS          TLSSpec `yaml:"tls"`
 	PasswordFile string  `yaml:"passwordFile"`

@@ -17,6 +17,7 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 
 	"github.com/mcpgate/mcpgate/extproc"
+	"github.com/mcpgate/mcpgate/extproc/ratelimit"
 	"github.com/mcpgate/mcpgate/policy"
 )
 
@@ -282,7 +283,11 @@ func describeRateLimits(rl *policy.RateLimitStore) any {
 	if rl == nil {
 		return map[string]string{"store": "local"}
 	}
-	out := map[string]any{"store": "redis", "address": rl.Address, "cluster": rl.Cluster, "db": rl.DB, "tls": rl.TLS,
+	prefix := rl.KeyPrefix
+	if prefix == "" {
+		prefix = ratelimit.DefaultKeyPrefix
+	}
+	out := map[string]any{"store": "redis", "address": rl.Address, "cluster": rl.Cluster, "key_prefix": prefix, "db": rl.DB, "tls": rl.TLS,
 		"password_file": rl.PasswordFile, "failure_mode": rl.FailureMode, "timeout": rl.Timeout.String()}
 	if s := rl.Sentinel; s != nil {
 		out["sentinel"] = map[string]any{"master_name": s.MasterName, "addresses": s.Addrs, "password_file": s.PasswordFile}

@@ -239,13 +239,13 @@ func TestDebugSnapshotRateLimitStore(t *testing.T) {
 	}{
 		{"", map[string]any{"store": "local"}},
 		{`  rateLimits:
-    redis: {address: "clustercfg.example:6379", cluster: true, passwordFile: /secrets/redis-password}
+    redis: {address: "clustercfg.example:6379", cluster: true, passwordFile: /secrets/redis-password, keyPrefix: "staging:rl:"}
     failureMode: deny
-`, map[string]any{"store": "redis", "address": "clustercfg.example:6379", "cluster": true, "db": 0.0, "tls": false,
+`, map[string]any{"store": "redis", "address": "clustercfg.example:6379", "cluster": true, "key_prefix": "staging:rl:", "db": 0.0, "tls": false,
 			"password_file": "/secrets/redis-password", "failure_mode": "deny", "timeout": "50ms"}},
 		{`  rateLimits:
     redis: {sentinel: {masterName: mymaster, addresses: ["sentinel:26379"], passwordFile: /secrets/sentinel}}
-`, map[string]any{"store": "redis", "address": "", "cluster": false, "db": 0.0, "tls": false, "password_file": "",
+`, map[string]any{"store": "redis", "address": "", "cluster": false, "key_prefix": "mcpgate:rl:", "db": 0.0, "tls": false, "password_file": "",
 			"failure_mode": "local", "timeout": "50ms", "sentinel": map[string]any{
 				"master_name": "mymaster", "addresses": []any{"sentinel:26379"}, "password_file": "/secrets/sentinel"}}},
 	} {
