@@ -402,15 +402,19 @@ func (s *Server) join(key streamKey, node *corev3.Node) {
 	group := node.GetCluster()
 	s.streams[key] = &streamState{group: group, sent: map[string]sentResponse{}, proxyless: strings.HasPrefix(node.GetUserAgentName(), "gRPC")}
 	s.groups[group]++
+	first := s.groups[group] == 1
 	s.mu.Unlock()
 	s.log.Info("xds stream opened", zap.String("node_cluster", group), zap.String("node_id", node.GetId()), zap.Bool("delta", key.delta))
-	// Every new stream, not only a group's first: the stream holds no token yet, so the
-	// group's routes go back to ext_authz (injectable) before its first response.
-	s.update.Lock()
-	if snap := s.store.Current(); snap != nil {
-		s.updateGroup(context.Background(), snap, group)
+	// With outbound tokens, every new stream, not only a group's first: the stream holds
+	// no token yet, so the group's routes go back to ext_authz (injectable) before its
+	// first response. (An unchanged translation sets no snapshot.)
+	if first || s.tokens != nil {
+		s.update.Lock()
+		if snap := s.store.Current(); snap != nil {
+			s.updateGroup(context.Background(), snap, group)
+		}
+		s.update.Unlock()
 	}
-	s.update.Unlock()
 }
 
 func (s *Server) leave(key streamKey) {
