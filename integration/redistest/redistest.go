@@ -5,7 +5,6 @@
 package redistest
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -252,27 +251,14 @@ func waitReady(addr string, p *process) error {
 	return fmt.Errorf("no PONG within %s: %w", readyTimeout, last)
 }
 
-// ping sends one inline PING and expects +PONG: enough of RESP to tell the server is
-// serving, without a client library.
+// ping sends PING and expects PONG: the server is serving (-LOADING and the like are
+// errors: not ready yet).
 func ping(addr string) error {
-	c, err := net.DialTimeout("tcp", addr, time.Second)
-	if err != nil {
-		return err
+	r, err := Do(addr, "PING")
+	if err == nil && r != "PONG" {
+		err = fmt.Errorf("PING answered %q", r)
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(time.Second))
-	if _, err := c.Write([]byte("PING\r\n")); err != nil {
-		return err
-	}
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if line != "+PONG\r\n" {
-		// -LOADING and the like: not ready yet.
-		return fmt.Errorf("PING answered %q", line)
-	}
-	return nil
+	return err
 }
 
 // logTail is the end of the run's log, for failure messages.
