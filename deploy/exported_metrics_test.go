@@ -301,6 +301,7 @@ func TestExportedMetricsFromSource(t *testing.T) {
 		"mcpgate_mcp_decisions_total",
 		"mcpgate_mcp_decision_duration_seconds_bucket",
 		"mcpgate_ratelimit_decisions_total",
+		"mcpgate_ratelimit_store_duration_seconds_bucket",
 		"mcpgate_mcp_cache_entries",
 		"mcpgate_policy_reloads_total",
 		"mcpgate_xds_nacks_total",

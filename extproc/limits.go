@@ -286,7 +286,8 @@ func (e *earlyLimit) release() {
 				return // refused: nothing was taken
 			}
 		}
-		_ = e.store.r.Refund(context.Background(), e.reqs)
+		start := time.Now()
+		e.store.observe(start, storeRefund, e.store.r.Refund(context.Background(), e.reqs))
 	}()
 }
 
@@ -375,10 +376,12 @@ type sharedLimits struct {
 	mu  sync.Mutex
 	cur atomic.Pointer[sharedStore]
 	log *zap.Logger
+	dur metric.Float64Histogram // mcpgate.ratelimit.store.duration
 }
 
 // sharedStore is one Redis the limits are counted in, and what is known of its health.
 type sharedStore struct {
+	dur    metric.Float64Histogram // nil in tests that make stores directly
 	cfg    policy.RateLimitStore
 	r      *ratelimit.Redis // nil when the configuration could not be used (cfgErr)
 	cfgErr error
@@ -411,6 +414,7 @@ func (sl *sharedLimits) get(cfg *policy.RateLimitStore) *sharedStore {
 		return cur
 	}
 	n := newSharedStore(*cfg, sl.log)
+	n.dur = sl.dur
 	sl.swapLocked(n)
 	return n
 }
@@ -509,7 +513,9 @@ func (ss *sharedStore) spend(ctx context.Context, target string, checks []limitC
 	for _, c := range checks {
 		reqs = append(reqs, ratelimit.Request{Key: sharedKey(target, c), Limit: ratelimit.Limit{N: c.limit.N, Per: c.limit.Per, Burst: c.limit.Burst}})
 	}
+	start := time.Now()
 	res, err := ss.r.AllowN(ctx, reqs)
+	ss.observe(start, storeDecide, err)
 	if err != nil {
 		if ctx.Err() != nil {
 			// The call ended (the client went away): that says nothing about Redis.
@@ -520,6 +526,32 @@ func (ss *sharedStore) spend(ctx context.Context, target string, checks []limitC
 	}
 	ss.markUp()
 	return reqs, res, nil
+}
+
+// The attributes of mcpgate.ratelimit.store.duration, op and result, made once: a
+// decision records one on the call's path.
+var (
+	storeDecide = storeAttrs("decide")
+	storeRefund = storeAttrs("refund")
+)
+
+func storeAttrs(op string) [2]metric.RecordOption {
+	set := func(result string) metric.RecordOption {
+		return metric.WithAttributeSet(attribute.NewSet(attribute.String("op", op), attribute.String("result", result)))
+	}
+	return [2]metric.RecordOption{set("ok"), set("error")}
+}
+
+// observe records one round trip of op to the store, begun at start.
+func (ss *sharedStore) observe(start time.Time, op [2]metric.RecordOption, err error) {
+	if ss.dur == nil {
+		return
+	}
+	attrs := op[0]
+	if err != nil {
+		attrs = op[1]
+	}
+	ss.dur.Record(context.Background(), time.Since(start).Seconds(), attrs)
 }
 
 // skipping reports whether decisions skip the store after a recent failure.

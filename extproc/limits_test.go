@@ -124,6 +124,25 @@ func (rs *replicas) limitCounts(t *testing.T) map[string]int64 {
 	return out
 }
 
+// storeCounts sums mcpgate.ratelimit.store.duration's counts over the replicas by
+// "op/result".
+func (rs *replicas) storeCounts(t *testing.T) map[string]uint64 {
+	t.Helper()
+	out := map[string]uint64{}
+	for _, r := range rs.readers {
+		data, _ := collectMetric(t, r, "mcpgate.ratelimit.store.duration").(metricdata.Histogram[float64])
+		for _, dp := range data.DataPoints {
+			op, _ := dp.Attributes.Value("op")
+			res, _ := dp.Attributes.Value("result")
+			out[op.AsString()+"/"+res.AsString()] += dp.Count
+			if m, ok := dp.Min.Value(); ok && m <= 0 {
+				t.Errorf("a round trip of %v seconds", m)
+			}
+		}
+	}
+	return out
+}
+
 // Two replicas on one Redis admit N calls between them, not N each: the N+1th is
 // refused whichever replica it reaches.
 func TestSharedLimitAcrossReplicas(t *testing.T) {
@@ -140,6 +159,10 @@ func TestSharedLimitAcrossReplicas(t *testing.T) {
 	}
 	if got := rs.limitCounts(t); got["caller/allowed"] != 3 || got["caller/refused"] != 2 || len(got) != 2 {
 		t.Errorf("mcpgate.ratelimit.decisions = %v, want caller/allowed 3, caller/refused 2", got)
+	}
+	// One round trip per call, refused ones included, timed.
+	if got := rs.storeCounts(t); got["decide/ok"] != 5 || len(got) != 1 {
+		t.Errorf("mcpgate.ratelimit.store.duration counts = %v, want decide/ok 5", got)
 	}
 
 	// Without the store the same limit is per replica: each admits 3.
@@ -405,6 +428,9 @@ func TestRedisDownFailureModes(t *testing.T) {
 					t.Errorf("decisions = %v, want 5 unavailable_allowed", got)
 				}
 			}
+			if got := rs.storeCounts(t); got["decide/error"] == 0 {
+				t.Errorf("mcpgate.ratelimit.store.duration counts = %v, want the failed round trip", got)
+			}
 			st := a.RateLimitStatus(context.Background())
 			if st.Reachable || !strings.Contains(st.Error, srv.Addr()) || st.DownSince.IsZero() || !strings.Contains(st.Effect, "failureMode "+string(mode)) {
 				t.Errorf("status with Redis down: %+v", st)
@@ -639,6 +665,12 @@ func TestEarlyLimitDecision(t *testing.T) {
 		waitKeys(t, raw, 2) // spent on the headers
 		requireJSONRPCError(t, sendBody(t, f, other).GetImmediateResponse(), 400, 1, CodeHeaderMismatch, "do not match the body")
 		waitKeys(t, raw, 0) // given back
+		// The give-back is a timed round trip of its own (recorded just after it returns).
+		for deadline := time.Now().Add(2 * time.Second); rs.storeCounts(t)["refund/ok"] != 1; time.Sleep(2 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("mcpgate.ratelimit.store.duration counts = %v, want refund/ok 1", rs.storeCounts(t))
+			}
+		}
 		requireForwarded(t, full(rs.servers[1], era2026), "the call after the refused one")
 	})
 

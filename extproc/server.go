@@ -127,6 +127,11 @@ func NewServer(opts Options) (*Server, error) {
 		metric.WithExplicitBucketBoundaries(.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .05, .25, 1)); err != nil {
 		return nil, err
 	}
+	if s.shared.dur, err = meter.Float64Histogram("mcpgate.ratelimit.store.duration", metric.WithUnit("s"),
+		metric.WithDescription("round trips to the shared rate-limit store (Redis) by op (decide, refund) and result (ok, error)"),
+		metric.WithExplicitBucketBoundaries(.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1)); err != nil {
+		return nil, err
+	}
 	if s.limitCount, err = meter.Int64Counter("mcpgate.ratelimit.decisions",
 		metric.WithDescription("rate-limit decisions per bucket kind (key: caller, subject, tenant, tool) by target and decision (allowed, refused, local_*, unavailable_*)")); err != nil {
 		return nil, err
