@@ -59,17 +59,6 @@ func newEnvoyView(t *testing.T, env *testEnv, id string) *envoyView {
 	return v
 }
 
-// next receives one response and ACKs it, unless it is a held Secret response.
-func (v *envoyView) next(t *testing.T, within time.Duration) *discoveryv3.DiscoveryResponse {
-	t.Helper()
-	r := v.c.recv(t, within)
-	v.last[r.TypeUrl] = r
-	if r.TypeUrl != resource.SecretType || !v.holdSDS {
-		v.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
-	}
-	return r
-}
-
 // ackSecret ACKs the last Secret response held back.
 func (v *envoyView) ackSecret(t *testing.T) {
 	t.Helper()
@@ -114,23 +103,11 @@ func secretToken(t *testing.T, r *discoveryv3.DiscoveryResponse) string {
 	return ""
 }
 
-// untilInjecting drives v until a route response turns the injector on, failing if it
-// does before want says it may; it returns the number of responses seen.
-func (v *envoyView) untilInjecting(t *testing.T, within time.Duration) {
+// drive receives v's responses for up to d, ACKing each (a Secret one only unless
+// holdSDS), and hands each to stop; it reports whether stop ended it before d.
+func (v *envoyView) drive(t *testing.T, d time.Duration, stop func(*discoveryv3.DiscoveryResponse) bool) bool {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		r := v.next(t, time.Until(deadline))
-		if r.TypeUrl == resource.RouteType && injects(t, r) {
-			return
-		}
-	}
-}
-
-// quietOrNotInjecting drives v for d, failing if a route response turns the injector on.
-func (v *envoyView) notInjecting(t *testing.T, d time.Duration, why string) {
-	t.Helper()
-	deadline := time.Now().Add(d)
+	deadline := time.After(d)
 	for {
 		select {
 		case r, ok := <-v.c.resps:
@@ -141,12 +118,35 @@ func (v *envoyView) notInjecting(t *testing.T, d time.Duration, why string) {
 			if r.TypeUrl != resource.SecretType || !v.holdSDS {
 				v.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
 			}
-			if r.TypeUrl == resource.RouteType && injects(t, r) {
-				t.Fatalf("the route injects the token %s", why)
+			if stop(r) {
+				return true
 			}
-		case <-time.After(time.Until(deadline)):
-			return
+		case <-deadline:
+			return false
 		}
+	}
+}
+
+// routeInjecting returns a stop for drive: a route response whose injector is on (want).
+func routeInjecting(t *testing.T, want bool) func(*discoveryv3.DiscoveryResponse) bool {
+	return func(r *discoveryv3.DiscoveryResponse) bool {
+		return r.TypeUrl == resource.RouteType && injects(t, r) == want
+	}
+}
+
+// untilInjecting drives v until a route response turns the injector on.
+func (v *envoyView) untilInjecting(t *testing.T, within time.Duration) {
+	t.Helper()
+	if !v.drive(t, within, routeInjecting(t, true)) {
+		t.Fatalf("no route injecting the token within %s", within)
+	}
+}
+
+// notInjecting drives v for d, failing if a route response turns the injector on.
+func (v *envoyView) notInjecting(t *testing.T, d time.Duration, why string) {
+	t.Helper()
+	if v.drive(t, d, routeInjecting(t, true)) {
+		t.Fatalf("the route injects the token %s", why)
 	}
 }
 
@@ -178,19 +178,8 @@ func TestInjectorWaitsForTheSecret(t *testing.T) {
 	// mcpgate replica): the group asks ext_authz again until it holds the token.
 	b := newEnvoyView(t, env, "my-agent-2")
 	b.holdSDS = true
-	sawOff := false
-	deadline := time.Now().Add(5 * time.Second)
-	for !sawOff {
-		if time.Now().After(deadline) {
-			t.Fatal("the first sidecar's route still injects while the second holds no token")
-		}
-		select {
-		case r := <-a.c.resps:
-			a.last[r.TypeUrl] = r
-			a.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
-			sawOff = r.TypeUrl == resource.RouteType && !injects(t, r)
-		case <-time.After(10 * time.Millisecond):
-		}
+	if !a.drive(t, 5*time.Second, routeInjecting(t, false)) {
+		t.Fatal("the first sidecar's route still injects while the second holds no token")
 	}
 	b.notInjecting(t, 500*time.Millisecond, "to a sidecar that has not ACKed the secret")
 	b.ackSecret(t)
@@ -204,24 +193,8 @@ func TestInjectorWaitsForTheSecret(t *testing.T) {
 	g.node.UserAgentName = "gRPC Go"
 	g.send(t, resource.ListenerType, "", "", nil)
 	g.recv(t, 5*time.Second)
-	a.notInjectingOff(t, 500*time.Millisecond)
-}
-
-// notInjectingOff drives v for d, failing if a route response turns the injector off.
-func (v *envoyView) notInjectingOff(t *testing.T, d time.Duration) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		select {
-		case r := <-v.c.resps:
-			v.last[r.TypeUrl] = r
-			v.c.send(t, r.TypeUrl, r.VersionInfo, r.Nonce, nil)
-			if r.TypeUrl == resource.RouteType && !injects(t, r) {
-				t.Fatal("a proxyless gRPC client sent the sidecars back to ext_authz")
-			}
-		case <-time.After(time.Until(deadline)):
-			return
-		}
+	if a.drive(t, 500*time.Millisecond, routeInjecting(t, false)) {
+		t.Fatal("a proxyless gRPC client sent the sidecars back to ext_authz")
 	}
 }
 
