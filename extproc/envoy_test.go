@@ -130,9 +130,12 @@ type envoyResult struct {
 	requestSet    map[string]string // request header mutations
 	requestRemove []string          // request headers removed
 	responseSet   map[string]string // response header mutations
-	responseMode  extprocfilterv3.ProcessingMode_BodySendMode
-	clientBody    string // the response body the client receives
-	bodyMessages  int    // response body messages exchanged
+	// responseAppended are the response headers set with APPEND_IF_EXISTS_OR_ADD: added
+	// beside the server's own, not replacing them.
+	responseAppended []string
+	responseMode     extprocfilterv3.ProcessingMode_BodySendMode
+	clientBody       string // the response body the client receives
+	bodyMessages     int    // response body messages exchanged
 }
 
 func setHeaders(m *extprocv3.HeaderMutation, into map[string]string) {
@@ -204,6 +207,11 @@ func runEnvoy(t *testing.T, s *Server, req envoyRequest, up envoyUpstream) envoy
 		return res
 	}
 	setHeaders(resp.GetResponseHeaders().GetResponse().GetHeaderMutation(), res.responseSet)
+	for _, h := range resp.GetResponseHeaders().GetResponse().GetHeaderMutation().GetSetHeaders() {
+		if h.GetAppendAction() == corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD {
+			res.responseAppended = append(res.responseAppended, h.GetHeader().GetKey())
+		}
+	}
 	res.responseMode = resp.GetModeOverride().GetResponseBodyMode()
 	switch res.responseMode {
 	case extprocfilterv3.ProcessingMode_NONE:

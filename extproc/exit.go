@@ -89,6 +89,11 @@ func (st *stream) refuse(r refusal) *extprocv3.ProcessingResponse {
 		resp.GetImmediateResponse().GrpcStatus = &extprocv3.GrpcStatus{Status: uint32(code)}
 		return resp
 	}
+	if r.rule != ruleRateLimit && r.rule != ruleRateLimitDown {
+		// A call refused after its limits (by the policy, say) spent from them: the
+		// answer says what is left. A limit's own refusal names that limit instead.
+		r.headers = append(r.headers, st.quotaHeaders(corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD)...)
+	}
 	body := r.body
 	switch {
 	case body != nil:

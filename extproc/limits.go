@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -162,7 +163,13 @@ func (st *stream) rateLimit(ctx context.Context, r *Request, now time.Time) (lim
 			_, res, err = store.spend(ctx, st.app.ID, checks, now)
 		}
 		if err == nil {
-			return verdict(s, st.app.ID, checks, res)
+			v, refused := verdict(s, st.app.ID, checks, res)
+			if !refused && st.wantsQuota() {
+				for i, c := range checks {
+					st.noteQuota(c, res[i].Remaining, res[i].ResetAfter)
+				}
+			}
+			return v, refused
 		}
 		switch store.cfg.FailureMode {
 		case policy.FailAllow:
@@ -295,8 +302,14 @@ func (e *earlyLimit) release() {
 // one limit gives back what it took from the others.
 func (st *stream) localLimits(checks []limitCheck, now time.Time, allowed, refused string) (limitVerdict, bool) {
 	var taken [4]*rate.Reservation
+	var left [4]quotaLeft
+	want := st.wantsQuota()
 	for i, c := range checks {
-		res, ok, wait := st.s.limits.reserve(c.key, c.limit, now)
+		var l *quotaLeft
+		if want {
+			l = &left[i]
+		}
+		res, ok, wait := st.s.limits.reserve(c.key, c.limit, now, l)
 		if ok {
 			taken[i] = res
 			continue
@@ -308,7 +321,80 @@ func (st *stream) localLimits(checks []limitCheck, now time.Time, allowed, refus
 		return refusedBy(c, wait), true
 	}
 	st.s.countLimits(st.app.ID, checks, allowed)
+	if want {
+		for i, c := range checks {
+			st.noteQuota(c, left[i].remaining, left[i].reset)
+		}
+	}
 	return limitVerdict{}, false
+}
+
+// quotaField is a limit that the call's messages passed, as the RateLimit fields of
+// its answer show it (limits.responseHeaders).
+type quotaField struct {
+	name  string
+	limit policy.RateLimit
+	quotaLeft
+}
+
+// quotaLeft is what a bucket holds after a request was taken from it.
+type quotaLeft struct {
+	remaining int           // requests allowed right now
+	reset     time.Duration // until the bucket is full again
+}
+
+// wantsQuota reports whether the answer is to carry the RateLimit fields of the limits
+// passed: when the app asks, on Streamable HTTP. A gRPC stream's headers precede all of
+// its messages, each limited on its own.
+func (st *stream) wantsQuota() bool {
+	return st.app.MCP.Limits.ResponseHeaders && !st.isGRPC
+}
+
+// noteQuota keeps what limit c has left after an admitted message. In a batch, a later
+// message's figures replace an earlier one's for the same limit: they are newer.
+func (st *stream) noteQuota(c limitCheck, remaining int, reset time.Duration) {
+	left := quotaLeft{remaining: max(remaining, 0), reset: max(reset, 0)}
+	for i := range st.quota {
+		if st.quota[i].name == c.name {
+			st.quota[i].quotaLeft = left
+			return
+		}
+	}
+	st.quota = append(st.quota, quotaField{name: c.name, limit: c.limit, quotaLeft: left})
+}
+
+// quotaHeaders are the IETF RateLimit-Policy and RateLimit fields of the limits the
+// call passed, one list item each (none unless limits.responseHeaders): each limit's
+// quota and window, what it has left and the seconds until it is full again.
+func (st *stream) quotaHeaders(action corev3.HeaderValueOption_HeaderAppendAction) []*corev3.HeaderValueOption {
+	if len(st.quota) == 0 {
+		return nil
+	}
+	var pol, left []byte
+	for i, q := range st.quota {
+		if i > 0 {
+			pol, left = append(pol, ", "...), append(left, ", "...)
+		}
+		name := sfString(q.name)
+		pol = appendPolicyItem(pol, name, q.limit)
+		left = append(append(left, name...), ";r="...)
+		left = strconv.AppendInt(left, int64(q.remaining), 10)
+		left = append(left, ";t="...)
+		left = strconv.AppendInt(left, int64(math.Ceil(q.reset.Seconds())), 10)
+	}
+	return []*corev3.HeaderValueOption{
+		{Header: &corev3.HeaderValue{Key: "ratelimit-policy", RawValue: pol}, AppendAction: action},
+		{Header: &corev3.HeaderValue{Key: "ratelimit", RawValue: left}, AppendAction: action},
+	}
+}
+
+// appendPolicyItem appends the RateLimit-Policy item of limit l named name (an sf-string):
+// its quota q and window w in seconds.
+func appendPolicyItem(b []byte, name string, l policy.RateLimit) []byte {
+	b = append(append(b, name...), ";q="...)
+	b = strconv.AppendInt(b, int64(l.N), 10)
+	b = append(b, ";w="...)
+	return strconv.AppendInt(b, int64(l.Per/time.Second), 10)
 }
 
 // refusedBy is the answer to a message that limit c refused, retry after wait: 429 with
@@ -322,7 +408,7 @@ func refusedBy(c limitCheck, wait time.Duration) limitVerdict {
 		reason: "rate limit exceeded: limits." + strings.Replace(c.name, ".", " ", 1) + " " + c.limit.String() + c.whose,
 		headers: []*corev3.HeaderValueOption{
 			rawHeader("retry-after", ra),
-			rawHeader("ratelimit-policy", name+";q="+strconv.Itoa(c.limit.N)+";w="+strconv.Itoa(int(c.limit.Per/time.Second))),
+			rawHeader("ratelimit-policy", string(appendPolicyItem(nil, name, c.limit))),
 			rawHeader("ratelimit", name+";r=0;t="+ra),
 		}}
 }

@@ -348,6 +348,88 @@ func TestPerToolPerSubject(t *testing.T) {
 	requireLimited(t, runEnvoy(t, rs.servers[1], as("dave", "", "get_inventory"), envoyUpstream{}), "dave's get", "perCaller", "q=3;w=3600")
 }
 
+// With limits.responseHeaders, the answer of every admitted call carries the IETF
+// RateLimit fields of the limits it passed, what they have left and the seconds until
+// they are full again, from Redis (decided on the body or on the headers) or from the
+// replica's own buckets; a call the policy denies after its limits spent says so too,
+// and a limit's 429 still names only that limit.
+func TestRateLimitResponseFields(t *testing.T) {
+	srv := redistest.Start(t)
+	g, err := policy.CompileGlob("get_*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, shared := range []bool{true, false} {
+		t.Run(map[bool]string{true: "redis", false: "local"}[shared], func(t *testing.T) {
+			rs := newReplicas(t, 1, func(s *policy.Snapshot) {
+				if shared {
+					s.Mesh.RateLimits = redisStore(srv.Addr(), policy.FailDeny)
+				}
+				lim := &s.App("inventory").MCP.Limits
+				lim.PerCaller = &policy.RateLimit{N: 3, Per: time.Hour}
+				lim.PerTool = []policy.ToolRate{{Tool: g, Rate: policy.RateLimit{N: 5, Per: time.Minute}, Per: policy.PerSubject, Claim: "sub"}}
+				lim.ResponseHeaders = true
+			})
+			s := rs.servers[0]
+			who := "alice-" + strconv.FormatBool(shared) // Redis is shared by the subtests
+			const pol = `"perCaller";q=3;w=3600, "perTool.get_*";q=5;w=60`
+			fields := func(res envoyResult, what, left string) {
+				t.Helper()
+				requireForwarded(t, res, what)
+				if got := res.responseSet["ratelimit-policy"]; got != pol {
+					t.Errorf("%s: RateLimit-Policy = %q, want %q", what, got, pol)
+				}
+				if got := res.responseSet["ratelimit"]; got != left {
+					t.Errorf("%s: RateLimit = %q, want %q", what, got, left)
+				}
+				if !slices.Contains(res.responseAppended, "ratelimit") || !slices.Contains(res.responseAppended, "ratelimit-policy") {
+					t.Errorf("%s: the fields must be added to the server's own, not replace them (appended: %v)", what, res.responseAppended)
+				}
+			}
+			// One request of 3/h leaves 2, full again in 1200s; one of 5/m leaves 4, in 12s.
+			fields(runEnvoy(t, s, as(who, "", "get_inventory"), envoyUpstream{}), "first call", `"perCaller";r=2;t=1200, "perTool.get_*";r=4;t=12`)
+			// Decided on its 2026-07-28 headers (early, with Redis).
+			req := as(who, "", "get_inventory")
+			req.headers = era2026
+			fields(runEnvoy(t, s, req, envoyUpstream{}), "second call", `"perCaller";r=1;t=2400, "perTool.get_*";r=3;t=24`)
+
+			// The rules deny delete_product after perCaller spent its last request.
+			res := runEnvoy(t, s, as(who, "", "delete_product"), envoyUpstream{})
+			requireJSONRPCError(t, res.immediate, 200, 1, -32001, "no-deletes")
+			h := immediateHeaders(res.immediate)
+			if h["ratelimit-policy"] != `"perCaller";q=3;w=3600` || h["ratelimit"] != `"perCaller";r=0;t=3600` {
+				t.Errorf("denied call: RateLimit-Policy %q, RateLimit %q", h["ratelimit-policy"], h["ratelimit"])
+			}
+			requireLimited(t, runEnvoy(t, s, as(who, "", "get_inventory"), envoyUpstream{}), "4th call", "perCaller", "q=3;w=3600")
+		})
+	}
+
+	// A 2025-03-26 batch spends twice from each bucket: one item per limit, with what
+	// the last message left.
+	rs := newReplicas(t, 1, func(s *policy.Snapshot) {
+		s.Mesh.RateLimits = redisStore(redistest.Start(t).Addr(), policy.FailDeny)
+		s.App("inventory").MCP.Limits.PerCaller = &policy.RateLimit{N: 3, Per: time.Hour}
+		s.App("inventory").MCP.Limits.ResponseHeaders = true
+	})
+	req := as("bob", "", "get_inventory")
+	req.body = "[" + call(1, "get_inventory", `{"product_id":"SKU-1"}`) + "," + call(2, "get_inventory", `{"product_id":"SKU-2"}`) + "]"
+	res := runEnvoy(t, rs.servers[0], req, envoyUpstream{})
+	requireForwarded(t, res, "batch")
+	if got := res.responseSet["ratelimit"]; got != `"perCaller";r=1;t=2400` {
+		t.Errorf("batch: RateLimit = %q, want one item, 1 left", got)
+	}
+
+	// Without responseHeaders only refusals carry them.
+	rs = newReplicas(t, 1, func(s *policy.Snapshot) {
+		s.App("inventory").MCP.Limits.PerCaller = &policy.RateLimit{N: 3, Per: time.Hour}
+	})
+	res = runEnvoy(t, rs.servers[0], as("carol", "", "get_inventory"), envoyUpstream{})
+	requireForwarded(t, res, "call without responseHeaders")
+	if v, ok := res.responseSet["ratelimit"]; ok {
+		t.Errorf("RateLimit %q without limits.responseHeaders", v)
+	}
+}
+
 // waitShared polls until a call is decided by Redis again (the metric says so).
 func waitShared(t *testing.T, rs *replicas, s *Server, req envoyRequest) envoyResult {
 	t.Helper()

@@ -41,8 +41,9 @@ const maxLimiters = 100000
 
 // reserve takes one token from the bucket named key, created with rl on first use. It
 // returns the reservation (to give the token back when another limit refuses the call),
-// or false and how long until a token is available when the bucket is empty.
-func (l *limiters) reserve(key string, rl policy.RateLimit, now time.Time) (*rate.Reservation, bool, time.Duration) {
+// or false and how long until a token is available when the bucket is empty. When it
+// took one and left is not nil, left is set to what the bucket holds after it.
+func (l *limiters) reserve(key string, rl policy.RateLimit, now time.Time, left *quotaLeft) (*rate.Reservation, bool, time.Duration) {
 	l.mu.Lock()
 	if l.m == nil {
 		l.m = make(map[string]*list.Element, 256)
@@ -68,12 +69,17 @@ func (l *limiters) reserve(key string, rl policy.RateLimit, now time.Time) (*rat
 		r.CancelAt(now)
 		return nil, false, d
 	}
+	if left != nil {
+		tokens := lim.TokensAt(now)
+		left.remaining = int(math.Floor(tokens))
+		left.reset = time.Duration((float64(lim.Burst()) - tokens) / float64(lim.Limit()) * float64(time.Second))
+	}
 	return r, true, 0
 }
 
 // allow is reserve without the reservation.
 func (l *limiters) allow(key string, rl policy.RateLimit, now time.Time) (bool, time.Duration) {
-	_, ok, wait := l.reserve(key, rl, now)
+	_, ok, wait := l.reserve(key, rl, now, nil)
 	return ok, wait
 }
 

@@ -241,6 +241,7 @@ type stream struct {
 	isGRPC            bool                       // the request is gRPC MCP (grpc.go)
 	claims            map[string]json.RawMessage // the token's, once a limit needs one (claim)
 	early             *earlyLimit                // the limits decided on the headers, until the body uses them
+	quota             []quotaField               // what the limits passed have left (limits.responseHeaders)
 	span              trace.Span                 // nil unless traced; ended with the stream
 	grpc              *grpcStream
 	answering         []json.RawMessage // ids of the requests of the body
@@ -808,6 +809,9 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 		}
 		return st.grpcResponseHeaders(out, contentType, grpcEncoding)
 	}
+	// Added to the server's own RateLimit fields, if it sends any: one list, its limits
+	// and mcpgate's.
+	mut.SetHeaders = append(mut.SetHeaders, st.quotaHeaders(corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD)...)
 	if len(st.plan) == 0 || h.GetEndOfStream() {
 		return out // nothing to rewrite: the body mode stays NONE and costs nothing
 	}

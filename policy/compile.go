@@ -800,7 +800,7 @@ func ParsePointer(s string) (Pointer, error) {
 
 func (l *loader) compileLimits(d *document, spec LimitsSpec) Limits {
 	const p = "spec.mcp.limits"
-	lim := Limits{MaxRequestBytes: spec.MaxRequestBytes}
+	lim := Limits{MaxRequestBytes: spec.MaxRequestBytes, ResponseHeaders: spec.ResponseHeaders}
 	switch {
 	case lim.MaxRequestBytes == 0:
 		lim.MaxRequestBytes = DefaultMaxRequestBytes

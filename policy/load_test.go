@@ -321,6 +321,11 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 			},
 		},
 		{
+			name:  "responseHeaders not a boolean",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "    limits: {perCaller: 10/s, responseHeaders: always}\n"},
+			want:  []string{`app.yaml:24: spec.mcp.limits.responseHeaders:`},
+		},
+		{
 			name: "bad rate-limit store",
 			files: map[string]string{"app.yaml": appYAML, "mesh.yaml": meshYAML + `  rateLimits:
     redis: {address: "rediss://redis:6379", db: 16, passwordFile: secrets/redis, tls: yes-please}
@@ -710,6 +715,7 @@ func TestLoadRateLimits(t *testing.T) {
         get_inventory: {rate: 10/s, per: subject}
         "list_*": 5/s
         delete_product: {rate: 1/h, per: tenant, claim: org}
+      responseHeaders: true
 `
 	snap := requireLoad(t, map[string]string{"mesh.yaml": mesh, "app.yaml": app})
 	want := &RateLimitStore{Address: "redis:6379", DB: 2, PasswordFile: "/secrets/redis", TLS: true, CAFile: "/etc/redis-ca.pem", KeyPrefix: "prod:",
@@ -726,6 +732,9 @@ func TestLoadRateLimits(t *testing.T) {
 	}
 	if lim.PerTenant == nil || lim.PerTenant.N != 1000 || lim.TenantClaim != DefaultTenantClaim {
 		t.Errorf("perTenant = %+v claim %q", lim.PerTenant, lim.TenantClaim)
+	}
+	if !lim.ResponseHeaders {
+		t.Error("responseHeaders: true was not loaded")
 	}
 	type tr struct {
 		tool  string
@@ -802,7 +811,7 @@ func TestREADMERateLimitExample(t *testing.T) {
 	}
 	lim := snap.App("inventory").MCP.Limits
 	if lim.PerSubject == nil || lim.PerSubject.N != 100 || lim.PerTenant == nil || lim.TenantClaim != "tid" ||
-		lim.PerCaller == nil || lim.PerCaller.Burst != 50 || len(lim.PerTool) != 2 {
+		lim.PerCaller == nil || lim.PerCaller.Burst != 50 || len(lim.PerTool) != 2 || !lim.ResponseHeaders {
 		t.Errorf("limits = %+v", lim)
 	}
 }

@@ -244,6 +244,8 @@ type Limits struct {
 	// by: "sub" (the verified subject) and "tid" unless the policy says otherwise.
 	SubjectClaim string
 	TenantClaim  string
+	// ResponseHeaders: the answers of admitted calls carry the RateLimit fields too.
+	ResponseHeaders bool
 }
 
 // ToolRate is a rate limit for tools matching a glob, counted for all callers together

@@ -300,6 +300,10 @@ type LimitsSpec struct {
 	// PerTool limits the tools matching each glob: all callers together, or each
 	// caller, subject or tenant on its own (per).
 	PerTool map[string]RateSpec `yaml:"perTool"`
+	// ResponseHeaders adds the IETF RateLimit-Policy and RateLimit fields of the limits a
+	// message passed to every answer of an admitted call, not only to the 429 of a
+	// refused one.
+	ResponseHeaders bool `yaml:"responseHeaders"`
 }
 
 // RateSpec is a rate, written "100/m", or a mapping: {rate: 100/m, burst: 20} and, where

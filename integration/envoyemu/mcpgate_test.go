@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,6 +48,8 @@ type gateEnv struct {
 	// events one at a time, each after the previous was acknowledged on next.
 	sse  []string
 	next chan struct{}
+	// header is added to every answer of the MCP app.
+	header http.Header
 }
 
 func requireGate(t *testing.T) *gateEnv {
@@ -110,6 +113,9 @@ func (env *gateEnv) serveMCP(w http.ResponseWriter, r *http.Request) {
 	env.received = append(env.received, string(b))
 	events := env.sse
 	env.sse = nil
+	for k, v := range env.header {
+		w.Header()[k] = v
+	}
 	env.mu.Unlock()
 	var msg struct {
 		ID json.RawMessage `json:"id"`
@@ -173,8 +179,34 @@ func TestMCPGateAllowedCallReachesApp(t *testing.T) {
 	if resp.Header.Get(contract.HeaderDecisionID) == "" {
 		t.Errorf("no %s on the response: %v", contract.HeaderDecisionID, resp.Header)
 	}
+	if v := resp.Header.Values("RateLimit"); len(v) != 0 {
+		t.Errorf("RateLimit %q on an admitted call without limits.responseHeaders", v)
+	}
 	if got := env.receivedBodies(); len(got) != 1 || got[0] != call {
 		t.Fatalf("the app received %q", got)
+	}
+}
+
+// limits.responseHeaders: an admitted call's answer lists mcpgate's limits beside the
+// MCP server's own RateLimit fields, as two field lines of one list.
+func TestMCPGateRateLimitFields(t *testing.T) {
+	env := requireGate(t)
+	edit(t, filepath.Join(env.dir, "inventory.yaml"), "      perCaller: 100/m\n", "      perCaller: 100/h\n      responseHeaders: true\n")
+	env.store.Set(requireLoad(t, env.dir))
+	env.mu.Lock()
+	env.header = http.Header{"Ratelimit-Policy": {`"server";q=1000;w=86400`}, "Ratelimit": {`"server";r=998;t=7200`}}
+	env.mu.Unlock()
+	resp, body := env.post(t, env.token(t), toolCall(1, "get_inventory", `{"product_id":"SKU-123"}`))
+	if resp.StatusCode != 200 || !strings.Contains(body, "42 in stock") {
+		t.Fatalf("got %d %q", resp.StatusCode, body)
+	}
+	wantPolicy := []string{`"server";q=1000;w=86400`, `"perCaller";q=100;w=3600, "perTool.get_inventory";q=10;w=1`}
+	wantLeft := []string{`"server";r=998;t=7200`, `"perCaller";r=99;t=36, "perTool.get_inventory";r=9;t=1`}
+	if got := resp.Header.Values("RateLimit-Policy"); !slices.Equal(got, wantPolicy) {
+		t.Errorf("RateLimit-Policy = %q, want %q", got, wantPolicy)
+	}
+	if got := resp.Header.Values("RateLimit"); !slices.Equal(got, wantLeft) {
+		t.Errorf("RateLimit = %q, want %q", got, wantLeft)
 	}
 }
 
