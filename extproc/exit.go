@@ -41,6 +41,8 @@ const (
 	ruleResponse      = "response"  // the server's answer could not be filtered
 	ruleRego          = "rego"      // Rego's decision, or a patch of it that failed
 	ruleExpired       = "expired"   // the token expired (checked again on every gRPC message)
+	// rulePolicyChanged: a reload changed what ext_authz decided a gRPC stream on.
+	rulePolicyChanged = "policy_changed"
 )
 
 // refusal is an answer mcpgate gives instead of the server.

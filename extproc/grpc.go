@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"reflect"
 	"strings"
 	"time"
 
@@ -159,6 +160,64 @@ func (st *stream) grpcHeaders(encoding string, endOfStream bool) *extprocv3.Proc
 	return st.continueHeaders(st.upstreamHeaders())
 }
 
+// followPolicy moves a long stream to the policy in force, so that each message is
+// decided by it, as a new request would be: a reload that revokes a tool or lowers a
+// limit applies to open streams from their next message. What ext_authz decided when the
+// stream opened (may this caller reach the app at all) is not decided again here: if the
+// reload changed what it depends on, the stream is ended (UNAVAILABLE, which gRPC
+// clients retry), and the new stream goes through ext_authz.
+func (st *stream) followPolicy() (refusal, bool) {
+	cur := st.s.store.Current()
+	if cur == st.snap || cur == nil {
+		return refusal{}, true
+	}
+	app := cur.App(st.ident.Target)
+	if app == nil || app.MCP == nil {
+		return refusal{status: 403, grpcCode: codes.PermissionDenied, rule: ruleIdentity,
+			reason: "target app " + strconvQuote(st.ident.Target) + " has no mcp policy since the policy was reloaded"}, false
+	}
+	if !authorizedAlike(st.snap, cur, st.ident) {
+		return refusal{status: 503, grpcCode: codes.Unavailable, rule: rulePolicyChanged,
+			reason: "the app's access control or authentication changed since this stream opened: open a new stream"}, false
+	}
+	st.snap, st.app = cur, app
+	st.maxLen = app.MCP.Limits.MaxRequestBytes
+	st.grpc.in.MaxMessageBytes = int(st.maxLen)
+	return refusal{}, true
+}
+
+// authorizedAlike reports whether ext_authz would decide a stream of id alike under
+// next as under prev: the same access control and authentication for its target, the same
+// mesh identity settings (trust domain, mTLS), and, through a gateway, the same gateway
+// and routes.
+func authorizedAlike(prev, next *policy.Snapshot, id contract.Identity) bool {
+	if prev.Version == next.Version {
+		return true // the same files
+	}
+	if prev.Mesh.TrustDomain != next.Mesh.TrustDomain || prev.Mesh.MTLS != next.Mesh.MTLS {
+		return false
+	}
+	a, b := prev.App(id.Target).MCP, next.App(id.Target).MCP
+	if a == nil || !reflect.DeepEqual(a.AccessControl, b.AccessControl) || !reflect.DeepEqual(a.Authentication, b.Authentication) {
+		return false
+	}
+	if id.Gateway == "" {
+		return true
+	}
+	g, h := prev.Gateways[id.Gateway], next.Gateways[id.Gateway]
+	if g == nil || h == nil || g.Namespace != h.Namespace || g.Port != h.Port || !reflect.DeepEqual(g.TLS, h.TLS) || len(g.Routes) != len(h.Routes) {
+		return false
+	}
+	for i, r := range g.Routes {
+		q := h.Routes[i]
+		if r.Host != q.Host || r.Path != q.Path || (r.App == nil) != (q.App == nil) || r.App != nil && r.App.ID != q.App.ID ||
+			(r.Endpoint == nil) != (q.Endpoint == nil) || r.Endpoint != nil && r.Endpoint.Name != q.Endpoint.Name {
+			return false
+		}
+	}
+	return true
+}
+
 // checkExpiry refuses a request whose token has expired: on a long stream it is checked
 // again for every message.
 func (st *stream) checkExpiry() (refusal, bool) {
@@ -196,6 +255,9 @@ func (st *stream) grpcBody(ctx context.Context, b *extprocv3.HttpBody) *extprocv
 	for _, m := range msgs {
 		if ctx.Err() != nil {
 			return refuse(refusal{status: 503, grpcCode: codes.Unavailable, rule: ruleAbandoned, reason: "the request ended before mcpgate decided it"})
+		}
+		if rf, ok := st.followPolicy(); !ok {
+			return refuse(rf)
 		}
 		r, requestID, err := st.grpcRequest(m.Data)
 		if err != nil {

@@ -1,9 +1,12 @@
 package extproc
 
 import (
+	"context"
 	"fmt"
+	"io/fs"
 	"strings"
 	"testing"
+	"testing/fstest"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -13,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	mcpgate "github.com/mcpgate/mcpgate"
 	"github.com/mcpgate/mcpgate/envoy/contract"
 	"github.com/mcpgate/mcpgate/extproc/grpcframe"
 	"github.com/mcpgate/mcpgate/policy"
@@ -411,4 +415,101 @@ func TestGRPCToolPinning(t *testing.T) {
 	}
 	res := runGRPC(t, s, grpcCall{md: agentMD, method: "CallTool", chunks: [][]byte{frames(t, callTool(t, "get_inventory", map[string]any{"product_id": "SKU-42"}))}}, grpcUpstream{})
 	requireGRPCStatus(t, res.immediate, codes.PermissionDenied, "differs from its pin: description changed")
+}
+
+// demoWith is the demo policy with old replaced by new in inventory.yaml, loaded as a
+// reload would.
+func demoWith(t *testing.T, old, new string) *policy.Snapshot {
+	t.Helper()
+	m := fstest.MapFS{}
+	err := fs.WalkDir(mcpgate.DemoPolicy(), ".", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := fs.ReadFile(mcpgate.DemoPolicy(), p)
+		if p == "inventory.yaml" {
+			if !strings.Contains(string(b), old) {
+				t.Fatalf("%q is not in inventory.yaml", old)
+			}
+			b = []byte(strings.Replace(string(b), old, new, 1))
+		}
+		m[p] = &fstest.MapFile{Data: b}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := policy.Load(context.Background(), m, "demo-edited")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return snap
+}
+
+// An open Session follows policy reloads: each message is decided by the policy in
+// force, so a revoked tool stops at the next message; a reload of the same files, or
+// one that changes only what ext_proc decides, keeps the stream; one that changes what
+// ext_authz decided it on (access control) ends it, for the client to open a new one.
+func TestGRPCSessionFollowsReloads(t *testing.T) {
+	const readers = `tools: [get_inventory, "list_*", get_customer, slow_report]`
+	message := func(id, tool string) *extprocv3.ProcessingRequest {
+		return &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_RequestBody{RequestBody: &extprocv3.HttpBody{Body: frames(t,
+			&mcpv1.SessionRequest{RequestId: id, Request: &mcpv1.SessionRequest_CallTool{CallTool: callTool(t, tool, map[string]any{"product_id": "SKU-42"})}})}}}
+	}
+	open := func(t *testing.T, s *Server) *fakeStream {
+		t.Helper()
+		f, _ := openStream(t, s)
+		resp := f.exchange(t, &extprocv3.ProcessingRequest{MetadataContext: agentMD, Request: &extprocv3.ProcessingRequest_RequestHeaders{RequestHeaders: &extprocv3.HttpHeaders{
+			Headers: headerMap(":method", "POST", ":path", GRPCService+"Session", "content-type", "application/grpc"),
+		}}})
+		if ir := resp.GetImmediateResponse(); ir != nil {
+			t.Fatalf("stream refused: %s", ir.GetBody())
+		}
+		if ir := f.exchange(t, message("0", "get_inventory")).GetImmediateResponse(); ir != nil {
+			t.Fatalf("first message refused: %s", ir.GetBody())
+		}
+		return f
+	}
+	status := func(resp *extprocv3.ProcessingResponse) (codes.Code, string) {
+		ir := resp.GetImmediateResponse()
+		if ir == nil {
+			return codes.OK, ""
+		}
+		return codes.Code(ir.GetGrpcStatus().GetStatus()), string(ir.GetBody())
+	}
+
+	t.Run("tool revoked", func(t *testing.T) {
+		s := newDemoServer(t)
+		f := open(t, s)
+		s.store.Set(demoWith(t, readers, `tools: ["list_*", get_customer, slow_report]`))
+		if code, body := status(f.exchange(t, message("1", "get_inventory"))); code != codes.PermissionDenied {
+			t.Fatalf("get_inventory after it was revoked: %v %s, want PERMISSION_DENIED", code, body)
+		}
+	})
+	t.Run("tool granted, same files", func(t *testing.T) {
+		s := newDemoServer(t)
+		s.store.Set(demoWith(t, readers, `tools: [get_inventory, get_customer, slow_report]`))
+		f := open(t, s)
+		if code, body := status(f.exchange(t, message("1", "list_items"))); code != codes.PermissionDenied {
+			t.Fatalf("list_items before the reload: %v %s", code, body)
+		}
+		f = open(t, s)
+		s.store.Set(demoWith(t, readers, `tools: [get_inventory, get_customer, slow_report]`)) // the same files again
+		if code, body := status(f.exchange(t, message("1", "get_inventory"))); code != codes.OK {
+			t.Fatalf("after a reload of the same files: %v %s", code, body)
+		}
+		s.store.Set(demoWith(t, "", ""))
+		if code, body := status(f.exchange(t, message("2", "list_items"))); code != codes.OK {
+			t.Fatalf("list_items once a rule allows it: %v %s", code, body)
+		}
+	})
+	t.Run("access control changed", func(t *testing.T) {
+		s := newDemoServer(t)
+		f := open(t, s)
+		s.store.Set(demoWith(t, "namespace: default\n          defaultAction: allow", "namespace: default\n          defaultAction: deny"))
+		code, body := status(f.exchange(t, message("1", "get_inventory")))
+		if code != codes.Unavailable || !strings.Contains(body, "open a new stream") {
+			t.Fatalf("after access control changed: %v %s, want UNAVAILABLE", code, body)
+		}
+	})
 }
