@@ -45,8 +45,10 @@ var taskMethods = map[string]bool{"tasks/get": true, "tasks/result": true, "task
 
 type taskKey struct{ app, id string }
 
-// taskOwner is who created a task: they alone may use it.
-type taskOwner struct{ appID, namespace, subject string }
+// taskOwner is who created a task: they alone may use it. As a session is, it is bound
+// to the token's issuer too: the same sub from another issuer the app trusts is another
+// user.
+type taskOwner struct{ appID, namespace, issuer, subject string }
 
 type taskRecord struct {
 	owner   taskOwner
@@ -60,8 +62,8 @@ type taskTable struct {
 	m  map[taskKey]*taskRecord
 }
 
-func ownerOf(r *Request) taskOwner {
-	return taskOwner{appID: r.Caller.AppID, namespace: r.Caller.Namespace, subject: r.Subject}
+func (st *stream) ownerOf(r *Request) taskOwner {
+	return taskOwner{appID: r.Caller.AppID, namespace: r.Caller.Namespace, issuer: st.ident.Issuer, subject: r.Subject}
 }
 
 // add remembers a task a server created; it reports false when it could not (the table
@@ -115,7 +117,7 @@ const unknownTask = "unknown task: not one this caller created through mcpgate, 
 // lookupTask returns the task a request names if it is the caller's: this replica's
 // table first, then the shared store.
 func (st *stream) lookupTask(ctx context.Context, r *Request, taskID string) *taskRecord {
-	k, owner, now := taskKey{st.app.ID, taskID}, ownerOf(r), st.s.now()
+	k, owner, now := taskKey{st.app.ID, taskID}, st.ownerOf(r), st.s.now()
 	if rec, ok := st.s.tasks.get(k, owner, now); ok {
 		return rec
 	}
@@ -142,7 +144,7 @@ func (st *stream) decideTask(ctx context.Context, r *Request, rec *taskRecord, d
 // taskRecorder returns what remembers the task a task-augmented tools/call of tool was
 // answered with.
 func (st *stream) taskRecorder(r *Request, tool string, redact [][]string) func(resp []byte) {
-	s, app, owner, cfg := st.s, st.app.ID, ownerOf(r), st.snap.Mesh.RateLimits
+	s, app, owner, cfg := st.s, st.app.ID, st.ownerOf(r), st.snap.Mesh.RateLimits
 	return func(resp []byte) {
 		id, ttl, ok, err := mcp.TaskHandle(resp)
 		if err != nil || !ok {
@@ -190,7 +192,9 @@ func (k taskKey) shared() string {
 }
 
 // String is the owner as the shared store compares it.
-func (o taskOwner) String() string { return lengthPrefixed(o.appID, o.namespace, o.subject) }
+func (o taskOwner) String() string {
+	return lengthPrefixed(o.appID, o.namespace, o.issuer, o.subject)
+}
 
 // sharedTask looks a task this replica does not know up in the shared store, if the
 // Mesh names one, and remembers it here when it is the owner's.
@@ -215,7 +219,7 @@ func (st *stream) sharedTask(ctx context.Context, k taskKey, owner taskOwner, no
 
 // taskListFilter keeps the caller's own tasks in a tasks/list result.
 func (st *stream) taskListFilter(r *Request) func([]string) []bool {
-	s, app, owner := st.s, st.app.ID, ownerOf(r)
+	s, app, owner := st.s, st.app.ID, st.ownerOf(r)
 	return func(ids []string) []bool {
 		keep := make([]bool, len(ids))
 		now := s.now()

@@ -34,6 +34,13 @@ func withSubject(md *corev3.Metadata, subject, claims string, scopes ...string) 
 	return out
 }
 
+// withIssuer is md with the token verified by issuer.
+func withIssuer(md *corev3.Metadata, issuer string) *corev3.Metadata {
+	out := proto.Clone(md).(*corev3.Metadata)
+	out.FilterMetadata[contract.MetadataNamespace].Fields[contract.MetaIssuer] = structpb.NewStringValue(issuer)
+	return out
+}
+
 func taskReq(id int, method, taskID string) string {
 	return fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":%q,"params":{"taskId":%q}}`, id, method, taskID)
 }
@@ -90,6 +97,9 @@ func TestTasksGoverned(t *testing.T) {
 		{"another subject", "tasks/result", "t-1", agentMD, unknownTask},
 		{"another subject cancels", "tasks/cancel", "t-1", agentMD, unknownTask},
 		{"another caller", "tasks/get", "t-1", withSubject(metadata("inventory", "other-agent", "mcp:tools", "inventory:read"), "bob", `{"sub":"bob"}`), ""},
+		// The same sub minted by another issuer the app trusts is another user.
+		{"another issuer's bob", "tasks/result", "t-1", withIssuer(bob, "partner"), unknownTask},
+		{"another issuer's bob cancels", "tasks/cancel", "t-1", withIssuer(bob, "partner"), unknownTask},
 		{"unknown task", "tasks/get", "t-never", bob, unknownTask},
 		{"the tool no longer allowed to the caller", "tasks/result", "t-1", withSubject(bob, "", "", "mcp:tools"), "get_customer\\\" is not allowed"},
 	} {
@@ -160,6 +170,9 @@ func TestTasksSharedAcrossReplicas(t *testing.T) {
 			}
 			if res := runEnvoy(t, rs.servers[1], envoyRequest{md: agentMD, body: taskReq(3, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate == nil {
 				t.Fatal("another subject got bob's task through the other replica")
+			}
+			if res := runEnvoy(t, newReplicas(t, 1, shared).servers[0], envoyRequest{md: withIssuer(bob, "partner"), body: taskReq(3, "tasks/get", "shared-1")}, envoyUpstream{}); res.immediate == nil {
+				t.Fatal("another issuer's bob got bob's task through Redis")
 			}
 			// A server reusing bob's id for alice, through the replica that has not seen it yet.
 			create(rs.servers[1], "4", "shared-1", agentMD)
