@@ -162,6 +162,11 @@ func (st *stream) rateLimit(ctx context.Context, r *Request, now time.Time) (lim
 			e.release()
 			_, res, err = store.spend(ctx, st.app.ID, checks, now)
 		}
+		if errors.Is(err, ratelimit.ErrInvalidLimit) {
+			// Not the store's failure: this replica's buckets count the call, whatever
+			// the failure mode.
+			return st.localLimits(checks, now, limitLocalAllowed, limitLocalRefused)
+		}
 		if err == nil {
 			v, refused := verdict(s, st.app.ID, checks, res)
 			if !refused && st.wantsQuota() {
@@ -603,8 +608,10 @@ func (ss *sharedStore) spend(ctx context.Context, target string, checks []limitC
 	res, err := ss.r.AllowN(ctx, reqs)
 	ss.observe(start, storeDecide, err)
 	if err != nil {
-		if ctx.Err() != nil {
-			// The call ended (the client went away): that says nothing about Redis.
+		if ctx.Err() != nil || errors.Is(err, ratelimit.ErrInvalidLimit) {
+			// The call ended (the client went away), or one of its limits is beyond what
+			// the store counts (the policy refuses those): that says nothing about Redis,
+			// and no other call must follow the failure mode for it.
 			return nil, nil, err
 		}
 		ss.markDown(err, now)

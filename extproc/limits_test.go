@@ -430,6 +430,36 @@ func TestRateLimitResponseFields(t *testing.T) {
 	}
 }
 
+// A limit beyond what Redis counts (the policy refuses those, so only a snapshot built
+// in code has one) is not an outage: its calls are counted in the replica, whatever the
+// failure mode, and every other call stays shared. It once marked the store down for a
+// second per call, and with failureMode allow, every limit of every caller was off.
+func TestInvalidLimitIsNotAnOutage(t *testing.T) {
+	srv := redistest.Start(t)
+	g, err := policy.CompileGlob("slow_*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := newReplicas(t, 1, func(s *policy.Snapshot) {
+		s.Mesh.RateLimits = redisStore(srv.Addr(), policy.FailAllow)
+		lim := &s.App("inventory").MCP.Limits
+		lim.PerCaller = &policy.RateLimit{N: 2, Per: time.Minute}
+		lim.PerTool = []policy.ToolRate{{Tool: g, Rate: policy.RateLimit{N: 1, Per: time.Hour, Burst: 400000}}} // 45 years to refill
+	})
+	s := rs.servers[0]
+	requireForwarded(t, runEnvoy(t, s, as("alice", "", "slow_report"), envoyUpstream{}), "first slow_report")
+	requireForwarded(t, runEnvoy(t, s, as("alice", "", "slow_report"), envoyUpstream{}), "second slow_report")
+	requireLimited(t, runEnvoy(t, s, as("alice", "", "slow_report"), envoyUpstream{}), "third slow_report", "perCaller", "q=2;w=60")
+	if st := s.RateLimitStatus(context.Background()); !st.Reachable {
+		t.Errorf("the store was marked down for a limit it cannot count: %+v", st)
+	}
+	// The other calls are still decided in Redis (where perCaller has spent nothing).
+	requireForwarded(t, runEnvoy(t, s, as("alice", "", "get_inventory"), envoyUpstream{}), "get_inventory")
+	if got := rs.limitCounts(t); got["caller/allowed"] != 1 || got["caller/local_allowed"] != 2 || got["caller/local_refused"] != 1 {
+		t.Errorf("mcpgate.ratelimit.decisions = %v, want 2 local allowed, 1 local refused, then 1 shared allowed", got)
+	}
+}
+
 // waitShared polls until a call is decided by Redis again (the metric says so).
 func waitShared(t *testing.T, rs *replicas, s *Server, req envoyRequest) envoyResult {
 	t.Helper()

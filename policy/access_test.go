@@ -103,7 +103,10 @@ func TestParsePointerAndRate(t *testing.T) {
 	if err != nil || r.N != 10 || r.Per.Seconds() != 1 {
 		t.Fatalf("ParseRate = %+v, %v", r, err)
 	}
-	for _, bad := range []string{"10", "0/s", "-1/m", "1/d", "x/h", "/s"} {
+	if r, err := ParseRate("1000000000/s"); err != nil || r.N != 1e9 {
+		t.Fatalf("ParseRate(a billion per second) = %+v, %v", r, err)
+	}
+	for _, bad := range []string{"10", "0/s", "-1/m", "1/d", "x/h", "/s", "1000000001/s"} {
 		if _, err := ParseRate(bad); err == nil {
 			t.Errorf("ParseRate(%q) accepted", bad)
 		}

@@ -892,10 +892,18 @@ func (l *loader) compileRate(d *document, p string, rs RateSpec, perOK, claimOK 
 	if rs.Burst < 0 || rs.Burst > 1_000_000 {
 		l.errf(d, p+".burst", "must be between 1 and 1000000 (0 or unset: the rate's N)")
 		ok = false
+	} else if refill := float64(rs.Burst) * r.Per.Seconds() / float64(r.N); refill > maxRefill.Seconds() {
+		// A bucket that takes longer than that to fill is no rate; Redis's GCRA keeps
+		// times in microseconds, which would not hold it.
+		l.errf(d, p+".burst", "%d at %s takes %.0f years to refill: at most 10", rs.Burst, rs.Rate, refill/(365.25*86400))
+		ok = false
 	}
 	r.Burst = rs.Burst
 	return r, ok
 }
+
+// maxRefill bounds the time an empty bucket takes to fill again (burst × period / N).
+const maxRefill = 36525 * 24 * time.Hour / 10 // ten years of 365.25 days
 
 func sortToolRates(rs []ToolRate) {
 	for i := 1; i < len(rs); i++ {
@@ -905,12 +913,19 @@ func sortToolRates(rs []ToolRate) {
 	}
 }
 
+// maxRateN bounds N in a rate: a thousand million per second is beyond any MCP server,
+// and the shared store counts requests in whole microseconds.
+const maxRateN = 1_000_000_000
+
 // ParseRate parses "N/s", "N/m" or "N/h".
 func ParseRate(s string) (RateLimit, error) {
 	n, unit, ok := strings.Cut(s, "/")
 	count, err := strconv.Atoi(n)
 	if !ok || err != nil || count <= 0 {
 		return RateLimit{}, fmt.Errorf("%q is not a rate (N/s, N/m or N/h with N > 0)", s)
+	}
+	if count > maxRateN {
+		return RateLimit{}, fmt.Errorf("%q: N must be at most %d", s, maxRateN)
 	}
 	per := map[string]time.Duration{"s": time.Second, "m": time.Minute, "h": time.Hour}[unit]
 	if per == 0 {

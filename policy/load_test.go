@@ -311,6 +311,7 @@ spec: {baseUrl: "https://x.example.com/mcp"}
         get_inventory: {rate: 10/s, per: everyone}
         list_items: {rate: 1/s, burst: -1, rat: 2/s}
         "del*": {rate: 1/s, claim: oid}
+        slow: {rate: 1/h, burst: 400000}
 `},
 			want: []string{
 				`app.yaml:25: spec.mcp.limits.perCaller.per: only applies to perTool limits`,
@@ -318,6 +319,7 @@ spec: {baseUrl: "https://x.example.com/mcp"}
 				`app.yaml:28: spec.mcp.limits.perTool.get_inventory.per: must be app, caller, subject or tenant, got "everyone"`,
 				`app.yaml:29: spec.mcp.limits.perTool.list_items: unknown field "rat"`,
 				`spec.mcp.limits.perTool.del*.claim: only applies to perSubject, perTenant, and perTool limits per subject or tenant`,
+				`app.yaml:31: spec.mcp.limits.perTool.slow.burst: 400000 at 1/h takes 46 years to refill: at most 10`,
 			},
 		},
 		{
