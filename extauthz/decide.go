@@ -69,7 +69,8 @@ type Decision struct {
 	Path      string
 	RequestID string
 	MCPPath   string
-	// wantClaims: the target has a Rego policy, which may read the token's claims.
+	// wantClaims: the target has a Rego policy, which may read the token's claims, or a
+	// rate limit counted by a claim (perTenant's tid, say).
 	wantClaims bool
 	// upstreamToken is the token an outbound decision supplies (never logged);
 	// oauthError the token endpoint's error code when it refused; endpointDenial marks
@@ -219,7 +220,7 @@ func (s *Server) decide(ctx context.Context, snap *policy.Snapshot, req *authv3.
 	}
 	m := app.MCP
 	d.MCPPath = m.Path
-	d.wantClaims = m.Tools.Rego != nil
+	d.wantClaims = m.Tools.Rego != nil || m.Limits.ReadsClaims()
 
 	if tokenInQuery(r.query) {
 		return d.challenge(m, "invalid_request", ReasonTokenInQuery, "access tokens in the query string are not accepted; send Authorization: Bearer")

@@ -359,7 +359,8 @@ func (d *Decision) metadataFields(id *structpb.Value, rv *routeValues, pv *princ
 	}
 	if pv != nil {
 		f[contract.MetaSubject], f[contract.MetaIssuer], f[contract.MetaScopes], f[contract.MetaTokenExpiry] = pv.subject, pv.issuer, pv.scopes, pv.exp
-		// Only Rego reads claims; other apps are spared the bytes on every request.
+		// Only Rego and limits by a claim read them; other apps are spared the bytes on
+		// every request.
 		if d.wantClaims && pv.claims != nil {
 			f[contract.MetaClaimsJSON] = pv.claims
 		}

@@ -931,3 +931,31 @@ func TestRateLimitStoreEqual(t *testing.T) {
 		}
 	}
 }
+
+// ReadsClaims says when ext_authz must hand ext_proc the token's claims for a limit:
+// any claim but the verified subject.
+func TestLimitsReadsClaims(t *testing.T) {
+	r := &RateLimit{N: 1, Per: time.Second}
+	g, err := CompileGlob("get_*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		l    Limits
+		want bool
+	}{
+		{"none", Limits{}, false},
+		{"perCaller", Limits{PerCaller: r}, false},
+		{"perSubject by sub", Limits{PerSubject: r, SubjectClaim: "sub"}, false},
+		{"perSubject by oid", Limits{PerSubject: r, SubjectClaim: "oid"}, true},
+		{"perTenant", Limits{PerTenant: r, TenantClaim: "tid"}, true},
+		{"perTool per subject by sub", Limits{PerTool: []ToolRate{{Tool: g, Rate: *r, Per: PerSubject, Claim: "sub"}}}, false},
+		{"perTool per tenant", Limits{PerTool: []ToolRate{{Tool: g, Rate: *r, Per: PerTenant, Claim: "tid"}}}, true},
+		{"perTool per caller", Limits{PerTool: []ToolRate{{Tool: g, Rate: *r, Per: PerCaller}}}, false},
+	} {
+		if got := tc.l.ReadsClaims(); got != tc.want {
+			t.Errorf("%s: ReadsClaims = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

@@ -248,6 +248,21 @@ type Limits struct {
 	ResponseHeaders bool
 }
 
+// ReadsClaims reports whether a limit counts by a token claim other than the verified
+// subject (perTenant, perSubject by another claim, perTool per subject or tenant by a
+// claim): ext_authz must then hand ext_proc the token's claims.
+func (l *Limits) ReadsClaims() bool {
+	if l.PerTenant != nil || l.PerSubject != nil && l.SubjectClaim != DefaultSubjectClaim {
+		return true
+	}
+	for _, t := range l.PerTool {
+		if (t.Per == PerSubject || t.Per == PerTenant) && t.Claim != DefaultSubjectClaim {
+			return true
+		}
+	}
+	return false
+}
+
 // ToolRate is a rate limit for tools matching a glob, counted for all callers together
 // (Per ""), or per caller, subject or tenant.
 type ToolRate struct {

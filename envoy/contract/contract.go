@@ -75,8 +75,8 @@ const (
 	// read by extproc.
 	MetaTokenExpiry = "token_exp"
 	// MetaClaimsJSON (string, a JSON object) are the token's verified claims, sent only
-	// when the target has a Rego policy. Written by extauthz; read by extproc (Rego
-	// input.claims).
+	// when the target has a Rego policy or a rate limit counted by a claim. Written by
+	// extauthz; read by extproc (Rego input.claims, limits' claim values).
 	MetaClaimsJSON = "claims_json"
 )
 

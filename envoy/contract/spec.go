@@ -63,7 +63,7 @@ var Spec = []Entry{
 	{KindMetadata, "MetaIssuer", MetaIssuer, TypeString, "extauthz (with a token)", "extproc"},
 	{KindMetadata, "MetaScopes", MetaScopes, TypeStringList, "extauthz (with a token)", "extproc"},
 	{KindMetadata, "MetaTokenExpiry", MetaTokenExpiry, TypeNumber, "extauthz (with a token)", "extproc"},
-	{KindMetadata, "MetaClaimsJSON", MetaClaimsJSON, TypeJSONObject, "extauthz (with a token, Rego targets)", "extproc"},
+	{KindMetadata, "MetaClaimsJSON", MetaClaimsJSON, TypeJSONObject, "extauthz (with a token, targets with Rego or limits by a claim)", "extproc"},
 	{KindPathPrefix, "GRPCServicePrefix", GRPCServicePrefix, TypeString, "gRPC MCP clients, xds (route prefix)", "Envoy routes built by xds, extproc"},
 	{KindHeader, "HeaderProtocolVersion", HeaderProtocolVersion, TypeString, "MCP clients", "extproc"},
 	{KindHeader, "HeaderSessionID", HeaderSessionID, TypeString, "MCP servers, echoed by clients", "extproc"},

@@ -187,6 +187,34 @@ func TestMCPGateAllowedCallReachesApp(t *testing.T) {
 	}
 }
 
+// perTenant counts by a claim that only ext_authz has read: it hands the claims to
+// ext_proc for the limit, on an app without Rego too, so each tenant has its allowance.
+// (Once, ext_authz sent them only for Rego, and every tenant shared the bucket of "".)
+func TestMCPGatePerTenantWithoutRego(t *testing.T) {
+	env := requireGate(t)
+	edit(t, filepath.Join(env.dir, "inventory.yaml"), "      rego: rego/inventory.rego\n", "")
+	edit(t, filepath.Join(env.dir, "inventory.yaml"), "      perCaller: 100/m\n", "      perTenant: {rate: 1/h, claim: org}\n")
+	env.store.Set(requireLoad(t, env.dir))
+	if env.store.Current().App("inventory").MCP.Tools.Rego != nil {
+		t.Fatal("the app still has Rego")
+	}
+	token := func(sub, org string) string {
+		return "Bearer " + env.iss.Mint(t, map[string]any{
+			"sub": sub, "org": org, "aud": "api://mcp-server", "azp": "my-agent", "scope": "mcp:tools inventory:read",
+			"iat": time.Now().Unix(), "exp": time.Now().Add(time.Hour).Unix(),
+		})
+	}
+	call := toolCall(1, "list_items", `{}`)
+	for _, c := range []struct {
+		who, org string
+		status   int
+	}{{"alice", "acme", 200}, {"carol", "acme", 429}, {"bob", "globex", 200}} {
+		if resp, body := env.post(t, token(c.who, c.org), call); resp.StatusCode != c.status {
+			t.Errorf("%s of %s: %d %s, want %d", c.who, c.org, resp.StatusCode, body, c.status)
+		}
+	}
+}
+
 // limits.responseHeaders: an admitted call's answer lists mcpgate's limits beside the
 // MCP server's own RateLimit fields, as two field lines of one list.
 func TestMCPGateRateLimitFields(t *testing.T) {
