@@ -75,20 +75,16 @@ func (st *stream) limitChecks(r *Request, buf []limitCheck) []limitCheck {
 	lim := &st.app.MCP.Limits
 	app := st.app.ID
 	if pc := lim.PerCaller; pc != nil {
-		who := r.Caller.AppID
-		if who == "" {
-			who = "sub:" + r.Subject // JWT-only callers without an App ID: per subject
-		}
 		buf = append(buf, limitCheck{name: "perCaller", kind: "caller", limit: *pc, whose: " for this caller",
-			key: lengthPrefixed(app, "caller", pc.String(), who)})
+			key: lengthPrefixed(app, "caller", pc.String(), st.callerKey(r))})
 	}
 	if ps := lim.PerSubject; ps != nil {
 		buf = append(buf, limitCheck{name: "perSubject", kind: "subject", limit: *ps, whose: " for this user",
-			key: lengthPrefixed(app, "subject", ps.String(), lim.SubjectClaim, st.claim(lim.SubjectClaim))})
+			key: lengthPrefixed(app, "subject", ps.String(), lim.SubjectClaim, st.ident.Issuer, st.claim(lim.SubjectClaim))})
 	}
 	if pt := lim.PerTenant; pt != nil {
 		buf = append(buf, limitCheck{name: "perTenant", kind: "tenant", limit: *pt, whose: " for this tenant",
-			key: lengthPrefixed(app, "tenant", pt.String(), lim.TenantClaim, st.claim(lim.TenantClaim))})
+			key: lengthPrefixed(app, "tenant", pt.String(), lim.TenantClaim, st.ident.Issuer, st.claim(lim.TenantClaim))})
 	}
 	if r.Method == "tools/call" {
 		for _, tr := range lim.PerTool {
@@ -99,14 +95,11 @@ func (st *stream) limitChecks(r *Request, buf []limitCheck) []limitCheck {
 			var who string
 			switch tr.Per {
 			case policy.PerCaller:
-				who, c.whose = r.Caller.AppID, " for this caller"
-				if who == "" {
-					who = "sub:" + r.Subject
-				}
+				who, c.whose = st.callerKey(r), " for this caller"
 			case policy.PerSubject:
-				who, c.whose = tr.Claim+"="+st.claim(tr.Claim), " for this user"
+				who, c.whose = lengthPrefixed(tr.Claim, st.ident.Issuer, st.claim(tr.Claim)), " for this user"
 			case policy.PerTenant:
-				who, c.whose = tr.Claim+"="+st.claim(tr.Claim), " for this tenant"
+				who, c.whose = lengthPrefixed(tr.Claim, st.ident.Issuer, st.claim(tr.Claim)), " for this tenant"
 			}
 			c.key = lengthPrefixed(app, "tool", tr.Rate.String(), tr.Tool.String(), string(tr.Per), who)
 			buf = append(buf, c)
@@ -114,6 +107,17 @@ func (st *stream) limitChecks(r *Request, buf []limitCheck) []limitCheck {
 		}
 	}
 	return buf
+}
+
+// callerKey names the caller a perCaller bucket counts: its App ID in its namespace (two
+// namespaces may each run an App ID, as access control tells them apart), or for a
+// JWT-only caller without an App ID its token's issuer and subject. A claim's value is
+// counted per issuer likewise: another issuer the app trusts may mint any sub or tid.
+func (st *stream) callerKey(r *Request) string {
+	if r.Caller.AppID == "" {
+		return lengthPrefixed("sub", st.ident.Issuer, r.Subject)
+	}
+	return lengthPrefixed("app", r.Caller.Namespace, r.Caller.AppID)
 }
 
 // claim is the value of a claim of the caller's verified token: the verified subject

@@ -16,6 +16,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	mcpgate "github.com/mcpgate/mcpgate"
@@ -457,6 +458,56 @@ func TestInvalidLimitIsNotAnOutage(t *testing.T) {
 	requireForwarded(t, runEnvoy(t, s, as("alice", "", "get_inventory"), envoyUpstream{}), "get_inventory")
 	if got := rs.limitCounts(t); got["caller/allowed"] != 1 || got["caller/local_allowed"] != 2 || got["caller/local_refused"] != 1 {
 		t.Errorf("mcpgate.ratelimit.decisions = %v, want 2 local allowed, 1 local refused, then 1 shared allowed", got)
+	}
+}
+
+// Buckets tell callers apart as identity does: an App ID in another namespace is
+// another caller, and a sub or claim value from another issuer the app trusts is another
+// user or tenant (that issuer may mint any value). Each case's two requests differ only
+// so: the second has an allowance of its own, and the first's is spent.
+func TestLimitKeysSeparateNamespacesAndIssuers(t *testing.T) {
+	body := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"run","arguments":{}}}`
+	up := envoyUpstream{contentType: "application/json", chunks: []string{`{"jsonrpc":"2.0","id":1,"result":{}}`}}
+	caller := func(ns, issuer, sub, claims string) *corev3.Metadata {
+		md := proto.Clone(appMD).(*corev3.Metadata)
+		f := md.FilterMetadata[contract.MetadataNamespace].Fields
+		if ns == "" {
+			delete(f, contract.MetaCallerAppID) // JWT-only: no App ID
+			delete(f, contract.MetaCallerNamespace)
+		} else {
+			f[contract.MetaCallerNamespace] = structpb.NewStringValue(ns)
+		}
+		f[contract.MetaSubject], f[contract.MetaIssuer] = structpb.NewStringValue(sub), structpb.NewStringValue(issuer)
+		f[contract.MetaClaimsJSON] = structpb.NewStringValue(claims)
+		return md
+	}
+	const t1 = `{"sub":"alice","tid":"t1"}`
+	for _, tc := range []struct {
+		limits string
+		a, b   *corev3.Metadata
+	}{
+		{"perCaller: 1/h", caller("default", "corp", "alice", t1), caller("team-b", "corp", "alice", t1)},
+		{"perCaller: 1/h", caller("", "corp", "alice", t1), caller("", "partner", "alice", t1)},
+		{"perSubject: 1/h", caller("default", "corp", "alice", t1), caller("default", "partner", "alice", t1)},
+		{"perTenant: 1/h", caller("default", "corp", "alice", t1), caller("default", "partner", "bob", `{"sub":"bob","tid":"t1"}`)},
+		{"perTool: {run: {rate: 1/h, per: caller}}", caller("default", "corp", "alice", t1), caller("team-b", "corp", "alice", t1)},
+		{"perTool: {run: {rate: 1/h, per: subject}}", caller("default", "corp", "alice", t1), caller("default", "partner", "alice", t1)},
+		{"perTool: {run: {rate: 1/h, per: tenant}}", caller("default", "corp", "alice", t1), caller("default", "partner", "alice", t1)},
+	} {
+		t.Run(tc.limits, func(t *testing.T) {
+			app := "apiVersion: mcpgate.dev/v1alpha1\nkind: App\nmetadata: {name: app}\nspec:\n  address: app:1\n  sidecar: {address: s, inboundPort: 1, outboundPort: 2}\n" +
+				"  mcp: {tools: {defaultAction: allow}, limits: {" + tc.limits + "}}\n"
+			s, err := NewServer(Options{Store: policy.NewStore(loadFiles(t, map[string]string{"app.yaml": app}))})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(s.Close)
+			requireForwarded(t, runEnvoy(t, s, envoyRequest{md: tc.a, body: body}, up), "the first caller")
+			requireForwarded(t, runEnvoy(t, s, envoyRequest{md: tc.b, body: body}, up), "the second caller, in a bucket of its own")
+			if res := runEnvoy(t, s, envoyRequest{md: tc.a, body: body}, up); res.immediate.GetStatus().GetCode() != 429 {
+				t.Errorf("the first caller again was not refused: %v", res.immediate)
+			}
+		})
 	}
 }
 
