@@ -87,6 +87,10 @@ func TestResponseToAnotherIDFailsClosed(t *testing.T) {
 		"sse":            {contentType: "text/event-stream", chunks: []string{"event: message\ndata: " + fmt.Sprintf(customerSSN, "8") + "\n\n"}},
 		"sse, in batch":  {contentType: "text/event-stream", chunks: []string{"data: [" + fmt.Sprintf(customerSSN, "7") + "," + fmt.Sprintf(customerSSN, `"7"`) + "]\n\n"}},
 		"sse, 2nd event": {contentType: "text/event-stream", chunks: []string{"data: " + fmt.Sprintf(customerSSN, "7") + "\n\n", "data: " + fmt.Sprintf(customerSSN, "70") + "\n\n"}},
+		// encoding/json matches keys without case and keeps the last: a client decoding
+		// so would read the unredacted member.
+		"json, a key in two cases": {contentType: "application/json", chunks: []string{`{"jsonrpc":"2.0","id":7,"result":{"structuredContent":{"name":"Ann"},"StructuredContent":{"ssn":"123-45-6789"}}}`}},
+		"sse, a key in two cases":  {contentType: "text/event-stream", chunks: []string{`data: {"jsonrpc":"2.0","id":7,"result":{"structuredContent":{"name":"Ann"},"StructuredContent":{"ssn":"123-45-6789"}}}` + "\n\n"}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			res := runEnvoy(t, s, req, up)
@@ -122,6 +126,10 @@ func TestUnreadableResponsesFailClosed(t *testing.T) {
 		"no content type":    {chunks: []string{fmt.Sprintf(customerSSN, "4")}},
 		"201, gzip":          {status: 201, contentType: "application/json", headers: []string{"content-encoding", "gzip"}, chunks: []string{"x"}},
 		"unparseable header": {contentType: "application/json; =", chunks: []string{fmt.Sprintf(customerSSN, "4")}},
+		// Go's Header.Get reads the first, mcpgate read the last: JSON taken for an event
+		// stream passed unfiltered, gzip taken for identity likewise.
+		"two content types": {contentType: "application/json", headers: []string{"content-type", "text/event-stream"}, chunks: []string{fmt.Sprintf(customerSSN, "4")}},
+		"two encodings":     {contentType: "text/event-stream", headers: []string{"content-encoding", "gzip", "content-encoding", "identity"}, chunks: []string{"\x1f\x8b..."}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			res := runEnvoy(t, s, req, up)

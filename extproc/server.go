@@ -788,14 +788,17 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	resp := &extprocv3.HeadersResponse{Response: &extprocv3.CommonResponse{HeaderMutation: mut}}
 	out := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseHeaders{ResponseHeaders: resp}}
 	var code, contentType, encoding, grpcEncoding string
+	contentTypes, encodings := 0, 0
 	for _, hv := range h.GetHeaders().GetHeaders() {
 		switch strings.ToLower(hv.GetKey()) {
 		case ":status":
 			code = contract.HeaderValue(hv)
 		case "content-type":
 			contentType = contract.HeaderValue(hv)
+			contentTypes++
 		case "content-encoding":
 			encoding = contract.HeaderValue(hv)
+			encodings++
 		case "grpc-encoding":
 			grpcEncoding = contract.HeaderValue(hv)
 		case contract.HeaderSessionID:
@@ -823,6 +826,15 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	// mcpgate cannot read must not reach the client. A response only read to learn from
 	// is simply not learned from.
 	st.observing = !slices.ContainsFunc(st.plan, func(s responseStep) bool { return !s.observeOnly() })
+	if contentTypes > 1 || encodings > 1 {
+		// Clients disagree on which one counts (Go's Header.Get takes the first, this
+		// loop the last; others join them): mcpgate could filter the body as one type
+		// while the client reads it as another.
+		if st.observing {
+			return out
+		}
+		return st.responseRefusal("mcpgate cannot filter a response with more than one Content-Type or Content-Encoding header")
+	}
 	if st.observing {
 		mt, params, _ := mime.ParseMediaType(contentType)
 		if encoding != "" && !strings.EqualFold(encoding, "identity") || mt != "application/json" && mt != "text/event-stream" ||

@@ -53,8 +53,12 @@ func refScan(data []byte) (dup bool, depth int, ok bool) {
 			if top != nil && top.obj {
 				if top.wantKey {
 					k := tok.(string)
-					if top.keys[k] {
-						dup = true
+					for other := range top.keys {
+						// Keys equal but for case count as duplicates: encoding/json
+						// would match either to one struct field.
+						if strings.EqualFold(other, k) {
+							dup = true
+						}
 					}
 					top.keys[k] = true
 					top.wantKey = false

@@ -5,7 +5,9 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
+	"unicode"
 	"unicode/utf16"
 	"unicode/utf8"
 )
@@ -47,7 +49,7 @@ type keyRef struct {
 // that hostile objects with 100k keys stay O(n).
 type keySet struct {
 	list   []keyRef
-	m      map[string]struct{}
+	m      map[string]string // folded key (foldKey) → the key as written
 	useMap bool
 }
 
@@ -440,7 +442,11 @@ func (v *validator) objectBody(i, depth int) (int, error) {
 }
 
 // addKey records the key data[start:end] (quotes included) in ks; keys are compared after
-// unescaping, so "name" and "n\u0061me" are the same key.
+// unescaping, so "name" and "n\u0061me" are the same key, and without case: Go's
+// encoding/json matches struct fields case-insensitively (Unicode simple folding, so
+// "argumentſ" is "arguments") and keeps the last, so {"name":"get_inventory",
+// "Name":"delete_product"} would be a call of delete_product to a server that decodes so,
+// and one of get_inventory to mcpgate.
 func (v *validator) addKey(ks *keySet, start, end int, escaped bool) error {
 	var key []byte
 	ref := keyRef{off: int32(start + 1), n: int32(end - start - 2)}
@@ -453,30 +459,56 @@ func (v *validator) addKey(ks *keySet, start, end int, escaped bool) error {
 		key = v.data[start+1 : end-1]
 	}
 	if ks.useMap {
-		if _, dup := ks.m[string(key)]; dup {
-			return v.fail(errDuplicate, start, "duplicate object key %q", clip(key))
+		folded := foldKey(key)
+		if other, dup := ks.m[folded]; dup {
+			return v.duplicate(start, []byte(other), key)
 		}
-		ks.m[string(key)] = struct{}{}
+		ks.m[folded] = string(key)
 		return nil
 	}
 	for _, r := range ks.list {
-		if bytes.Equal(v.keyBytes(r), key) {
-			return v.fail(errDuplicate, start, "duplicate object key %q", clip(key))
+		if other := v.keyBytes(r); bytes.EqualFold(other, key) {
+			return v.duplicate(start, other, key)
 		}
 	}
 	ks.list = append(ks.list, ref)
 	if len(ks.list) > linearKeys {
 		if ks.m == nil {
-			ks.m = make(map[string]struct{}, 2*linearKeys)
+			ks.m = make(map[string]string, 2*linearKeys)
 		} else {
 			clear(ks.m)
 		}
 		for _, r := range ks.list {
-			ks.m[string(v.keyBytes(r))] = struct{}{}
+			k := v.keyBytes(r)
+			ks.m[foldKey(k)] = string(k)
 		}
 		ks.useMap = true
 	}
 	return nil
+}
+
+// duplicate is the error for key, a second key equal to other (as bytes.EqualFold).
+func (v *validator) duplicate(off int, other, key []byte) error {
+	if bytes.Equal(other, key) {
+		return v.fail(errDuplicate, off, "duplicate object key %q", clip(key))
+	}
+	return v.fail(errDuplicate, off, "object keys %q and %q differ only in case (a server matching keys case-insensitively would read the other)", clip(other), clip(key))
+}
+
+// foldKey maps every key that bytes.EqualFold holds equal to one string: each rune
+// becomes the smallest of its simple case-folding orbit (k, K and the Kelvin sign K are
+// all K).
+func foldKey(key []byte) string {
+	var b strings.Builder
+	b.Grow(len(key))
+	for _, r := range string(key) {
+		least := r
+		for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
+			least = min(least, f)
+		}
+		b.WriteRune(least)
+	}
+	return b.String()
 }
 
 // clip shortens a key quoted in an error message: messages go back to clients and into

@@ -70,6 +70,14 @@ func TestParseBodyStrictness(t *testing.T) {
 		{"duplicate via escape", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","n\u0061me":"b"}}`, Limits{}, CodeParseError, `duplicate object key "name"`},
 		{"duplicate via escaped slash", `{"jsonrpc":"2.0","method":"x","params":{"a/b":1,"a\/b":2}}`, Limits{}, CodeParseError, `duplicate object key "a/b"`},
 		{"duplicate in batch element", `[{"jsonrpc":"2.0","method":"x","jsonrpc":"2.0"}]`, batch, CodeParseError, "duplicate"},
+		// encoding/json matches struct fields without case and keeps the last: a server
+		// decoding so would run delete_product, or another method, or other arguments.
+		{"tool name in another case", `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get_inventory","arguments":{},"Name":"delete_product"}}`, Limits{}, CodeParseError, `object keys "name" and "Name" differ only in case`},
+		{"method in another case", `{"jsonrpc":"2.0","id":7,"method":"ping","Method":"tools/call"}`, Limits{}, CodeParseError, `"method" and "Method"`},
+		{"arguments in another case", `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"a","arguments":{"p":"SKU-1"},"ARGUMENTS":{"p":"../etc"}}}`, Limits{}, CodeParseError, "differ only in case"},
+		{"argument in another case", `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"a","arguments":{"product_id":"SKU-1","Product_ID":"x"}}}`, Limits{}, CodeParseError, "differ only in case"},
+		{"long s folds to s", `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"a","arguments":{},"argument\u017f":{"p":1}}}`, Limits{}, CodeParseError, "differ only in case"},
+		{"Kelvin sign folds to k", "{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"x\",\"params\":{\"k\":1,\"\u212a\":2}}", Limits{}, CodeParseError, "differ only in case"},
 		{"too deep", `{"jsonrpc":"2.0","method":"x","params":{"a":[[[[1]]]]}}`, Limits{MaxDepth: 5}, CodeParseError, "nesting deeper than 5"},
 		{"trailing garbage", `{"jsonrpc":"2.0","method":"x"} {}`, Limits{}, CodeParseError, "trailing"},
 		{"trailing garbage 2", `{"jsonrpc":"2.0","method":"x"}x`, Limits{}, CodeParseError, "trailing"},
@@ -290,6 +298,10 @@ func TestParseBodyManyKeys(t *testing.T) {
 		dup := sb.String() + `,"k` + strings.Repeat("x", dupAt%7) + string(rune('a'+dupAt%26)) + strconv.Itoa(dupAt) + `":2}}`
 		_, err := ParseBody([]byte(dup), Limits{})
 		requireCode(t, err, CodeParseError, "duplicate")
+		// And in another case, in the map too.
+		dup = sb.String() + `,"K` + strings.Repeat("X", dupAt%7) + string(rune('A'+dupAt%26)) + strconv.Itoa(dupAt) + `":2}}`
+		_, err = ParseBody([]byte(dup), Limits{})
+		requireCode(t, err, CodeParseError, "differ only in case")
 	}
 	// Sibling objects at the same depth do not share keys.
 	requireParse(t, `{"jsonrpc":"2.0","method":"x","params":{"a":{"k":1},"b":{"k":1},"c":[{"k":1},{"k":1}]}}`, Limits{})
