@@ -480,12 +480,17 @@ func (st *stream) rewriteJSON(body []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, r := range rb.Responses {
+	for i, r := range rb.Responses {
 		if !slices.ContainsFunc(st.answering, func(id json.RawMessage) bool { return mcp.SameID(r.ID, id) }) {
 			if len(st.answering) == 0 {
 				return nil, errResponseOnGET
 			}
 			return nil, fmt.Errorf("a response with id %s answers no request of this exchange", clip(string(r.ID), 24))
+		}
+		// A request is answered once: RewriteResponse rewrites the first response with an
+		// id, and a second would pass as the server wrote it.
+		if slices.ContainsFunc(rb.Responses[:i], func(o mcp.Response) bool { return mcp.SameID(o.ID, r.ID) }) {
+			return nil, fmt.Errorf("two responses with id %s", clip(string(r.ID), 24))
 		}
 	}
 	out := body

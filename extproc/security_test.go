@@ -165,6 +165,27 @@ func TestBatchBounded(t *testing.T) {
 	}
 }
 
+// A JSON batch response answers each request once: a second response with a request's
+// id would pass as the server wrote it (only the first is rewritten), so it is refused;
+// and a batch request cannot give two requests one id.
+func TestBatchResponseAnswersEachRequestOnce(t *testing.T) {
+	s := newDemoServer(t)
+	req := envoyRequest{md: agentMD, body: "[" + call(1, "get_inventory", `{"product_id":"SKU-1"}`) + "," + call(2, "get_customer", `{"id":"c1"}`) + "]"}
+	inv := `{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"5 left"}]}}`
+	res := runEnvoy(t, s, req, envoyUpstream{contentType: "application/json", chunks: []string{"[" + inv + "," + fmt.Sprintf(customerSSN, "2") + "]"}})
+	if res.immediate != nil || strings.Contains(res.clientBody, "123-45-6789") || !strings.Contains(res.clientBody, "5 left") {
+		t.Fatalf("one response each: immediate %v, client body %s", res.immediate, res.clientBody)
+	}
+	res = runEnvoy(t, s, req, envoyUpstream{contentType: "application/json", chunks: []string{"[" + fmt.Sprintf(customerSSN, "2") + "," + inv + "," + fmt.Sprintf(customerSSN, "2") + "]"}})
+	if res.immediate == nil {
+		t.Fatalf("a second response to request 2 reached the client: %s", res.clientBody)
+	}
+	requireJSONRPCError(t, res.immediate, 502, nil, -32603, "two responses with id 2")
+
+	res = runEnvoy(t, s, envoyRequest{md: agentMD, body: "[" + call(1, "get_inventory", `{"product_id":"SKU-1"}`) + "," + call(1, "get_customer", `{"id":"c1"}`) + "]"}, envoyUpstream{})
+	requireJSONRPCError(t, res.immediate, 400, nil, -32600, "id 1 is the id of an earlier request")
+}
+
 func TestBatchPatchedInOnePass(t *testing.T) {
 	s := newDemoServer(t)
 	// rego/inventory.rego caps list_items' limit at 100.

@@ -224,6 +224,15 @@ func ParseBody(body []byte, lim Limits) (*Body, error) {
 				err.Message = fmt.Sprintf("batch element %d: %s", n, err.Message)
 				return nil, err
 			}
+			if m.Kind == KindRequest {
+				// Two requests with one id get answers the client cannot tell apart, and
+				// that a filter matching responses to requests by id could mistake.
+				for _, o := range b.Messages {
+					if o.Kind == KindRequest && SameID(o.ID, m.ID) {
+						return nil, newError(CodeInvalidRequest, nil, "batch element %d: id %s is the id of an earlier request of the batch", n, clip(m.ID))
+					}
+				}
+			}
 			b.Messages = append(b.Messages, m)
 		}
 		if len(b.Messages) == 0 {

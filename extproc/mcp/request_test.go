@@ -70,6 +70,7 @@ func TestParseBodyStrictness(t *testing.T) {
 		{"duplicate via escape", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","n\u0061me":"b"}}`, Limits{}, CodeParseError, `duplicate object key "name"`},
 		{"duplicate via escaped slash", `{"jsonrpc":"2.0","method":"x","params":{"a/b":1,"a\/b":2}}`, Limits{}, CodeParseError, `duplicate object key "a/b"`},
 		{"duplicate in batch element", `[{"jsonrpc":"2.0","method":"x","jsonrpc":"2.0"}]`, batch, CodeParseError, "duplicate"},
+		{"two requests with one id", `[{"jsonrpc":"2.0","id":1,"method":"x"},{"jsonrpc":"2.0","id":2,"method":"y"},{"jsonrpc":"2.0","id":1,"method":"z"}]`, batch, CodeInvalidRequest, "batch element 2: id 1 is the id of an earlier request"},
 		// encoding/json matches struct fields without case and keeps the last: a server
 		// decoding so would run delete_product, or another method, or other arguments.
 		{"tool name in another case", `{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get_inventory","arguments":{},"Name":"delete_product"}}`, Limits{}, CodeParseError, `object keys "name" and "Name" differ only in case`},
