@@ -158,11 +158,53 @@ func tokenInQuery(query string) bool {
 	}
 	vals, err := url.ParseQuery(query)
 	if err != nil {
-		// An unparsable query could hide a token from us but not from the app.
-		return strings.Contains(strings.ToLower(query), "access_token")
+		// An unparsable query could hide a token from us but not from the app, whose parser
+		// may split on ';' too and decode what it can of a name: do the same, leniently.
+		for _, pair := range strings.FieldsFunc(query, func(c rune) bool { return c == '&' || c == ';' }) {
+			name, _, _ := strings.Cut(pair, "=")
+			if strings.EqualFold(unescapeLenient(name), "access_token") {
+				return true
+			}
+		}
+		return false
 	}
 	_, ok := vals["access_token"]
 	return ok
+}
+
+// unescapeLenient decodes a query component as url.QueryUnescape does ('+' is a space),
+// but keeps an invalid %-sequence as it is instead of failing.
+func unescapeLenient(s string) string {
+	if !strings.ContainsAny(s, "%+") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '+':
+			b.WriteByte(' ')
+		case c == '%' && i+2 < len(s) && isHex(s[i+1]) && isHex(s[i+2]):
+			b.WriteByte(unhex(s[i+1])<<4 | unhex(s[i+2]))
+			i += 2
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c <= 'F':
+		return c - 'A' + 10
+	}
+	return c - 'a' + 10
 }
 
 // bearerToken extracts the token from Authorization: Bearer. ok is false when the header

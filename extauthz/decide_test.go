@@ -271,6 +271,9 @@ func TestDecide(t *testing.T) {
 		{name: "token in query and header", req: func() req {
 			return req{target: "inventory", principal: agentID, path: "/mcp?x=1&access_token=" + valid, headers: bearerHeader(valid)}
 		}, status: 401, reason: ReasonTokenInQuery},
+		{name: "token in a query Go cannot parse", req: func() req {
+			return req{target: "inventory", principal: agentID, path: "/mcp?a=%zz&access%5Ftoken=" + valid, headers: bearerHeader(valid)}
+		}, status: 401, reason: ReasonTokenInQuery},
 		{name: "basic auth", req: func() req {
 			return req{target: "inventory", principal: agentID, headers: map[string]string{"authorization": "Basic YTpi"}}
 		}, status: 401, reason: ReasonTokenMalformed},
@@ -554,5 +557,32 @@ func TestDecideUnknownKidThenPublished(t *testing.T) {
 	clock = clock.Add(2 * time.Minute) // past the refetch rate limit
 	if d := f.server.decide(context.Background(), snap, r); !d.Allowed {
 		t.Fatalf("after publishing: %s %s", d.Reason, d.Detail)
+	}
+}
+
+// A query url.ParseQuery refuses (an invalid escape, a ';') is read as an app's lenient
+// parser would: pairs split on '&' and ';', names decoded where they can be.
+func TestTokenInQuery(t *testing.T) {
+	for q, want := range map[string]bool{
+		"access_token=eyJ":                true,
+		"x=1&access_token=eyJ":            true,
+		"x=1":                             false,
+		"a=%zz&access_token=eyJ":          true,
+		"a=%zz&access%5Ftoken=eyJ":        true,
+		"x;access%5ftoken=eyJ":            true,
+		"x;ACCESS_TOKEN=eyJ":              true,
+		"%zz&%61ccess_token":              true,
+		"a=%zz;access_token;b":            true,
+		"a=%zz&access%5token=eyJ":         false,
+		"a=%zz&x=access_token":            false,
+		"a=%zz&access_tokens=eyJ":         false,
+		"%zz%":                            false,
+		"a=%zz&access%5Ftoken%=eyJ":       false,
+		"a=%zz&access+token=eyJ":          false,
+		"a=%zz&access%5F%74oken%3D=1;b=2": false,
+	} {
+		if got := tokenInQuery(q); got != want {
+			t.Errorf("tokenInQuery(%q) = %v, want %v", q, got, want)
+		}
 	}
 }

@@ -257,8 +257,18 @@ func FuzzFramer(f *testing.F) {
 			if (err == nil) != (wholeErr == nil) || !bytes.Equal(out, wholeOut) || n != wn {
 				t.Fatalf("cuts %v: rewriter\n%q %v\n%q %v", cuts, out, err, wholeOut, wholeErr)
 			}
-			if wn == 0 && wholeErr == nil && !bytes.Equal(wholeOut, stream) {
-				t.Fatalf("nothing rewritten, yet the output differs:\n%q\n%q", wholeOut, stream)
+			// Nothing rewritten: the stream as it came, but for an unterminated last event
+			// with data, which is dropped (its leading LF ends the event before it).
+			want := stream
+			if k := len(wholeEvs); k > 0 && wholeEvs[k-1].Incomplete && wholeEvs[k-1].HasData {
+				last := &wholeEvs[k-1]
+				want = stream[:len(stream)-len(last.Raw)]
+				if last.leadLF {
+					want = stream[:len(want)+1]
+				}
+			}
+			if wn == 0 && wholeErr == nil && !bytes.Equal(wholeOut, want) {
+				t.Fatalf("nothing rewritten, yet the output differs:\n%q\n%q", wholeOut, want)
 			}
 		}
 	})

@@ -1,6 +1,7 @@
 package mcp
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -374,8 +375,9 @@ func findResultMember(resp []byte, key string, idx spanIndex) (span, error) {
 // JSON (MCP 2025-06-18 "Structured Content"), and leaving the mirror would leak the value.
 // Such text is re-serialized with everything else kept byte for byte. A pointer of just
 // "structuredContent" removes those text items altogether. Missing targets are not
-// errors. Text that looks like JSON but is not strictly valid (duplicate keys, lone
-// surrogates) is an error: it cannot be redacted reliably.
+// errors. In such text NaN, Infinity and -Infinity are read as numbers (the Python SDK
+// writes them); text that looks like JSON but is not strictly valid otherwise (duplicate
+// keys, lone surrogates) is an error: it cannot be redacted reliably.
 func Redact(resp []byte, pointers [][]string) ([]byte, int, error) {
 	for _, p := range pointers {
 		if len(p) == 0 {
@@ -472,9 +474,26 @@ func redactTextContent(result []byte, pointers [][]string) ([]byte, int, error) 
 		if j >= len(doc) || (doc[j] != '{' && doc[j] != '[') {
 			continue // prose, or a JSON scalar: nothing a pointer can name
 		}
-		if verr := validate(doc, respMaxDepth); verr != nil {
-			var se *scanError
-			if errors.As(verr, &se) && se.kind == errSyntax {
+		verr := validate(doc, respMaxDepth)
+		nonFinite := 0
+		if isSyntaxError(verr) {
+			// The Python SDK (pydantic_core.to_json, like Python's json.dumps) writes the
+			// mirror with bare NaN, Infinity and -Infinity, which a model reads like any
+			// JSON: read them as values, or the mirror would pass unredacted as prose. (This
+			// redacts exactly as for strict text, also for a pointer of just
+			// structuredContent, where refusing text that names a redacted key could not
+			// tell.) Placeholders keep the scan strict and the rest of the text byte for byte.
+			var lenient []byte
+			if lenient, nonFinite = placeNonFinite(doc); nonFinite > 0 {
+				verr = validate(lenient, respMaxDepth)
+			}
+			if verr == nil && bytes.Contains(doc, []byte(`"\u0000`)) {
+				verr = errors.New("a string starts with U+0000 where NaN or Infinity stand for numbers: it cannot be redacted reliably")
+			}
+			doc = lenient
+		}
+		if verr != nil {
+			if isSyntaxError(verr) {
 				continue // prose that happens to start with a bracket
 			}
 			return nil, 0, fmt.Errorf("mcp: Redact: content[%d].text: %w", idx, verr)
@@ -493,6 +512,9 @@ func redactTextContent(result []byte, pointers [][]string) ([]byte, int, error) 
 			}
 		}
 		if changed {
+			if nonFinite > 0 {
+				doc = restoreNonFinite(doc)
+			}
 			edits = append(edits, edit{text.start, text.end, appendQuoted(nil, doc)})
 		}
 	}
@@ -511,6 +533,67 @@ func redactTextContent(result []byte, pointers [][]string) ([]byte, int, error) 
 		result, _ = removePointer(result, []string{"content", strconv.Itoa(drop[k])})
 	}
 	return result, removed, nil
+}
+
+func isSyntaxError(err error) bool {
+	var se *scanError
+	return errors.As(err, &se) && se.kind == errSyntax
+}
+
+// nonFiniteConsts are the constants Python's JSON encoders write for non-finite floats,
+// each with the JSON string that stands in for it while a text is redacted. The
+// placeholders start with U+0000, which no text holds in practice; one that does is
+// refused (redactTextContent), so restoreNonFinite never turns a real string into a number.
+var nonFiniteConsts = [...]struct{ lit, placeholder string }{
+	{"-Infinity", `"\u0000-Infinity"`}, // before Infinity: the longer match first
+	{"Infinity", `"\u0000Infinity"`},
+	{"NaN", `"\u0000NaN"`},
+}
+
+// placeNonFinite returns doc with every NaN, Infinity and -Infinity outside a string
+// replaced by its placeholder, and how many it replaced (0: doc itself is returned). doc
+// need not be JSON: whether the result is must still be checked.
+func placeNonFinite(doc []byte) ([]byte, int) {
+	var out []byte
+	n, prev := 0, 0
+	inString := false
+	for i := 0; i < len(doc); i++ {
+		c := doc[i]
+		if inString {
+			switch c {
+			case '\\':
+				i++
+			case '"':
+				inString = false
+			}
+			continue
+		}
+		if c == '"' {
+			inString = true
+			continue
+		}
+		for _, nf := range nonFiniteConsts {
+			if bytes.HasPrefix(doc[i:], []byte(nf.lit)) {
+				out = append(append(out, doc[prev:i]...), nf.placeholder...)
+				i += len(nf.lit) - 1
+				prev = i + 1
+				n++
+				break
+			}
+		}
+	}
+	if n == 0 {
+		return doc, 0
+	}
+	return append(out, doc[prev:]...), n
+}
+
+// restoreNonFinite turns placeNonFinite's placeholders back into their constants.
+func restoreNonFinite(doc []byte) []byte {
+	for _, nf := range nonFiniteConsts {
+		doc = bytes.ReplaceAll(doc, []byte(nf.placeholder), []byte(nf.lit))
+	}
+	return doc
 }
 
 // removePointer removes the value the reference tokens name from the validated JSON doc,

@@ -259,6 +259,61 @@ func TestRedactEdges(t *testing.T) {
 	}
 }
 
+// The Python SDK writes the text mirror with pydantic_core.to_json, which writes NaN,
+// Infinity and -Infinity bare: not strict JSON, yet no prose either.
+func TestRedactTextMirrorWithNonFinite(t *testing.T) {
+	withText := func(text string) []byte {
+		return []byte(`{"jsonrpc":"2.0","id":9,"result":{"content":[{"type":"text","text":` + string(appendQuoted(nil, []byte(text))) +
+			`}],"structuredContent":{"name":"Ann","ssn":"123-45-6789","score":null}}}`)
+	}
+	mirrorOf := func(out []byte) string {
+		var got struct {
+			Result struct {
+				Content []struct{ Text string } `json:"content"`
+			} `json:"result"`
+		}
+		if err := json.Unmarshal(out, &got); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		if len(got.Result.Content) == 0 {
+			return ""
+		}
+		return got.Result.Content[0].Text
+	}
+	ssn := [][]string{{"structuredContent", "ssn"}}
+	for text, want := range map[string]string{
+		"{\n  \"name\": \"Ann\",\n  \"ssn\": \"123-45-6789\",\n  \"score\": NaN\n}": "{\n  \"name\": \"Ann\",\n  \"score\": NaN\n}",
+		`{"score":Infinity,"ssn":"123-45-6789","low":-Infinity}`:                    `{"score":Infinity,"low":-Infinity}`,
+		`[{"ssn":"123-45-6789"},NaN]`:                                               `[{"ssn":"123-45-6789"},NaN]`, // not a pointer's target
+		`{"s":"NaN \"Infinity\"","score":NaN,"ssn":"123-45-6789"}`:                  `{"s":"NaN \"Infinity\"","score":NaN}`,
+		`{"name":"Ann","score":NaN}`:                                                `{"name":"Ann","score":NaN}`,
+	} {
+		out, _, err := Redact(withText(text), ssn)
+		if err != nil {
+			t.Fatalf("%q: %v", text, err)
+		}
+		if got := mirrorOf(out); got != want {
+			t.Errorf("%q: mirror = %q, want %q", text, got, want)
+		}
+	}
+	// A pointer of just structuredContent drops such a mirror too.
+	if out, _, err := Redact(withText(`{"ssn":"123-45-6789","score":NaN}`), [][]string{{"structuredContent"}}); err != nil || mirrorOf(out) != "" {
+		t.Fatalf("dropped mirror: %s %v", out, err)
+	}
+	// Prose still passes; text that is no JSON even so is prose.
+	for _, text := range []string{"[INFO] 5 items", "[INFO] NaN items, Infinity left", "{NaN}", `[NaN, "x"`} {
+		if out, _, err := Redact(withText(text), ssn); err != nil || mirrorOf(out) != text {
+			t.Errorf("%q: %q %v", text, mirrorOf(out), err)
+		}
+	}
+	// Strict reading otherwise: duplicate keys, and a string that reads as a placeholder.
+	for _, text := range []string{`{"ssn":1,"ssn":2,"score":NaN}`, `{"a":"\u0000NaN","score":NaN,"ssn":1}`} {
+		if _, _, err := Redact(withText(text), ssn); err == nil {
+			t.Errorf("%q accepted", text)
+		}
+	}
+}
+
 func TestRemovePointer(t *testing.T) {
 	for _, c := range []struct {
 		doc  string

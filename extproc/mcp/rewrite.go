@@ -3,9 +3,9 @@ package mcp
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"slices"
+	"unicode"
 )
 
 // Rewriter rewrites the response to one request inside a text/event-stream body that
@@ -17,16 +17,17 @@ import (
 // re-splitting the new data into "data:" lines. Only the incomplete tail of the stream is
 // ever held.
 //
-// Fail closed: an event whose data starts like JSON ('{' or '[' after whitespace) must be
-// strict JSON (no duplicate keys, valid UTF-8, no lone surrogates, within MaxDepth), or
-// Feed returns an error, because a client's parser could read a response out of it that
-// this one did not. The event name is not consulted: some clients hand every event's data
-// to the JSON-RPC layer whatever its type.
+// Lines end with LF or CRLF: an event with a lone CR is an error (see rewriteEvent).
 //
-// At the end of the stream, a trailing incomplete event is passed through as is, unless its
-// data (read as a lenient client would) is the matching response: WHATWG clients discard
-// it, but a lenient client may not, so it is rewritten too (still without its empty line).
-// Its data may be truncated JSON, which is passed through.
+// Fail closed: an event whose data starts like JSON ('{' or '[' after any Unicode white
+// space, see clientSpace) must be strict JSON (no duplicate keys, valid UTF-8, no lone
+// surrogates, within MaxDepth, only JSON white space around it), or Feed returns an error,
+// because a client's parser could read a response out of it that this one did not. The
+// event name is not consulted: some clients hand every event's data to the JSON-RPC layer
+// whatever its type.
+//
+// At the end of the stream, a trailing incomplete event with data is dropped; one without
+// data (a comment, an unterminated "id" line) passes through as is.
 type Rewriter struct {
 	f             Framer
 	id            json.RawMessage
@@ -35,6 +36,7 @@ type Rewriter struct {
 	maxDepth      int
 	fn            func(resp []byte) ([]byte, error)
 	prevRewritten bool
+	prevCR        bool // the previous event's bytes end with a CR
 	rewritten     int
 	events        int
 }
@@ -98,7 +100,6 @@ func (r *Rewriter) Feed(chunk []byte, endOfStream bool) ([]byte, error) {
 		}
 		out = append(out, repl...)
 		r.prevRewritten = true
-		r.rewritten++
 		return nil
 	})
 	if runStart >= 0 {
@@ -111,23 +112,38 @@ func (r *Rewriter) Feed(chunk []byte, endOfStream bool) ([]byte, error) {
 	return out, err
 }
 
-// rewriteEvent returns the replacement of ev, or nil to pass it through.
+// rewriteEvent returns the replacement of ev (empty to drop it), or nil to pass it through.
 func (r *Rewriter) rewriteEvent(ev *Event) ([]byte, error) {
+	lone := r.prevCR && !ev.leadLF || loneCR(ev.Raw)
+	r.prevCR = len(ev.Raw) > 0 && ev.Raw[len(ev.Raw)-1] == '\r'
+	if lone {
+		// SSE ends a line at CR, LF or CRLF, and so does the Framer; clients that split
+		// on LF alone (the Go SDK's) read "data:\r{...}" as one data line holding a
+		// response, where the Framer reads an empty data line and a field it ignores.
+		// Servers end lines with LF or CRLF.
+		return nil, fmt.Errorf("mcp: server-sent event %d: a line ends with a lone CR, which clients split differently", r.events)
+	}
 	if !ev.HasData {
 		return nil, nil
 	}
+	if ev.Incomplete {
+		// The stream ended inside this event. A WHATWG client discards it (HTML 9.2.6: "the
+		// incomplete event is not dispatched"); a lenient one dispatches it and reads the
+		// data its own way: the Go SDK decodes the first JSON value and ignores what
+		// follows, so a response with junk after it, a syntax error here, is a response
+		// there. Dropping it gives every client what a WHATWG client gets.
+		return []byte{}, nil
+	}
 	d := ev.Data
-	j := skipWS(d, 0)
-	if j == len(d) || (d[j] != '{' && d[j] != '[') {
+	if t := bytes.TrimLeftFunc(d, clientSpace); len(t) == 0 || (t[0] != '{' && t[0] != '[') {
 		return nil, nil // not JSON-RPC: a priming event, a keep-alive
 	}
+	// From here the data is JSON-RPC to some client: it passes only if it is strict JSON
+	// with nothing but JSON white space around it, so that every client reads what we read.
 	if err := validate(d, r.maxDepth); err != nil {
-		var se *scanError
-		if ev.Incomplete && errors.As(err, &se) && se.kind == errSyntax {
-			return nil, nil // the stream was cut inside the event's JSON
-		}
 		return nil, fmt.Errorf("mcp: server-sent event %d: data is not strict JSON: %w", r.events, err)
 	}
+	j := skipWS(d, 0)
 	var data []byte
 	if d[j] == '{' {
 		if ok, err := r.matches(d, j); err != nil || !ok {
@@ -165,7 +181,33 @@ func (r *Rewriter) rewriteEvent(ev *Event) ([]byte, error) {
 		}
 		data = append(data, d[prev:]...)
 	}
+	r.rewritten++
 	return buildEvent(ev, data), nil
+}
+
+// loneCR reports whether raw holds a CR that no LF follows, other than its last byte: that
+// one is the first half of a CRLF when the next event starts with the LF (Event.leadLF),
+// and lone otherwise (Rewriter.prevCR).
+func loneCR(raw []byte) bool {
+	for i := bytes.IndexByte(raw, '\r'); i >= 0 && i < len(raw)-1; {
+		if raw[i+1] != '\n' {
+			return true
+		}
+		j := bytes.IndexByte(raw[i+1:], '\r')
+		if j < 0 {
+			return false
+		}
+		i += 1 + j
+	}
+	return false
+}
+
+// clientSpace reports whether clients may trim c before they decode JSON: Unicode white
+// space (the Go SDK bytes.TrimSpace()s event data, mcp/event.go), U+FEFF
+// (JavaScript's String.prototype.trim) and U+001C to U+001F (Python's str.strip). Data
+// that starts with '{' or '[' after such characters must be treated as JSON: fail closed.
+func clientSpace(c rune) bool {
+	return unicode.IsSpace(c) || c == '\uFEFF' || (c >= 0x1C && c <= 0x1F)
 }
 
 // matches reports whether the validated object at d[i] is a response (result or error)

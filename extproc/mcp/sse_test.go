@@ -255,11 +255,16 @@ type streamGen struct {
 	lastCR   bool // the last byte written is a CR ending a line
 	rewrites int
 	bom      bool // the stream starts with a BOM not yet accounted for in want
+	noLoneCR bool // lines end with LF or CRLF only
 }
 
 func (g *streamGen) term(blank bool) string {
+	ends := []string{"\n", "\r\n", "\r"}
+	if g.noLoneCR {
+		ends = ends[:2]
+	}
 	for {
-		t := []string{"\n", "\r\n", "\r"}[g.r.Intn(3)]
+		t := ends[g.r.Intn(len(ends))]
 		// A CR line end followed by an LF empty line would read as one CRLF.
 		if blank && g.lastCR && t == "\n" {
 			continue
@@ -353,12 +358,16 @@ func (g *streamGen) event(last bool) {
 		raw.WriteString(g.term(true))
 	}
 	g.sb.WriteString(raw.String())
+	dropped := !complete && data != nil // an unterminated last event with data never goes out
 	if g.bom {
-		// A re-emitted event drops the stream's BOM; a passed-through one keeps it.
-		if !rewrite {
+		// A re-emitted or dropped event drops the stream's BOM; a passed-through one keeps it.
+		if !rewrite && !dropped {
 			g.want.WriteString("\xEF\xBB\xBF")
 		}
 		g.bom = false
+	}
+	if dropped {
+		return
 	}
 	if !rewrite {
 		g.want.WriteString(raw.String())
@@ -413,7 +422,9 @@ func chunkings(r *rand.Rand, stream []byte) [][]int {
 func TestRewriterProperty(t *testing.T) {
 	r := rand.New(rand.NewSource(20250618))
 	for iter := 0; iter < 400; iter++ {
-		g := &streamGen{r: r}
+		// Most streams end lines as servers do; the others have CR line ends too, which
+		// the Framer reads as SSE says and the Rewriter refuses.
+		g := &streamGen{r: r, noLoneCR: iter%4 != 0}
 		if r.Intn(10) == 0 {
 			g.sb.WriteString("\xEF\xBB\xBF")
 			g.bom = true
@@ -424,12 +435,21 @@ func TestRewriterProperty(t *testing.T) {
 		}
 		stream, want := []byte(g.sb.String()), g.want.String()
 		var whole []byte
+		// A CR that no LF follows (but the stream's last byte) is a line end the Framer
+		// splits and LF-only clients do not: the Rewriter refuses the stream.
+		lone := false
+		for i := 0; i+1 < len(stream); i++ {
+			lone = lone || stream[i] == '\r' && stream[i+1] != '\n'
+		}
 		for ci, cuts := range chunkings(r, stream) {
 			out, n, err := rewriteChunks(stream, cuts, rewriteFn)
-			if err != nil {
+			switch {
+			case lone && (err == nil || !strings.Contains(err.Error(), "lone CR")):
+				t.Fatalf("iter %d chunking %d: a stream with a lone CR was not refused (%v)\nstream %q", iter, ci, err, stream)
+			case !lone && err != nil:
 				t.Fatalf("iter %d chunking %d: %v\nstream %q", iter, ci, err, stream)
-			}
-			if ci == 0 {
+			case lone:
+			case ci == 0:
 				whole = out
 				if string(out) != want {
 					t.Fatalf("iter %d: output differs from expectation\nstream %q\n got %q\nwant %q", iter, stream, out, want)
@@ -437,7 +457,7 @@ func TestRewriterProperty(t *testing.T) {
 				if n != g.rewrites {
 					t.Fatalf("iter %d: rewrote %d, want %d", iter, n, g.rewrites)
 				}
-			} else if !bytes.Equal(out, whole) {
+			case !bytes.Equal(out, whole):
 				t.Fatalf("iter %d chunking %d (%v): output differs from one-chunk output\nstream %q\n got %q\nwant %q", iter, ci, cuts, stream, out, whole)
 			}
 			// The framer alone: bytes and meaning independent of chunking.
@@ -477,6 +497,10 @@ func TestRewriterFailsClosed(t *testing.T) {
 		"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"ssn\":1},\"x\":NaN}\n\n", // lenient parsers read this
 		"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"s\":\"\xff\"}}\n\n",      // invalid UTF-8
 		"data: [{\"id\":1,\"result\":{}}\n\n",                                       // truncated in a complete event
+		// A lone CR: SSE (and the Framer) read an empty data line, the Go SDK, splitting
+		// on LF only, one data line holding the response.
+		"event: message\ndata:\r{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ssn\":1}}\n\n",
+		"data: 1\n\r" + "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ssn\":1}}\n\n", // a CR empty line, then more
 	} {
 		if _, _, err := rewriteChunks([]byte(stream), nil, fn); err == nil {
 			t.Errorf("accepted %q", stream)
@@ -491,16 +515,6 @@ func TestRewriterFailsClosed(t *testing.T) {
 	if _, _, err := rewriteChunks(match, nil, func([]byte) ([]byte, error) { return []byte(`{"a":1,"a":2}`), nil }); err == nil {
 		t.Fatal("invalid callback output emitted")
 	}
-	// Truncated JSON in the incomplete tail at the end of the stream passes through.
-	tail := "data: {\"jsonrpc\":\"2.0\",\"id\":7,\"res"
-	if out, _, err := rewriteChunks([]byte(tail), nil, fn); err != nil || string(out) != tail {
-		t.Fatalf("truncated tail: %q %v", out, err)
-	}
-	// But a complete response in the incomplete tail is rewritten, still incomplete.
-	tail = "id: 3\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ssn\":1}}\n"
-	if out, n, err := rewriteChunks([]byte(tail), nil, fn); err != nil || n != 1 || string(out) != "id: 3\ndata: {}\n" {
-		t.Fatalf("complete response in the tail: %q %v", out, err)
-	}
 	// Event names do not exempt an event.
 	named := "event: notmessage\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"error\":{\"code\":1,\"message\":\"ssn\"}}\n\n"
 	if out, n, err := rewriteChunks([]byte(named), nil, fn); err != nil || n != 1 || string(out) != "event: notmessage\ndata: {}\n\n" {
@@ -508,6 +522,56 @@ func TestRewriterFailsClosed(t *testing.T) {
 	}
 }
 
+// Data that a client reads as JSON after trimming white space JSON does not know (the Go
+// SDK bytes.TrimSpace()s it) is JSON-RPC: strict, or the stream fails.
+func TestRewriterTrimmedDataIsJSON(t *testing.T) {
+	fn := func([]byte) ([]byte, error) { return []byte(`{}`), nil }
+	resp := `{"jsonrpc":"2.0","id":7,"result":{"ssn":1}}`
+	for _, lead := range []string{"\v", "\f", "\u00a0", "\u0085", "\u2028", "\u3000", "\ufeff", "\x1c", " \v "} {
+		for _, data := range []string{lead + resp, lead + "[" + resp + "]", resp + lead} {
+			stream := "event: message\ndata: " + data + "\n\n"
+			if out, _, err := rewriteChunks([]byte(stream), nil, fn); err == nil {
+				t.Errorf("%q passed as %q", stream, out)
+			}
+		}
+	}
+	// Data that does not start like JSON, however trimmed, still passes.
+	for _, stream := range []string{"data: \u00a0hello {\n\n", "data: \v\n\n", "data: \u00a0\n\n"} {
+		if out, n, err := rewriteChunks([]byte(stream), nil, fn); err != nil || n != 0 || string(out) != stream {
+			t.Errorf("%q: %q %d %v", stream, out, n, err)
+		}
+	}
+}
+
+// An unterminated last event with data is dropped, as a WHATWG client drops it: a lenient
+// client that dispatches it reads the data its own way (the Go SDK decodes the first JSON
+// value and ignores what follows).
+func TestRewriterDropsIncompleteTail(t *testing.T) {
+	fn := func([]byte) ([]byte, error) { return []byte(`{}`), nil }
+	head := "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{}}\r\n\r\n"
+	for _, tail := range []string{
+		"data: {\"jsonrpc\":\"2.0\",\"id\":7,\"res",                            // truncated
+		"data: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ssn\":1}} x",        // junk after the response
+		"id: 3\ndata: {\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ssn\":1}}\n", // complete JSON, no empty line
+		"data: [{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"ssn\":1}}]\r",      // batch
+		"data: {\"jsonrpc\":\"2.0\",\"id\":8,\"result\":{}}",                   // a response to nobody
+		"data: hello",    // not JSON
+		"id: 1\ndata:\n", // priming, empty data
+	} {
+		for _, cuts := range [][]int{nil, {len(head) - 1}, {len(head) + 3}} {
+			out, n, err := rewriteChunks([]byte(head+tail), cuts, fn)
+			if err != nil || n != 0 || string(out) != head {
+				t.Errorf("%q cut at %v: %q %d %v", tail, cuts, out, n, err)
+			}
+		}
+	}
+	// Without data, the tail passes as it came.
+	for _, tail := range []string{": a comment", "id: 5\nevent: message\n", "retry: 1"} {
+		if out, _, err := rewriteChunks([]byte(head+tail), nil, fn); err != nil || string(out) != head+tail {
+			t.Errorf("%q: %q %v", tail, out, err)
+		}
+	}
+}
 func TestRewriterNoCopyWhenNothingChanges(t *testing.T) {
 	r := NewRewriter(json.RawMessage(`1`), Limits{}, rewriteFn)
 	chunk := []byte("data: {\"jsonrpc\":\"2.0\",\"method\":\"x\"}\n\n: ping\n\n")
