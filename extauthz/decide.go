@@ -168,8 +168,13 @@ func tokenInQuery(query string) bool {
 		}
 		return false
 	}
-	_, ok := vals["access_token"]
-	return ok
+	for name := range vals {
+		// Without case, as the fallback: an app may read its parameters so.
+		if strings.EqualFold(name, "access_token") {
+			return true
+		}
+	}
+	return false
 }
 
 // unescapeLenient decodes a query component as url.QueryUnescape does ('+' is a space),

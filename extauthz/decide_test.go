@@ -567,6 +567,8 @@ func TestTokenInQuery(t *testing.T) {
 		"access_token=eyJ":                true,
 		"x=1&access_token=eyJ":            true,
 		"x=1":                             false,
+		"ACCESS_TOKEN=eyJ":                true,
+		"x=1&Access_Token=eyJ":            true,
 		"a=%zz&access_token=eyJ":          true,
 		"a=%zz&access%5Ftoken=eyJ":        true,
 		"x;access%5ftoken=eyJ":            true,
