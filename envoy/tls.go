@@ -1,6 +1,7 @@
 package envoy
 
 import (
+	"errors"
 	"path"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -90,6 +91,33 @@ func DownstreamMTLS(m MeshTLS, trustDomain string, requireClient bool) (*corev3.
 			}),
 		},
 		RequireClientCertificate: wrapperspb.Bool(requireClient),
+	})
+}
+
+// DownstreamMTLSFrom is the transport socket of a sidecar listener that only the named
+// peers may reach: a client certificate is required, and its URI SAN must be exactly one
+// of peerIDs (a sidecar's gateway_inbound listener, reached by Gateways only).
+func DownstreamMTLSFrom(m MeshTLS, peerIDs []string) (*corev3.TransportSocket, error) {
+	if len(peerIDs) == 0 {
+		return nil, errors.New("no peer may connect")
+	}
+	var sans []*tlsv3.SubjectAltNameMatcher
+	for _, id := range peerIDs {
+		sans = append(sans, &tlsv3.SubjectAltNameMatcher{
+			SanType: tlsv3.SubjectAltNameMatcher_URI,
+			Matcher: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: id}},
+		})
+	}
+	return transportSocket(&tlsv3.DownstreamTlsContext{
+		CommonTlsContext: &tlsv3.CommonTlsContext{
+			AlpnProtocols:                  alpn,
+			TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{m.Cert},
+			ValidationContextType: &tlsv3.CommonTlsContext_CombinedValidationContext{CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
+				DefaultValidationContext:         &tlsv3.CertificateValidationContext{MatchTypedSubjectAltNames: sans},
+				ValidationContextSdsSecretConfig: m.Bundle,
+			}},
+		},
+		RequireClientCertificate: wrapperspb.Bool(true),
 	})
 }
 

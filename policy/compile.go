@@ -384,6 +384,15 @@ func (l *loader) compileApp(d *document, mesh *Mesh) *App {
 		if sc.InboundPort == sc.OutboundPort && sc.InboundPort != 0 {
 			l.errf(d, "spec.sidecar.outboundPort", "must differ from inboundPort")
 		}
+		switch gp := sc.GatewayPort; {
+		case gp == 0:
+		case gp < 1 || gp > 65535:
+			l.errf(d, "spec.sidecar.gatewayPort", "must be a port between 1 and 65535, got %d", gp)
+		case gp == sc.InboundPort || gp == sc.OutboundPort:
+			l.errf(d, "spec.sidecar.gatewayPort", "must differ from inboundPort and outboundPort")
+		case spec.MCP == nil:
+			l.errf(d, "spec.sidecar.gatewayPort", "is only for an app that serves MCP (Gateways route to MCP apps)")
+		}
 	} else if spec.MCP != nil {
 		l.errf(d, "spec.sidecar", "is required for an app that serves MCP (its Envoy sidecar)")
 	}
@@ -1125,7 +1134,16 @@ func (l *loader) compileGateway(d *document, s *Snapshot) *Gateway {
 				l.errf(d, rp+".app", "no App %q", rs.App)
 			case r.App.MCP == nil:
 				l.errf(d, rp+".app", "App %q does not serve MCP (it has no mcp block)", rs.App)
-			case r.App.MCP.Transport == TransportGRPC:
+			case s.Mesh.MTLS != MTLSDisabled && (r.App.Sidecar == nil || r.App.Sidecar.GatewayPort == 0):
+				// The Gateway must not reach the app's own port: whoever else can reach it
+				// skips the policy and names any caller. It goes through the app's sidecar,
+				// which takes mTLS from Gateways only (xds gatewayInbound).
+				l.errf(d, rp+".app", "App %q has no spec.sidecar.gatewayPort: with mesh mTLS a Gateway reaches the app through its sidecar on that port", rs.App)
+			}
+			if r.App == nil || r.App.MCP == nil {
+				break
+			}
+			if r.App.MCP.Transport == TransportGRPC {
 				// A gRPC method's path is /<service>/<method> and clients cannot prefix
 				// it, so the route is the service path on its host, once per host.
 				if rs.Path != "" {

@@ -528,6 +528,43 @@ spec:
 			},
 		},
 		{
+			// A Gateway must not need the app's own port: it goes through the sidecar.
+			name: "gateway route to an app without gatewayPort under mTLS",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML, "gw.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  listener: {port: 8443}
+  routes:
+    - {path: /mcp, app: inventory}
+`},
+			want: []string{`gw.yaml:7: spec.routes[0].app: App "inventory" has no spec.sidecar.gatewayPort: with mesh mTLS a Gateway reaches the app through its sidecar on that port`},
+		},
+		{
+			name: "gatewayPort out of range, reused, or on an app without MCP",
+			files: map[string]string{"mesh.yaml": meshYAML,
+				"app.yaml": strings.Replace(appYAML, "outboundPort: 3500}", "outboundPort: 3500, gatewayPort: 3500}", 1),
+				"agent.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: App
+metadata: {name: agent}
+spec:
+  sidecar: {address: agent-envoy, inboundPort: 15006, outboundPort: 3500, gatewayPort: 15008}
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: App
+metadata: {name: big}
+spec:
+  address: big:8000
+  sidecar: {address: big-envoy, inboundPort: 15006, outboundPort: 3500, gatewayPort: 70000}
+  mcp: {resource: https://big.example.com/mcp}
+`},
+			want: []string{
+				`app.yaml:7: spec.sidecar.gatewayPort: must differ from inboundPort and outboundPort`,
+				`agent.yaml:5: spec.sidecar.gatewayPort: is only for an app that serves MCP (Gateways route to MCP apps)`,
+				`agent.yaml:12: spec.sidecar.gatewayPort: must be a port between 1 and 65535, got 70000`,
+			},
+		},
+		{
 			name:  "operation wildcard misuse",
 			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "{appId: my-agent, defaultAction: allow}", "{appId: my-agent, defaultAction: allow, operations: [{name: /a/**/b, httpVerb: [POST], action: deny}, {name: /c, httpVerb: [FETCH], action: allow}]}", 1)},
 			want:  []string{`operations[0].name: "/a/**/b": "**" may only be the last segment`, `operations[1].httpVerb[0]: "FETCH" is not an HTTP verb`},

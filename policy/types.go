@@ -173,6 +173,11 @@ type SidecarSpec struct {
 	Address      string `yaml:"address"`
 	InboundPort  int    `yaml:"inboundPort"`
 	OutboundPort int    `yaml:"outboundPort"`
+	// GatewayPort is where the sidecar takes the traffic of Gateways that route to the
+	// app: over mTLS, from those Gateways' SPIFFE IDs only, straight to the app (the
+	// Gateway has enforced the app's policy). Required for an app a Gateway routes to
+	// unless the Mesh has mtls: disabled.
+	GatewayPort int `yaml:"gatewayPort"`
 }
 
 // MCPSpec is present when the app serves MCP; it holds every MCP policy of the app.

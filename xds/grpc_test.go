@@ -267,7 +267,7 @@ func TestGRPCGateway(t *testing.T) {
 			grpc = r
 		}
 	}
-	if grpc == nil || grpc.GetMatch().GetPrefix() != contract.GRPCServicePrefix || grpc.GetRoute().GetCluster() != ClusterApp("inventory") {
+	if grpc == nil || grpc.GetMatch().GetPrefix() != contract.GRPCServicePrefix || grpc.GetRoute().GetCluster() != ClusterSidecarGateway("inventory") {
 		t.Fatalf("gateway gRPC route %v", grpc)
 	}
 	var authz extauthzv3.ExtAuthzPerRoute
@@ -280,7 +280,8 @@ func TestGRPCGateway(t *testing.T) {
 	if proc.GetOverrides().GetProcessingMode().GetRequestBodyMode() != extprocv3.ProcessingMode_STREAMED {
 		t.Errorf("ext_proc override %v", &proc)
 	}
-	requireHTTP2(t, clusterOf(t, res, ClusterApp("inventory")))
+	// To inventory's sidecar over mTLS, HTTP/2 end to end.
+	requireHTTP2(t, clusterOf(t, res, ClusterSidecarGateway("inventory")))
 }
 
 // TestHTTPAppsUnchangedByGRPC: an app without transport (or streamable-http) gets the

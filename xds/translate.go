@@ -39,6 +39,9 @@ const (
 	ListenerOutbound = "outbound"
 	RouteInbound     = "inbound"
 	RouteOutbound    = "outbound"
+	// ListenerGatewayInbound is a sidecar's listener for the Gateways that route to its
+	// app (spec.sidecar.gatewayPort), and its route configuration.
+	ListenerGatewayInbound = "gateway_inbound"
 	// ClusterAuthz reaches mcpgate's ext_authz and ext_proc gRPC server (mesh.authz.address).
 	ClusterAuthz = "mcpgate"
 	// ClusterOTLP reaches the OTLP collector of Mesh.spec.tracing.
@@ -46,11 +49,15 @@ const (
 )
 
 // ClusterApp is the cluster of an app's own process (app.address): the upstream of its
-// sidecar's inbound listener and of gateway routes.
+// sidecar's listeners, and of gateway routes when the Mesh has mtls: disabled.
 func ClusterApp(id string) string { return "app|" + id }
 
 // ClusterSidecar is the cluster of another app's sidecar inbound listener (mTLS).
 func ClusterSidecar(id string) string { return "sidecar|" + id }
+
+// ClusterSidecarGateway is the cluster of an app's sidecar gateway_inbound listener, on
+// which a Gateway reaches the app over mTLS.
+func ClusterSidecarGateway(id string) string { return "sidecar-gateway|" + id }
 
 // ClusterEndpoint is the cluster of an HTTPEndpoint.
 func ClusterEndpoint(name string) string { return "endpoint|" + name }
@@ -282,6 +289,7 @@ func (t *translator) meshTLSFor(selfID string) (envoy.MeshTLS, bool) {
 func (t *translator) sidecar(app *policy.App) {
 	if app.MCP != nil {
 		t.inbound(app)
+		t.gatewayInbound(app)
 	}
 	t.outbound(app)
 }
@@ -292,9 +300,9 @@ func (t *translator) inbound(app *policy.App) {
 	ext := map[string]string{contract.ContextAppID: app.ID}
 	routes := t.prmRoutes(app)
 	if isGRPC(app) {
-		routes = append(routes, t.grpcRoutes(app, ext)...)
+		routes = append(routes, t.grpcRoutes(app, ClusterApp(app.ID), ext)...)
 	} else {
-		routes = append(routes, t.mcpRoutes(app, app.MCP.Path, ext)...)
+		routes = append(routes, t.mcpRoutes(app, ClusterApp(app.ID), app.MCP.Path, ext)...)
 	}
 	routes = append(routes, t.notFound())
 	t.routes = append(t.routes, envoy.RouteConfiguration(RouteInbound,
@@ -340,7 +348,7 @@ func (t *translator) listener(lo envoy.ListenerOptions, ho envoy.HCMOptions, ts 
 
 // mcpRoutes are the routes of an app's MCP endpoint at path (rewritten to the app's
 // mcp.path when they differ): the GET event stream and everything else (POST, DELETE).
-func (t *translator) mcpRoutes(app *policy.App, path string, ext map[string]string) []*routev3.Route {
+func (t *translator) mcpRoutes(app *policy.App, cluster, path string, ext map[string]string) []*routev3.Route {
 	m := app.MCP
 	var routes []*routev3.Route
 	authz, err := envoy.ExtAuthzContext(ext)
@@ -371,14 +379,14 @@ func (t *translator) mcpRoutes(app *policy.App, path string, ext map[string]stri
 	// response timeout (the idle timeout still applies). GET is idempotent, so retries
 	// may cover resets too.
 	routes = append(routes, envoy.Forward(app.ID+"/mcp-stream", envoy.WithHeader(envoy.ExactPath(path), ":method", "GET"), envoy.ForwardOptions{
-		Cluster: ClusterApp(app.ID), Timeout: 0, PrefixRewrite: rewrite,
+		Cluster: cluster, Timeout: 0, PrefixRewrite: rewrite,
 		Retries: res.Retries, RetryOn: envoy.RetryOnIdempotent, PerFilter: per,
 	}))
 	// POST carries JSON-RPC messages; a tools/call must not run twice, so retries are
 	// only for requests that never reached the app. resiliency.timeout bounds the whole
 	// response (an SSE response included); unset, it is disabled rather than Envoy's 15s.
 	routes = append(routes, envoy.Forward(app.ID+"/mcp", envoy.ExactPath(path), envoy.ForwardOptions{
-		Cluster: ClusterApp(app.ID), Timeout: res.Timeout, PrefixRewrite: rewrite,
+		Cluster: cluster, Timeout: res.Timeout, PrefixRewrite: rewrite,
 		Retries: res.Retries, RetryOn: envoy.RetryOnUnsent, PerFilter: per,
 		BodyLimit: uint64(maxBody(m)),
 	}))
@@ -401,7 +409,7 @@ func (t *translator) mcpRoutes(app *policy.App, path string, ext map[string]stri
 // retry non-idempotent operations"), and Envoy's own UNAVAILABLE for a failed
 // connection is connect-failure. No request_body_buffer_limit either: STREAMED bodies
 // are not buffered whole, and ext_proc bounds each message (limits.maxRequestBytes).
-func (t *translator) grpcRoutes(app *policy.App, ext map[string]string) []*routev3.Route {
+func (t *translator) grpcRoutes(app *policy.App, cluster string, ext map[string]string) []*routev3.Route {
 	authz, err := envoy.ExtAuthzContext(ext)
 	if err != nil {
 		t.errf("app %s: %w", app.ID, err)
@@ -414,7 +422,7 @@ func (t *translator) grpcRoutes(app *policy.App, ext map[string]string) []*route
 	}
 	res := app.MCP.Resiliency
 	return []*routev3.Route{envoy.Forward(app.ID+"/grpc", envoy.GRPCPrefix(contract.GRPCServicePrefix), envoy.ForwardOptions{
-		Cluster: ClusterApp(app.ID), Timeout: 0, IdleTimeout: res.Timeout,
+		Cluster: cluster, Timeout: 0, IdleTimeout: res.Timeout,
 		Retries: res.Retries, RetryOn: envoy.RetryOnUnsent,
 		PerFilter: map[string]*anypb.Any{envoy.FilterExtAuthz: authz, envoy.FilterExtProc: proc},
 	})}
@@ -525,31 +533,12 @@ func (t *translator) outbound(app *policy.App) {
 			continue // only MCP apps have an inbound listener to reach
 		}
 		targets[id] = true
-		o := envoy.ClusterOptions{
-			Name: ClusterSidecar(id), Protocol: envoy.HTTP1,
-			MaxRequests: target.MCP.Resiliency.MaxRequests, OutlierDetection: true,
-		}
-		o.Host, o.Port = target.Sidecar.Address, uint32(target.Sidecar.InboundPort)
-		grpc := isGRPC(target)
-		if grpc {
-			o.Protocol = envoy.HTTP2 // gRPC needs HTTP/2 end to end
-		}
-		if mtls {
-			var ts *corev3.TransportSocket
-			var err error
-			if grpc {
-				ts, err = envoy.UpstreamMTLSHTTP2(own, target.SpiffeID)
-			} else {
-				ts, err = envoy.UpstreamMTLS(own, target.SpiffeID)
-				o.Protocol = envoy.HTTPAuto
-			}
-			if err != nil {
-				t.errf("cluster %s: %w", o.Name, err)
-				continue
-			}
-			o.TransportSocket = ts
+		o, ok := t.sidecarCluster(ClusterSidecar(id), target, target.Sidecar.InboundPort, own, mtls)
+		if !ok {
+			continue
 		}
 		t.addCluster(o)
+		grpc := isGRPC(target)
 		fo := envoy.ForwardOptions{
 			Cluster: o.Name, Timeout: 0, // the target's sidecar enforces the app's timeout
 			Retries: target.MCP.Resiliency.Retries, RetryOn: envoy.RetryOnUnsent,
@@ -664,6 +653,35 @@ func (t *translator) outbound(app *policy.App) {
 	}, envoy.HCMOptions{StatPrefix: ListenerOutbound, RouteConfig: RouteOutbound, Filters: chain}, nil)
 }
 
+// sidecarCluster is a cluster to target's sidecar on port: HTTP/2 for gRPC MCP (HTTP/2
+// end to end), HTTP/1.1 in plaintext, and over mTLS whatever ALPN settles on. With mtls
+// it presents own and accepts only the target's exact SPIFFE ID.
+func (t *translator) sidecarCluster(name string, target *policy.App, port int, own envoy.MeshTLS, mtls bool) (envoy.ClusterOptions, bool) {
+	o := envoy.ClusterOptions{
+		Name: name, Protocol: envoy.HTTP1, Host: target.Sidecar.Address, Port: uint32(port),
+		MaxRequests: target.MCP.Resiliency.MaxRequests, OutlierDetection: true,
+	}
+	grpc := isGRPC(target)
+	if grpc {
+		o.Protocol = envoy.HTTP2
+	}
+	if !mtls {
+		return o, true
+	}
+	var err error
+	if grpc {
+		o.TransportSocket, err = envoy.UpstreamMTLSHTTP2(own, target.SpiffeID)
+	} else {
+		o.TransportSocket, err = envoy.UpstreamMTLS(own, target.SpiffeID)
+		o.Protocol = envoy.HTTPAuto
+	}
+	if err != nil {
+		t.errf("cluster %s: %w", name, err)
+		return o, false
+	}
+	return o, true
+}
+
 // invokeRoute is /v1.0/invoke/<id>/method/<rest> → <rewrite><rest>.
 func (t *translator) invokeRoute(id, rewrite string, fo envoy.ForwardOptions) *routev3.Route {
 	fo.PrefixRewrite = rewrite
@@ -705,10 +723,90 @@ func (t *translator) endpointCluster(ep *policy.HTTPEndpoint) (envoy.ForwardOpti
 	return envoy.ForwardOptions{Cluster: o.Name, Timeout: 0, HostRewrite: ep.BaseURL.Host, HeadersToAdd: ep.Headers}, true
 }
 
-// gateway builds an edge listener for callers outside the mesh. Routes go to the app's
-// process (app.address), not through its sidecar: the gateway runs the same ext_authz and
-// ext_proc chain with the app's policy (context_extensions app_id and gateway), and a
-// second enforcement at the sidecar would see the gateway's identity as the caller.
+// gatewayUpstream adds the cluster by which gw reaches app and returns its name: app's
+// sidecar on spec.sidecar.gatewayPort, over mTLS with the gateway's SVID, accepting only
+// the app's SPIFFE ID. So the app's own port stays open to its sidecar alone: whoever
+// reaches it skips ext_authz and ext_proc and can name any caller in the identity
+// headers. With mtls: disabled nothing can authenticate that hop, and the gateway goes
+// to app.address itself (the README says the app's port must then be reachable from the
+// gateway only).
+func (t *translator) gatewayUpstream(gw *policy.Gateway, app *policy.App) (string, bool) {
+	own, mtls := t.meshTLSFor(GatewaySpiffeID(t.snap.Mesh.TrustDomain, gw))
+	if !mtls {
+		t.appCluster(app)
+		return ClusterApp(app.ID), true
+	}
+	if app.Sidecar == nil || app.Sidecar.GatewayPort == 0 {
+		t.errf("gateway %s: app %s has no sidecar.gatewayPort", gw.Name, app.ID) // policy refuses this
+		return "", false
+	}
+	o, ok := t.sidecarCluster(ClusterSidecarGateway(app.ID), app, app.Sidecar.GatewayPort, own, true)
+	if ok {
+		t.addCluster(o)
+	}
+	return o.Name, ok
+}
+
+// gatewayInbound is the listener of app's sidecar for the Gateways that route to app, on
+// spec.sidecar.gatewayPort. A gateway has already run ext_authz and ext_proc with app's
+// policy and set the caller headers, so this listener runs the router only. What makes
+// that safe is who may connect: a client certificate is required, and only the SPIFFE IDs
+// of the Gateways with a route to app are accepted, not any workload of the trust domain.
+// Its routes are the app's MCP endpoint (mcp.path, or the gRPC service) to the app, with
+// no response timeout and no retries (the gateway's route has both), and 404 for the
+// rest. Without mTLS there is no such listener (gatewayUpstream).
+func (t *translator) gatewayInbound(app *policy.App) {
+	if app.Sidecar.GatewayPort == 0 {
+		return
+	}
+	own, mtls := t.meshTLS(app)
+	if !mtls {
+		return
+	}
+	var peers []string
+	for _, name := range sortedKeys(t.snap.Gateways) {
+		gw := t.snap.Gateways[name]
+		for _, r := range gw.Routes {
+			if r.App != nil && r.App.ID == app.ID {
+				peers = append(peers, GatewaySpiffeID(t.snap.Mesh.TrustDomain, gw))
+				break
+			}
+		}
+	}
+	if len(peers) == 0 {
+		return // no Gateway routes here: nobody may connect, so nothing listens
+	}
+	ts, err := envoy.DownstreamMTLSFrom(own, peers)
+	if err != nil {
+		t.errf("gateway_inbound tls: %w", err)
+		return
+	}
+	m := envoy.ExactPath(app.MCP.Path)
+	if isGRPC(app) {
+		m = envoy.GRPCPrefix(contract.GRPCServicePrefix)
+	}
+	routes := []*routev3.Route{
+		envoy.Forward(app.ID+"/gateway", m, envoy.ForwardOptions{Cluster: ClusterApp(app.ID), Timeout: 0}),
+		envoy.DirectResponse("not-found", envoy.Prefix("/"), 404, "", "", nil),
+	}
+	router, err := envoy.RouterFilter()
+	if err != nil {
+		t.errf("gateway_inbound listener: %w", err)
+		return
+	}
+	t.routes = append(t.routes, envoy.RouteConfiguration(ListenerGatewayInbound,
+		envoy.VirtualHost(ListenerGatewayInbound, []string{"*"}, routes)))
+	t.listener(envoy.ListenerOptions{
+		Name: ListenerGatewayInbound, Address: "0.0.0.0", Port: uint32(app.Sidecar.GatewayPort),
+		Direction: corev3.TrafficDirection_INBOUND,
+	}, envoy.HCMOptions{StatPrefix: ListenerGatewayInbound, RouteConfig: ListenerGatewayInbound, Filters: []*hcmv3.HttpFilter{router}}, ts)
+}
+
+// gateway builds an edge listener for callers outside the mesh. The gateway runs the same
+// ext_authz and ext_proc chain with the app's policy (context_extensions app_id and
+// gateway), then reaches the app through its sidecar's gateway_inbound listener
+// (gatewayUpstream, gatewayInbound), which does not enforce a second time: there the
+// caller would be the gateway itself, and rate limits would count each call twice.
 func (t *translator) gateway(gw *policy.Gateway) {
 	t.authzCluster(GatewaySpiffeID(t.snap.Mesh.TrustDomain, gw))
 	name := ListenerGateway(gw.Name)
@@ -733,7 +831,10 @@ func (t *translator) gateway(gw *policy.Gateway) {
 		switch {
 		case r.App != nil && r.App.MCP != nil:
 			ext[contract.ContextAppID] = r.App.ID
-			t.appCluster(r.App)
+			cluster, ok := t.gatewayUpstream(gw, r.App)
+			if !ok {
+				continue
+			}
 			if !vh.prm[r.App.ID] { // once per host, however many paths reach the app
 				vh.prm[r.App.ID] = true
 				vh.routes = append(vh.routes, t.prmRoutes(r.App)...)
@@ -742,10 +843,10 @@ func (t *translator) gateway(gw *policy.Gateway) {
 				// The service path, unprefixed (policy allows no route path and one gRPC
 				// app per host), to the app over HTTP/2: the edge listener negotiates h2
 				// by ALPN, or takes h2c on a plaintext port.
-				vh.routes = append(vh.routes, t.grpcRoutes(r.App, ext)...)
+				vh.routes = append(vh.routes, t.grpcRoutes(r.App, cluster, ext)...)
 				continue
 			}
-			vh.routes = append(vh.routes, t.mcpRoutes(r.App, r.Path, ext)...)
+			vh.routes = append(vh.routes, t.mcpRoutes(r.App, cluster, r.Path, ext)...)
 		case r.Endpoint != nil:
 			// ext_authz decides on app_id; an HTTPEndpoint has no MCP policy of its own
 			// yet, so mcpgate refuses these requests (fail closed) until it has one.
