@@ -1,6 +1,7 @@
 package envoy
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -8,6 +9,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	corsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/cors/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/google/go-cmp/cmp"
@@ -46,6 +48,56 @@ func TestHCMRejectsUnderscoreHeaders(t *testing.T) {
 		requireValid(t, h)
 		if got := h.GetCommonHttpProtocolOptions().GetHeadersWithUnderscoresAction(); got != corev3.HttpProtocolOptions_REJECT_REQUEST {
 			t.Errorf("edge=%v: headers_with_underscores_action %v, want REJECT_REQUEST", edge, got)
+		}
+	}
+}
+
+// Every HCM refuses %2F and %5C in the path: an upstream that decodes them before routing
+// would take "/api/..%2F..%2Fadmin", which prefix_rewrite put under an HTTPEndpoint's
+// baseUrl path with mcpgate's token, for "/admin".
+func TestHCMRejectsEscapedSlashes(t *testing.T) {
+	for _, edge := range []bool{false, true} {
+		h := HTTPConnectionManager(HCMOptions{StatPrefix: "s", RouteConfig: "r", Edge: edge})
+		if got := h.GetPathWithEscapedSlashesAction(); got != hcmv3.HttpConnectionManager_REJECT_REQUEST {
+			t.Errorf("edge=%v: path_with_escaped_slashes_action %v, want REJECT_REQUEST", edge, got)
+		}
+	}
+}
+
+// An edge HCM says which peers are internal, with ranges that are not empty (an empty
+// list falls back to RFC1918 / RFC4193 in Envoy) and hold no private, unique local or
+// loopback address: no caller keeps its x-envoy-* headers by coming from one. A sidecar
+// HCM says nothing: there Envoy would check the caller's own x-forwarded-for against the
+// ranges, and an unset config (Envoy >= 1.33) trusts no address.
+func TestHCMInternalAddresses(t *testing.T) {
+	if iac := HTTPConnectionManager(HCMOptions{StatPrefix: "s", RouteConfig: "r"}).GetInternalAddressConfig(); iac != nil {
+		t.Errorf("sidecar HCM internal_address_config %v: a caller's x-forwarded-for could fall in it", iac)
+	}
+	peers := []string{"10.0.0.1", "172.16.0.1", "192.168.1.1", "127.0.0.1", "fd00::1", "::1"}
+	for _, edge := range []bool{true} {
+		h := HTTPConnectionManager(HCMOptions{StatPrefix: "s", RouteConfig: "r", Edge: edge})
+		requireValid(t, h)
+		iac := h.GetInternalAddressConfig()
+		if iac == nil || len(iac.GetCidrRanges()) == 0 {
+			t.Fatalf("edge=%v: internal_address_config %v, want cidr_ranges", edge, iac)
+		}
+		if iac.GetUnixSockets() {
+			t.Errorf("edge=%v: unix_sockets on", edge)
+		}
+		for _, r := range iac.GetCidrRanges() {
+			a, err := netip.ParseAddr(r.GetAddressPrefix())
+			if err != nil {
+				t.Fatalf("edge=%v: cidr range %v: %v", edge, r, err)
+			}
+			p, err := a.Prefix(int(r.GetPrefixLen().GetValue()))
+			if err != nil {
+				t.Fatalf("edge=%v: cidr range %v: %v", edge, r, err)
+			}
+			for _, peer := range peers {
+				if p.Contains(netip.MustParseAddr(peer)) {
+					t.Errorf("edge=%v: %s is internal (in %s)", edge, peer, p)
+				}
+			}
 		}
 	}
 }

@@ -192,16 +192,51 @@ func HTTPConnectionManager(o HCMOptions) *hcmv3.HttpConnectionManager {
 		},
 		// Routes match exact paths and carry the target App ID for ext_authz: normalize
 		// "/a/../mcp" and "//mcp" first so that no spelling of a path escapes its route.
-		NormalizePath:            wrapperspb.Bool(true),
-		MergeSlashes:             true,
-		UseRemoteAddress:         wrapperspb.Bool(o.Edge),
-		ForwardClientCertDetails: hcmv3.HttpConnectionManager_SANITIZE,
+		NormalizePath: wrapperspb.Bool(true),
+		MergeSlashes:  true,
+		// Envoy's default keeps %2F and %5C as they are, and normalize_path does not decode
+		// them, so "/v1.0/invoke/tokened/method/..%2F..%2Fadmin" would reach an HTTPEndpoint
+		// as "/api/..%2F..%2Fadmin" (prefix_rewrite) with mcpgate's Authorization, and an
+		// upstream that decodes before routing would serve "/admin", outside its baseUrl
+		// path. No MCP path needs an encoded slash or backslash: refuse them with a 400
+		// from the HCM, before any filter (source/common/http/conn_manager_utility.cc
+		// maybeNormalizePath, PathUtil::unescapeSlashes; in the path only, not the query).
+		PathWithEscapedSlashesAction: hcmv3.HttpConnectionManager_REJECT_REQUEST,
+		UseRemoteAddress:             wrapperspb.Bool(o.Edge),
+		ForwardClientCertDetails:     hcmv3.HttpConnectionManager_SANITIZE,
 	}
 	if o.Edge {
+		h.InternalAddressConfig = noInternalAddresses()
 		// Virtual hosts match host names; "host:8443" from a browser must match too.
 		h.StripPortMode = &hcmv3.HttpConnectionManager_StripAnyHostPort{StripAnyHostPort: true}
 	}
 	return h
+}
+
+// noInternalAddresses is the HCM's internal_address_config, one that no peer is in. Envoy
+// keeps the x-envoy-* request headers that steer its router (x-envoy-retry-on,
+// x-envoy-max-retries, x-envoy-upstream-rq-timeout-ms, ...), and adds x-envoy-internal,
+// only on internal requests (source/common/http/conn_manager_utility.cc
+// mutateRequestHeaders, cleanInternalHeaders), and which those are depends on the Envoy
+// version when nothing says: before 1.33 an unset internal_address_config trusted RFC1918
+// addresses (runtime guard envoy.reloadable_features.explicit_internal_address_config,
+// since removed), and an InternalAddressConfig without cidr_ranges still falls back to
+// RFC1918 / RFC4193 (source/extensions/filters/network/http_connection_manager/config.h
+// InternalAddressConfig::isInternalAddress). Ranges that hold only the unspecified
+// addresses, 0.0.0.0/32 and ::/128, are not empty and match no connection's peer, which
+// is what an edge HCM (use_remote_address) checks, on every version. Sidecar HCMs (no
+// use_remote_address) do not get it: there Envoy checks a lone x-forwarded-for entry,
+// which the caller writes ("x-forwarded-for: 0.0.0.0" is in these ranges, as some
+// address is in any non-empty range), and only an unset config on Envoy 1.33 or later,
+// which mcpgate requires, trusts no address at all.
+func noInternalAddresses() *hcmv3.HttpConnectionManager_InternalAddressConfig {
+	return &hcmv3.HttpConnectionManager_InternalAddressConfig{
+		UnixSockets: false,
+		CidrRanges: []*corev3.CidrRange{
+			{AddressPrefix: "0.0.0.0", PrefixLen: wrapperspb.UInt32(32)},
+			{AddressPrefix: "::", PrefixLen: wrapperspb.UInt32(128)},
+		},
+	}
 }
 
 // HTTPFilterChain wraps an HCM in a filter chain, with a transport socket (TLS) or none

@@ -7,6 +7,7 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -69,6 +70,10 @@ type listenerCfg struct {
 	bufferLimit uint64
 	normalize   bool
 	merge       bool
+	// escapedSlashes is path_with_escaped_slashes_action, the default resolved (hcm.go).
+	escapedSlashes hcmv3.HttpConnectionManager_PathWithEscapedSlashesAction
+	useRemote      bool               // use_remote_address
+	internal       *internalAddresses // internal_address_config; nil: unset
 	// underscores is common_http_protocol_options.headers_with_underscores_action.
 	underscores corev3.HttpProtocolOptions_HeadersWithUnderscoresAction
 	tracing     *tracingCfg // nil: requests are not traced (tracing.go)
@@ -101,6 +106,8 @@ func (l *listenerCfg) secretNames() []string {
 type routeCfg struct {
 	name   string
 	vhosts []*vhostCfg
+	// internalOnly are internal_only_headers, removed from external requests (hcm.go).
+	internalOnly []string
 }
 
 type vhostCfg struct {
@@ -369,6 +376,16 @@ func parseListener(l *listenerv3.Listener) (*listenerCfg, error) {
 	}
 	lc.normalize = hcm.GetNormalizePath().GetValue()
 	lc.merge = hcm.GetMergeSlashes()
+	if lc.escapedSlashes, err = parseEscapedSlashes(hcm.GetPathWithEscapedSlashesAction()); err != nil {
+		return nil, err
+	}
+	lc.useRemote = hcm.GetUseRemoteAddress().GetValue()
+	if hcm.GetXffNumTrustedHops() > 0 || len(hcm.GetOriginalIpDetectionExtensions()) > 0 {
+		return nil, errors.New("xff_num_trusted_hops and original_ip_detection_extensions are not emulated")
+	}
+	if lc.internal, err = parseInternalAddresses(hcm.GetInternalAddressConfig()); err != nil {
+		return nil, err
+	}
 	for i, f := range hcm.GetHttpFilters() {
 		fcfg := &filterCfg{name: f.GetName(), disabled: f.GetDisabled()}
 		tc := f.GetTypedConfig()
@@ -475,6 +492,9 @@ func parsePerFilter(m map[string]*anypb.Any) (map[string]proto.Message, error) {
 
 func parseRoutes(rc *routev3.RouteConfiguration) (*routeCfg, error) {
 	out := &routeCfg{name: rc.GetName()}
+	for _, h := range rc.GetInternalOnlyHeaders() {
+		out.internalOnly = append(out.internalOnly, strings.ToLower(h))
+	}
 	for _, v := range rc.GetVirtualHosts() {
 		//lint:ignore SA1019 Envoy still reads the deprecated field, so a config using it must be refused
 		if v.GetCors() != nil {

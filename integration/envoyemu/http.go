@@ -325,11 +325,17 @@ func (e *Emulator) serve(listener string, w http.ResponseWriter, r *http.Request
 	} else {
 		s.reqEnded = true
 	}
-	// Path normalization happens before routing and filters
+	// Path normalization happens before routing and filters, and may refuse the request
 	// (source/common/http/conn_manager_utility.cc maybeNormalizePath, path_utility.cc).
-	s.req.set(":path", normalizePath(s.req.value(":path"), l.normalize, l.merge))
-	// The HCM adds x-request-id and x-forwarded-proto (conn_manager_utility.cc
-	// mutateRequestHeaders).
+	path, ok := maybeNormalizePath(s.req.value(":path"), l.escapedSlashes, l.normalize, l.merge)
+	if !ok {
+		s.rejectPath(w)
+		return
+	}
+	s.req.set(":path", path)
+	// Then the HCM sanitizes the request headers and adds x-request-id and
+	// x-forwarded-proto (conn_manager_utility.cc mutateRequestHeaders).
+	s.sanitize()
 	if _, ok := s.req.get("x-request-id"); !ok {
 		s.req.add("x-request-id", newRequestID())
 	}
@@ -506,54 +512,10 @@ func requestHeaders(r *http.Request) *headerMap {
 	return h
 }
 
-// normalizePath removes dot segments (RFC 3986 5.2.4) and merges slashes, on the path
-// only, not the query (source/common/http/path_utility.cc canonicalPath, mergeSlashes).
-func normalizePath(p string, normalize, merge bool) string {
-	path, query, hasQuery := strings.Cut(p, "?")
-	if merge {
-		for strings.Contains(path, "//") {
-			path = strings.ReplaceAll(path, "//", "/")
-		}
-	}
-	if normalize {
-		segs := strings.Split(path, "/")
-		var out []string
-		for i, seg := range segs {
-			last := i == len(segs)-1
-			switch seg {
-			case ".":
-				if last {
-					out = append(out, "")
-				}
-			case "..":
-				if len(out) > 1 {
-					out = out[:len(out)-1]
-				}
-				if last {
-					out = append(out, "")
-				}
-			default:
-				out = append(out, seg)
-			}
-		}
-		path = strings.Join(out, "/")
-		if !strings.HasPrefix(path, "/") {
-			path = "/" + path
-		}
-	}
-	if hasQuery {
-		return path + "?" + query
-	}
-	return path
-}
-
 // match selects the virtual host by :authority and the first matching route
 // (source/common/router/config_impl.cc RouteMatcher::findVirtualHost, route()).
 func (s *stream) match() *routeEntry {
-	rc := s.l.inline
-	if rc == nil {
-		rc = s.c.routes[s.l.routeName]
-	}
+	rc := s.routeConfig()
 	if rc == nil {
 		return nil
 	}
@@ -568,6 +530,15 @@ func (s *stream) match() *routeEntry {
 		}
 	}
 	return nil
+}
+
+// routeConfig is the listener's route configuration, inline or from RDS; nil while RDS
+// has not delivered it.
+func (s *stream) routeConfig() *routeCfg {
+	if s.l.inline != nil {
+		return s.l.inline
+	}
+	return s.c.routes[s.l.routeName]
 }
 
 // findVirtualHost: exact domain, then the longest suffix wildcard ("*.x"), then the

@@ -248,6 +248,66 @@ func TestOutboundCredentialInjection(t *testing.T) {
 	}
 }
 
+// TestOutboundEscapedSlashes: an agent cannot leave an HTTPEndpoint's baseUrl path with
+// encoded slashes. Envoy would forward "..%2F..%2Fadmin" as it is after prefix_rewrite,
+// as "/api/..%2F..%2Fadmin" with mcpgate's token, to an upstream that may decode it
+// before routing (Go's server does: r.URL.Path "/api/../../admin"); the sidecar refuses
+// it with a 400 before ext_authz, and the upstream sees nothing. Encoded slashes in the
+// query, and plain calls, still go through.
+func TestOutboundEscapedSlashes(t *testing.T) {
+	env := requireOutboundEnv(t, viaExtAuthz)
+	c := &http.Client{Timeout: 10 * time.Second}
+	send := func(method, path string) (int, string) {
+		t.Helper()
+		req, err := http.NewRequest(method, "http://"+env.outbound+path, strings.NewReader("{}"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer agent-token")
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := env.call(t, c, "tokened", ""); code != 200 || body != "ok /api/tools" {
+		t.Fatalf("tokened: %d %q", code, body)
+	}
+	env.mu.Lock()
+	seen := len(env.auths)
+	env.mu.Unlock()
+	checks := env.checks.Load()
+	for _, method := range []string{http.MethodGet, http.MethodPost} {
+		for _, p := range []string{
+			"/v1.0/invoke/tokened/method/..%2F..%2Fadmin%2Fusers",
+			"/v1.0/invoke/tokened/method/..%2f..%2fadmin",
+			"/v1.0/invoke/tokened/method/..%5C..%5Cadmin",
+			"/v1.0/invoke/plain/method/..%2F..%2Fadmin%2Fusers",
+		} {
+			if code, body := send(method, p); code != http.StatusBadRequest {
+				t.Errorf("%s %s: %d %q, want 400", method, p, code, body)
+			}
+		}
+	}
+	env.mu.Lock()
+	reached := env.auths[seen:]
+	env.mu.Unlock()
+	if len(reached) > 0 {
+		t.Fatalf("refused requests reached the upstream %d times: %q", len(reached), reached)
+	}
+	if n := env.checks.Load() - checks; n != 0 {
+		t.Errorf("refused requests reached ext_authz %d times, want none (the HCM answers before any filter)", n)
+	}
+	if code, body := send(http.MethodPost, "/v1.0/invoke/tokened/method/tools?next=%2Fadmin"); code != 200 || body != "ok /api/tools" {
+		t.Fatalf("escaped slash in the query: %d %q", code, body)
+	}
+	if code, body := env.call(t, c, "tokened", ""); code != 200 || body != "ok /api/tools" || !strings.HasPrefix(env.lastAuth(), "Bearer ey") {
+		t.Fatalf("tokened after the refusals: %d %q, upstream got %q", code, body, env.lastAuth())
+	}
+}
+
 // BenchmarkOutboundCredentials is the cost of credentials on the outbound path: the
 // same request through the emulated sidecar to one upstream, on a route without auth
 // and on one with client credentials, alternating so both see the same machine noise.

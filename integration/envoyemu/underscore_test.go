@@ -28,16 +28,29 @@ import (
 // headers it receives.
 func underscoreNode(t *testing.T, action *corev3.HttpProtocolOptions_HeadersWithUnderscoresAction) (addr string, hits chan http.Header) {
 	t.Helper()
+	return hcmNode(t, envoy.HCMOptions{}, func(hcm *hcmv3.HttpConnectionManager) {
+		if action != nil {
+			hcm.CommonHttpProtocolOptions.HeadersWithUnderscoresAction = *action
+		}
+	})
+}
+
+// hcmNode is an emulator whose one listener "main" has the HCM mcpgate builds from o
+// (its stat prefix, route configuration and filters set here: the router only), then
+// given edit's changes if any, and forwards everything with a 10s timeout to an
+// upstream that records the headers it receives and answers "hello".
+func hcmNode(t *testing.T, o envoy.HCMOptions, edit func(*hcmv3.HttpConnectionManager)) (addr string, hits chan http.Header) {
+	t.Helper()
 	hits = make(chan http.Header, 4)
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		hits <- r.Header.Clone()
 		_, _ = io.WriteString(w, "hello")
 	}))
 	t.Cleanup(up.Close)
-	hcm := envoy.HTTPConnectionManager(envoy.HCMOptions{StatPrefix: "main", RouteConfig: "main",
-		Filters: []*hcmv3.HttpFilter{must(t, envoy.RouterFilter)}})
-	if action != nil {
-		hcm.CommonHttpProtocolOptions.HeadersWithUnderscoresAction = *action
+	o.StatPrefix, o.RouteConfig, o.Filters = "main", "main", []*hcmv3.HttpFilter{must(t, envoy.RouterFilter)}
+	hcm := envoy.HTTPConnectionManager(o)
+	if edit != nil {
+		edit(hcm)
 	}
 	chain := must(t, func() (*listenerv3.FilterChain, error) { return envoy.HTTPFilterChain("main", hcm, nil) })
 	lis := envoy.Listener(envoy.ListenerOptions{Name: "main", Address: "127.0.0.1", Port: 10000, Chains: []*listenerv3.FilterChain{chain}})
