@@ -50,11 +50,15 @@ func (l *loader) compile() *Snapshot {
 			continue
 		}
 		seen[key] = d
-		if d.kind == KindApp || d.kind == KindHTTPEndpoint {
+		if d.kind == KindApp || d.kind == KindHTTPEndpoint || d.kind == KindGateway {
 			// App IDs are unique across namespaces: the route a caller names carries no
 			// namespace, and the SPIFFE ID ties each App ID to exactly one namespace.
+			// Gateways share the space: a Gateway's SPIFFE ID has an App's form, and an
+			// Envoy's node.cluster names either, so a Gateway named like an App would
+			// accept that App's certificate as its own (past the policy, at the sidecars'
+			// gateway_inbound listeners) and be served the App's configuration.
 			if first := invocable[d.meta.Name]; first != nil {
-				l.errf(d, "metadata.name", "name %q is already used by %s at %s:%d (App and HTTPEndpoint names are unique across namespaces)", d.meta.Name, first.kind, first.file, first.line)
+				l.errf(d, "metadata.name", "name %q is already used by %s at %s:%d (App, HTTPEndpoint and Gateway names are unique across namespaces)", d.meta.Name, first.kind, first.file, first.line)
 				continue
 			}
 			invocable[d.meta.Name] = d

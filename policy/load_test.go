@@ -271,6 +271,19 @@ func TestLoadProblems(t *testing.T) {
 			want:  []string{`p.rego:3: rego:`, `http.send`},
 		},
 		{
+			// "$ref" would fetch any URL (the caller's claims in it) or read any file.
+			name: "rego JSON Schema built-ins refused",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "      rego: p.rego\n", "p.rego": `package mcpgate
+
+a := json.match_schema({}, {"$ref": "file:///etc/passwd"})
+
+b := json.verify_schema({"$ref": "http://x/"})
+
+decision := {"allow": false, "reason": sprintf("%v %v", [a, b])}
+`},
+			want: []string{`p.rego:3: rego:`, `json.match_schema`, `p.rego:5: rego:`, `json.verify_schema`},
+		},
+		{
 			name:  "rego outside the policy directory",
 			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML + "      rego: ../p.rego\n"},
 			want:  []string{`app.yaml:24: spec.mcp.tools.rego: "../p.rego" must be a relative path inside the policy directory`},
@@ -525,6 +538,39 @@ spec:
 			want: []string{
 				`gw.yaml:7: spec.routes[0].path: must not be set for App "inventory", which serves gRPC MCP at the fixed service path /mcpgate.mcp.v1.McpService/`,
 				`gw.yaml:9: spec.routes[2].app: host "b.example.com" already routes gRPC MCP (/mcpgate.mcp.v1.McpService/) to App "inventory"`,
+			},
+		},
+		{
+			// A Gateway's SPIFFE ID has an App's form: one named like an App would accept
+			// the App's certificate as its own at the sidecars' gateway_inbound listeners.
+			name: "gateway named like an app or another gateway, in any namespace",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML, "gw.yaml": `apiVersion: mcpgate.dev/v1alpha1
+kind: Gateway
+metadata: {name: inventory, namespace: edge}
+spec:
+  listener: {port: 8443}
+  routes:
+    - {path: /x, endpoint: nope}
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: Gateway
+metadata: {name: edge, namespace: team-a}
+spec:
+  listener: {port: 8443}
+  routes:
+    - {path: /x, endpoint: nope}
+---
+apiVersion: mcpgate.dev/v1alpha1
+kind: Gateway
+metadata: {name: edge, namespace: team-b}
+spec:
+  listener: {port: 8443}
+  routes:
+    - {path: /x, endpoint: nope}
+`},
+			want: []string{
+				`gw.yaml:3: metadata.name: name "inventory" is already used by App at app.yaml:1 (App, HTTPEndpoint and Gateway names are unique across namespaces)`,
+				`gw.yaml:19: metadata.name: name "edge" is already used by Gateway at gw.yaml:9 (App, HTTPEndpoint and Gateway names are unique across namespaces)`,
 			},
 		},
 		{

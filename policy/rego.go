@@ -12,17 +12,24 @@ import (
 const RegoQuery = "data.mcpgate.decision"
 
 // deniedBuiltins are Rego built-ins a per-request decision must not call: they reach the
-// network, so a decision on the hot path could stall on it or be used to probe the inside
-// of the mesh (SSRF).
+// network or mcpgate's files, so a decision on the hot path could stall on them, probe
+// the inside of the mesh (SSRF), send the caller's claims out in a URL, or put a file's
+// content into a reason the caller reads. The JSON Schema built-ins resolve "$ref": over
+// http(s) (allow_net also says no host, below) and from file:// (which allow_net does
+// not govern), so they go too.
 var deniedBuiltins = map[string]bool{
 	"http.send":          true,
 	"net.lookup_ip_addr": true,
 	"opa.runtime":        true,
+	"json.match_schema":  true,
+	"json.verify_schema": true,
 }
 
-// regoCapabilities is the OPA capability set minus the denied built-ins; computed once.
+// regoCapabilities is the OPA capability set minus the denied built-ins, with no network
+// host allowed (nil allow_net means every host); computed once.
 var regoCapabilities = func() *ast.Capabilities {
 	caps := ast.CapabilitiesForThisVersion()
+	caps.AllowNet = []string{}
 	kept := caps.Builtins[:0:0]
 	for _, b := range caps.Builtins {
 		if !deniedBuiltins[b.Name] {
