@@ -578,9 +578,21 @@ func (s *Server) OnDeltaStreamClosed(id int64, _ *corev3.Node) {
 
 // OnStreamDeltaRequest implements serverv3.Callbacks. Delta NACKs are logged and counted;
 // go-control-plane does not re-send them (it tracks what it sent, not what was ACKed).
+//
+// Envoy sends the node in a delta stream's first request only, and go-control-plane calls
+// this before it fills later requests in from the stream: a request without one is
+// checked as the node the stream opened with (none yet: refused).
 func (s *Server) OnStreamDeltaRequest(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
 	key := streamKey{delta: true, id: id}
-	if err := s.authorizeNode(key, req.GetNode()); err != nil {
+	node := req.GetNode()
+	if node == nil {
+		s.mu.Lock()
+		if st := s.streams[key]; st != nil {
+			node = &corev3.Node{Cluster: st.group}
+		}
+		s.mu.Unlock()
+	}
+	if err := s.authorizeNode(key, node); err != nil {
 		return err
 	}
 	s.join(key, req.GetNode())
