@@ -90,9 +90,26 @@ func Watch(ctx context.Context, store *Store, opts WatchOptions) error {
 	}
 
 	w.reload(ctx)
-	// debounce is nil when no reload is pending. The window starts at the first event and
-	// is not extended by later ones, so a file rewritten all the time cannot starve reloads.
+	// debounce is nil when no reload is pending. Each event restarts the window, so a file
+	// written in several steps (kubectl cp, scp, an editor that truncates and rewrites in
+	// place) is read once it is quiet, not at its first write, where a prefix that happens
+	// to parse (a policy without its rego or redact lines) would be applied. The window
+	// never reaches past maxWait after the first event, so a file rewritten all the time
+	// cannot starve reloads.
 	var debounce <-chan time.Time
+	var first time.Time
+	maxWait := 10 * opts.Debounce
+	pending := func() {
+		now := time.Now()
+		if debounce == nil {
+			first = now
+		}
+		wait := opts.Debounce
+		if rest := first.Add(maxWait).Sub(now); rest < wait {
+			wait = max(rest, 0)
+		}
+		debounce = time.After(wait)
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -103,9 +120,7 @@ func Watch(ctx context.Context, store *Store, opts WatchOptions) error {
 				continue
 			}
 			w.log.Debug("policy directory event", zap.String("event", ev.String()))
-			if debounce == nil {
-				debounce = time.After(opts.Debounce)
-			}
+			pending()
 		case err, ok := <-errs:
 			if !ok {
 				errs = nil
@@ -114,7 +129,7 @@ func Watch(ctx context.Context, store *Store, opts WatchOptions) error {
 			// Typically an inotify queue overflow: events were lost, so reload to be sure.
 			w.log.Warn("policy directory watch error", zap.Error(err))
 			if debounce == nil {
-				debounce = time.After(opts.Debounce)
+				pending()
 			}
 		case <-debounce:
 			debounce = nil

@@ -537,3 +537,51 @@ func TestWatchSetupError(t *testing.T) {
 		t.Fatalf("Watch on a missing directory = %v, want an error naming it", err)
 	}
 }
+
+// A file written in place in several steps is read once it is quiet, not at its first
+// write: here the first write stops before the rego line, and with comment lines written
+// after it every 15ms the prefix parses all along (a policy without its Rego module, more
+// permissive than the old file and the new). Every applied snapshot must have the module.
+func TestWatchWaitsForAFileToSettle(t *testing.T) {
+	dir := watchPolicyDir(t)
+	full := watchAppYAML("get_inventory", "      rego: rego/app.rego\n")
+	watchWrite(t, filepath.Join(dir, "rego", "app.rego"), watchRego("rego says no"))
+	app := filepath.Join(dir, "app.yaml")
+	watchWrite(t, app, full)
+	h := startWatch(t, dir, nil, WatchOptions{Debounce: 50 * time.Millisecond})
+	if h.store.Current().Apps["inventory"].MCP.Tools.Rego == nil {
+		t.Fatal("setup: no Rego module")
+	}
+	cut := strings.Index(full, "      rego:")
+	f, err := os.OpenFile(app, os.O_WRONLY|os.O_TRUNC, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString(full[:cut]); err != nil {
+		t.Fatal(err)
+	}
+	for range 20 { // 300ms of writes, each well inside the 50ms window
+		time.Sleep(15 * time.Millisecond)
+		if _, err := f.WriteString("#\n"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := f.WriteString(full[cut:]); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	finished := h.store.Current().Version
+	requireEventually(t, 5*time.Second, "the finished file applied", func() bool {
+		cur := h.store.Current()
+		return cur.Version != finished && cur.Apps["inventory"].MCP.Tools.Rego != nil
+	})
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, r := range h.results {
+		if r.result == ReloadApplied && r.snap.Apps["inventory"].MCP.Tools.Rego == nil {
+			t.Fatalf("a half-written app.yaml was applied (version %s): tool calls decided without the Rego module", r.snap.Version)
+		}
+	}
+}
