@@ -287,6 +287,13 @@ func (s *Server) decide(ctx context.Context, snap *policy.Snapshot, req *authv3.
 		if err != nil {
 			return d.deny(http.StatusForbidden, reason, err.Error())
 		}
+		if app := snap.App(caller.AppID); app != nil && app.Namespace != caller.Namespace {
+			// Tool rules, Rego's caller.app_id and the identity headers the app reads key
+			// on the App ID alone: a workload of another namespace that picked this name
+			// (Dapr's Sentry issues ns/<pod namespace>/<app-id annotation>) must not pass
+			// for the App of the policy.
+			return d.deny(http.StatusForbidden, ReasonBadIdentity, fmt.Sprintf("peer SPIFFE ID %s names App %s, which is in namespace %q", r.principal, caller.AppID, app.Namespace))
+		}
 		d.Caller, d.SpiffeID = caller, r.principal
 		// Layer 2 before 3 for certified callers: a caller that may not call the app at
 		// all learns nothing about its authentication requirements.
