@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -291,10 +292,26 @@ func (v *Verifier) discover(ctx context.Context, issuer string) (string, error) 
 		return "", fmt.Errorf("discovery document %s names issuer %q, want %q", redact(u), doc.Issuer, issuer)
 	}
 	ju, err := url.Parse(doc.JWKSURI)
-	if err != nil || (ju.Scheme != "https" && ju.Scheme != "http") || ju.Host == "" {
-		return "", fmt.Errorf("discovery document %s has no usable jwks_uri", redact(u))
+	if err != nil || ju.Host == "" || !secureURL(ju) {
+		// Keys fetched in plaintext could be anyone's: the policy's rule for jwksUri
+		// (https, http only for loopback hosts) holds for a discovered one too.
+		return "", fmt.Errorf("discovery document %s has no usable jwks_uri (https is required, http only for loopback hosts)", redact(u))
 	}
 	return doc.JWKSURI, nil
+}
+
+// secureURL reports whether keys may be fetched from u: https, or http to a loopback host
+// (local development and tests), the rule the policy applies to issuers and jwksUri.
+func secureURL(u *url.URL) bool {
+	switch u.Scheme {
+	case "https":
+		return true
+	case "http":
+		h := u.Hostname()
+		ip := net.ParseIP(h)
+		return h == "localhost" || ip != nil && ip.IsLoopback()
+	}
+	return false
 }
 
 // errTooLarge is returned for bodies over MaxJWKSSize.
@@ -312,6 +329,10 @@ func (v *Verifier) get(ctx context.Context, u string) ([]byte, error) {
 		return nil, fmt.Errorf("GET %s: %w", redact(u), err)
 	}
 	defer resp.Body.Close()
+	if resp.Request != nil && !secureURL(resp.Request.URL) {
+		// A redirect to plaintext: what came back could be anyone's keys.
+		return nil, fmt.Errorf("GET %s: redirected to %s: https is required (http only for loopback hosts)", redact(u), redact(resp.Request.URL.String()))
+	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("GET %s: status %d", redact(u), resp.StatusCode)
 	}

@@ -105,7 +105,10 @@ const maxBackoff = time.Minute
 // NewClientCredentials returns the source of cfg. Nothing is fetched until Token.
 func NewClientCredentials(cfg Config) *ClientCredentials {
 	if cfg.HTTPClient == nil {
-		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second}
+		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second,
+			// A token endpoint has no reason to redirect, and following one would post
+			// the form (client secret, the user's subject token) to wherever it points.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now

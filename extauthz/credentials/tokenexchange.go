@@ -67,7 +67,10 @@ type exchanged struct {
 // NewTokenExchange returns the exchanger of cfg.
 func NewTokenExchange(cfg ExchangeConfig) *TokenExchange {
 	if cfg.HTTPClient == nil {
-		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second}
+		cfg.HTTPClient = &http.Client{Timeout: 10 * time.Second,
+			// A token endpoint has no reason to redirect, and following one would post
+			// the form (client secret, the user's subject token) to wherever it points.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
