@@ -2,18 +2,12 @@ package xds
 
 import (
 	"context"
-	"crypto/tls"
 	"testing"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
-	"go.uber.org/zap"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-
-	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
 // Envoy sends the node only in the first request of a delta xDS stream, and
@@ -21,18 +15,8 @@ import (
 // TLS the ACK and every later request must be checked as the stream's node, not refused
 // as node.cluster "" (Envoy would reconnect in a loop and never get a second update).
 func TestDeltaOverTLSAfterTheFirstRequest(t *testing.T) {
-	ca := testpki.NewCA(t, "example.org")
-	creds := credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{ca.TLSCert(t, "spiffe://example.org/ns/default/mcpgate", testpki.WithIP("127.0.0.1"))},
-		ClientAuth:   tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool, MinVersion: tls.VersionTLS12,
-	})
-	addr := startADS(t, zap.NewNop(), nil, grpc.Creds(creds)).addr
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{ca.TLSCert(t, "spiffe://example.org/ns/default/my-agent")}, RootCAs: ca.Pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12,
-	})))
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr, ca := startTLSADS(t)
+	conn := dialTLSADS(t, addr, ca, ca.TLSCert(t, "spiffe://example.org/ns/default/my-agent"))
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()

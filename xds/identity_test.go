@@ -18,24 +18,39 @@ import (
 	"github.com/mcpgate/mcpgate/integration/testpki"
 )
 
-// TestADSAuthorizesNodeByIdentity: over TLS, an Envoy may fetch only the configuration of
-// the App its certificate names.
-func TestADSAuthorizesNodeByIdentity(t *testing.T) {
+// startTLSADS serves ADS over TLS with mcpgate's SVID, requiring client certificates of
+// the returned CA.
+func startTLSADS(t *testing.T) (string, *testpki.CA) {
+	t.Helper()
 	ca := testpki.NewCA(t, "example.org")
 	creds := credentials.NewTLS(&tls.Config{
 		Certificates: []tls.Certificate{ca.TLSCert(t, "spiffe://example.org/ns/default/mcpgate", testpki.WithIP("127.0.0.1"))},
 		ClientAuth:   tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool, MinVersion: tls.VersionTLS12,
 	})
 	addr := startADS(t, zap.NewNop(), nil, grpc.Creds(creds)).addr
+	return addr, ca
+}
+
+// dialTLSADS connects to a startTLSADS server with cert.
+func dialTLSADS(t *testing.T, addr string, ca *testpki.CA, cert tls.Certificate) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
+		Certificates: []tls.Certificate{cert}, RootCAs: ca.Pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12,
+	})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn
+}
+
+// TestADSAuthorizesNodeByIdentity: over TLS, an Envoy may fetch only the configuration of
+// the App its certificate names.
+func TestADSAuthorizesNodeByIdentity(t *testing.T) {
+	addr, ca := startTLSADS(t)
 
 	fetch := func(t *testing.T, cert tls.Certificate, cluster string) (*discoveryv3.DiscoveryResponse, error) {
 		t.Helper()
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{
-			Certificates: []tls.Certificate{cert}, RootCAs: ca.Pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12,
-		})))
-		if err != nil {
-			t.Fatal(err)
-		}
+		conn := dialTLSADS(t, addr, ca, cert)
 		defer conn.Close()
 		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer scancel()
