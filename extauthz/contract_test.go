@@ -25,7 +25,7 @@ func TestContractRoundTrip(t *testing.T) {
 		mode policy.MTLSMode
 		r    req
 	}{
-		"token and SVID, Rego app": {policy.MTLSStrict, req{target: "open", principal: agentID, headers: bearerHeader(tok)}},
+		"token and SVID, Rego app": {policy.MTLSStrict, req{target: "open", principal: agentID, headers: bearerHeader(f.token(t, map[string]any{"aud": openResource}))}},
 		"gateway, JWT-only caller": {policy.MTLSStrict, req{target: "inventory", gateway: "edge", headers: bearerHeader(tok)}},
 		"token and SVID":           {policy.MTLSStrict, req{target: "inventory", principal: agentID, headers: bearerHeader(tok)}},
 	}

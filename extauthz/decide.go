@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -310,6 +311,11 @@ func (s *Server) decide(ctx context.Context, snap *policy.Snapshot, req *authv3.
 		p, err := s.verifier.Verify(ctx, token, m.Authentication.Issuers)
 		if err != nil {
 			return d.challenge(m, "invalid_token", "token_"+bearer.Reason(err), "invalid bearer token: "+err.Error())
+		}
+		if !slices.ContainsFunc(p.Audience, func(a string) bool { return slices.Contains(m.Authentication.Audiences, a) }) {
+			// The issuer accepted the token, but it was minted for another service of
+			// the mesh (MCP authorization: servers accept only tokens issued for them).
+			return d.challenge(m, "invalid_token", "token_"+bearer.Reason(bearer.ErrAudience), fmt.Sprintf("invalid bearer token: %v: aud names none of app %s's audiences", bearer.ErrAudience, r.target))
 		}
 		d.Principal = p
 		d.pv = s.principals.get(p)

@@ -32,7 +32,7 @@ spec:
   issuers:
     - name: corp
       issuer: ISSUER_URL
-      audiences: [api://mcp-server]
+      audiences: [api://mcp-server, https://open.example.com/mcp]
       appIdClaim: azp
 `
 
@@ -45,7 +45,7 @@ spec:
   mcp:
     path: /mcp
     resource: https://inventory.example.com/mcp
-    authentication: {required: true, issuers: [corp], scopes: [mcp:tools]}
+    authentication: {required: true, issuers: [corp], audiences: [api://mcp-server], scopes: [mcp:tools]}
     accessControl:
       defaultAction: deny
       policies:
@@ -113,6 +113,10 @@ func requireWrite(t testing.TB, path, content string) {
 		t.Fatal(err)
 	}
 }
+
+// openResource is the open app's resource, and so its default audience: tokens for it
+// carry it, as RFC 8707 clients ask.
+const openResource = "https://open.example.com/mcp"
 
 // token mints a token for the inventory app; overrides replace or (with nil) drop claims.
 func (f *fixture) token(t testing.TB, overrides map[string]any, opts ...bearertest.MintOption) string {
@@ -247,6 +251,23 @@ func TestDecide(t *testing.T) {
 		{name: "wrong aud", req: func() req {
 			return req{target: "inventory", principal: agentID, headers: bearerHeader(f.token(t, map[string]any{"aud": "api://other"}))}
 		}, status: 401, reason: "token_wrong_audience"},
+		// Both apps trust the same issuer entry, which accepts both audiences: a token
+		// is still only good at the app it names (MCP authorization, RFC 8707).
+		{name: "token for another app of the same issuer", req: func() req {
+			return req{target: "open", principal: agentID, headers: bearerHeader(valid)}
+		}, status: 401, reason: "token_wrong_audience", www: `error="invalid_token"`},
+		{name: "token for another app, through a gateway", req: func() req {
+			return req{target: "open", gateway: "edge", headers: bearerHeader(valid)}
+		}, status: 401, reason: "token_wrong_audience"},
+		{name: "token naming the app's resource elsewhere", req: func() req {
+			return req{target: "inventory", principal: agentID, headers: bearerHeader(f.token(t, map[string]any{"aud": openResource}))}
+		}, status: 401, reason: "token_wrong_audience"},
+		{name: "default audience: the app's resource", req: func() req {
+			return req{target: "open", principal: agentID, headers: bearerHeader(f.token(t, map[string]any{"aud": openResource}))}
+		}, status: 200, reason: ReasonAllowed, caller: "my-agent"},
+		{name: "token naming both apps", req: func() req {
+			return req{target: "open", principal: agentID, headers: bearerHeader(f.token(t, map[string]any{"aud": []string{"api://mcp-server", openResource}}))}
+		}, status: 200, reason: ReasonAllowed},
 		{name: "alg none", req: func() req {
 			return req{target: "inventory", principal: agentID, headers: bearerHeader(unsigned(t, map[string]any{"iss": f.iss.URL(), "aud": "api://mcp-server", "scope": "mcp:tools", "exp": time.Now().Add(time.Hour).Unix()}))}
 		}, status: 401, reason: "token_disallowed_algorithm"},
@@ -448,7 +469,7 @@ func TestCheckAllowedResponse(t *testing.T) {
 		t.Errorf("claims sent to an app without Rego: %v", md[contract.MetaClaimsJSON])
 	}
 	// An app with a Rego policy gets the verified claims, as signed.
-	resp, err = f.server.Check(context.Background(), req{target: "open", principal: agentID, headers: bearerHeader(tok)}.build())
+	resp, err = f.server.Check(context.Background(), req{target: "open", principal: agentID, headers: bearerHeader(f.token(t, map[string]any{"aud": openResource}))}.build())
 	if err != nil {
 		t.Fatal(err)
 	}

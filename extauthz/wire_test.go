@@ -43,7 +43,7 @@ func TestWireMetadataEqualsStruct(t *testing.T) {
 		r    req
 	}{
 		"token and SVID":           {policy.MTLSStrict, req{target: "inventory", principal: agentID, headers: bearerHeader(tok)}},
-		"claims for a Rego app":    {policy.MTLSStrict, req{target: "open", principal: agentID, headers: bearerHeader(tok)}},
+		"claims for a Rego app":    {policy.MTLSStrict, req{target: "open", principal: agentID, headers: bearerHeader(f.token(t, map[string]any{"aud": openResource}))}},
 		"gateway, JWT-only caller": {policy.MTLSStrict, req{target: "inventory", gateway: "edge", headers: bearerHeader(tok)}},
 		"mtls disabled, azp":       {policy.MTLSDisabled, req{target: "inventory", headers: bearerHeader(tok)}},
 	}

@@ -93,7 +93,7 @@ func startDemoIssuer(t *testing.T, demoBin string) string {
 	t.Helper()
 	issuerAddr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	issuerURL := "http://" + issuerAddr + "/"
-	startDemoProcess(t, demoBin, "issuer", "--addr", issuerAddr, "--issuer-url", issuerURL, "--audience", "api://mcp-server")
+	startDemoProcess(t, demoBin, "issuer", "--addr", issuerAddr, "--issuer-url", issuerURL, "--audience", "https://inventory.example.com/mcp")
 	requireEventually(t, 10*time.Second, "the issuer's JWKS", func() bool {
 		resp, err := http.Get(issuerURL + "keys")
 		if err != nil {

@@ -90,7 +90,7 @@ func TestDemo(t *testing.T) {
 
 	tok := func(overrides map[string]any) string {
 		claims := map[string]any{
-			"iss": iss.URL(), "sub": "alice@example.com", "aud": "api://mcp-server", "azp": "my-agent",
+			"iss": iss.URL(), "sub": "alice@example.com", "aud": "https://inventory.example.com/mcp", "azp": "my-agent",
 			"scope": "mcp:tools inventory:read", "exp": time.Now().Add(time.Hour).Unix(), "iat": time.Now().Unix(),
 		}
 		for k, v := range overrides {

@@ -173,7 +173,7 @@ func (m *mesh) runEmulator(t *testing.T, app string, within time.Duration, o env
 
 func (m *mesh) token(t *testing.T, overrides map[string]any) string {
 	claims := map[string]any{
-		"iss": m.iss.URL(), "sub": "alice@example.com", "aud": "api://mcp-server", "azp": "my-agent",
+		"iss": m.iss.URL(), "sub": "alice@example.com", "aud": "https://inventory.example.com/mcp", "azp": "my-agent",
 		"scope": "mcp:tools inventory:read", "exp": time.Now().Add(time.Hour).Unix(), "iat": time.Now().Unix(),
 	}
 	for k, v := range overrides {

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"slices"
 	"strings"
 	"testing"
 )
@@ -113,8 +114,20 @@ func TestParsePointerAndRate(t *testing.T) {
 	}
 }
 
+// An app's token audience is its resource unless it lists its own.
+func TestAppAudiences(t *testing.T) {
+	snap := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": appYAML})
+	if got := snap.App("inventory").MCP.Authentication.Audiences; !slices.Equal(got, []string{"https://inventory.example.com/mcp"}) {
+		t.Errorf("default audiences = %q, want the resource", got)
+	}
+	snap = requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "issuers: [corp]", "issuers: [corp]\n      audiences: [api://mcp]", 1)})
+	if got := snap.App("inventory").MCP.Authentication.Audiences; !slices.Equal(got, []string{"api://mcp"}) {
+		t.Errorf("listed audiences = %q", got)
+	}
+}
+
 func TestMetadataURLRootResource(t *testing.T) {
-	snap := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "https://inventory.example.com/mcp", "https://inventory.example.com/", 1)})
+	snap := requireLoad(t, map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(strings.Replace(appYAML, "https://inventory.example.com/mcp", "https://inventory.example.com/", 1), "issuers: [corp]", "issuers: [corp]\n      audiences: [api://mcp]", 1)})
 	if got, want := snap.App("inventory").MCP.MetadataURL, "https://inventory.example.com/.well-known/oauth-protected-resource"; got != want {
 		t.Fatalf("MetadataURL = %q, want %q", got, want)
 	}

@@ -467,6 +467,7 @@ func (l *loader) compileMCP(d *document, spec *MCPSpec, mesh *Mesh) *MCP {
 	} else {
 		m.MetadataURL = MetadataURL(u)
 	}
+	m.Authentication.Audiences = l.appAudiences(d, p+".authentication.audiences", auth.Audiences, m.Resource, m.Authentication.Issuers)
 
 	m.AccessControl = l.compileAccess(d, spec.AccessControl, mesh)
 	m.Tools = l.compileTools(d, spec.Tools)
@@ -587,6 +588,44 @@ func checkOrigin(o string) error {
 		return fmt.Errorf("%q has no host", o)
 	}
 	return nil
+}
+
+// appAudiences compiles an app's audiences: the listed ones, or its resource. Each must
+// be one its issuers accept too, or no token could pass both checks.
+func (l *loader) appAudiences(d *document, p string, listed []string, resource string, issuers []*Issuer) []string {
+	if len(issuers) == 0 {
+		if len(listed) > 0 {
+			l.errf(d, p, "audiences need an issuer to come from")
+		}
+		return nil
+	}
+	auds, at := listed, func(i int) string { return fmt.Sprintf("%s[%d]", p, i) }
+	if len(listed) == 0 {
+		if resource == "" {
+			return nil // reported as a missing resource
+		}
+		auds, at = []string{resource}, func(int) string { return strings.TrimSuffix(p, ".authentication.audiences") + ".resource" }
+	}
+	for i, a := range auds {
+		if strings.TrimSpace(a) == "" {
+			l.errf(d, at(i), "is empty")
+			continue
+		}
+		var names []string
+		ok := false
+		for _, is := range issuers {
+			names = append(names, is.Name)
+			ok = ok || slices.Contains(is.Audiences, a)
+		}
+		if !ok {
+			how := "list it in an issuer's audiences"
+			if len(listed) == 0 {
+				how = "list it in an issuer's audiences, or set authentication.audiences to the aud your tokens carry"
+			}
+			l.errf(d, at(i), "audience %q is not among the audiences of issuers %s, so no token could pass both: %s", a, strings.Join(names, ", "), how)
+		}
+	}
+	return auds
 }
 
 // MetadataURL derives the RFC 9728 §3.1 protected resource metadata URL: the well-known

@@ -26,7 +26,7 @@ spec:
   issuers:
     - name: corp
       issuer: https://login.example.com/
-      audiences: [api://mcp]
+      audiences: [api://mcp, https://inventory.example.com/mcp]
 `
 
 const appYAML = `apiVersion: mcpgate.dev/v1alpha1
@@ -187,6 +187,24 @@ func TestLoadProblems(t *testing.T) {
 			name:  "undefined issuer",
 			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "issuers: [corp]", "issuers: [corp, partner]", 1)},
 			want:  []string{`app.yaml:12: spec.mcp.authentication.issuers[1]: issuer "partner" is not defined in the Mesh`},
+		},
+		{
+			name:  "app's resource not among its issuers' audiences",
+			files: map[string]string{"mesh.yaml": strings.Replace(meshYAML, ", https://inventory.example.com/mcp]", "]", 1), "app.yaml": appYAML},
+			want:  []string{`app.yaml:9: spec.mcp.resource: audience "https://inventory.example.com/mcp" is not among the audiences of issuers corp, so no token could pass both: list it in an issuer's audiences, or set authentication.audiences to the aud your tokens carry`},
+		},
+		{
+			name:  "app audience not among its issuers' audiences",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(appYAML, "issuers: [corp]", "issuers: [corp]\n      audiences: [api://mcp, api://other, \"\"]", 1)},
+			want: []string{
+				`app.yaml:13: spec.mcp.authentication.audiences[1]: audience "api://other" is not among the audiences of issuers corp, so no token could pass both: list it in an issuer's audiences`,
+				`app.yaml:13: spec.mcp.authentication.audiences[2]: is empty`,
+			},
+		},
+		{
+			name:  "audiences without issuers",
+			files: map[string]string{"mesh.yaml": meshYAML, "app.yaml": strings.Replace(strings.Replace(appYAML, "required: true", "required: false", 1), "issuers: [corp]\n      scopes: [mcp:tools]", "audiences: [api://mcp]", 1)},
+			want:  []string{`app.yaml:12: spec.mcp.authentication.audiences: audiences need an issuer to come from`},
 		},
 		{
 			name:  "bad glob",

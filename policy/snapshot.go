@@ -141,7 +141,10 @@ const DefaultCORSMaxAge = 10 * time.Minute
 type Authentication struct {
 	Required bool
 	Issuers  []*Issuer
-	Scopes   []string
+	// Audiences are the app's own audiences (spec audiences, or its resource): a
+	// verified token's aud must name one of them. Empty only when Issuers is.
+	Audiences []string
+	Scopes    []string
 }
 
 // Issuer is one trusted token issuer, compiled from a Mesh JWTIssuer. ext_authz verifies

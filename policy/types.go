@@ -218,7 +218,12 @@ type CORSSpec struct {
 type AuthenticationSpec struct {
 	Required bool     `yaml:"required"`
 	Issuers  []string `yaml:"issuers"`
-	Scopes   []string `yaml:"scopes"`
+	// Audiences are the "aud" values that make a token this app's (default: its
+	// resource, as MCP clients ask for with RFC 8707 resource=). A token must name one
+	// of them as well as one of its issuer's audiences: a token minted for another MCP
+	// server of the mesh is not accepted here, even from the same issuer.
+	Audiences []string `yaml:"audiences"`
+	Scopes    []string `yaml:"scopes"`
 }
 
 // AccessControlSpec has the shape and semantics of Dapr's Configuration accessControl:

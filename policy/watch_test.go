@@ -36,7 +36,7 @@ spec:
     - name: corp
       issuer: https://login.example.com/
       jwksUri: https://login.example.com/keys
-      audiences: [api://mcp-server]
+      audiences: [api://mcp-server, https://inventory.example.com/mcp]
 `
 
 // watchAppYAML is an App whose one rule allows tool; extra is appended to the tools block

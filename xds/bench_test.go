@@ -37,7 +37,7 @@ spec:
   sidecar: {address: app%04d-envoy, inboundPort: 15006, outboundPort: 3500}
   mcp:
     resource: https://app%04d.example.com/mcp
-    authentication: {issuers: [corp]}
+    authentication: {issuers: [corp], audiences: [api://mcp]}
     resiliency: {timeout: 30s, retries: 1, circuitBreaker: {maxRequests: %d}}
     tools:
       rules:

@@ -73,7 +73,7 @@ spec:
   mcp:
     path: /mcp
     resource: https://echo.example.com/mcp
-    authentication: {required: true, issuers: [corp]}
+    authentication: {required: true, issuers: [corp], audiences: [api://mcp]}
     resiliency: {retries: 2, circuitBreaker: {maxRequests: 50}}
 ---
 apiVersion: mcpgate.dev/v1alpha1

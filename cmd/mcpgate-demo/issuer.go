@@ -31,7 +31,7 @@ const (
 )
 
 // demoAudience is the audience the demo policy's issuer accepts (testdata/demo/mesh.yaml).
-const demoAudience = "api://mcp-server"
+const demoAudience = "https://inventory.example.com/mcp"
 
 // maxTokenTTL bounds --ttl: these tokens are bearer secrets signed for anyone who asks.
 const maxTokenTTL = time.Hour

@@ -104,7 +104,7 @@ func (g *grpcGate) ctx(t *testing.T) context.Context {
 func (g *grpcGate) token(t *testing.T) string {
 	t.Helper()
 	return "Bearer " + g.iss.Mint(t, map[string]any{
-		"sub": "alice@example.com", "aud": "api://mcp-server", "azp": "my-agent",
+		"sub": "alice@example.com", "aud": "https://inventory.example.com/mcp", "azp": "my-agent",
 		"scope": "mcp:tools inventory:read",
 		"iat":   time.Now().Unix(), "exp": time.Now().Add(time.Hour).Unix(),
 	})

@@ -149,7 +149,7 @@ func (env *gateEnv) receivedBodies() []string {
 
 func (env *gateEnv) token(t *testing.T) string {
 	return "Bearer " + env.iss.Mint(t, map[string]any{
-		"sub": "alice@example.com", "aud": "api://mcp-server", "azp": "my-agent",
+		"sub": "alice@example.com", "aud": "https://inventory.example.com/mcp", "azp": "my-agent",
 		"scope": "mcp:tools inventory:read",
 		"iat":   time.Now().Unix(), "exp": time.Now().Add(time.Hour).Unix(),
 	})
@@ -200,7 +200,7 @@ func TestMCPGatePerTenantWithoutRego(t *testing.T) {
 	}
 	token := func(sub, org string) string {
 		return "Bearer " + env.iss.Mint(t, map[string]any{
-			"sub": sub, "org": org, "aud": "api://mcp-server", "azp": "my-agent", "scope": "mcp:tools inventory:read",
+			"sub": sub, "org": org, "aud": "https://inventory.example.com/mcp", "azp": "my-agent", "scope": "mcp:tools inventory:read",
 			"iat": time.Now().Unix(), "exp": time.Now().Add(time.Hour).Unix(),
 		})
 	}
@@ -329,6 +329,8 @@ func TestMCPGatePolicyEditAppliesLive(t *testing.T) {
 	env := requireGate(t)
 	before := env.emu.Version(resource.RouteType)
 	edit(t, filepath.Join(env.dir, "inventory.yaml"), "resource: https://inventory.example.com/mcp", "resource: https://inventory.example.com/tools")
+	// The tokens in use keep their audience (the issuer's, the old resource).
+	edit(t, filepath.Join(env.dir, "inventory.yaml"), "issuers: [corp]", "issuers: [corp]\n      audiences: [https://inventory.example.com/mcp]")
 	env.store.Set(requireLoad(t, env.dir))
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
