@@ -424,6 +424,10 @@ func TestCheckAllowedResponse(t *testing.T) {
 		"dapr_caller_app_id":      "admin",
 		"X-MCPGATE_SUBJECT":       "root@example.com",
 		"x_mcpgate_decision_id":   "00000000000000000000000000000000",
+		// Dapr's other identity headers, which Dapr-era apps (Dapr SDKs) trust.
+		"dapr-caller-namespace": "kube-system",
+		"dapr-callee-app-id":    "admin-console",
+		"Dapr_Caller_Namespace": "kube-system",
 	}}
 	resp, err := f.server.Check(context.Background(), r.build())
 	if err != nil {
@@ -441,11 +445,12 @@ func TestCheckAllowedResponse(t *testing.T) {
 		}
 		set[h.GetHeader().GetKey()] = h.GetHeader().GetValue()
 	}
-	if set[contract.HeaderCallerAppID] != "my-agent" || set[contract.HeaderDaprCallerAppID] != "my-agent" || set[contract.HeaderSubject] != "alice@example.com" || len(set[contract.HeaderDecisionID]) != 32 {
+	if set[contract.HeaderCallerAppID] != "my-agent" || set[contract.HeaderDaprCallerAppID] != "my-agent" || set[contract.HeaderSubject] != "alice@example.com" || len(set[contract.HeaderDecisionID]) != 32 ||
+		set[contract.HeaderDaprCallerNamespace] != "default" || set[contract.HeaderDaprCalleeAppID] != "inventory" {
 		t.Errorf("headers set = %v", set)
 	}
 	got := slices.Sorted(slices.Values(ok.GetHeadersToRemove()))
-	removed := []string{"dapr_caller_app_id", "x-mcpgate-role", "x-mcpgate_subject", "x_mcpgate_caller_app_id", "x_mcpgate_decision_id"}
+	removed := []string{"dapr_caller_app_id", "dapr_caller_namespace", "x-mcpgate-role", "x-mcpgate_subject", "x_mcpgate_caller_app_id", "x_mcpgate_decision_id"}
 	if !slices.Equal(got, removed) {
 		t.Errorf("headers to remove = %v, want %v (the spoofed headers mcpgate does not overwrite)", got, removed)
 	}

@@ -284,7 +284,8 @@ type okMessages struct {
 	idKind   structpb.Value_StringValue
 	idHeader corev3.HeaderValueOption
 	idValue  corev3.HeaderValue
-	headers  [4]*corev3.HeaderValueOption
+	// headers: the decision id, the callee, the caller (three), the subject.
+	headers  [6]*corev3.HeaderValueOption
 }
 
 func (d *Decision) okResponse() *authv3.CheckResponse {
@@ -314,7 +315,8 @@ func (d *Decision) okResponse() *authv3.CheckResponse {
 	for _, h := range d.Strip {
 		switch {
 		case h == contract.HeaderDecisionID,
-			rv.callerHeaders != nil && (h == contract.HeaderCallerAppID || h == contract.HeaderDaprCallerAppID),
+			h == contract.HeaderDaprCalleeAppID,
+			rv.callerAppID.GetStringValue() != "" && (h == contract.HeaderCallerAppID || h == contract.HeaderDaprCallerAppID || h == contract.HeaderDaprCallerNamespace),
 			setSubject && h == contract.HeaderSubject:
 			continue
 		}
@@ -495,7 +497,7 @@ type routeKey struct {
 type routeValues struct {
 	target, callerAppID, callerNamespace, spiffeID *structpb.Value
 	gateway                                        *structpb.Value             // nil without a gateway
-	callerHeaders                                  []*corev3.HeaderValueOption // nil without a caller App ID
+	callerHeaders                                  []*corev3.HeaderValueOption // the callee's; the caller's too if it has an App ID
 	wire                                           []byte                      // the entries in wire form (wire.go); nil if they cannot be encoded
 }
 
@@ -509,8 +511,13 @@ func newRouteValues(k routeKey) *routeValues {
 	if k.gateway != "" {
 		rv.gateway = structpb.NewStringValue(k.gateway)
 	}
+	// Dapr stamps the callee and, for a caller it knows, the caller's App ID and
+	// namespace; apps written for it read them (and Dapr overwrites callers' copies, as
+	// we do).
+	rv.callerHeaders = []*corev3.HeaderValueOption{header(contract.HeaderDaprCalleeAppID, k.target)}
 	if k.caller.AppID != "" {
-		rv.callerHeaders = []*corev3.HeaderValueOption{header(contract.HeaderCallerAppID, k.caller.AppID), header(contract.HeaderDaprCallerAppID, k.caller.AppID)}
+		rv.callerHeaders = append(rv.callerHeaders, header(contract.HeaderCallerAppID, k.caller.AppID), header(contract.HeaderDaprCallerAppID, k.caller.AppID),
+			header(contract.HeaderDaprCallerNamespace, k.caller.Namespace))
 	}
 	rv.wire = structEntries(contract.MetaTarget, rv.target, contract.MetaCallerAppID, rv.callerAppID, contract.MetaCallerNamespace, rv.callerNamespace,
 		contract.MetaSpiffeID, rv.spiffeID, contract.MetaGateway, rv.gateway)

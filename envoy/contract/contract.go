@@ -89,6 +89,13 @@ const (
 	// HeaderDaprCallerAppID is HeaderCallerAppID under Dapr's name, for apps written for
 	// Dapr service invocation. Written by extauthz; read by MCP servers.
 	HeaderDaprCallerAppID = "dapr-caller-app-id"
+	// HeaderDaprCallerNamespace is the caller's namespace under Dapr's name, set with
+	// HeaderDaprCallerAppID ("default" for JWT-only callers). Written by extauthz; read
+	// by MCP servers (Dapr SDKs read it as the caller's identity, with the App ID).
+	HeaderDaprCallerNamespace = "dapr-caller-namespace"
+	// HeaderDaprCalleeAppID is the target's App ID under Dapr's name, on every allowed
+	// request towards the app. Written by extauthz; read by MCP servers.
+	HeaderDaprCalleeAppID = "dapr-callee-app-id"
 	// HeaderSubject is the token's subject when it is a safe header value (printable
 	// ASCII, at most 256 bytes). Written by extauthz; read by MCP servers.
 	HeaderSubject = "x-mcpgate-subject"
@@ -97,8 +104,8 @@ const (
 	// every response and immediate response to the client); read by operators, to find
 	// the decision-log line.
 	HeaderDecisionID = "x-mcpgate-decision-id"
-	// InternalHeaderPrefix starts the name of every header mcpgate sets but
-	// HeaderDaprCallerAppID. Written by extauthz and extproc only: extauthz strips
+	// InternalHeaderPrefix starts the name of every header mcpgate sets but Dapr's
+	// (HeaderDaprCallerAppID, HeaderDaprCallerNamespace, HeaderDaprCalleeAppID). Written by extauthz and extproc only: extauthz strips
 	// caller-sent headers with it, also spelt with '_' (see [IsInternalHeader]); read by
 	// no one as a value.
 	InternalHeaderPrefix = "x-mcpgate-"
@@ -151,7 +158,7 @@ const GRPCServicePrefix = "/mcpgate.mcp.v1.McpService/"
 // so no upstream sees a caller's forgery of an identity mcpgate would vouch for. (Any
 // other x-mcpgate- name means nothing to anyone; the listeners reject the '_' spellings.)
 func SetHeaders() []string {
-	return []string{HeaderCallerAppID, HeaderDaprCallerAppID, HeaderSubject, HeaderDecisionID}
+	return []string{HeaderCallerAppID, HeaderDaprCallerAppID, HeaderDaprCallerNamespace, HeaderDaprCalleeAppID, HeaderSubject, HeaderDecisionID}
 }
 
 // IsInternalHeader reports whether a request header is one only mcpgate may set:
@@ -162,7 +169,7 @@ func SetHeaders() []string {
 // under another spelling. The Envoy listeners refuse such names first
 // (headers_with_underscores_action: REJECT_REQUEST); this holds even where one does not.
 func IsInternalHeader(key string) bool {
-	return sameHeaderName(key, HeaderDaprCallerAppID) ||
+	return sameHeaderName(key, HeaderDaprCallerAppID) || sameHeaderName(key, HeaderDaprCallerNamespace) || sameHeaderName(key, HeaderDaprCalleeAppID) ||
 		len(key) >= len(InternalHeaderPrefix) && sameHeaderName(key[:len(InternalHeaderPrefix)], InternalHeaderPrefix)
 }
 

@@ -50,6 +50,8 @@ var Spec = []Entry{
 	{KindHeaderPrefix, "InternalHeaderPrefix", InternalHeaderPrefix, TypeString, "extauthz, extproc", "extauthz (strips caller copies)"},
 	{KindHeader, "HeaderCallerAppID", HeaderCallerAppID, TypeString, "extauthz", "MCP servers"},
 	{KindHeader, "HeaderDaprCallerAppID", HeaderDaprCallerAppID, TypeString, "extauthz", "MCP servers"},
+	{KindHeader, "HeaderDaprCallerNamespace", HeaderDaprCallerNamespace, TypeString, "extauthz", "MCP servers"},
+	{KindHeader, "HeaderDaprCalleeAppID", HeaderDaprCalleeAppID, TypeString, "extauthz", "MCP servers"},
 	{KindHeader, "HeaderSubject", HeaderSubject, TypeString, "extauthz", "MCP servers"},
 	{KindHeader, "HeaderDecisionID", HeaderDecisionID, TypeDecisionID, "extauthz, extproc", "operators"},
 	{KindMetadataNamespace, "MetadataNamespace", MetadataNamespace, TypeString, "Envoy (from extauthz's answer)", "extproc (forwarded by the envoy builders)"},
