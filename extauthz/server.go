@@ -285,7 +285,7 @@ type okMessages struct {
 	idHeader corev3.HeaderValueOption
 	idValue  corev3.HeaderValue
 	// headers: the decision id, the callee, the caller (three), the subject.
-	headers  [6]*corev3.HeaderValueOption
+	headers [6]*corev3.HeaderValueOption
 }
 
 func (d *Decision) okResponse() *authv3.CheckResponse {
