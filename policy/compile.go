@@ -467,7 +467,7 @@ func (l *loader) compileMCP(d *document, spec *MCPSpec, mesh *Mesh) *MCP {
 	} else {
 		m.MetadataURL = MetadataURL(u)
 	}
-	m.Authentication.Audiences = l.appAudiences(d, p+".authentication.audiences", auth.Audiences, m.Resource, m.Authentication.Issuers)
+	m.Authentication.Audiences = l.appAudiences(d, p, auth.Audiences, m.Resource, m.Authentication.Issuers)
 
 	m.AccessControl = l.compileAccess(d, spec.AccessControl, mesh)
 	m.Tools = l.compileTools(d, spec.Tools)
@@ -592,7 +592,9 @@ func checkOrigin(o string) error {
 
 // appAudiences compiles an app's audiences: the listed ones, or its resource. Each must
 // be one its issuers accept too, or no token could pass both checks.
-func (l *loader) appAudiences(d *document, p string, listed []string, resource string, issuers []*Issuer) []string {
+// mcp is the path of the app's mcp block.
+func (l *loader) appAudiences(d *document, mcp string, listed []string, resource string, issuers []*Issuer) []string {
+	p := mcp + ".authentication.audiences"
 	if len(issuers) == 0 {
 		if len(listed) > 0 {
 			l.errf(d, p, "audiences need an issuer to come from")
@@ -604,7 +606,7 @@ func (l *loader) appAudiences(d *document, p string, listed []string, resource s
 		if resource == "" {
 			return nil // reported as a missing resource
 		}
-		auds, at = []string{resource}, func(int) string { return strings.TrimSuffix(p, ".authentication.audiences") + ".resource" }
+		auds, at = []string{resource}, func(int) string { return mcp + ".resource" }
 	}
 	for i, a := range auds {
 		if strings.TrimSpace(a) == "" {
