@@ -125,11 +125,12 @@ type envoyUpstream struct {
 
 // envoyResult is what the client would get.
 type envoyResult struct {
-	immediate     *extprocv3.ImmediateResponse
-	forwardedBody string            // what reached the MCP server
-	requestSet    map[string]string // request header mutations
-	requestRemove []string          // request headers removed
-	responseSet   map[string]string // response header mutations
+	immediate      *extprocv3.ImmediateResponse
+	forwardedBody  string            // what reached the MCP server
+	requestSet     map[string]string // request header mutations
+	requestRemove  []string          // request headers removed
+	responseSet    map[string]string // response header mutations
+	responseRemove []string          // response headers removed
 	// responseAppended are the response headers set with APPEND_IF_EXISTS_OR_ADD: added
 	// beside the server's own, not replacing them.
 	responseAppended []string
@@ -230,6 +231,7 @@ func runEnvoy(t *testing.T, s *Server, req envoyRequest, up envoyUpstream) envoy
 			res.clientBody = string(bm.GetBody())
 		}
 		setHeaders(c.GetHeaderMutation(), res.responseSet)
+		res.responseRemove = append(res.responseRemove, c.GetHeaderMutation().GetRemoveHeaders()...)
 	case extprocfilterv3.ProcessingMode_STREAMED:
 		for i, chunk := range up.chunks {
 			resp = f.exchange(t, &extprocv3.ProcessingRequest{Request: &extprocv3.ProcessingRequest_ResponseBody{

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
+	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
@@ -148,6 +151,79 @@ func TestUnreadableResponsesFailClosed(t *testing.T) {
 	res = runEnvoy(t, s, req, envoyUpstream{contentType: "application/json", headers: []string{"content-encoding", "identity"}, chunks: []string{fmt.Sprintf(customerSSN, "4")}})
 	if res.immediate != nil || strings.Contains(res.clientBody, "123-45-6789") {
 		t.Fatalf("identity: immediate %v, client body %s", res.immediate, res.clientBody)
+	}
+}
+
+// A failed status is no answer, but clients show its body: the TypeScript SDK puts it in
+// the error it throws, and agents hand that to the model. So an error response to an
+// exchange whose responses are rewritten is filtered too, and one mcpgate cannot read
+// loses its body, never its status or headers.
+func TestErrorResponsesFiltered(t *testing.T) {
+	s := newDemoServer(t)
+	req := envoyRequest{md: agentMD, body: call(4, "get_customer", `{"id":"c1"}`)}
+	note := "mcpgate removed the body of this "
+	for name, tc := range map[string]struct {
+		up       envoyUpstream
+		replaced bool
+	}{
+		"500 echoing the result": {up: envoyUpstream{status: 500, contentType: "application/json", chunks: []string{fmt.Sprintf(customerSSN, "4")}}},
+		"500 text":               {up: envoyUpstream{status: 500, contentType: "text/plain", chunks: []string{"boom: " + fmt.Sprintf(customerSSN, "4")}}, replaced: true},
+		"502 html":               {up: envoyUpstream{status: 502, contentType: "text/html", chunks: []string{"<pre>123-45-6789</pre>"}}, replaced: true},
+		"500 gzip json":          {up: envoyUpstream{status: 500, contentType: "application/json", headers: []string{"content-encoding", "gzip"}, chunks: []string{"\x1f\x8b..."}}, replaced: true},
+		"500 json, not json-rpc": {up: envoyUpstream{status: 500, contentType: "application/json", chunks: []string{`{"detail":{"ssn":"123-45-6789"}}`}}, replaced: true},
+		"500 another id":         {up: envoyUpstream{status: 500, contentType: "application/json", chunks: []string{fmt.Sprintf(customerSSN, "5")}}, replaced: true},
+		"500 utf-16":             {up: envoyUpstream{status: 500, contentType: "application/json; charset=utf-16", chunks: []string{fmt.Sprintf(customerSSN, "4")}}, replaced: true},
+		"500 event stream":       {up: envoyUpstream{status: 500, contentType: "text/event-stream", chunks: []string{"data: " + fmt.Sprintf(customerSSN, "4") + "\n\n"}}, replaced: true},
+		"500 no content type":    {up: envoyUpstream{status: 500, chunks: []string{fmt.Sprintf(customerSSN, "4")}}, replaced: true},
+		"307":                    {up: envoyUpstream{status: 307, contentType: "text/plain", headers: []string{"location", "/elsewhere"}, chunks: []string{"123-45-6789"}}, replaced: true},
+	} {
+		t.Run(name, func(t *testing.T) {
+			res := runEnvoy(t, s, req, tc.up)
+			if res.immediate != nil {
+				t.Fatalf("the server's status was replaced: %v", res.immediate)
+			}
+			if res.responseMode != extprocfilterv3.ProcessingMode_BUFFERED || strings.Contains(res.clientBody, "123-45-6789") {
+				t.Fatalf("mode %v, the client read %q", res.responseMode, res.clientBody)
+			}
+			if got := strings.HasPrefix(res.clientBody, note+strconv.Itoa(tc.up.status)+" response"); got != tc.replaced {
+				t.Fatalf("replaced %v, want %v: %q", got, tc.replaced, res.clientBody)
+			}
+			if !tc.replaced {
+				if !strings.Contains(res.clientBody, "Ann") {
+					t.Fatalf("the result was not kept, redacted: %q", res.clientBody)
+				}
+				return
+			}
+			if res.responseSet["content-type"] != "text/plain; charset=utf-8" || res.responseSet["content-length"] != strconv.Itoa(len(res.clientBody)) ||
+				!slices.Contains(res.responseRemove, "content-encoding") {
+				t.Fatalf("headers set %v, removed %v", res.responseSet, res.responseRemove)
+			}
+		})
+	}
+	// JSON-RPC errors pass as sent, whatever their ids: the TypeScript SDK's 404 for an
+	// unknown session has id null, and no error carries a result.
+	for _, body := range []string{
+		`{"jsonrpc":"2.0","error":{"code":-32001,"message":"Session not found"},"id":null}`,
+		`{"jsonrpc":"2.0","id":4,"error":{"code":-32603,"message":"internal error"}}`,
+		`[{"jsonrpc":"2.0","id":4,"error":{"code":-32603,"message":"internal error"}}]`,
+	} {
+		res := runEnvoy(t, s, req, envoyUpstream{status: 404, contentType: "application/json", chunks: []string{body}})
+		if res.immediate != nil || res.clientBody != body {
+			t.Fatalf("%s: immediate %v, client body %q", body, res.immediate, res.clientBody)
+		}
+	}
+	// tools/list is filtered on a failed status as on a 2xx.
+	list := envoyRequest{md: agentMD, body: `{"jsonrpc":"2.0","id":2,"method":"tools/list"}`}
+	tools := `{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"get_inventory","inputSchema":{"type":"object"}},{"name":"delete_product","inputSchema":{"type":"object"}}]}}`
+	res := runEnvoy(t, s, list, envoyUpstream{status: 500, contentType: "application/json", chunks: []string{tools}})
+	if res.immediate != nil || strings.Contains(res.clientBody, "delete_product") || !strings.Contains(res.clientBody, "get_inventory") {
+		t.Fatalf("tools/list on a 500: immediate %v, client body %q", res.immediate, res.clientBody)
+	}
+	// An exchange nothing rewrites is not read at all, whatever its status.
+	res = runEnvoy(t, s, envoyRequest{md: agentMD, body: `{"jsonrpc":"2.0","id":3,"method":"ping"}`},
+		envoyUpstream{status: 500, contentType: "text/plain", chunks: []string{"boom"}})
+	if res.immediate != nil || res.responseMode != extprocfilterv3.ProcessingMode_NONE || res.clientBody != "boom" {
+		t.Fatalf("ping on a 500: immediate %v, mode %v, client body %q", res.immediate, res.responseMode, res.clientBody)
 	}
 }
 

@@ -233,19 +233,23 @@ type stream struct {
 	// observing: the response is read only to learn from (responseStep.observeOnly);
 	// unread: it could not be, and passes unchanged.
 	observing, unread bool
-	decisionID        string
-	start             time.Time      // when deciding began
-	cancel            topdown.Cancel // cancelled when the stream's context ends
-	plan              []responseStep
-	upstreamSession   string                     // the server's session id, when one was presented
-	isGRPC            bool                       // the request is gRPC MCP (grpc.go)
-	claims            map[string]json.RawMessage // the token's, once a limit needs one (claim)
-	early             *earlyLimit                // the limits decided on the headers, until the body uses them
-	quota             []quotaField               // what the limits passed have left (limits.responseHeaders)
-	span              trace.Span                 // nil unless traced; ended with the stream
-	grpc              *grpcStream
-	answering         []json.RawMessage // ids of the requests of the body
-	rewriters         []rewriter
+	// errorStatus: the status of a non-2xx response that must be rewritten
+	// (errorResponseHeaders); errorJSON: its body may be JSON-RPC mcpgate can read.
+	errorStatus     string
+	errorJSON       bool
+	decisionID      string
+	start           time.Time      // when deciding began
+	cancel          topdown.Cancel // cancelled when the stream's context ends
+	plan            []responseStep
+	upstreamSession string                     // the server's session id, when one was presented
+	isGRPC          bool                       // the request is gRPC MCP (grpc.go)
+	claims          map[string]json.RawMessage // the token's, once a limit needs one (claim)
+	early           *earlyLimit                // the limits decided on the headers, until the body uses them
+	quota           []quotaField               // what the limits passed have left (limits.responseHeaders)
+	span            trace.Span                 // nil unless traced; ended with the stream
+	grpc            *grpcStream
+	answering       []json.RawMessage // ids of the requests of the body
+	rewriters       []rewriter
 }
 
 // errProtocol ends a stream whose messages do not follow Envoy's order: Envoy then fails
@@ -818,14 +822,17 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	if len(st.plan) == 0 || h.GetEndOfStream() {
 		return out // nothing to rewrite: the body mode stays NONE and costs nothing
 	}
-	// Every 2xx counts: clients read the body of any successful status as the answer.
-	if len(code) != 3 || code[0] != '2' {
-		return out
-	}
 	// From here the response answers a request whose response must be rewritten: what
 	// mcpgate cannot read must not reach the client. A response only read to learn from
 	// is simply not learned from.
 	st.observing = !slices.ContainsFunc(st.plan, func(s responseStep) bool { return !s.observeOnly() })
+	// Every 2xx counts: clients read the body of any successful status as the answer.
+	if len(code) != 3 || code[0] != '2' {
+		if st.observing {
+			return out // an error teaches nothing
+		}
+		return st.errorResponseHeaders(out, code, contentType, encoding, contentTypes > 1 || encodings > 1)
+	}
 	if contentTypes > 1 || encodings > 1 {
 		// Clients disagree on which one counts (Go's Header.Get takes the first, this
 		// loop the last; others join them): mcpgate could filter the body as one type
@@ -874,6 +881,60 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	return out
 }
 
+// errorResponseHeaders takes a non-2xx answer to an exchange whose responses are
+// rewritten. No client reads it as the answer, but clients do show its body: the
+// TypeScript SDK puts it in the error it throws, and agents hand that error to the model.
+// So a body that could carry what the policy removes (a 500 echoing a tool's result, a
+// framework's dump of it) gets the same filtering as a 2xx, and one mcpgate cannot read
+// is replaced. The status and the other headers pass: a 401's WWW-Authenticate, a 429's
+// Retry-After, a 404 that tells a client its session is gone.
+func (st *stream) errorResponseHeaders(out *extprocv3.ProcessingResponse, code, contentType, encoding string, repeated bool) *extprocv3.ProcessingResponse {
+	mt, params, err := mime.ParseMediaType(contentType)
+	st.errorStatus = "non-2xx"
+	if len(code) == 3 && strings.Trim(code, "0123456789") == "" {
+		st.errorStatus = code
+	}
+	st.errorJSON = err == nil && !repeated && mt == "application/json" &&
+		(encoding == "" || strings.EqualFold(encoding, "identity")) &&
+		(params["charset"] == "" || strings.EqualFold(params["charset"], "utf-8"))
+	out.ModeOverride = &extprocfilterv3.ProcessingMode{ResponseBodyMode: extprocfilterv3.ProcessingMode_BUFFERED}
+	st.phase = expectResponseBody
+	return out
+}
+
+// errorResponseBody filters the body of a non-2xx response (errorResponseHeaders). JSON-RPC
+// errors pass as sent, whatever their ids: they carry no result, and the client reads none
+// from a failed status. Results are rewritten as in a 2xx. Anything else is replaced by a
+// note, so what the server sent never reaches the client unfiltered.
+func (st *stream) errorResponseBody(body []byte) *extprocv3.CommonResponse {
+	if st.errorJSON {
+		if rb, err := mcp.ParseResponseBody(body, st.limits()); err == nil &&
+			!slices.ContainsFunc(rb.Responses, func(r mcp.Response) bool { return r.Error == nil }) {
+			return &extprocv3.CommonResponse{}
+		}
+		if out, err := st.rewriteJSON(body); err == nil {
+			if string(out) == string(body) {
+				return &extprocv3.CommonResponse{}
+			}
+			return &extprocv3.CommonResponse{
+				BodyMutation:   &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}},
+				HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader("content-length", strconv.Itoa(len(out)))}},
+			}
+		}
+	}
+	if ce := st.s.log.Check(zap.WarnLevel, "mcpgate replaced the body of an error response it could not filter"); ce != nil {
+		ce.Write(zap.String("decision_id", st.decisionID), zap.String("target", st.ident.Target), zap.String("status", st.errorStatus))
+	}
+	note := []byte("mcpgate removed the body of this " + st.errorStatus + " response: this app's responses are filtered, and the body is not JSON-RPC that mcpgate can filter\n")
+	return &extprocv3.CommonResponse{
+		BodyMutation: &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: note}},
+		HeaderMutation: &extprocv3.HeaderMutation{
+			SetHeaders:    []*corev3.HeaderValueOption{rawHeader("content-type", "text/plain; charset=utf-8"), rawHeader("content-length", strconv.Itoa(len(note)))},
+			RemoveHeaders: []string{"content-encoding"},
+		},
+	}
+}
+
 func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingResponse {
 	wrap := func(c *extprocv3.CommonResponse) *extprocv3.ProcessingResponse {
 		return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ResponseBody{ResponseBody: &extprocv3.BodyResponse{Response: c}}}
@@ -884,6 +945,9 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 	chunk := b.GetBody()
 	if st.unread {
 		return wrap(&extprocv3.CommonResponse{})
+	}
+	if st.errorStatus != "" {
+		return wrap(st.errorResponseBody(chunk))
 	}
 	if st.rewriters == nil { // BUFFERED JSON
 		out, err := st.rewriteJSON(chunk)

@@ -265,6 +265,44 @@ func TestSecurityCompressedResponses(t *testing.T) {
 	})
 }
 
+// A failing server (a framework's 500 page, a handler echoing what it was about to
+// return) puts the body in front of the client, which shows it: the TypeScript SDK puts
+// it in the error it throws. The body is filtered or replaced; status and headers pass.
+func TestSecurityErrorResponses(t *testing.T) {
+	ssn := mcpapp.CustomerFor("c1").SSN
+	failing := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b, _ := io.ReadAll(r.Body)
+			if !strings.Contains(string(b), `"get_customer"`) {
+				r.Body = io.NopCloser(strings.NewReader(string(b)))
+				next.ServeHTTP(w, r)
+				return
+			}
+			w.Header().Set("Content-Type", "text/plain")
+			w.Header().Set("Retry-After", "7")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "panic while encoding {ssn: %s}", ssn)
+		})
+	}
+	for name, mw := range map[string]func(http.Handler) http.Handler{
+		"plain":      failing,
+		"compressed": func(h http.Handler) http.Handler { return gzipMiddleware(true)(failing(h)) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			m := &mesh{iss: bearertest.NewIssuer(t), app: startMCPApp(t, mcpapp.Options{DisableLocalhostProtection: true, Middleware: mw})}
+			startMeshWith(t, m, "disabled", nil, nil)
+			resp, body := m.postAs(t, "", `{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"get_customer","arguments":{"id":"c1"}}}`)
+			if strings.Contains(body, ssn) {
+				t.Fatalf("the ssn reached the client: HTTP %d %s", resp.StatusCode, body)
+			}
+			if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") != "7" ||
+				resp.Header.Get("Content-Encoding") != "" || !strings.HasPrefix(body, "mcpgate removed the body of this 503 response") {
+				t.Fatalf("HTTP %d %v %q: want the server's 503 and Retry-After with mcpgate's note", resp.StatusCode, resp.Header, body)
+			}
+		})
+	}
+}
+
 // Finding 4 (MEDIUM). A task-augmented call is answered with a handle; the result, ssn
 // included, came on tasks/result, which nothing redacted. Now the task is remembered with
 // its tool: its result is redacted as the tool's, and it is its creator's alone.
