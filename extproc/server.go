@@ -721,15 +721,7 @@ func (st *stream) requestBody(ctx context.Context, b *extprocv3.HttpBody) *extpr
 	st.phase = expectResponseHeaders
 	st.s.latency.Record(ctx, time.Since(start).Seconds())
 
-	common := &extprocv3.CommonResponse{}
-	if len(out) != len(body) || string(out) != string(body) {
-		// BUFFERED body with SEND headers: content-length is ours to keep right, or Envoy
-		// rejects the mutation (ProcessingMode.BodySendMode docs).
-		common.BodyMutation = &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}}
-		common.HeaderMutation = &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
-			rawHeader("content-length", strconv.Itoa(len(out))),
-		}}
-	}
+	common := bufferedBody(body, out)
 	if len(params.remove) > 0 || len(params.set) > 0 || st.learnsParams() {
 		// Header changes decided on the body: Envoy applies a request body response's
 		// header mutation when the body is BUFFERED (CommonResponse.header_mutation).
@@ -881,6 +873,19 @@ func (st *stream) responseHeaders(h *extprocv3.HttpHeaders) *extprocv3.Processin
 	return out
 }
 
+// bufferedBody answers a BUFFERED body that became out: nothing if it is unchanged, else
+// the new body with its content-length. With SEND headers content-length is ours to keep
+// right, or Envoy rejects the mutation (ProcessingMode.BodySendMode docs).
+func bufferedBody(body, out []byte) *extprocv3.CommonResponse {
+	if string(out) == string(body) {
+		return &extprocv3.CommonResponse{}
+	}
+	return &extprocv3.CommonResponse{
+		BodyMutation:   &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}},
+		HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader("content-length", strconv.Itoa(len(out)))}},
+	}
+}
+
 // errorResponseHeaders takes a non-2xx answer to an exchange whose responses are
 // rewritten. No client reads it as the answer, but clients do show its body: the
 // TypeScript SDK puts it in the error it throws, and agents hand that error to the model.
@@ -913,13 +918,7 @@ func (st *stream) errorResponseBody(body []byte) *extprocv3.CommonResponse {
 			return &extprocv3.CommonResponse{}
 		}
 		if out, err := st.rewriteJSON(body); err == nil {
-			if string(out) == string(body) {
-				return &extprocv3.CommonResponse{}
-			}
-			return &extprocv3.CommonResponse{
-				BodyMutation:   &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}},
-				HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader("content-length", strconv.Itoa(len(out)))}},
-			}
+			return bufferedBody(body, out)
 		}
 	}
 	if ce := st.s.log.Check(zap.WarnLevel, "mcpgate replaced the body of an error response it could not filter"); ce != nil {
@@ -958,13 +957,7 @@ func (st *stream) responseBody(b *extprocv3.HttpBody) *extprocv3.ProcessingRespo
 			// A response we cannot read cannot be filtered: it must not reach the client.
 			return st.responseRefusal("mcpgate could not filter the server's response: " + err.Error())
 		}
-		if string(out) == string(chunk) {
-			return wrap(&extprocv3.CommonResponse{})
-		}
-		return wrap(&extprocv3.CommonResponse{
-			BodyMutation:   &extprocv3.BodyMutation{Mutation: &extprocv3.BodyMutation_Body{Body: out}},
-			HeaderMutation: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{rawHeader("content-length", strconv.Itoa(len(out)))}},
-		})
+		return wrap(bufferedBody(chunk, out))
 	}
 	out := chunk
 	for _, rw := range st.rewriters {
